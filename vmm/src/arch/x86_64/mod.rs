@@ -1,0 +1,3 @@
+//! x86-64: memory layout, boot protocol, CPU set-up and the instruction emulator.
+
+pub mod layout;

@@ -1,0 +1,3 @@
+//! Bulkhead's VMM library: one virtual machine on KVM.
+
+pub mod arch;
