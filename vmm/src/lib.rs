@@ -1,3 +1,16 @@
 //! Bulkhead's VMM library: one virtual machine on KVM.
+//!
+//! [`Vm::new`] builds a VM from a [`VmConfig`]; [`Vm::start`] runs its vCPUs;
+//! [`RunningVm::wait`] returns how it ended.
 
 pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod host;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{KernelSource, VmConfig};
+pub use exit::VmExit;
+pub use vm::{RunningVm, Vm, VmError, VmReport};

@@ -1,3 +1,8 @@
 //! x86-64: memory layout, boot protocol, CPU set-up and the instruction emulator.
 
+pub mod boot;
+pub mod cpu;
+pub mod gdt;
 pub mod layout;
+pub mod mptable;
+pub mod paging;

@@ -1,0 +1,54 @@
+//! `bulkhead`: the hypervisor's command line.
+
+mod console;
+mod run;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "Bulkhead: a hypervisor on Linux KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and attach its serial console to this terminal.
+    ///
+    /// With no --kernel, boots the small guest built into this binary.
+    Run(run::RunArgs),
+}
+
+/// Output format of reports meant for people or for machines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let status = match cli.command {
+        Command::Run(args) => run::run(args),
+    };
+    match status {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("bulkhead: error: {error:#}");
+            std::process::exit(1);
+        }
+    }
+}

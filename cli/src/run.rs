@@ -1,0 +1,87 @@
+//! `bulkhead run`: one VM in this process, its console on this terminal.
+
+use crate::console::{spawn_stdin_pump, RawTerminal};
+use crate::OutputFormat;
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use vmm::{KernelSource, Vm, VmConfig, VmReport};
+
+/// The guest booted when no --kernel is given, built from `guests/` by build.rs.
+static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default-guest.elf"));
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel image: an ELF vmlinux (its PVH entry is used when present) or a bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(vmm::arch::x86_64::mptable::MAX_CPUS)))]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Do not append the guest options this host's KVM needs to the command line.
+    #[arg(long)]
+    no_host_options: bool,
+    /// How to print the end-of-run report (on stderr; stdout is the console).
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let kernel = match &args.kernel {
+        Some(path) => KernelSource::File(path.clone()),
+        None => KernelSource::Bytes {
+            name: "embedded guest".into(),
+            image: DEFAULT_GUEST.into(),
+        },
+    };
+    let mut config = VmConfig::new(kernel);
+    config.initrd = args.initrd.clone();
+    config.cpus = args.cpus;
+    config.memory_mib = args.memory;
+    config.host_cmdline_options = !args.no_host_options;
+    match (&args.cmdline, &args.kernel) {
+        (Some(cmdline), _) => config.cmdline = cmdline.clone(),
+        // The embedded guest reads no command line.
+        (None, None) => config.cmdline = String::new(),
+        (None, Some(_)) => {}
+    }
+
+    let vm = Vm::new(&config, Box::new(std::io::stdout())).context("cannot create the VM")?;
+    tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
+    let terminal = RawTerminal::stdin();
+    let running = vm.start().context("cannot start the VM")?;
+    spawn_stdin_pump(running.serial(), running.exit_signal(), terminal.is_some());
+    let report = running.wait();
+    drop(terminal);
+    print_report(&report, args.output)?;
+    Ok(if report.exit.is_clean() { 0 } else { 1 })
+}
+
+fn print_report(report: &VmReport, format: OutputFormat) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => eprintln!("{}", serde_json::to_string(report)?),
+        OutputFormat::Text => {
+            for vcpu in &report.vcpus {
+                if !vcpu.emulated.is_empty() {
+                    let counts: Vec<String> = vcpu
+                        .emulated
+                        .iter()
+                        .map(|(m, n)| format!("{m} {n}"))
+                        .collect();
+                    eprintln!("bulkhead: vCPU {} emulated: {}", vcpu.id, counts.join(", "));
+                }
+            }
+            eprintln!("bulkhead: {}", report.exit);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! What a VM is made of, as given by the user, validated before anything is built.
+
+use std::path::PathBuf;
+
+/// Where the kernel image comes from.
+#[derive(Clone, Debug)]
+pub enum KernelSource {
+    File(PathBuf),
+    /// An image held in memory (the embedded default guest, test guests).
+    Bytes {
+        name: String,
+        image: std::sync::Arc<[u8]>,
+    },
+}
+
+impl KernelSource {
+    pub fn name(&self) -> String {
+        match self {
+            KernelSource::File(path) => path.display().to_string(),
+            KernelSource::Bytes { name, .. } => name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: KernelSource,
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line; host-specific options are appended to it.
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    /// Append the options this host's KVM needs to the command line.
+    pub host_cmdline_options: bool,
+}
+
+/// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
+/// live below it.
+pub const MIN_MEMORY_MIB: u64 = 2;
+/// Command line used for Linux kernels when none is given.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--cpus must be between 1 and {max}, not {given}")]
+    Cpus { given: u64, max: u8 },
+    #[error("--memory must be at least {MIN_MEMORY_MIB} MiB, not {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("--memory {requested} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge { requested: u64, host: u64 },
+}
+
+impl VmConfig {
+    pub fn new(kernel: KernelSource) -> Self {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_LINUX_CMDLINE.to_string(),
+            cpus: 1,
+            memory_mib: 128,
+            host_cmdline_options: true,
+        }
+    }
+
+    /// Checks the numbers against what the VMM and this host can give.
+    pub fn validate(&self, host_memory_bytes: Option<u64>) -> Result<(), ConfigError> {
+        let max = crate::arch::x86_64::mptable::MAX_CPUS;
+        if self.cpus == 0 || self.cpus > max {
+            return Err(ConfigError::Cpus {
+                given: u64::from(self.cpus),
+                max,
+            });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(host) = host_memory_bytes {
+            let host_mib = host >> 20;
+            if self.memory_mib > host_mib {
+                return Err(ConfigError::MemoryTooLarge {
+                    requested: self.memory_mib,
+                    host: host_mib,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_zero_and_oversized_resources() {
+        let mut config = VmConfig::new(KernelSource::File("k".into()));
+        assert_eq!(config.validate(Some(1 << 30)), Ok(()));
+        config.cpus = 0;
+        assert!(matches!(
+            config.validate(None),
+            Err(ConfigError::Cpus { given: 0, .. })
+        ));
+        config.cpus = 1;
+        config.memory_mib = 0;
+        assert_eq!(config.validate(None), Err(ConfigError::MemoryTooSmall(0)));
+        config.memory_mib = 2048;
+        assert_eq!(
+            config.validate(Some(1 << 30)),
+            Err(ConfigError::MemoryTooLarge {
+                requested: 2048,
+                host: 1024
+            })
+        );
+    }
+}

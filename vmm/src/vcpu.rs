@@ -1,0 +1,238 @@
+//! One vCPU thread: the KVM_RUN loop and the dispatch of its exits.
+
+use placeholder::{reported_instruction, InstructionEmulator};
+mod placeholder {
+    pub struct InstructionEmulator(std::collections::BTreeMap<String, u64>);
+    impl InstructionEmulator {
+        pub fn new() -> Self {
+            InstructionEmulator(Default::default())
+        }
+        pub fn counts(&self) -> &std::collections::BTreeMap<String, u64> {
+            &self.0
+        }
+        pub fn handle(
+            &mut self,
+            _: &kvm_ioctls::VcpuFd,
+            _: &vm_memory::GuestMemoryMmap,
+            b: &[u8],
+        ) -> Result<(), String> {
+            Err(format!("cannot emulate {b:02x?}"))
+        }
+    }
+    pub fn reported_instruction(run: &kvm_bindings::kvm_run) -> Option<Vec<u8>> {
+        // SAFETY: placeholder
+        let data = unsafe { run.__bindgen_anon_1.internal.data };
+        let n = (data[1] & 0xff) as usize;
+        Some(
+            data[2..4]
+                .iter()
+                .flat_map(|d| d.to_le_bytes())
+                .take(n.min(16))
+                .collect(),
+        )
+    }
+}
+use crate::devices::Bus;
+use crate::exit::{ExitSignal, VmExit};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vm_memory::GuestMemoryMmap;
+
+/// KVM_INTERNAL_ERROR_EMULATION: KVM's emulator could not run the instruction.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+/// How long an application processor waits before asking KVM again whether
+/// it has been started (this host's KVM returns EAGAIN instead of blocking).
+const WAIT_FOR_SIPI_POLL: Duration = Duration::from_millis(1);
+
+/// Everything the vCPU threads share.
+pub struct VcpuShared {
+    pub memory: GuestMemoryMmap,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: Arc<ExitSignal>,
+}
+
+/// Exit counts by reason.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ExitCounts {
+    pub io_in: u64,
+    pub io_out: u64,
+    pub mmio_read: u64,
+    pub mmio_write: u64,
+    pub emulation: u64,
+    pub halt: u64,
+    pub interrupted: u64,
+    pub other: u64,
+}
+
+/// What one vCPU did, reported when the VM ends.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VcpuReport {
+    pub id: usize,
+    pub exits: ExitCounts,
+    /// Instructions the VMM finished for KVM, by mnemonic.
+    pub emulated: BTreeMap<String, u64>,
+    /// Wall time inside KVM_RUN.
+    pub in_kvm_ns: u64,
+    /// Wall time in the VMM between KVM_RUN calls, while the vCPU was running
+    /// (time an AP waits for its start-up IPI is not counted).
+    pub in_vmm_ns: u64,
+}
+
+pub struct Vcpu {
+    pub id: usize,
+    fd: VcpuFd,
+    emulator: InstructionEmulator,
+    report: VcpuReport,
+}
+
+enum Step {
+    Continue,
+    /// KVM_EXIT_INTERNAL_ERROR: finished by the instruction emulator, or fatal.
+    InternalError,
+    WaitForStart,
+    Stop(VmExit),
+}
+
+impl Vcpu {
+    pub fn new(id: usize, fd: VcpuFd) -> Self {
+        Vcpu {
+            id,
+            fd,
+            emulator: InstructionEmulator::new(),
+            report: VcpuReport {
+                id,
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs until the VM is asked to stop; reports why this vCPU stopped it, if it did.
+    pub fn run(mut self, shared: &VcpuShared) -> VcpuReport {
+        let mut last_return = Instant::now();
+        while !shared.exit.is_requested() {
+            let entered = Instant::now();
+            self.report.in_vmm_ns += (entered - last_return).as_nanos() as u64;
+            let result = self.fd.run();
+            let returned = Instant::now();
+            self.report.in_kvm_ns += (returned - entered).as_nanos() as u64;
+            last_return = returned;
+            let step = match result {
+                Ok(exit) => handle_exit(self.id, exit, shared, &mut self.report.exits),
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.report.exits.interrupted += 1;
+                    Step::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => Step::WaitForStart,
+                Err(e) => Step::Stop(VmExit::Fatal(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    self.id
+                ))),
+            };
+            let step = match step {
+                Step::InternalError => self.internal_error(shared),
+                other => other,
+            };
+            match step {
+                Step::Continue | Step::InternalError => {}
+                Step::WaitForStart => {
+                    std::thread::sleep(WAIT_FOR_SIPI_POLL);
+                    last_return = Instant::now();
+                }
+                Step::Stop(reason) => {
+                    shared.exit.request(reason);
+                    break;
+                }
+            }
+        }
+        self.report.emulated = self.emulator.counts().clone();
+        self.report
+    }
+
+    /// An emulation failure is finished here; any other internal error is fatal.
+    fn internal_error(&mut self, shared: &VcpuShared) -> Step {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: `internal` is the active union member after a
+        // KVM_EXIT_INTERNAL_ERROR exit, which is what brought us here.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        if suberror != INTERNAL_ERROR_EMULATION {
+            return Step::Stop(VmExit::Fatal(format!(
+                "vCPU {}: KVM internal error, suberror {suberror}",
+                self.id
+            )));
+        }
+        let reported = reported_instruction(run).unwrap_or_default();
+        self.report.exits.emulation += 1;
+        match self.emulator.handle(&self.fd, &shared.memory, &reported) {
+            Ok(_) => Step::Continue,
+            Err(e) => Step::Stop(VmExit::Fatal(format!("vCPU {}: {e}", self.id))),
+        }
+    }
+}
+
+fn handle_exit(
+    vcpu: usize,
+    exit: VcpuExit<'_>,
+    shared: &VcpuShared,
+    counts: &mut ExitCounts,
+) -> Step {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            counts.io_out += 1;
+            if !shared.pio.write(u64::from(port), data) {
+                tracing::trace!(port, "write to an unclaimed port");
+            }
+            Step::Continue
+        }
+        VcpuExit::IoIn(port, data) => {
+            counts.io_in += 1;
+            shared.pio.read(u64::from(port), data);
+            Step::Continue
+        }
+        VcpuExit::MmioRead(address, data) => {
+            counts.mmio_read += 1;
+            shared.mmio.read(address, data);
+            Step::Continue
+        }
+        VcpuExit::MmioWrite(address, data) => {
+            counts.mmio_write += 1;
+            if !shared.mmio.write(address, data) {
+                tracing::debug!(address = format_args!("{address:#x}"), "write to unclaimed MMIO");
+            }
+            Step::Continue
+        }
+        VcpuExit::Hlt => {
+            // Only seen without an in-kernel LAPIC; the LAPIC wakes the vCPU otherwise.
+            counts.halt += 1;
+            Step::Continue
+        }
+        VcpuExit::Shutdown => Step::Stop(VmExit::TripleFault { vcpu }),
+        VcpuExit::SystemEvent(kind, _) => Step::Stop(match kind {
+            SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+            SYSTEM_EVENT_RESET => VmExit::Reset,
+            SYSTEM_EVENT_CRASH => VmExit::GuestPanic,
+            other => VmExit::Fatal(format!("vCPU {vcpu}: unknown KVM system event {other}")),
+        }),
+        VcpuExit::InternalError => Step::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => Step::Stop(VmExit::Fatal(format!(
+            "vCPU {vcpu}: KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+        ))),
+        VcpuExit::Intr => {
+            counts.interrupted += 1;
+            Step::Continue
+        }
+        other => {
+            counts.other += 1;
+            Step::Stop(VmExit::Fatal(format!("vCPU {vcpu}: unexpected KVM exit {other:?}")))
+        }
+    }
+}
