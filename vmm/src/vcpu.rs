@@ -32,9 +32,10 @@ mod placeholder {
         )
     }
 }
+use crate::arch::x86_64::hypercall;
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +52,7 @@ const WAIT_FOR_SIPI_POLL: Duration = Duration::from_millis(1);
 
 /// Everything the vCPU threads share.
 pub struct VcpuShared {
+    pub vm: Arc<VmFd>,
     pub memory: GuestMemoryMmap,
     pub pio: Bus,
     pub mmio: Bus,
@@ -82,6 +84,8 @@ pub struct VcpuReport {
     /// Wall time in the VMM between KVM_RUN calls, while the vCPU was running
     /// (time an AP waits for its start-up IPI is not counted).
     pub in_vmm_ns: u64,
+    /// Hypercalls the VMM completed because KVM did not.
+    pub hypercalls: u64,
 }
 
 pub struct Vcpu {
@@ -89,6 +93,53 @@ pub struct Vcpu {
     fd: VcpuFd,
     emulator: InstructionEmulator,
     report: VcpuReport,
+    /// Whether to watch for hypercalls KVM never finishes (PVM hosts).
+    rescue_hypercalls: bool,
+}
+
+/// How often a vCPU is knocked out of KVM_RUN to check for a stuck hypercall.
+const HYPERCALL_CHECK_PERIOD: Duration = Duration::from_millis(20);
+
+/// A POSIX timer that sends the vCPU kick signal to one thread periodically.
+struct ThreadTimer(libc::timer_t);
+
+impl ThreadTimer {
+    fn start(signal: i32, period: Duration) -> std::io::Result<ThreadTimer> {
+        // SAFETY: sigevent is plain data; zero is a valid starting point.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = signal;
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `timer` are valid for the call.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let interval = libc::timespec {
+            tv_sec: period.as_secs() as _,
+            tv_nsec: period.subsec_nanos() as _,
+        };
+        let spec = libc::itimerspec {
+            it_interval: interval,
+            it_value: interval,
+        };
+        // SAFETY: `timer` was just created; `spec` is valid.
+        if unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) } != 0 {
+            let error = std::io::Error::last_os_error();
+            // SAFETY: deletes the timer created above.
+            unsafe { libc::timer_delete(timer) };
+            return Err(error);
+        }
+        Ok(ThreadTimer(timer))
+    }
+}
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by `start` and is deleted once.
+        unsafe { libc::timer_delete(self.0) };
+    }
 }
 
 enum Step {
@@ -100,7 +151,7 @@ enum Step {
 }
 
 impl Vcpu {
-    pub fn new(id: usize, fd: VcpuFd) -> Self {
+    pub fn new(id: usize, fd: VcpuFd, rescue_hypercalls: bool) -> Self {
         Vcpu {
             id,
             fd,
@@ -109,6 +160,18 @@ impl Vcpu {
                 id,
                 ..Default::default()
             },
+            rescue_hypercalls,
+        }
+    }
+
+    /// Completes the hypercall the vCPU is stuck on, if it is.
+    fn rescue_hypercall(&mut self, shared: &VcpuShared) {
+        if let Some(regs) = hypercall::stuck_on_hypercall(&self.fd, &shared.memory) {
+            let number = regs.rax;
+            match self.fd.set_regs(&hypercall::complete(&shared.vm, regs)) {
+                Ok(()) => self.report.hypercalls += 1,
+                Err(e) => tracing::warn!(vcpu = self.id, number, "cannot complete hypercall: {e}"),
+            }
         }
     }
 
@@ -117,7 +180,14 @@ impl Vcpu {
     }
 
     /// Runs until the VM is asked to stop; reports why this vCPU stopped it, if it did.
-    pub fn run(mut self, shared: &VcpuShared) -> VcpuReport {
+    pub fn run(mut self, shared: &VcpuShared, kick_signal: i32) -> VcpuReport {
+        // Lives as long as this loop; the signal it sends only interrupts KVM_RUN.
+        let _hypercall_timer = match self.rescue_hypercalls {
+            true => ThreadTimer::start(kick_signal, HYPERCALL_CHECK_PERIOD)
+                .inspect_err(|e| tracing::warn!(vcpu = self.id, "no hypercall watchdog: {e}"))
+                .ok(),
+            false => None,
+        };
         let mut last_return = Instant::now();
         while !shared.exit.is_requested() {
             let entered = Instant::now();
@@ -130,6 +200,9 @@ impl Vcpu {
                 Ok(exit) => handle_exit(self.id, exit, shared, &mut self.report.exits),
                 Err(e) if e.errno() == libc::EINTR => {
                     self.report.exits.interrupted += 1;
+                    if self.rescue_hypercalls {
+                        self.rescue_hypercall(shared);
+                    }
                     Step::Continue
                 }
                 Err(e) if e.errno() == libc::EAGAIN => Step::WaitForStart,
@@ -189,7 +262,7 @@ fn handle_exit(
         VcpuExit::IoOut(port, data) => {
             counts.io_out += 1;
             if !shared.pio.write(u64::from(port), data) {
-                tracing::trace!(port, "write to an unclaimed port");
+                tracing::trace!(port, ?data, "write to an unclaimed port");
             }
             Step::Continue
         }

@@ -15,7 +15,7 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::host::KvmFlavour;
 use crate::vcpu::{Vcpu, VcpuReport, VcpuShared};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 use std::fs::File;
 use std::io::Cursor;
 use std::os::unix::thread::JoinHandleExt;
@@ -92,7 +92,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// A VM whose memory, devices and vCPUs are ready, not yet running.
 pub struct Vm {
     _kvm: Kvm,
-    _vm_fd: VmFd,
     vcpus: Vec<Vcpu>,
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<SerialPort>>,
@@ -196,7 +195,9 @@ impl Vm {
             .map_err(kvm_err("KVM_IRQFD"))?;
         let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, serial_output)));
         let (pio, mmio) = platform_buses(&exit, &post, &serial)?;
+        let vm_fd = Arc::new(vm_fd);
         let shared = Arc::new(VcpuShared {
+            vm: vm_fd.clone(),
             memory,
             pio,
             mmio,
@@ -216,12 +217,11 @@ impl Vm {
             if id == 0 {
                 cpu::configure_boot_cpu(&fd, &shared.memory, kernel.entry)?;
             }
-            vcpus.push(Vcpu::new(usize::from(id), fd));
+            vcpus.push(Vcpu::new(usize::from(id), fd, flavour == KvmFlavour::Pvm));
         }
 
         Ok(Vm {
             _kvm: kvm,
-            _vm_fd: vm_fd,
             vcpus,
             shared,
             serial,
@@ -250,7 +250,7 @@ impl Vm {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
                 .stack_size(256 << 10)
-                .spawn(move || vcpu.run(&shared))
+                .spawn(move || vcpu.run(&shared, kick_signal()))
                 .map_err(VmError::Thread)?;
             threads.push(thread);
         }

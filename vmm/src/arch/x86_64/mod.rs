@@ -3,6 +3,7 @@
 pub mod boot;
 pub mod cpu;
 pub mod gdt;
+pub mod hypercall;
 pub mod layout;
 pub mod mptable;
 pub mod paging;
