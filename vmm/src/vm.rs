@@ -5,6 +5,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{boot, cpu, mptable, paging};
 use crate::config::{ConfigError, KernelSource, VmConfig};
+use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
 use crate::devices::legacy::power::PowerControl;
 use crate::devices::legacy::reset::{ResetLine, I8042};
@@ -297,6 +298,12 @@ fn platform_buses(
         u64::from(ports::PM1A_CONTROL),
         2,
         Arc::new(Mutex::new(PowerControl(exit.clone()))),
+    )?;
+
+    pio.insert(
+        u64::from(ports::CMOS),
+        2,
+        Arc::new(Mutex::new(Cmos::default())),
     )?;
 
     let mut root = PciRoot::default();

@@ -47,6 +47,8 @@ pub mod ports {
     /// i8042 data and command ports; writing 0xfe to the command port resets.
     pub const I8042_DATA: u16 = 0x60;
     pub const I8042_COMMAND: u16 = 0x64;
+    /// MC146818 CMOS real-time clock: index and data ports.
+    pub const CMOS: u16 = 0x70;
     /// POST diagnostic port; the first write marks the first guest instruction.
     pub const POST_CODE: u16 = 0x80;
     /// COM1 16550 UART (IRQ 4).

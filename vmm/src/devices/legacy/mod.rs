@@ -1,5 +1,6 @@
 //! The PC platform devices every guest expects.
 
+pub mod cmos;
 pub mod post;
 pub mod power;
 pub mod reset;
