@@ -1,37 +1,6 @@
 //! One vCPU thread: the KVM_RUN loop and the dispatch of its exits.
 
-use placeholder::{reported_instruction, InstructionEmulator};
-mod placeholder {
-    pub struct InstructionEmulator(std::collections::BTreeMap<String, u64>);
-    impl InstructionEmulator {
-        pub fn new() -> Self {
-            InstructionEmulator(Default::default())
-        }
-        pub fn counts(&self) -> &std::collections::BTreeMap<String, u64> {
-            &self.0
-        }
-        pub fn handle(
-            &mut self,
-            _: &kvm_ioctls::VcpuFd,
-            _: &vm_memory::GuestMemoryMmap,
-            b: &[u8],
-        ) -> Result<(), String> {
-            Err(format!("cannot emulate {b:02x?}"))
-        }
-    }
-    pub fn reported_instruction(run: &kvm_bindings::kvm_run) -> Option<Vec<u8>> {
-        // SAFETY: placeholder
-        let data = unsafe { run.__bindgen_anon_1.internal.data };
-        let n = (data[1] & 0xff) as usize;
-        Some(
-            data[2..4]
-                .iter()
-                .flat_map(|d| d.to_le_bytes())
-                .take(n.min(16))
-                .collect(),
-        )
-    }
-}
+use crate::arch::x86_64::emulator::{reported_instruction, InstructionEmulator};
 use crate::arch::x86_64::hypercall;
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};

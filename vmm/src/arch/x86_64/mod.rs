@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod cpu;
+pub mod emulator;
 pub mod gdt;
 pub mod hypercall;
 pub mod layout;
