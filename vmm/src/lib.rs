@@ -8,6 +8,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod memory_usage;
 pub mod vcpu;
 pub mod vm;
 

@@ -354,6 +354,8 @@ pub struct VmReport {
     /// CLOCK_MONOTONIC ns of the guest's first POST-port write, if any.
     pub first_post_code_ns: Option<u64>,
     pub ended_ns: u64,
+    /// Host memory at the end of the run, before guest memory is released.
+    pub memory: crate::memory_usage::MemoryUsage,
 }
 
 fn serialize_exit<S: serde::Serializer>(exit: &VmExit, s: S) -> Result<S::Ok, S::Error> {
@@ -417,6 +419,7 @@ impl RunningVm {
             vcpus: reports,
             first_post_code_ns: self.vm.post.first_write_ns(),
             ended_ns,
+            memory: crate::memory_usage::measure(&self.vm.shared.memory),
         }
     }
 }
