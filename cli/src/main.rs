@@ -47,8 +47,25 @@ fn main() {
     match status {
         Ok(code) => std::process::exit(code),
         Err(error) => {
-            eprintln!("bulkhead: error: {error:#}");
+            eprintln!("bulkhead: error: {}", one_line(&error));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and its causes on one line, skipping causes whose text an outer
+/// message already includes (library errors often quote their source).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }

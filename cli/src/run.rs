@@ -22,11 +22,14 @@ pub struct RunArgs {
     #[arg(long)]
     cmdline: Option<String>,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(vmm::arch::x86_64::mptable::MAX_CPUS)))]
-    cpus: u8,
+    #[arg(long, default_value_t = 1)]
+    cpus: u64,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
+    /// The KVM device node.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
     /// Do not append the guest options this host's KVM needs to the command line.
     #[arg(long)]
     no_host_options: bool,
@@ -45,7 +48,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let mut config = VmConfig::new(kernel);
     config.initrd = args.initrd.clone();
-    config.cpus = args.cpus;
+    config.cpus = u8::try_from(args.cpus).map_err(|_| vmm::config::ConfigError::Cpus {
+        given: args.cpus,
+        max: vmm::arch::x86_64::mptable::MAX_CPUS,
+    })?;
+    config.kvm_device = args.kvm_device.clone();
     config.memory_mib = args.memory;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {

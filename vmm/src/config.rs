@@ -32,6 +32,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Append the options this host's KVM needs to the command line.
     pub host_cmdline_options: bool,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
 }
 
 /// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
@@ -59,6 +61,7 @@ impl VmConfig {
             cpus: 1,
             memory_mib: 128,
             host_cmdline_options: true,
+            kvm_device: PathBuf::from("/dev/kvm"),
         }
     }
 

@@ -34,10 +34,13 @@ const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user use it?)")]
-    OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("/dev/kvm speaks KVM API version {0}, Bulkhead needs {KVM_API_VERSION}")]
-    KvmApiVersion(i32),
+    #[error("cannot open {path}: {source} (is KVM available, and may this user use it?)")]
+    OpenKvm {
+        path: String,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{path} is not a KVM device (KVM_GET_API_VERSION answered {version}, Bulkhead needs {KVM_API_VERSION})")]
+    NotKvm { path: String, version: i32 },
     #[error("{what} failed: {source}")]
     Kvm {
         what: &'static str,
@@ -108,11 +111,7 @@ impl Vm {
     /// kernel, writes the boot tables and sets up devices and vCPUs.
     pub fn new(config: &VmConfig, serial_output: SerialOutput) -> Result<Vm, VmError> {
         config.validate(crate::host::total_memory_bytes())?;
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let version = kvm.get_api_version();
-        if version != KVM_API_VERSION {
-            return Err(VmError::KvmApiVersion(version));
-        }
+        let kvm = open_kvm(&config.kvm_device)?;
         let flavour = KvmFlavour::detect();
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
 
@@ -256,6 +255,27 @@ impl Vm {
             threads.push(thread);
         }
         Ok(RunningVm { vm: self, threads })
+    }
+}
+
+fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+    let name = path.display().to_string();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::OpenKvm {
+            path: name.clone(),
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        }
+    })?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| VmError::OpenKvm {
+        path: name.clone(),
+        source,
+    })?;
+    match kvm.get_api_version() {
+        KVM_API_VERSION => Ok(kvm),
+        version => Err(VmError::NotKvm {
+            path: name,
+            version,
+        }),
     }
 }
 
