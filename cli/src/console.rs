@@ -98,3 +98,38 @@ pub fn spawn_stdin_pump(serial: Arc<Mutex<SerialPort>>, exit: Arc<ExitSignal>, t
         tracing::warn!("no console input: cannot start the stdin thread: {e}");
     }
 }
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts),
+/// so they can be taken by `spawn_signal_waiter` instead of killing the
+/// process with the terminal in raw mode.
+pub fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is valid; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Turns the first stop signal into a clean stop of the VM.
+pub fn spawn_signal_waiter(set: libc::sigset_t, exit: Arc<ExitSignal>) {
+    let waiter = move || {
+        let mut signal = 0;
+        // SAFETY: `set` holds signals blocked in every thread; sigwait only writes `signal`.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            tracing::info!(signal, "stopping the VM");
+            exit.request(VmExit::Stopped);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(waiter)
+    {
+        tracing::warn!("stop signals will not be handled: {e}");
+    }
+}

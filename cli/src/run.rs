@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// Do not append the guest options this host's KVM needs to the command line.
     #[arg(long)]
     no_host_options: bool,
+    /// Log every vCPU's instruction pointer this often, in ms (to find where a guest stalls).
+    #[arg(long, value_name = "MS")]
+    sample_rip_ms: Option<u64>,
     /// How to print the end-of-run report (on stderr; stdout is the console).
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -53,6 +56,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         max: vmm::arch::x86_64::mptable::MAX_CPUS,
     })?;
     config.kvm_device = args.kvm_device.clone();
+    config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
     config.memory_mib = args.memory;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {
@@ -62,11 +66,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         (None, Some(_)) => {}
     }
 
+    // Before any thread starts, so that every thread inherits the mask.
+    let stop_signals = crate::console::block_stop_signals();
     let vm = Vm::new(&config, Box::new(std::io::stdout())).context("cannot create the VM")?;
     tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
     let terminal = RawTerminal::stdin();
     let running = vm.start().context("cannot start the VM")?;
     spawn_stdin_pump(running.serial(), running.exit_signal(), terminal.is_some());
+    crate::console::spawn_signal_waiter(stop_signals, running.exit_signal());
     let report = running.wait();
     drop(terminal);
     print_report(&report, args.output)?;

@@ -34,6 +34,8 @@ pub struct VmConfig {
     pub host_cmdline_options: bool,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// Log each vCPU's RIP this often (diagnosing where a guest stalls).
+    pub sample_rip_every: Option<std::time::Duration>,
 }
 
 /// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
@@ -62,6 +64,7 @@ impl VmConfig {
             memory_mib: 128,
             host_cmdline_options: true,
             kvm_device: PathBuf::from("/dev/kvm"),
+            sample_rip_every: None,
         }
     }
 

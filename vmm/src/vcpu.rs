@@ -64,6 +64,8 @@ pub struct Vcpu {
     report: VcpuReport,
     /// Whether to watch for hypercalls KVM never finishes (PVM hosts).
     rescue_hypercalls: bool,
+    /// Log the guest RIP this often (a sampler for finding where a guest stalls).
+    sample_rip_every: Option<Duration>,
 }
 
 /// How often a vCPU is knocked out of KVM_RUN to check for a stuck hypercall.
@@ -120,7 +122,12 @@ enum Step {
 }
 
 impl Vcpu {
-    pub fn new(id: usize, fd: VcpuFd, rescue_hypercalls: bool) -> Self {
+    pub fn new(
+        id: usize,
+        fd: VcpuFd,
+        rescue_hypercalls: bool,
+        sample_rip_every: Option<Duration>,
+    ) -> Self {
         Vcpu {
             id,
             fd,
@@ -130,6 +137,7 @@ impl Vcpu {
                 ..Default::default()
             },
             rescue_hypercalls,
+            sample_rip_every,
         }
     }
 
@@ -151,12 +159,17 @@ impl Vcpu {
     /// Runs until the VM is asked to stop; reports why this vCPU stopped it, if it did.
     pub fn run(mut self, shared: &VcpuShared, kick_signal: i32) -> VcpuReport {
         // Lives as long as this loop; the signal it sends only interrupts KVM_RUN.
-        let _hypercall_timer = match self.rescue_hypercalls {
-            true => ThreadTimer::start(kick_signal, HYPERCALL_CHECK_PERIOD)
-                .inspect_err(|e| tracing::warn!(vcpu = self.id, "no hypercall watchdog: {e}"))
-                .ok(),
-            false => None,
+        let period = match (self.rescue_hypercalls, self.sample_rip_every) {
+            (true, Some(sample)) => Some(sample.min(HYPERCALL_CHECK_PERIOD)),
+            (true, None) => Some(HYPERCALL_CHECK_PERIOD),
+            (false, sample) => sample,
         };
+        let _watch_timer = period.and_then(|period| {
+            ThreadTimer::start(kick_signal, period)
+                .inspect_err(|e| tracing::warn!(vcpu = self.id, "no vCPU watch timer: {e}"))
+                .ok()
+        });
+        let mut next_sample = Instant::now();
         let mut last_return = Instant::now();
         while !shared.exit.is_requested() {
             let entered = Instant::now();
@@ -171,6 +184,16 @@ impl Vcpu {
                     self.report.exits.interrupted += 1;
                     if self.rescue_hypercalls {
                         self.rescue_hypercall(shared);
+                    }
+                    if let Some(every) = self.sample_rip_every.filter(|_| returned >= next_sample) {
+                        next_sample = returned + every;
+                        if let Ok(regs) = self.fd.get_regs() {
+                            tracing::info!(
+                                vcpu = self.id,
+                                rip = format_args!("{:#x}", regs.rip),
+                                "RIP sample"
+                            );
+                        }
                     }
                     Step::Continue
                 }

@@ -217,7 +217,12 @@ impl Vm {
             if id == 0 {
                 cpu::configure_boot_cpu(&fd, &shared.memory, kernel.entry)?;
             }
-            vcpus.push(Vcpu::new(usize::from(id), fd, flavour == KvmFlavour::Pvm));
+            vcpus.push(Vcpu::new(
+                usize::from(id),
+                fd,
+                flavour == KvmFlavour::Pvm,
+                config.sample_rip_every,
+            ));
         }
 
         Ok(Vm {
