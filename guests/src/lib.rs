@@ -1,0 +1,12 @@
+//! Tiny x86-64 guests, assembled in Rust with iced-x86 and wrapped in ELF:
+//! the default guest `bulkhead run` embeds, and one test guest per VM exit
+//! path and per instruction the VMM's emulator finishes.
+
+mod default_guest;
+mod elf;
+mod program;
+mod test_guests;
+
+pub use default_guest::{default_guest, BANNER};
+pub use program::Result;
+pub use test_guests::{port_io_loop, test_guest, TEST_GUESTS};

@@ -1,0 +1,321 @@
+//! `cargo xtask images`: every guest image the tests and benchmarks boot.
+//!
+//! | file in target/images   | what it is |
+//! | ----------------------- | ---------- |
+//! | vmlinux, bzImage        | the project's kernel (linux-source + images/kernel/bulkhead.config) |
+//! | kernel.config           | the full config it was built with |
+//! | initramfs.cpio.gz       | `/init` = images/init/idle.c, a loop that never makes a system call |
+//! | rootfs.ext4             | ext4 (mkfs.ext4 -d) holding the same init as /sbin/init |
+//! | busybox.cpio.gz         | Debian's busybox-static with a shell /init (hosts with hardware KVM) |
+//! | cloud-vmlinux, cloud-vmlinuz | Debian's stock linux-image-cloud-amd64 (vmlinux extracted) |
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use flate2::{write::GzEncoder, Compression};
+use serde::Serialize;
+
+use crate::cpio::{write_archive, Entry};
+use crate::{apt, cache, kernel, process, workspace_root};
+
+/// Bumped when a recipe below changes in a way its inputs do not show.
+const RECIPE_VERSION: &[u8] = b"1";
+const CLOUD_META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+#[derive(Serialize)]
+struct ManifestEntry {
+    path: PathBuf,
+    sha256: String,
+    from: String,
+}
+
+pub fn main(args: &[String]) -> Result<()> {
+    let json = match args {
+        [] => false,
+        [flag, value] if flag == "--output" && value == "json" => true,
+        [flag, value] if flag == "--output" && value == "text" => false,
+        _ => bail!("usage: cargo xtask images [--output text|json]"),
+    };
+    let manifest = build_all()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        for (name, entry) in &manifest {
+            println!("{name:<20} {}  {}", &entry.sha256[..12], entry.path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Where the published images live; tests read `manifest.json` there.
+pub fn images_dir() -> PathBuf {
+    workspace_root().join("target/images")
+}
+
+fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
+    apt::ensure_installed(apt::BUILD_PACKAGES)?;
+    let root = workspace_root();
+    let cache_root = cache::root();
+    let mut published = BTreeMap::new();
+
+    let fragment_path = root.join("images/kernel/bulkhead.config");
+    let fragment = fs::read(&fragment_path)?;
+    let source_version = apt::installed_version(kernel::SOURCE_PACKAGE).unwrap_or_default();
+    let tree = kernel::source_tree(&cache_root)?;
+    let kernel_dir = cache::entry(
+        "kernel",
+        &cache::key(&[RECIPE_VERSION, &fragment, source_version.as_bytes()]),
+        |out| kernel::build(&tree, &fragment_path, out),
+    )?;
+    let kernel_from = format!("{} + images/kernel/bulkhead.config", kernel::SOURCE_PACKAGE);
+    published.insert("vmlinux", (kernel_dir.join("vmlinux"), kernel_from.clone()));
+    published.insert("bzImage", (kernel_dir.join("bzImage"), kernel_from.clone()));
+    published.insert("kernel.config", (kernel_dir.join("config"), kernel_from));
+
+    let init_source = fs::read(root.join("images/init/idle.c"))?;
+    let gcc_version = process::output(Command::new("gcc").arg("-dumpfullversion"))?;
+    let idle_dir = cache::entry(
+        "idle-init",
+        &cache::key(&[RECIPE_VERSION, &init_source, gcc_version.as_bytes()]),
+        |out| build_idle_images(&root.join("images/init/idle.c"), out),
+    )?;
+    let idle_from = "images/init/idle.c".to_string();
+    published.insert(
+        "initramfs.cpio.gz",
+        (idle_dir.join("initramfs.cpio.gz"), idle_from.clone()),
+    );
+    published.insert("rootfs.ext4", (idle_dir.join("rootfs.ext4"), idle_from));
+
+    let busybox_version = apt::installed_version("busybox-static").unwrap_or_default();
+    let busybox_dir = cache::entry(
+        "busybox",
+        &cache::key(&[RECIPE_VERSION, busybox_version.as_bytes(), BUSYBOX_INIT]),
+        build_busybox_initramfs,
+    )?;
+    published.insert(
+        "busybox.cpio.gz",
+        (
+            busybox_dir.join("busybox.cpio.gz"),
+            format!("busybox-static {busybox_version}"),
+        ),
+    );
+
+    let (cloud_package, cloud_version) = cloud_kernel_package()?;
+    let cloud_dir = cache::entry(
+        "cloud-kernel",
+        &cache::key(&[RECIPE_VERSION, cloud_package.as_bytes(), cloud_version.as_bytes()]),
+        |out| build_cloud_kernel(&tree, &cloud_package, out),
+    )?;
+    let cloud_from = format!("{cloud_package} {cloud_version}");
+    published.insert(
+        "cloud-vmlinux",
+        (cloud_dir.join("vmlinux"), cloud_from.clone()),
+    );
+    published.insert("cloud-vmlinuz", (cloud_dir.join("vmlinuz"), cloud_from));
+
+    publish(published)
+}
+
+/// Copies the images into target/images and writes manifest.json, each file
+/// replaced atomically.
+fn publish(images: BTreeMap<&str, (PathBuf, String)>) -> Result<BTreeMap<String, ManifestEntry>> {
+    let dir = images_dir();
+    fs::create_dir_all(&dir)?;
+    let mut manifest = BTreeMap::new();
+    for (name, (source, from)) in images {
+        let target = dir.join(name);
+        let partial = dir.join(format!(".{name}.partial"));
+        fs::copy(&source, &partial)
+            .with_context(|| format!("copy {} to {}", source.display(), partial.display()))?;
+        fs::rename(&partial, &target)?;
+        let sha256 = cache::file_sha256(&target)?;
+        manifest.insert(
+            name.to_string(),
+            ManifestEntry {
+                path: target,
+                sha256,
+                from,
+            },
+        );
+    }
+    let partial = dir.join(".manifest.json.partial");
+    fs::write(&partial, serde_json::to_vec_pretty(&manifest)?)?;
+    fs::rename(&partial, dir.join("manifest.json"))?;
+    Ok(manifest)
+}
+
+/// The syscall-free init, as an initramfs and as an ext4 root disk.
+fn build_idle_images(source: &Path, out: &Path) -> Result<()> {
+    let init = out.join("init");
+    process::run(
+        Command::new("gcc")
+            .args(["-static", "-nostdlib", "-nostartfiles", "-O2", "-o"])
+            .arg(&init)
+            .arg(source),
+    )?;
+    let init_bytes = fs::read(&init)?;
+    write_initramfs(
+        &out.join("initramfs.cpio.gz"),
+        &[
+            Entry::Directory { path: "dev" },
+            console_node(),
+            Entry::Directory { path: "proc" },
+            Entry::Directory { path: "sys" },
+            Entry::File {
+                path: "init",
+                mode: 0o755,
+                data: &init_bytes,
+            },
+        ],
+    )?;
+
+    // The root disk: /sbin/init and /init. /dev stays empty: the kernel mounts
+    // devtmpfs on it (CONFIG_DEVTMPFS_MOUNT) before running init.
+    let tree = out.join("rootfs");
+    for dir in ["dev", "proc", "sys", "sbin"] {
+        fs::create_dir_all(tree.join(dir))?;
+    }
+    for path in ["init", "sbin/init"] {
+        fs::write(tree.join(path), &init_bytes)?;
+        set_mode(&tree.join(path), 0o755)?;
+    }
+    process::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "bulkhead-root", "-E", "root_owner=0:0"])
+            .arg("-d")
+            .arg(&tree)
+            .arg(out.join("rootfs.ext4"))
+            .arg("32M"),
+    )?;
+    fs::remove_dir_all(&tree)?;
+    Ok(())
+}
+
+/// busybox's /init for hosts where guest user space runs: proves a shell, /proc
+/// and the CPUs, then powers off.
+const BUSYBOX_INIT: &[u8] = b"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo \"bulkhead-busybox: up, kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs\"
+poweroff -f
+";
+
+fn build_busybox_initramfs(out: &Path) -> Result<()> {
+    let busybox = fs::read("/bin/busybox").context("read /bin/busybox (busybox-static)")?;
+    write_initramfs(
+        &out.join("busybox.cpio.gz"),
+        &[
+            Entry::Directory { path: "bin" },
+            Entry::File {
+                path: "bin/busybox",
+                mode: 0o755,
+                data: &busybox,
+            },
+            Entry::Symlink {
+                path: "bin/sh",
+                target: "busybox",
+            },
+            Entry::Directory { path: "dev" },
+            console_node(),
+            Entry::Directory { path: "proc" },
+            Entry::Directory { path: "sys" },
+            Entry::File {
+                path: "init",
+                mode: 0o755,
+                data: BUSYBOX_INIT,
+            },
+        ],
+    )
+}
+
+fn console_node() -> Entry<'static> {
+    Entry::CharDevice {
+        path: "dev/console",
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    }
+}
+
+fn write_initramfs(path: &Path, entries: &[Entry]) -> Result<()> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+    write_archive(&mut gz, entries)?;
+    let mut file = fs::File::create(path)?;
+    file.write_all(&gz.finish()?)?;
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// The package the cloud meta-package points at now, and its version.
+fn cloud_kernel_package() -> Result<(String, String)> {
+    let lookup = || -> Result<(String, String)> {
+        let depends = process::output(Command::new("apt-cache").args(["depends", CLOUD_META_PACKAGE]))?;
+        let package = depends
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("Depends: "))
+            .find(|dep| dep.starts_with("linux-image-"))
+            .with_context(|| format!("{CLOUD_META_PACKAGE} depends on no linux-image package"))?
+            .trim()
+            .to_string();
+        let show = process::output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))?;
+        let version = show
+            .lines()
+            .find_map(|line| line.strip_prefix("Version: "))
+            .with_context(|| format!("apt-cache shows no version of {package}"))?
+            .trim()
+            .to_string();
+        Ok((package, version))
+    };
+    lookup().or_else(|_| {
+        apt::update()?;
+        lookup()
+    })
+}
+
+/// Downloads the stock kernel package (apt-get download: no install) and
+/// extracts its bzImage, and the vmlinux inside it with the kernel tree's
+/// `scripts/extract-vmlinux`: decompressing a bzImage in KVM's emulator takes
+/// minutes on kvm_pvm hosts, the ELF boots directly.
+fn build_cloud_kernel(tree: &Path, package: &str, out: &Path) -> Result<()> {
+    let download = out.join("download");
+    fs::create_dir_all(&download)?;
+    process::run(
+        Command::new("apt-get")
+            .current_dir(&download)
+            .args(["download", "-q", package]),
+    )?;
+    let deb = fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let unpacked = out.join("unpacked");
+    process::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let vmlinuz = fs::read_dir(unpacked.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
+    fs::copy(&vmlinuz, out.join("vmlinuz"))?;
+    let vmlinux = process::output_bytes(
+        Command::new(tree.join("scripts/extract-vmlinux")).arg(&vmlinuz),
+    )?;
+    if !vmlinux.starts_with(b"\x7fELF") {
+        bail!("extract-vmlinux did not produce an ELF from {}", vmlinuz.display());
+    }
+    fs::write(out.join("vmlinux"), vmlinux)?;
+    fs::remove_dir_all(&download)?;
+    fs::remove_dir_all(&unpacked)?;
+    Ok(())
+}

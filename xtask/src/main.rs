@@ -1,0 +1,56 @@
+//! Project automation, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
+//!
+//! - `images`: installs the Debian packages the guest images need and builds
+//!   them into a cache keyed by the hash of their inputs, then publishes them
+//!   to `target/images/` with a `manifest.json`.
+//! - `test`: images, then `cargo fmt --check`, `cargo clippy -D warnings` and
+//!   the whole test suite. This is what `.ci/run` calls.
+
+mod apt;
+mod cache;
+mod cpio;
+mod images;
+mod kernel;
+mod process;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  images [--output json]   build the guest images into target/images (cached)
+  test                     images, fmt, clippy and every test (what CI runs)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("images") => images::main(&args[1..]),
+        Some("test") => test::main(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask lives one folder below it.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}

@@ -1,0 +1,60 @@
+//! `cargo xtask test`: the README's test command and what CI runs.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::{images, process, workspace_root};
+
+pub fn main(args: &[String]) -> Result<()> {
+    if !args.is_empty() {
+        bail!("usage: cargo xtask test");
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = workspace_root();
+    let started = Instant::now();
+    let step = |name: &str| {
+        eprintln!(
+            "\n=== xtask test: {name} ({}s) ===",
+            started.elapsed().as_secs()
+        )
+    };
+
+    step("guest images");
+    images::main(&[])?;
+
+    step("cargo fmt --check");
+    process::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+
+    step("cargo clippy -D warnings");
+    process::run(Command::new(&cargo).current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("cargo test");
+    // Tests that boot Linux need the images: with this set they fail instead
+    // of skipping when the images are missing.
+    process::run(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .env("BULKHEAD_IMAGES", images::images_dir())
+            .env("BULKHEAD_REQUIRE_IMAGES", "1")
+            .args(["test", "--workspace", "--release"]),
+    )?;
+
+    eprintln!(
+        "\n=== xtask test: all passed in {}s ===",
+        started.elapsed().as_secs()
+    );
+    Ok(())
+}
