@@ -25,7 +25,7 @@ pub fn executable(load_address: u64, image: &[u8], memory_size: u64) -> Vec<u8> 
     elf.extend_from_slice(&56u16.to_le_bytes()); // program header size
     elf.extend_from_slice(&1u16.to_le_bytes()); // program header count
     elf.extend_from_slice(&[0; 6]); // no section headers
-    // PT_LOAD, read/write/execute
+                                    // PT_LOAD, read/write/execute
     elf.extend_from_slice(&1u32.to_le_bytes());
     elf.extend_from_slice(&7u32.to_le_bytes());
     elf.extend_from_slice(&0u64.to_le_bytes()); // file offset

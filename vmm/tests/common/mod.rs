@@ -38,12 +38,19 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn emulated(&self, mnemonic: &str) -> u64 {
-        self.report.vcpus.iter().map(|v| v.emulated.get(mnemonic).copied().unwrap_or(0)).sum()
+        self.report
+            .vcpus
+            .iter()
+            .map(|v| v.emulated.get(mnemonic).copied().unwrap_or(0))
+            .sum()
     }
 }
 
 pub fn config_for(name: &str, image: Vec<u8>) -> VmConfig {
-    let mut config = VmConfig::new(KernelSource::Bytes { name: name.into(), image: image.into() });
+    let mut config = VmConfig::new(KernelSource::Bytes {
+        name: name.into(),
+        image: image.into(),
+    });
     config.cmdline = String::new();
     config.memory_mib = 64;
     config
@@ -64,7 +71,10 @@ pub fn run_config(config: &VmConfig, limit: Duration) -> Outcome {
         exit.request(VmExit::Stopped);
     }
     let report = running.wait();
-    Outcome { output: capture.text(), report }
+    Outcome {
+        output: capture.text(),
+        report,
+    }
 }
 
 pub fn run_guest(name: &str, image: Vec<u8>) -> Outcome {
@@ -73,5 +83,10 @@ pub fn run_guest(name: &str, image: Vec<u8>) -> Outcome {
 
 /// Parses `key=value` lines the tiny guests print.
 pub fn value(output: &str, key: &str) -> Option<String> {
-    output.lines().find_map(|line| line.trim().strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+    output.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(key)?
+            .strip_prefix('=')
+            .map(str::to_string)
+    })
 }
