@@ -63,15 +63,21 @@ pub fn test_guest(name: &str) -> Option<Result<Vec<u8>>> {
 /// An address whose 8-byte operand crosses from one page into the next.
 const PAGE_CROSSING: u64 = SCRATCH + 0x1ffc;
 
-/// `iterations` reads of the UART scratch register (port-I/O exits the VMM
-/// handles), then power-off: the benchmark for the exit round trip.
-pub fn port_io_loop(iterations: u32) -> Result<Vec<u8>> {
+/// `iterations` rounds of a two-instruction loop, then power-off. With
+/// `port_exit` each round reads the UART scratch register (a port-I/O exit
+/// the VMM handles); without, it runs a `nop` instead: the difference between
+/// the two is the cost of the exit round trip.
+pub fn port_io_loop(iterations: u32, port_exit: bool) -> Result<Vec<u8>> {
     let mut p = Program::new("port_io_loop")?;
     let mut again = p.a.create_label();
     p.a.mov(ecx, iterations)?;
     p.a.mov(dx, 0x3ffu32)?;
     p.a.set_label(&mut again)?;
-    p.a.in_(al, dx)?;
+    if port_exit {
+        p.a.in_(al, dx)?;
+    } else {
+        p.a.nop()?;
+    }
     p.a.dec(ecx)?;
     p.a.jnz(again)?;
     p.power_off()?;

@@ -8,10 +8,24 @@ use std::io::Write;
 
 /// One archive entry.
 pub enum Entry<'a> {
-    Directory { path: &'a str },
-    File { path: &'a str, mode: u32, data: &'a [u8] },
-    Symlink { path: &'a str, target: &'a str },
-    CharDevice { path: &'a str, mode: u32, major: u32, minor: u32 },
+    Directory {
+        path: &'a str,
+    },
+    File {
+        path: &'a str,
+        mode: u32,
+        data: &'a [u8],
+    },
+    Symlink {
+        path: &'a str,
+        target: &'a str,
+    },
+    CharDevice {
+        path: &'a str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 const S_IFDIR: u32 = 0o040000;

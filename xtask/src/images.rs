@@ -45,7 +45,11 @@ pub fn main(args: &[String]) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else {
         for (name, entry) in &manifest {
-            println!("{name:<20} {}  {}", &entry.sha256[..12], entry.path.display());
+            println!(
+                "{name:<20} {}  {}",
+                &entry.sha256[..12],
+                entry.path.display()
+            );
         }
     }
     Ok(())
@@ -107,7 +111,11 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
     let (cloud_package, cloud_version) = cloud_kernel_package()?;
     let cloud_dir = cache::entry(
         "cloud-kernel",
-        &cache::key(&[RECIPE_VERSION, cloud_package.as_bytes(), cloud_version.as_bytes()]),
+        &cache::key(&[
+            RECIPE_VERSION,
+            cloud_package.as_bytes(),
+            cloud_version.as_bytes(),
+        ]),
         |out| build_cloud_kernel(&tree, &cloud_package, out),
     )?;
     let cloud_from = format!("{cloud_package} {cloud_version}");
@@ -259,7 +267,8 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// The package the cloud meta-package points at now, and its version.
 fn cloud_kernel_package() -> Result<(String, String)> {
     let lookup = || -> Result<(String, String)> {
-        let depends = process::output(Command::new("apt-cache").args(["depends", CLOUD_META_PACKAGE]))?;
+        let depends =
+            process::output(Command::new("apt-cache").args(["depends", CLOUD_META_PACKAGE]))?;
         let package = depends
             .lines()
             .filter_map(|line| line.trim().strip_prefix("Depends: "))
@@ -267,7 +276,11 @@ fn cloud_kernel_package() -> Result<(String, String)> {
             .with_context(|| format!("{CLOUD_META_PACKAGE} depends on no linux-image package"))?
             .trim()
             .to_string();
-        let show = process::output(Command::new("apt-cache").args(["show", "--no-all-versions", &package]))?;
+        let show = process::output(Command::new("apt-cache").args([
+            "show",
+            "--no-all-versions",
+            &package,
+        ]))?;
         let version = show
             .lines()
             .find_map(|line| line.strip_prefix("Version: "))
@@ -308,11 +321,13 @@ fn build_cloud_kernel(tree: &Path, package: &str, out: &Path) -> Result<()> {
         })
         .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
     fs::copy(&vmlinuz, out.join("vmlinuz"))?;
-    let vmlinux = process::output_bytes(
-        Command::new(tree.join("scripts/extract-vmlinux")).arg(&vmlinuz),
-    )?;
+    let vmlinux =
+        process::output_bytes(Command::new(tree.join("scripts/extract-vmlinux")).arg(&vmlinuz))?;
     if !vmlinux.starts_with(b"\x7fELF") {
-        bail!("extract-vmlinux did not produce an ELF from {}", vmlinuz.display());
+        bail!(
+            "extract-vmlinux did not produce an ELF from {}",
+            vmlinuz.display()
+        );
     }
     fs::write(out.join("vmlinux"), vmlinux)?;
     fs::remove_dir_all(&download)?;

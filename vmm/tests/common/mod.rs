@@ -77,6 +77,68 @@ pub fn run_config(config: &VmConfig, limit: Duration) -> Outcome {
     }
 }
 
+/// Runs a VM until its serial output satisfies `until` (then lets it run
+/// `then` longer), until it ends on its own, or until `limit`; then stops it.
+/// The outcome's `reached` says whether `until` was met while it ran.
+pub fn run_until(
+    config: &VmConfig,
+    limit: Duration,
+    until: impl Fn(&str) -> bool,
+    then: Duration,
+) -> (Outcome, bool) {
+    let capture = Capture::default();
+    let vm = Vm::new(config, Box::new(capture.clone())).expect("VM builds");
+    let running = vm.start().expect("VM starts");
+    let exit = running.exit_signal();
+    let deadline = Instant::now() + limit;
+    let mut reached_at = None;
+    while !exit.is_requested() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        if reached_at.is_none() && until(&capture.text()) {
+            reached_at = Some(Instant::now());
+        }
+        if reached_at.is_some_and(|at| at.elapsed() >= then) {
+            break;
+        }
+    }
+    if !exit.is_requested() {
+        exit.request(VmExit::Stopped);
+    }
+    let report = running.wait();
+    (
+        Outcome {
+            output: capture.text(),
+            report,
+        },
+        reached_at.is_some(),
+    )
+}
+
+/// The guest images `cargo xtask images` builds, or None (test skipped) when
+/// they are not built and BULKHEAD_REQUIRE_IMAGES is not set.
+pub fn image(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("BULKHEAD_IMAGES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images")
+        });
+    let path = dir.join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("BULKHEAD_REQUIRE_IMAGES").is_some() {
+        panic!(
+            "guest image {} is missing: run `cargo xtask images`",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipped: guest image {} is not built (cargo xtask images)",
+        path.display()
+    );
+    None
+}
+
 pub fn run_guest(name: &str, image: Vec<u8>) -> Outcome {
     run_config(&config_for(name, image), Duration::from_secs(20))
 }

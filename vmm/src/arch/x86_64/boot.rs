@@ -12,7 +12,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{self, BzImage, KernelLoader, KernelLoaderResult};
-use std::io::{Read, Seek};
+use std::io::{Read, Seek, SeekFrom};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 const E820_RAM: u32 = 1;
@@ -31,6 +31,10 @@ const PAGE_SIZE: u64 = 4096;
 pub enum BootError {
     #[error("not a kernel image: neither an ELF vmlinux nor a bzImage")]
     NotAKernel,
+    #[error("truncated kernel image: its headers describe {needed} bytes but the file has {size}")]
+    Truncated { needed: u64, size: u64 },
+    #[error("cannot read the kernel image: {0}")]
+    Read(std::io::Error),
     #[error("invalid ELF kernel: {0}")]
     Elf(linux_loader::loader::elf::Error),
     #[error("invalid bzImage kernel: {0}")]
@@ -117,6 +121,7 @@ pub fn load_kernel<F>(mem: &GuestMemoryMmap, image: &mut F) -> Result<LoadedKern
 where
     F: Read + ReadVolatile + Seek,
 {
+    check_complete(image)?;
     match Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => {
             let entry = match result.pvh_boot_cap {
@@ -151,6 +156,54 @@ where
         Err(loader::Error::Bzimage(e)) => Err(BootError::BzImage(e)),
         Err(e) => Err(BootError::KernelDoesNotFit(e.to_string())),
     }
+}
+
+/// Fails with [`BootError::Truncated`] when the image is shorter than its own
+/// headers say (a cut-off download), so that it is not half-loaded and run.
+fn check_complete<F: Read + Seek>(image: &mut F) -> Result<(), BootError> {
+    let size = image.seek(SeekFrom::End(0)).map_err(BootError::Read)?;
+    let mut header = vec![0u8; size.min(4096) as usize];
+    image.seek(SeekFrom::Start(0)).map_err(BootError::Read)?;
+    image.read_exact(&mut header).map_err(BootError::Read)?;
+    image.seek(SeekFrom::Start(0)).map_err(BootError::Read)?;
+    let needed = image_extent(&header).unwrap_or(0);
+    if needed > size {
+        return Err(BootError::Truncated { needed, size });
+    }
+    Ok(())
+}
+
+/// How long an image's headers say it is: the end of the last PT_LOAD
+/// segment of an ELF64, or setup plus protected-mode code of a bzImage.
+/// None when the headers are not there to say.
+fn image_extent(header: &[u8]) -> Option<u64> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(header.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(header.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(header.get(at..at + 8)?.try_into().ok()?));
+    if header.starts_with(b"\x7fELF") && header.get(4) == Some(&2) {
+        let program_headers = u64_at(32)?;
+        let entry_size = u64::from(u16_at(54)?);
+        let count = u64::from(u16_at(56)?);
+        let mut end = program_headers.checked_add(entry_size.checked_mul(count)?)?;
+        for i in 0..count {
+            let at = usize::try_from(program_headers + i * entry_size).ok()?;
+            const PT_LOAD: u32 = 1;
+            if u32_at(at)? == PT_LOAD {
+                let segment_end = u64_at(at + 8)?.checked_add(u64_at(at + 32)?)?;
+                end = end.max(segment_end);
+            }
+        }
+        return Some(end);
+    }
+    if u32_at(0x202)? == u32::from_le_bytes(*b"HdrS") {
+        let setup_sectors = match header.get(0x1f1)? {
+            0 => 4,
+            n => u64::from(*n),
+        };
+        let protected_mode_bytes = u64::from(u32_at(0x1f4)?) * 16;
+        return Some((setup_sectors + 1) * 512 + protected_mode_bytes);
+    }
+    None
 }
 
 fn elf_error(e: ElfError) -> BootError {
@@ -315,6 +368,56 @@ fn write_pvh_start_info(
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    /// An ELF64 header with one PT_LOAD of `file_size` bytes at file offset 0x1000.
+    fn elf_header(file_size: u64) -> Vec<u8> {
+        let mut elf = vec![0u8; 0x78];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+        elf[64..68].copy_from_slice(&1u32.to_le_bytes());
+        elf[72..80].copy_from_slice(&0x1000u64.to_le_bytes());
+        elf[96..104].copy_from_slice(&file_size.to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn truncated_elf_is_named() {
+        let mut image = elf_header(0x10000);
+        assert_eq!(image_extent(&image), Some(0x11000));
+        let error = check_complete(&mut Cursor::new(image.clone())).unwrap_err();
+        assert!(matches!(
+            error,
+            BootError::Truncated {
+                needed: 0x11000,
+                size: 0x78
+            }
+        ));
+        image.resize(0x11000, 0);
+        check_complete(&mut Cursor::new(image)).unwrap();
+    }
+
+    #[test]
+    fn truncated_bzimage_is_named() {
+        let mut image = vec![0u8; 0x1000];
+        image[0x1f1] = 3; // setup sectors
+        image[0x1f4..0x1f8].copy_from_slice(&0x100u32.to_le_bytes()); // 4 KiB of code
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(image_extent(&image), Some(4 * 512 + 0x1000));
+        assert!(matches!(
+            check_complete(&mut Cursor::new(image.clone())),
+            Err(BootError::Truncated { .. })
+        ));
+        image.resize(4 * 512 + 0x1000, 0);
+        check_complete(&mut Cursor::new(image)).unwrap();
+    }
+
+    #[test]
+    fn unknown_images_are_left_to_the_loader() {
+        assert_eq!(image_extent(b"not a kernel"), None);
+        check_complete(&mut Cursor::new(b"not a kernel".to_vec())).unwrap();
+    }
 
     fn memory(size: u64) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&ram_regions(size)).unwrap()

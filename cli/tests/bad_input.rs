@@ -1,0 +1,123 @@
+//! Bad input to `bulkhead run`: each case ends with status 1 and one line on
+//! stderr that names the problem, never a panic or a backtrace.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+/// Runs `bulkhead run ARGS` and returns its one stderr line.
+fn run_fails(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("start bulkhead");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert!(!stderr.contains("backtrace"), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: not one line:\n{stderr}");
+    lines[0].to_string()
+}
+
+fn assert_names(line: &str, words: &[&str]) {
+    for word in words {
+        assert!(line.contains(word), "{line:?} does not say {word:?}");
+    }
+}
+
+/// A file in a per-test temporary folder.
+fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bulkhead-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[test]
+fn missing_kvm_device() {
+    let line = run_fails(&["--kvm-device", "/nonexistent/kvm"]);
+    assert_names(&line, &["/nonexistent/kvm", "No such file"]);
+}
+
+#[test]
+fn a_kvm_device_that_is_not_kvm() {
+    let line = run_fails(&["--kvm-device", "/dev/null"]);
+    assert_names(&line, &["/dev/null is not a KVM device"]);
+}
+
+#[test]
+fn unreadable_kvm_device() {
+    let line = run_fails(&["--kvm-device", "/"]);
+    assert_names(&line, &["cannot open /"]);
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    let path = temp_file("not-a-kernel", &b"not a kernel\n".repeat(300));
+    let line = run_fails(&["--kernel", path.to_str().unwrap()]);
+    assert_names(&line, &["not-a-kernel", "not a kernel image"]);
+}
+
+#[test]
+fn a_missing_kernel() {
+    let line = run_fails(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_names(&line, &["/nonexistent/vmlinux", "No such file"]);
+}
+
+/// An ELF whose loadable segment lies past the end of the file.
+#[test]
+fn a_truncated_elf_kernel() {
+    let mut elf = guests::default_guest().unwrap();
+    let full = elf.len();
+    elf.truncate(full - 16);
+    let path = temp_file("truncated.elf", &elf);
+    let line = run_fails(&["--kernel", path.to_str().unwrap()]);
+    assert_names(
+        &line,
+        &[
+            "truncated kernel image",
+            &format!("{full} bytes"),
+            &format!("has {}", full - 16),
+        ],
+    );
+}
+
+/// A bzImage header that promises more protected-mode code than follows.
+#[test]
+fn a_truncated_bzimage() {
+    let mut image = vec![0u8; 8192];
+    image[0x1f1] = 4;
+    image[0x1f4..0x1f8].copy_from_slice(&0x1000u32.to_le_bytes());
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    let path = temp_file("truncated-bzImage", &image);
+    let line = run_fails(&["--kernel", path.to_str().unwrap()]);
+    assert_names(&line, &["truncated kernel image", "has 8192"]);
+}
+
+#[test]
+fn zero_memory() {
+    let line = run_fails(&["--memory", "0"]);
+    assert_names(&line, &["--memory", "0 MiB"]);
+}
+
+#[test]
+fn zero_cpus() {
+    let line = run_fails(&["--cpus", "0"]);
+    assert_names(&line, &["--cpus", "not 0"]);
+}
+
+#[test]
+fn too_many_cpus() {
+    let line = run_fails(&["--cpus", "100000"]);
+    assert_names(&line, &["--cpus", "not 100000"]);
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    let line = run_fails(&["--memory", "100000000"]);
+    assert_names(&line, &["--memory 100000000 MiB", "more than this host"]);
+}

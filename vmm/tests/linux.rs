@@ -1,0 +1,79 @@
+//! Real Linux kernels under the VMM: the project's guest kernel and Debian's
+//! stock cloud kernel (images from `cargo xtask images`).
+//!
+//! On kvm_pvm hosts guest user space cannot make system calls, so the proof
+//! is the kernel's own: it brings up every CPU, runs every initcall, starts
+//! the syscall-free /init and stays up (docs/host-kvm.md).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{image, run_until};
+use vmm::{KernelSource, VmConfig, VmExit};
+
+const REACHED_INIT: &str = "Run /init as init process";
+/// Boots are minutes of emulated kernel code on kvm_pvm hosts.
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
+fn linux_config(kernel: std::path::PathBuf, cpus: u8) -> VmConfig {
+    let mut config = VmConfig::new(KernelSource::File(kernel));
+    config.cpus = cpus;
+    config.memory_mib = 256;
+    config
+}
+
+#[test]
+fn project_kernel_brings_up_two_cpus_and_runs_init() {
+    let (Some(kernel), Some(initrd)) = (image("vmlinux"), image("initramfs.cpio.gz")) else {
+        return;
+    };
+    let mut config = linux_config(kernel, 2);
+    config.initrd = Some(initrd);
+    // After /init starts, the kernel must stay up (the init loops forever).
+    let (outcome, reached) = run_until(
+        &config,
+        BOOT_LIMIT,
+        |out| out.contains(REACHED_INIT),
+        Duration::from_secs(5),
+    );
+    let output = &outcome.output;
+    assert!(
+        reached,
+        "no '{REACHED_INIT}'; exit: {}; console:\n{output}",
+        outcome.report.exit
+    );
+    assert!(
+        output.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{output}"
+    );
+    assert!(!output.contains("Kernel panic"), "{output}");
+    assert_eq!(outcome.report.exit, VmExit::Stopped, "{output}");
+    // Every vCPU ran, and the hypercall rescue never had to act with the
+    // paravirtual features that use hypercalls hidden.
+    for vcpu in &outcome.report.vcpus {
+        assert!(vcpu.in_kvm_ns > 0, "vCPU {} never ran", vcpu.id);
+    }
+    eprintln!("{}", serde_json::to_string(&outcome.report).unwrap());
+}
+
+#[test]
+fn kernel_panic_without_init_ends_the_vm_through_pvpanic() {
+    let Some(kernel) = image("vmlinux") else {
+        return;
+    };
+    // No initramfs and no root device: "VFS: Unable to mount root fs".
+    let config = linux_config(kernel, 1);
+    let (outcome, _) = run_until(&config, BOOT_LIMIT, |_| false, Duration::ZERO);
+    assert_eq!(
+        outcome.report.exit,
+        VmExit::GuestPanic,
+        "console:\n{}",
+        outcome.output
+    );
+    assert!(
+        outcome.output.contains("Kernel panic"),
+        "{}",
+        outcome.output
+    );
+}
