@@ -3,11 +3,11 @@
 use crate::arch::x86_64::layout::{
     self, ports, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_BAR_ADDRESS,
 };
-use crate::arch::x86_64::{boot, cpu, mptable, paging};
+use crate::arch::x86_64::{acpi, boot, cpu, mptable, paging};
 use crate::config::{ConfigError, KernelSource, VmConfig};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
-use crate::devices::legacy::power::PowerControl;
+use crate::devices::legacy::power::{AcpiSleepControl, PowerControl};
 use crate::devices::legacy::reset::{ResetLine, I8042};
 use crate::devices::legacy::serial::{SerialOutput, SerialPort};
 use crate::devices::pci::{pvpanic::PvPanic, HostBridge, PciConfigPorts, PciMmioWindow, PciRoot};
@@ -77,6 +77,8 @@ pub enum VmError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
     #[error("cannot write boot page tables: {0}")]
@@ -177,14 +179,16 @@ impl Vm {
             None => None,
         };
         boot::write_cmdline(&memory, &cmdline)?;
+        mptable::write(&memory, config.cpus)?;
+        let acpi_rsdp = acpi::write(&memory, config.cpus)?;
         boot::write_boot_info(
             &memory,
             &kernel,
             config.memory_bytes(),
             cmdline.len() + 1,
             initrd,
+            acpi_rsdp,
         )?;
-        mptable::write(&memory, config.cpus)?;
         paging::write_identity_tables(&memory).map_err(VmError::PageTables)?;
 
         let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
@@ -325,6 +329,11 @@ fn platform_buses(
         Arc::new(Mutex::new(PowerControl(exit.clone()))),
     )?;
 
+    pio.insert(
+        u64::from(ports::ACPI_SLEEP_CONTROL),
+        1,
+        Arc::new(Mutex::new(AcpiSleepControl(exit.clone()))),
+    )?;
     pio.insert(
         u64::from(ports::CMOS),
         2,

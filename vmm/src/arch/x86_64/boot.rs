@@ -278,14 +278,16 @@ pub fn write_boot_info(
     memory_size: u64,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: GuestAddress,
 ) -> Result<(), BootError> {
     let map = e820_map(memory_size);
     match kernel.entry {
         EntryPoint::Linux64(_) => {
-            let params = zero_page(kernel, &map, cmdline_len, initrd);
+            let mut params = zero_page(kernel, &map, cmdline_len, initrd);
+            params.acpi_rsdp_addr = acpi_rsdp.raw_value();
             mem.write_obj(params, GuestAddress(ZERO_PAGE_START))?;
         }
-        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &map, initrd)?,
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &map, initrd, acpi_rsdp)?,
     }
     Ok(())
 }
@@ -327,6 +329,7 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     map: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: GuestAddress,
 ) -> Result<(), BootError> {
     let entry_size = std::mem::size_of::<hvm_memmap_table_entry>() as u64;
     for (i, &(addr, size, type_)) in map.iter().enumerate() {
@@ -347,6 +350,7 @@ fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: acpi_rsdp.raw_value(),
         ..Default::default()
     };
     if let Some((address, size)) = initrd {

@@ -29,6 +29,10 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const LOW_MEMORY_END: u64 = 0xa0000;
 /// Kernels are loaded from 1 MiB up.
 pub const HIMEM_START: u64 = 0x100000;
+/// ACPI tables, RSDP first: inside the BIOS area a guest scans for the RSDP
+/// (0xe0000-0xfffff), which the e820 map reserves.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_MAX_SIZE: u64 = 0x20000;
 
 /// The hole below 4 GiB for device MMIO, LAPIC and IOAPIC. RAM that would fall
 /// here is placed above 4 GiB instead.
@@ -56,6 +60,9 @@ pub mod ports {
     /// ACPI PM1a control register (16-bit). A write with SLP_EN (bit 13)
     /// set powers the machine off (only S5 is offered).
     pub const PM1A_CONTROL: u16 = 0x604;
+    /// ACPI hardware-reduced sleep control register (FADT), for guests that
+    /// use ACPI to power off.
+    pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
     /// PCI configuration mechanism #1.
     pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
     pub const PCI_CONFIG_DATA: u16 = 0xcfc;

@@ -1,5 +1,6 @@
 //! x86-64: memory layout, boot protocol, CPU set-up and the instruction emulator.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod emulator;
