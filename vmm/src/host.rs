@@ -31,12 +31,15 @@ impl KvmFlavour {
     /// off the paravirtual paths that issue hypercalls (spinlock kicks, async
     /// page faults, steal time), and keep the kernel away from instructions
     /// KVM's emulator lacks (XSAVE, POPCNT, CMPXCHG16B, SMAP, FSGSBASE,
-    /// INVPCID) so they need not trap to the VMM on hot paths.
+    /// INVPCID) so they need not trap to the VMM on hot paths. The lockup
+    /// detectors are off: here kernel code runs a thousand times slower than
+    /// the wall clock they measure against, and their reports (stack dumps
+    /// over the emulated UART) only slow the guest further.
     pub fn guest_cmdline_options(self) -> &'static str {
         match self {
             KvmFlavour::Hardware => "",
             KvmFlavour::Pvm => {
-                "nopvspin no-kvmapf no-steal-acc noxsave clearcpuid=151,141,308,288,298"
+                "nopvspin no-kvmapf no-steal-acc nowatchdog noxsave clearcpuid=151,141,308,288,298"
             }
         }
     }

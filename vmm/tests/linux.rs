@@ -77,3 +77,35 @@ fn kernel_panic_without_init_ends_the_vm_through_pvpanic() {
         outcome.output
     );
 }
+
+/// Debian's stock cloud kernel, unmodified and with no command-line help
+/// beyond what the VMM adds for this host: it finds its CPUs through ACPI
+/// (it has no MP-table parser) and reaches /init.
+#[test]
+fn stock_cloud_kernel_brings_up_two_cpus_and_runs_init() {
+    let (Some(kernel), Some(initrd)) = (image("cloud-vmlinux"), image("initramfs.cpio.gz")) else {
+        return;
+    };
+    let mut config = linux_config(kernel, 2);
+    config.initrd = Some(initrd);
+    config.memory_mib = 512;
+    let (outcome, reached) = run_until(
+        &config,
+        Duration::from_secs(2400),
+        |out| out.contains(REACHED_INIT),
+        Duration::from_secs(5),
+    );
+    let output = &outcome.output;
+    assert!(
+        reached,
+        "no '{REACHED_INIT}'; exit: {}; console:\n{output}",
+        outcome.report.exit
+    );
+    assert!(
+        output.contains("smp: Brought up 1 node, 2 CPUs"),
+        "{output}"
+    );
+    assert!(!output.contains("Kernel panic"), "{output}");
+    assert_eq!(outcome.report.exit, VmExit::Stopped, "{output}");
+    eprintln!("{}", serde_json::to_string(&outcome.report).unwrap());
+}
