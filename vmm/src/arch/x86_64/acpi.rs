@@ -204,6 +204,6 @@ mod tests {
     #[test]
     fn the_most_cpus_fit() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        write(&mem, super::super::mptable::MAX_CPUS as u8).unwrap();
+        write(&mem, super::super::mptable::MAX_CPUS).unwrap();
     }
 }
