@@ -17,6 +17,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "triple_fault",
     "panic",
     "spin",
+    "echo",
     "int3",
     "popcnt",
     "lzcnt",
@@ -42,6 +43,7 @@ pub fn test_guest(name: &str) -> Option<Result<Vec<u8>>> {
         "triple_fault" => triple_fault,
         "panic" => panic,
         "spin" => spin,
+        "echo" => echo,
         "int3" => int3,
         "popcnt" => popcnt,
         "lzcnt" => lzcnt,
@@ -181,6 +183,34 @@ fn spin() -> Result<Vec<u8>> {
     p.a.set_label(&mut forever)?;
     p.a.pause()?;
     p.a.jmp(forever)?;
+    p.finish()
+}
+
+/// Echoes what arrives on the serial port until a line ends, then powers
+/// off: the console input path (terminal or pipe to the UART).
+fn echo() -> Result<Vec<u8>> {
+    const LINE_STATUS: u32 = 0x3fd;
+    const DATA_READY: u32 = 1;
+    let mut p = Program::new("echo")?;
+    let mut wait = p.a.create_label();
+    let mut end = p.a.create_label();
+    p.print("echo: ready\r\n")?;
+    p.a.set_label(&mut wait)?;
+    p.a.mov(dx, LINE_STATUS)?;
+    p.a.in_(al, dx)?;
+    p.a.test(al, DATA_READY as i32)?;
+    p.a.jz(wait)?;
+    p.a.mov(dx, 0x3f8u32)?;
+    p.a.in_(al, dx)?;
+    p.a.cmp(al, b'\r' as i32)?;
+    p.a.je(end)?;
+    p.a.cmp(al, b'\n' as i32)?;
+    p.a.je(end)?;
+    p.a.out(dx, al)?;
+    p.a.jmp(wait)?;
+    p.a.set_label(&mut end)?;
+    p.print("\r\necho: line ended\r\n")?;
+    p.power_off()?;
     p.finish()
 }
 
