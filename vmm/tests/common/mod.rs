@@ -59,22 +59,7 @@ pub fn config_for(name: &str, image: Vec<u8>) -> VmConfig {
 /// Runs a VM until it ends on its own, or stops it after `limit` (the
 /// outcome then says `Stopped`).
 pub fn run_config(config: &VmConfig, limit: Duration) -> Outcome {
-    let capture = Capture::default();
-    let vm = Vm::new(config, Box::new(capture.clone())).expect("VM builds");
-    let running = vm.start().expect("VM starts");
-    let exit = running.exit_signal();
-    let deadline = Instant::now() + limit;
-    while !exit.is_requested() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if !exit.is_requested() {
-        exit.request(VmExit::Stopped);
-    }
-    let report = running.wait();
-    Outcome {
-        output: capture.text(),
-        report,
-    }
+    run_until(config, limit, |_| false, Duration::ZERO).0
 }
 
 /// Runs a VM until its serial output satisfies `until` (then lets it run
