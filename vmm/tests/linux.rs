@@ -90,3 +90,28 @@ fn kernel_panic_without_init_ends_the_vm_through_pvpanic() {
         outcome.output
     );
 }
+
+/// The bzImage boot path (linux-loader's bzImage loader, the 64-bit entry
+/// 0x200 past the protected-mode code): the kernel's own decompressor runs
+/// and hands over to the kernel, which prints its first message.
+#[test]
+fn project_bzimage_decompresses_and_starts_the_kernel() {
+    let Some(kernel) = image("bzImage") else {
+        return;
+    };
+    let mut config = linux_config(kernel, 1);
+    // The decompressor writes to the serial port only with earlyprintk.
+    config.cmdline.push_str(" earlyprintk=serial,ttyS0");
+    let (outcome, reached) = run_until(
+        &config,
+        BOOT_LIMIT,
+        |out| out.contains("Linux version"),
+        Duration::ZERO,
+    );
+    let output = &outcome.output;
+    assert!(reached, "exit: {}; console:\n{output}", outcome.report.exit);
+    assert!(
+        output.contains("Decompressing Linux... Parsing ELF... done."),
+        "{output}"
+    );
+}
