@@ -200,6 +200,15 @@ fn build_idle_images(source: &Path, out: &Path) -> Result<()> {
             .arg("32M"),
     )?;
     fs::remove_dir_all(&tree)?;
+    // The init on the disk must be the one just built, byte for byte.
+    let on_disk = process::output_bytes(
+        Command::new("debugfs")
+            .args(["-R", "cat /sbin/init"])
+            .arg(out.join("rootfs.ext4")),
+    )?;
+    if on_disk != init_bytes {
+        bail!("rootfs.ext4: /sbin/init differs from the init that was built");
+    }
     Ok(())
 }
 
