@@ -213,13 +213,14 @@ fn build_idle_images(source: &Path, out: &Path) -> Result<()> {
 }
 
 /// busybox's /init for hosts where guest user space runs: proves a shell, /proc
-/// and the CPUs, then powers off.
+/// and the CPUs, then reboots (the i8042 reset ends the VM; the project
+/// kernel has no ACPI to power off with).
 const BUSYBOX_INIT: &[u8] = b"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo \"bulkhead-busybox: up, kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs\"
-poweroff -f
+reboot -f
 ";
 
 fn build_busybox_initramfs(out: &Path) -> Result<()> {
