@@ -7,7 +7,7 @@ use kvm_bindings::{kvm_run__bindgen_ty_1__bindgen_ty_13, kvm_segment, kvm_xcr};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmu::{self, Access, Paging, PF_FETCH, PF_PROTECTION, PF_RESERVED, PF_USER, PF_WRITE};
-use super::xsave::{Component, XsaveLayout};
+use super::xsave::XsaveLayout;
 use super::*;
 
 const RAM_SIZE: usize = 8 << 20;
@@ -293,27 +293,12 @@ impl VcpuState for FakeVcpu {
 
 /// The CPU the tests model: the usual AVX/AVX-512 XSAVE layout, MAXPHYADDR 46.
 fn test_cpu() -> CpuModel {
-    let mut layout = XsaveLayout::legacy_only();
-    layout.components[2] = Component {
-        offset: 576,
-        size: 256,
-        align64: false,
-    };
-    layout.components[5] = Component {
-        offset: 1088,
-        size: 64,
-        align64: false,
-    };
-    layout.components[6] = Component {
-        offset: 1152,
-        size: 512,
-        align64: false,
-    };
-    layout.components[7] = Component {
-        offset: 1664,
-        size: 1024,
-        align64: false,
-    };
+    let mut layout = XsaveLayout::legacy_with(&[
+        (2, 576, 256, false),
+        (5, 1088, 64, false),
+        (6, 1152, 512, false),
+        (7, 1664, 1024, false),
+    ]);
     layout.xcr0_supported = 0xe7;
     layout.xsaveopt = true;
     layout.xsavec = true;

@@ -56,6 +56,21 @@ pub struct XsaveLayout {
 
 impl XsaveLayout {
     /// A CPU without XSAVE: x87 and SSE only.
+    /// The legacy layout plus the given components, as
+    /// `(index, standard offset, size, 64-byte aligned when compacted)`.
+    #[cfg(test)]
+    pub(crate) fn legacy_with(components: &[(usize, usize, usize, bool)]) -> Self {
+        let mut layout = Self::legacy_only();
+        for &(index, offset, size, align64) in components {
+            layout.components[index] = Component {
+                offset,
+                size,
+                align64,
+            };
+        }
+        layout
+    }
+
     pub fn legacy_only() -> Self {
         XsaveLayout {
             components: [Component::default(); 64],
@@ -473,28 +488,12 @@ mod tests {
     use super::*;
 
     fn layout_with_aligned_component() -> XsaveLayout {
-        let mut layout = XsaveLayout::legacy_only();
-        layout.components[2] = Component {
-            offset: 576,
-            size: 256,
-            align64: false,
-        };
-        layout.components[5] = Component {
-            offset: 1088,
-            size: 64,
-            align64: false,
-        };
-        layout.components[9] = Component {
-            offset: 2688,
-            size: 8,
-            align64: false,
-        };
-        layout.components[10] = Component {
-            offset: 2752,
-            size: 40,
-            align64: true,
-        };
-        layout
+        XsaveLayout::legacy_with(&[
+            (2, 576, 256, false),
+            (5, 1088, 64, false),
+            (9, 2688, 8, false),
+            (10, 2752, 40, true),
+        ])
     }
 
     #[test]
