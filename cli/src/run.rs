@@ -5,7 +5,7 @@ use crate::OutputFormat;
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
-use vmm::{KernelSource, Vm, VmConfig, VmReport};
+use vmm::{KernelSource, Vm, VmConfig, VmExit, VmReport};
 
 /// The guest booted when no --kernel is given, built from `guests/` by build.rs.
 static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default-guest.elf"));
@@ -92,6 +92,10 @@ fn print_report(report: &VmReport, format: OutputFormat) -> anyhow::Result<()> {
                         .map(|(m, n)| format!("{m} {n}"))
                         .collect();
                     eprintln!("bulkhead: vCPU {} emulated: {}", vcpu.id, counts.join(", "));
+                }
+                // Stopped from outside: say where the guest was, to find stalls.
+                if let (VmExit::Stopped, Some(rip)) = (&report.exit, vcpu.final_rip) {
+                    eprintln!("bulkhead: vCPU {} stopped at RIP {rip:#x}", vcpu.id);
                 }
             }
             eprintln!("bulkhead: {}", report.exit);

@@ -55,6 +55,9 @@ pub struct VcpuReport {
     pub in_vmm_ns: u64,
     /// Hypercalls the VMM completed because KVM did not.
     pub hypercalls: u64,
+    /// Guest RIP when the vCPU stopped: where it was stuck, if the VM was
+    /// stopped from outside.
+    pub final_rip: Option<u64>,
 }
 
 pub struct Vcpu {
@@ -220,6 +223,7 @@ impl Vcpu {
             }
         }
         self.report.emulated = self.emulator.counts().clone();
+        self.report.final_rip = self.fd.get_regs().ok().map(|regs| regs.rip);
         self.report
     }
 

@@ -40,10 +40,17 @@ fn boots_to_init_on_two_cpus(kernel: &str, memory_mib: u64, limit: Duration) {
         Duration::from_secs(5),
     );
     let output = &outcome.output;
+    let final_rips: Vec<String> = outcome
+        .report
+        .vcpus
+        .iter()
+        .map(|vcpu| format!("vCPU {} at {:#x?}", vcpu.id, vcpu.final_rip))
+        .collect();
     assert!(
         reached,
-        "no '{REACHED_INIT}'; exit: {}; console:\n{output}",
-        outcome.report.exit
+        "no '{REACHED_INIT}'; exit: {}; {}; console:\n{output}",
+        outcome.report.exit,
+        final_rips.join(", ")
     );
     assert!(
         output.contains("smp: Brought up 1 node, 2 CPUs"),
