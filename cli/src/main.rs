@@ -1,6 +1,7 @@
 //! `bulkhead`: the hypervisor's command line.
 
 mod console;
+mod device_options;
 mod run;
 
 use clap::{Parser, Subcommand, ValueEnum};

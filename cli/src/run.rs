@@ -27,6 +27,13 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
+    /// A virtio-blk disk: path=FILE[,readonly][,id=NAME]. Repeat for more;
+    /// the guest sees them as vda, vdb, ... in this order.
+    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
+    disk: Vec<vmm::config::DiskConfig>,
+    /// A virtio-rng entropy device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -58,6 +65,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.kvm_device = args.kvm_device.clone();
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
     config.memory_mib = args.memory;
+    config.disks = args.disk.clone();
+    config.rng = args.rng;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {
         (Some(cmdline), _) => config.cmdline = cmdline.clone(),
@@ -97,6 +106,14 @@ fn print_report(report: &VmReport, format: OutputFormat) -> anyhow::Result<()> {
                 if let (VmExit::Stopped, Some(rip)) = (&report.exit, vcpu.final_rip) {
                     eprintln!("bulkhead: vCPU {} stopped at RIP {rip:#x}", vcpu.id);
                 }
+            }
+            for device in &report.devices {
+                let counts: Vec<String> = device
+                    .counters
+                    .iter()
+                    .map(|(name, value)| format!("{name} {value}"))
+                    .collect();
+                eprintln!("bulkhead: {}: {}", device.name, counts.join(", "));
             }
             eprintln!("bulkhead: {}", report.exit);
         }

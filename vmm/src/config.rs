@@ -22,6 +22,16 @@ impl KernelSource {
     }
 }
 
+/// A virtio-blk disk backed by a host file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (GET_ID), at most 20 bytes;
+    /// the file name when not given.
+    pub id: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: KernelSource,
@@ -36,6 +46,10 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Log each vCPU's RIP this often (diagnosing where a guest stalls).
     pub sample_rip_every: Option<std::time::Duration>,
+    /// virtio-blk disks, in order: the guest sees vda, vdb, ...
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng entropy device.
+    pub rng: bool,
 }
 
 /// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
@@ -65,6 +79,8 @@ impl VmConfig {
             host_cmdline_options: true,
             kvm_device: PathBuf::from("/dev/kvm"),
             sample_rip_every: None,
+            disks: Vec::new(),
+            rng: false,
         }
     }
 

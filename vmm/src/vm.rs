@@ -5,18 +5,20 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{acpi, boot, cpu, mptable, paging};
 use crate::config::{ConfigError, KernelSource, VmConfig};
+use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
 use crate::devices::legacy::power::{AcpiSleepControl, PowerControl};
 use crate::devices::legacy::reset::{ResetLine, I8042};
 use crate::devices::legacy::serial::{SerialOutput, SerialPort};
 use crate::devices::pci::{pvpanic::PvPanic, HostBridge, PciConfigPorts, PciMmioWindow, PciRoot};
+use crate::devices::virtio::{self, mmio::MmioTransport, Interrupt, VirtioDevice};
 use crate::devices::{lock, Bus, BusError};
 use crate::exit::{ExitSignal, VmExit};
 use crate::host::KvmFlavour;
 use crate::vcpu::{Vcpu, VcpuReport, VcpuShared};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use std::fs::File;
 use std::io::Cursor;
 use std::os::unix::thread::JoinHandleExt;
@@ -89,6 +91,12 @@ pub enum VmError {
     EventFd(std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] virtio::block::BlockError),
+    #[error("too many devices: at most {0} virtio devices fit the interrupt lines")]
+    TooManyDevices(usize),
+    #[error("device event loop: {0}")]
+    EventLoop(std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -102,6 +110,8 @@ pub struct Vm {
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<SerialPort>>,
     post: Arc<PostCodes>,
+    virtio: Vec<VirtioSlot>,
+    device_loop: Option<DeviceEventLoop>,
     /// The command line the guest was given, host options included.
     pub cmdline: String,
     pub entry: &'static str,
@@ -163,6 +173,13 @@ impl Vm {
                 cmdline.push_str(extra);
             }
         }
+        let virtio = create_virtio_devices(config, &vm_fd, &memory)?;
+        for slot in &virtio {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&slot.cmdline_option());
+        }
         let kernel = load_kernel(&memory, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(path) => {
@@ -198,7 +215,17 @@ impl Vm {
             .register_irqfd(&serial_irq, layout::irq::COM1)
             .map_err(kvm_err("KVM_IRQFD"))?;
         let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, serial_output)));
-        let (pio, mmio) = platform_buses(&exit, &post, &serial)?;
+        let (pio, mut mmio) = platform_buses(&exit, &post, &serial)?;
+        let device_loop = if virtio.is_empty() {
+            None
+        } else {
+            let mut device_loop = DeviceEventLoop::new(exit.clone()).map_err(VmError::EventLoop)?;
+            for slot in &virtio {
+                mmio.insert(slot.base, virtio::mmio::WINDOW_SIZE, slot.transport.clone())?;
+                device_loop.add(slot.transport.clone() as Subscriber);
+            }
+            Some(device_loop)
+        };
         let vm_fd = Arc::new(vm_fd);
         let shared = Arc::new(VcpuShared {
             vm: vm_fd.clone(),
@@ -235,6 +262,8 @@ impl Vm {
             shared,
             serial,
             post,
+            virtio,
+            device_loop,
             cmdline,
             entry: kernel.entry.describe(),
             flavour,
@@ -250,9 +279,13 @@ impl Vm {
         self.shared.exit.clone()
     }
 
-    /// Starts one thread per vCPU.
+    /// Starts the device thread, then one thread per vCPU.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         install_kick_handler();
+        let device_thread = match self.device_loop.take() {
+            Some(device_loop) => Some(device_loop.spawn().map_err(VmError::Thread)?),
+            None => None,
+        };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
             let shared = self.shared.clone();
@@ -263,8 +296,91 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             threads.push(thread);
         }
-        Ok(RunningVm { vm: self, threads })
+        Ok(RunningVm {
+            vm: self,
+            threads,
+            device_thread,
+        })
     }
+}
+
+/// A virtio-mmio device and where the guest finds it.
+struct VirtioSlot {
+    base: u64,
+    irq: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl VirtioSlot {
+    /// How Linux learns of the device (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    fn cmdline_option(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
+    }
+}
+
+/// Builds the configured virtio devices, each behind a virtio-mmio window
+/// with an irqfd for its interrupt and ioeventfds for its queues.
+fn create_virtio_devices(
+    config: &VmConfig,
+    vm_fd: &VmFd,
+    memory: &GuestMemoryMmap,
+) -> Result<Vec<VirtioSlot>, VmError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        devices.push(Box::new(virtio::block::Block::new(
+            disk,
+            &disk_name(index),
+        )?));
+    }
+    if config.rng {
+        devices.push(Box::new(virtio::rng::Rng::new()));
+    }
+    if devices.len() > layout::irq::VIRTIO.len() {
+        return Err(VmError::TooManyDevices(layout::irq::VIRTIO.len()));
+    }
+    let mut slots = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO_START + index as u64 * virtio::mmio::WINDOW_SIZE;
+        let irq = layout::irq::VIRTIO[index];
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&irqfd, irq)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let name = device.name();
+        let transport = MmioTransport::new(device, memory.clone(), Interrupt::new(irqfd))
+            .map_err(VmError::EventFd)?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(base + virtio::mmio::QUEUE_NOTIFY_OFFSET);
+            // Without an ioeventfd the notify write exits to the VMM, and the
+            // transport signals the queue itself: slower, still correct.
+            if let Err(e) = vm_fd.register_ioevent(event, &notify, queue as u32) {
+                tracing::warn!(
+                    device = name,
+                    queue,
+                    "no ioeventfd for queue notifications: {e}"
+                );
+            }
+        }
+        slots.push(VirtioSlot {
+            base,
+            irq,
+            transport: Arc::new(Mutex::new(transport)),
+        });
+    }
+    Ok(slots)
+}
+
+/// The name Linux gives the disk at `index`: vda, vdb, ..., vdz, vdaa, ...
+pub fn disk_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        suffix.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8(suffix).unwrap_or_default())
 }
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
@@ -377,6 +493,14 @@ fn install_kick_handler() {
 pub struct RunningVm {
     vm: Vm,
     threads: Vec<JoinHandle<VcpuReport>>,
+    device_thread: Option<JoinHandle<()>>,
+}
+
+/// What a device did, by counter name.
+#[derive(Debug, serde::Serialize)]
+pub struct DeviceReport {
+    pub name: String,
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// How a VM ended and what its vCPUs did.
@@ -385,6 +509,7 @@ pub struct VmReport {
     #[serde(serialize_with = "serialize_exit")]
     pub exit: VmExit,
     pub vcpus: Vec<VcpuReport>,
+    pub devices: Vec<DeviceReport>,
     /// CLOCK_MONOTONIC ns of the guest's first POST-port write, if any.
     pub first_post_code_ns: Option<u64>,
     pub ended_ns: u64,
@@ -445,12 +570,35 @@ impl RunningVm {
                 Err(_) => tracing::error!("a vCPU thread panicked"),
             }
         }
+        if let Some(thread) = self.device_thread {
+            if thread.join().is_err() {
+                tracing::error!("the device thread panicked");
+            }
+        }
+        let devices = self
+            .vm
+            .virtio
+            .iter()
+            .map(|slot| {
+                let transport = lock(&slot.transport);
+                DeviceReport {
+                    name: transport.device().name(),
+                    counters: transport
+                        .device()
+                        .counters()
+                        .into_iter()
+                        .map(|(name, value)| (name.to_string(), value))
+                        .collect(),
+                }
+            })
+            .collect();
         let ended_ns = monotonic_ns();
         // The serial output may be buffered by its writer.
         let _ = lock(&self.vm.serial).0.writer_mut().flush();
         VmReport {
             exit: self.vm.shared.exit.reason().unwrap_or(VmExit::Stopped),
             vcpus: reports,
+            devices,
             first_post_code_ns: self.vm.post.first_write_ns(),
             ended_ns,
             memory: crate::memory_usage::measure(&self.vm.shared.memory),
@@ -464,3 +612,18 @@ fn exit_fd(exit: &ExitSignal) -> i32 {
 }
 
 use std::io::Write;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn disks_are_named_as_linux_names_them() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 701, 702]
+            .iter()
+            .map(|&i| super::disk_name(i))
+            .collect();
+        assert_eq!(
+            names,
+            ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]
+        );
+    }
+}

@@ -1,7 +1,9 @@
 //! Emulated devices and the buses that route guest port and MMIO accesses to them.
 
+pub mod event_loop;
 pub mod legacy;
 pub mod pci;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 

@@ -43,6 +43,8 @@ pub const PCI_MMIO_START: u64 = 0xc000_0000;
 pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
 /// Window for virtio-mmio and other platform MMIO devices.
 pub const PLATFORM_MMIO_START: u64 = 0xd000_0000;
+/// virtio-mmio devices get consecutive 4 KiB windows from here.
+pub const VIRTIO_MMIO_START: u64 = PLATFORM_MMIO_START;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 
@@ -71,6 +73,9 @@ pub mod ports {
 /// Interrupt lines on the IOAPIC / PIC.
 pub mod irq {
     pub const COM1: u32 = 4;
+    /// ISA lines free for virtio-mmio devices (edge-triggered, one per
+    /// device), in the order they are handed out.
+    pub const VIRTIO: &[u32] = &[5, 6, 7, 9, 10, 11, 14, 15, 12, 3];
 }
 
 /// Bit in PM1a control that requests the sleep state (power-off here).

@@ -1,0 +1,685 @@
+//! virtio-blk backed by a host file: read, write, flush, discard,
+//! write-zeroes and get-id, one queue, synchronous I/O on the device thread.
+
+use super::chain::ParsedChain;
+use super::{
+    device_type, drain_queue, read_config_bytes, ActivateError, Activation, DeviceEvents,
+    Interrupt, Queue, QueueT, VirtioDevice,
+};
+use crate::config::DiskConfig;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use vm_memory::GuestMemoryMmap;
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Longest request accepted: Linux's default max_sectors_kb is far below.
+const MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// Discard and write-zeroes take one range per request.
+const MAX_RANGES: u32 = 1;
+const ID_BYTES: usize = 20;
+
+mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+mod request {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// The status byte at the end of every request.
+pub mod status {
+    pub const OK: u8 = 0;
+    pub const IOERR: u8 = 1;
+    pub const UNSUPP: u8 = 2;
+}
+
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk {path} is empty or smaller than one 512-byte sector")]
+    TooSmall { path: String },
+}
+
+/// Counters a test or the control socket can read while the VM runs.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    pub requests: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub flushes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+struct Running {
+    memory: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Interrupt,
+}
+
+pub struct Block {
+    name: String,
+    file: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_BYTES],
+    config: Vec<u8>,
+    running: Option<Running>,
+    broken: bool,
+    stats: Arc<BlockStats>,
+}
+
+impl Block {
+    pub fn new(config: &DiskConfig, name: &str) -> Result<Block, BlockError> {
+        let path = config.path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        let capacity_sectors = len / SECTOR_SIZE;
+        if capacity_sectors == 0 {
+            return Err(BlockError::TooSmall { path });
+        }
+        if len % SECTOR_SIZE != 0 {
+            tracing::warn!(
+                disk = path,
+                "the last {} bytes are not a whole sector and are not visible",
+                len % SECTOR_SIZE
+            );
+        }
+        let id_source = config.id.clone().unwrap_or_else(|| {
+            config
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let mut id = [0u8; ID_BYTES];
+        let n = id_source.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&id_source.as_bytes()[..n]);
+        Ok(Block {
+            name: name.to_string(),
+            file,
+            read_only: config.read_only,
+            capacity_sectors,
+            id,
+            config: config_space(capacity_sectors),
+            running: None,
+            broken: false,
+            stats: Arc::new(BlockStats::default()),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<BlockStats> {
+        self.stats.clone()
+    }
+
+    fn process_queue(&mut self) {
+        let Some(mut running) = self.running.take() else {
+            return;
+        };
+        let mut used_any = false;
+        let mut broken = None;
+        let memory = running.memory.clone();
+        let healthy = drain_queue(&mut running.queue, &memory, |queue, chain| {
+            let parsed = match ParsedChain::parse(chain, &memory, MAX_REQUEST_BYTES + 4096) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    broken = Some(e.to_string());
+                    return false;
+                }
+            };
+            let Some(written) = self.execute(&parsed, &memory) else {
+                broken = Some("a request has no status byte".into());
+                return false;
+            };
+            if queue.add_used(&memory, parsed.head, written).is_err() {
+                broken = Some("cannot write the used ring".into());
+                return false;
+            }
+            used_any = true;
+            true
+        });
+        if used_any && running.queue.needs_notification(&memory).unwrap_or(true) {
+            running.interrupt.signal_used_buffer();
+        }
+        if !healthy {
+            let reason = broken.unwrap_or_else(|| "the available ring is invalid".into());
+            tracing::warn!(
+                device = self.name,
+                "driver error, device needs reset: {reason}"
+            );
+            self.broken = true;
+            running.interrupt.signal_config_change();
+        }
+        self.running = Some(running);
+    }
+
+    /// Runs one request; returns the bytes written to the guest (data and
+    /// status), or None when there is nowhere to put the status.
+    fn execute(&mut self, chain: &ParsedChain, memory: &GuestMemoryMmap) -> Option<u32> {
+        let writable = chain.writable_len();
+        if writable == 0 {
+            return None;
+        }
+        let status_offset = writable - 1;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let (status, data_written) = match self.serve(chain, memory, status_offset) {
+            Ok(written) => (status::OK, written),
+            Err(status) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                (status, 0)
+            }
+        };
+        chain.write_at(memory, status_offset, &[status]);
+        Some((data_written + 1) as u32)
+    }
+
+    /// Returns the data bytes written to the guest, or the error status.
+    fn serve(
+        &mut self,
+        chain: &ParsedChain,
+        memory: &GuestMemoryMmap,
+        data_in_len: u64,
+    ) -> Result<u64, u8> {
+        let mut header = [0u8; 16];
+        if chain.read_at(memory, 0, &mut header) != header.len() {
+            return Err(status::IOERR);
+        }
+        let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let data_out_len = chain.readable_len() - 16;
+        match kind {
+            request::IN => {
+                let offset = self.checked_range(sector, data_in_len)?;
+                let iovecs = chain.writable_iovecs(memory, 0, data_in_len);
+                transfer_all(&self.file, iovecs, offset, Direction::FromFile)
+                    .map_err(|e| self.io_error("read", e))?;
+                self.stats
+                    .bytes_read
+                    .fetch_add(data_in_len, Ordering::Relaxed);
+                Ok(data_in_len)
+            }
+            request::OUT => {
+                if self.read_only {
+                    return Err(status::IOERR);
+                }
+                let offset = self.checked_range(sector, data_out_len)?;
+                let iovecs = chain.readable_iovecs(memory, 16, data_out_len);
+                transfer_all(&self.file, iovecs, offset, Direction::ToFile)
+                    .map_err(|e| self.io_error("write", e))?;
+                self.stats
+                    .bytes_written
+                    .fetch_add(data_out_len, Ordering::Relaxed);
+                Ok(0)
+            }
+            request::FLUSH => {
+                self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                if !self.read_only {
+                    self.file
+                        .sync_data()
+                        .map_err(|e| self.io_error("flush", e))?;
+                }
+                Ok(0)
+            }
+            request::GET_ID => {
+                let n = (ID_BYTES as u64).min(data_in_len);
+                Ok(chain.write_at(memory, 0, &self.id[..n as usize]) as u64)
+            }
+            request::DISCARD | request::WRITE_ZEROES => {
+                if self.read_only {
+                    return Err(status::IOERR);
+                }
+                if data_out_len != 16 * u64::from(MAX_RANGES) {
+                    return Err(status::UNSUPP);
+                }
+                let mut range = [0u8; 16];
+                chain.read_at(memory, 16, &mut range);
+                let start = u64::from_le_bytes(range[0..8].try_into().unwrap());
+                let sectors = u64::from(u32::from_le_bytes(range[8..12].try_into().unwrap()));
+                let flags = u32::from_le_bytes(range[12..16].try_into().unwrap());
+                let offset = self.checked_range(start, sectors * SECTOR_SIZE)?;
+                let unmap = kind == request::DISCARD || flags & WRITE_ZEROES_UNMAP != 0;
+                zero_range(&self.file, offset, sectors * SECTOR_SIZE, unmap)
+                    .map_err(|e| self.io_error("discard or write-zeroes", e))?;
+                Ok(0)
+            }
+            _ => Err(status::UNSUPP),
+        }
+    }
+
+    /// The byte offset of `sector`, if `len` bytes from there are on the disk
+    /// and `len` is whole sectors.
+    fn checked_range(&self, sector: u64, len: u64) -> Result<u64, u8> {
+        let sectors = len / SECTOR_SIZE;
+        if !len.is_multiple_of(SECTOR_SIZE)
+            || sector
+                .checked_add(sectors)
+                .is_none_or(|end| end > self.capacity_sectors)
+        {
+            return Err(status::IOERR);
+        }
+        Ok(sector * SECTOR_SIZE)
+    }
+
+    fn io_error(&self, what: &str, error: std::io::Error) -> u8 {
+        tracing::warn!(device = self.name, "{what} failed: {error}");
+        status::IOERR
+    }
+}
+
+/// The virtio-blk configuration space (virtio 1.2, 5.2.4).
+fn config_space(capacity_sectors: u64) -> Vec<u8> {
+    let mut config = vec![0u8; 60];
+    config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    // seg_max: a chain holds the header and status besides the data.
+    config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+    config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    let max_sectors = (u32::MAX >> 9).to_le_bytes();
+    // max_discard_sectors, max_discard_seg, discard_sector_alignment
+    config[36..40].copy_from_slice(&max_sectors);
+    config[40..44].copy_from_slice(&MAX_RANGES.to_le_bytes());
+    config[44..48].copy_from_slice(&8u32.to_le_bytes());
+    // max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap
+    config[48..52].copy_from_slice(&max_sectors);
+    config[52..56].copy_from_slice(&MAX_RANGES.to_le_bytes());
+    config[56] = 1;
+    config
+}
+
+enum Direction {
+    FromFile,
+    ToFile,
+}
+
+/// preadv/pwritev until every byte moved, resuming after short transfers.
+fn transfer_all(
+    file: &File,
+    mut iovecs: Vec<libc::iovec>,
+    mut offset: u64,
+    direction: Direction,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < iovecs.len() {
+        let count = (iovecs.len() - first).min(libc::UIO_MAXIOV as usize) as i32;
+        // SAFETY: every iovec points into guest memory that stays mapped for
+        // the VM's lifetime (checked when the chain was parsed), and `count`
+        // entries from `first` exist.
+        let done = unsafe {
+            match direction {
+                Direction::FromFile => libc::preadv(
+                    file.as_raw_fd(),
+                    iovecs[first..].as_ptr(),
+                    count,
+                    offset as i64,
+                ),
+                Direction::ToFile => libc::pwritev(
+                    file.as_raw_fd(),
+                    iovecs[first..].as_ptr(),
+                    count,
+                    offset as i64,
+                ),
+            }
+        };
+        if done < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if done == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the disk file is shorter than its capacity",
+            ));
+        }
+        offset += done as u64;
+        let mut left = done as usize;
+        while left > 0 && first < iovecs.len() {
+            let vec = &mut iovecs[first];
+            if left >= vec.iov_len {
+                left -= vec.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same iovec's buffer.
+                vec.iov_base = unsafe { vec.iov_base.cast::<u8>().add(left) }.cast();
+                vec.iov_len -= left;
+                left = 0;
+            }
+        }
+        while first < iovecs.len() && iovecs[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Zeroes `len` bytes at `offset`, deallocating them when `unmap` is allowed;
+/// falls back to writing zeros where the file system cannot.
+fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = if unmap {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    // SAFETY: fallocate on an open descriptor with plain integer arguments.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) } == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(error);
+    }
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut features = feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH;
+        if self.read_only {
+            features |= feature::RO;
+        } else {
+            features |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let queue = activation
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::QueueNotReady(0))?;
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.broken = false;
+        self.running = Some(Running {
+            memory: activation.memory,
+            queue,
+            interrupt: activation.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.running = None;
+        self.broken = false;
+    }
+
+    fn queue_notified(&mut self, _index: usize, _events: &mut DeviceEvents<'_, '_>) {
+        self.process_queue();
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("requests", s.requests.load(Ordering::Relaxed)),
+            ("bytes_read", s.bytes_read.load(Ordering::Relaxed)),
+            ("bytes_written", s.bytes_written.load(Ordering::Relaxed)),
+            ("flushes", s.flushes.load(Ordering::Relaxed)),
+            ("errors", s.errors.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::chain::tests::{device_queue, TestQueue, DATA};
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    struct Harness {
+        q: TestQueue,
+        block: Block,
+        file: tempfile_path::TempFile,
+    }
+
+    /// A temporary file that is deleted when dropped.
+    mod tempfile_path {
+        pub struct TempFile(pub std::path::PathBuf);
+        impl TempFile {
+            pub fn new(bytes: &[u8]) -> Self {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path =
+                    std::env::temp_dir().join(format!("bulkhead-block-{}-{n}", std::process::id()));
+                std::fs::write(&path, bytes).unwrap();
+                TempFile(path)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn harness(read_only: bool) -> Harness {
+        let mut content = vec![0u8; 64 * 512];
+        for (i, b) in content.iter_mut().enumerate() {
+            *b = (i / 512) as u8;
+        }
+        let file = tempfile_path::TempFile::new(&content);
+        let config = DiskConfig {
+            path: file.0.clone(),
+            read_only,
+            id: Some("test-disk".into()),
+        };
+        let mut block = Block::new(&config, "vda").unwrap();
+        let q = TestQueue::new();
+        let interrupt =
+            Interrupt::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        block
+            .activate(Activation {
+                memory: q.memory.clone(),
+                queues: vec![device_queue()],
+                interrupt,
+                features: 0,
+            })
+            .unwrap();
+        Harness { q, block, file }
+    }
+
+    const HEADER: u64 = DATA;
+    const BUFFER: u64 = DATA + 0x1000;
+    const STATUS: u64 = DATA + 0x100;
+
+    impl Harness {
+        /// Submits one request; returns (status, used length).
+        fn submit(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
+            let memory = self.q.memory.clone();
+            let mut header = [0u8; 16];
+            header[0..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..16].copy_from_slice(&sector.to_le_bytes());
+            memory.write_slice(&header, GuestAddress(HEADER)).unwrap();
+            memory.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let mut chain = vec![(HEADER, 16, false)];
+            chain.extend_from_slice(data);
+            chain.push((STATUS, 1, true));
+            let before = self.q.used_index();
+            self.q.offer_chain(&chain);
+            self.block.process_queue();
+            assert_eq!(
+                self.q.used_index(),
+                before.wrapping_add(1),
+                "request not completed"
+            );
+            let (_, len) = self.q.used_element(before);
+            (memory.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_sectors_of_the_host_file() {
+        let mut h = harness(false);
+        let memory = h.q.memory.clone();
+        assert_eq!(
+            h.submit(request::IN, 3, &[(BUFFER, 1024, true)]),
+            (status::OK, 1025)
+        );
+        let mut data = vec![0u8; 1024];
+        memory.read_slice(&mut data, GuestAddress(BUFFER)).unwrap();
+        assert!(data[..512].iter().all(|&b| b == 3) && data[512..].iter().all(|&b| b == 4));
+
+        memory
+            .write_slice(&[0xab; 512], GuestAddress(BUFFER))
+            .unwrap();
+        assert_eq!(
+            h.submit(request::OUT, 10, &[(BUFFER, 512, false)]),
+            (status::OK, 1)
+        );
+        assert_eq!(h.submit(request::FLUSH, 0, &[]), (status::OK, 1));
+        let on_disk = std::fs::read(&h.file.0).unwrap();
+        assert!(on_disk[10 * 512..11 * 512].iter().all(|&b| b == 0xab));
+        assert!(on_disk[11 * 512..12 * 512].iter().all(|&b| b == 11));
+        assert_eq!(h.block.stats.bytes_written.load(Ordering::Relaxed), 512);
+    }
+
+    #[test]
+    fn refuses_requests_past_the_end_or_of_partial_sectors() {
+        let mut h = harness(false);
+        assert_eq!(
+            h.submit(request::IN, 63, &[(BUFFER, 1024, true)]).0,
+            status::IOERR
+        );
+        assert_eq!(
+            h.submit(request::IN, u64::MAX, &[(BUFFER, 512, true)]).0,
+            status::IOERR
+        );
+        assert_eq!(
+            h.submit(request::OUT, 0, &[(BUFFER, 100, false)]).0,
+            status::IOERR
+        );
+        assert_eq!(h.submit(77, 0, &[]).0, status::UNSUPP);
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes_with_an_error_status() {
+        let mut h = harness(true);
+        assert_ne!(h.block.device_features() & feature::RO, 0);
+        assert_eq!(
+            h.submit(request::OUT, 0, &[(BUFFER, 512, false)]).0,
+            status::IOERR
+        );
+        assert_eq!(
+            h.submit(request::IN, 0, &[(BUFFER, 512, true)]).0,
+            status::OK
+        );
+        let on_disk = std::fs::read(&h.file.0).unwrap();
+        assert!(on_disk[..512].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn discards_and_zeroes_ranges_and_answers_its_id() {
+        let mut h = harness(false);
+        let memory = h.q.memory.clone();
+        let mut range = [0u8; 16];
+        range[0..8].copy_from_slice(&2u64.to_le_bytes());
+        range[8..12].copy_from_slice(&3u32.to_le_bytes());
+        memory.write_slice(&range, GuestAddress(BUFFER)).unwrap();
+        assert_eq!(
+            h.submit(request::WRITE_ZEROES, 0, &[(BUFFER, 16, false)]).0,
+            status::OK
+        );
+        assert_eq!(
+            h.submit(request::DISCARD, 0, &[(BUFFER, 16, false)]).0,
+            status::OK
+        );
+        let on_disk = std::fs::read(&h.file.0).unwrap();
+        assert_eq!(on_disk.len(), 64 * 512);
+        assert!(on_disk[2 * 512..5 * 512].iter().all(|&b| b == 0));
+        assert!(on_disk[5 * 512..6 * 512].iter().all(|&b| b == 5));
+
+        assert_eq!(
+            h.submit(request::GET_ID, 0, &[(BUFFER, 20, true)]),
+            (status::OK, 21)
+        );
+        let mut id = [0u8; 20];
+        memory.read_slice(&mut id, GuestAddress(BUFFER)).unwrap();
+        assert_eq!(&id[..9], b"test-disk");
+    }
+
+    #[test]
+    fn a_chain_outside_memory_breaks_the_device_without_touching_the_file() {
+        let mut h = harness(false);
+        h.q.offer_chain(&[
+            (HEADER, 16, false),
+            (u64::MAX - 100, 512, false),
+            (STATUS, 1, true),
+        ]);
+        h.block.process_queue();
+        assert!(h.block.is_broken());
+        assert_eq!(h.q.used_index(), 0);
+        assert_eq!(h.block.stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_driver_claiming_more_chains_than_the_queue_holds_breaks_the_device() {
+        let mut h = harness(false);
+        h.q.set_avail_index(100);
+        h.block.process_queue();
+        assert!(h.block.is_broken());
+    }
+}

@@ -1,0 +1,457 @@
+//! Checking a descriptor chain before a device acts on it.
+//!
+//! The guest writes descriptor tables, so every chain is hostile until proven
+//! otherwise: [`ParsedChain::parse`] walks it once, checks every buffer lies in
+//! guest memory, that device-readable buffers come before device-writable
+//! ones, that the chain ends (no loop, not longer than its table) and that its
+//! size is within the device's limit. Devices only ever touch memory through a
+//! parsed chain, so nothing outside guest memory is read or written.
+
+use std::num::Wrapping;
+use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor {addr:#x}+{len:#x} is not in guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("the chain does not end: it loops, is longer than its table, or names a descriptor outside it")]
+    Unterminated,
+    #[error("the chain is empty (its head index is outside the descriptor table)")]
+    Empty,
+    #[error("the chain carries more than {limit} bytes")]
+    TooLarge { limit: u64 },
+}
+
+/// One buffer of a chain, known to lie inside guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A descriptor chain whose buffers were checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedChain {
+    pub head: u16,
+    pub readable: Vec<Buffer>,
+    pub writable: Vec<Buffer>,
+}
+
+impl ParsedChain {
+    /// Walks `chain`, refusing it if any buffer is outside `memory`, the
+    /// directions are out of order, it does not end, or it carries more than
+    /// `max_bytes`.
+    pub fn parse(
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        memory: &GuestMemoryMmap,
+        max_bytes: u64,
+    ) -> Result<ParsedChain, ChainError> {
+        let mut parsed = ParsedChain {
+            head: chain.head_index(),
+            ..Default::default()
+        };
+        let mut total = Wrapping(0u64);
+        let mut last_has_next = None;
+        for descriptor in chain {
+            last_has_next = Some(descriptor.has_next());
+            let buffer = Buffer {
+                addr: descriptor.addr(),
+                len: descriptor.len(),
+            };
+            let access = if descriptor.is_write_only() {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if !memory.check_range(buffer.addr, buffer.len as usize, access) {
+                return Err(ChainError::OutsideMemory {
+                    addr: buffer.addr.0,
+                    len: buffer.len,
+                });
+            }
+            total += u64::from(buffer.len);
+            if total.0 > max_bytes {
+                return Err(ChainError::TooLarge { limit: max_bytes });
+            }
+            if descriptor.is_write_only() {
+                parsed.writable.push(buffer);
+            } else if parsed.writable.is_empty() {
+                parsed.readable.push(buffer);
+            } else {
+                return Err(ChainError::ReadableAfterWritable);
+            }
+        }
+        // The iterator stops early, without saying why, when a descriptor
+        // cannot be read, its `next` is outside the table, or the chain ran
+        // for as many descriptors as the table has (a loop).
+        match last_has_next {
+            None => Err(ChainError::Empty),
+            Some(true) => Err(ChainError::Unterminated),
+            Some(false) => Ok(parsed),
+        }
+    }
+
+    pub fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|b| u64::from(b.len)).sum()
+    }
+
+    pub fn writable_len(&self) -> u64 {
+        self.writable.iter().map(|b| u64::from(b.len)).sum()
+    }
+
+    /// Copies readable bytes from `offset` into `data`; returns how many fit.
+    pub fn read_at(&self, memory: &GuestMemoryMmap, offset: u64, data: &mut [u8]) -> usize {
+        let mut done = 0;
+        for (addr, len) in segments(&self.readable, offset, data.len() as u64) {
+            if memory
+                .read_slice(&mut data[done..done + len], addr)
+                .is_err()
+            {
+                break;
+            }
+            done += len;
+        }
+        done
+    }
+
+    /// Copies `data` into the writable buffers from `offset`; returns how many fit.
+    pub fn write_at(&self, memory: &GuestMemoryMmap, offset: u64, data: &[u8]) -> usize {
+        let mut done = 0;
+        for (addr, len) in segments(&self.writable, offset, data.len() as u64) {
+            if memory.write_slice(&data[done..done + len], addr).is_err() {
+                break;
+            }
+            done += len;
+        }
+        done
+    }
+
+    /// I/O vectors over `len` readable bytes from `offset`, for one vectored
+    /// system call that reads guest memory (writev, pwritev).
+    pub fn readable_iovecs(
+        &self,
+        memory: &GuestMemoryMmap,
+        offset: u64,
+        len: u64,
+    ) -> Vec<libc::iovec> {
+        iovecs(memory, &self.readable, offset, len, false)
+    }
+
+    /// I/O vectors over `len` writable bytes from `offset`, for one vectored
+    /// system call that fills guest memory (readv, preadv). The pages are
+    /// marked dirty for migration.
+    pub fn writable_iovecs(
+        &self,
+        memory: &GuestMemoryMmap,
+        offset: u64,
+        len: u64,
+    ) -> Vec<libc::iovec> {
+        iovecs(memory, &self.writable, offset, len, true)
+    }
+}
+
+/// The pieces of `buffers` that cover `len` bytes from `offset`.
+fn segments(buffers: &[Buffer], offset: u64, len: u64) -> Vec<(GuestAddress, usize)> {
+    let mut out = Vec::new();
+    let mut skip = offset;
+    let mut left = len;
+    for buffer in buffers {
+        if left == 0 {
+            break;
+        }
+        let buffer_len = u64::from(buffer.len);
+        if skip >= buffer_len {
+            skip -= buffer_len;
+            continue;
+        }
+        let take = (buffer_len - skip).min(left);
+        out.push((GuestAddress(buffer.addr.0 + skip), take as usize));
+        left -= take;
+        skip = 0;
+    }
+    out
+}
+
+fn iovecs(
+    memory: &GuestMemoryMmap,
+    buffers: &[Buffer],
+    offset: u64,
+    len: u64,
+    for_writing: bool,
+) -> Vec<libc::iovec> {
+    let mut out = Vec::new();
+    for (addr, len) in segments(buffers, offset, len) {
+        // Buffers were checked at parse time; `get_slices` splits at memory
+        // region boundaries.
+        let Ok(slices) = memory.get_slices(addr, len, Permissions::ReadWrite) else {
+            break;
+        };
+        for slice in slices.flatten() {
+            if for_writing {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+    use vm_memory::Address;
+
+    pub const F_NEXT: u16 = 1;
+    pub const F_WRITE: u16 = 2;
+    pub const F_INDIRECT: u16 = 4;
+
+    /// A queue in guest memory that tests fill the way a driver would.
+    pub struct TestQueue {
+        pub memory: GuestMemoryMmap,
+        pub queue: Queue,
+        pub size: u16,
+        desc_table: GuestAddress,
+        avail: GuestAddress,
+        next_avail: u16,
+    }
+
+    pub const QUEUE_SIZE: u16 = 16;
+    const DESC_TABLE: u64 = 0x1000;
+    const AVAIL_RING: u64 = 0x2000;
+    const USED_RING: u64 = 0x3000;
+    /// Data buffers for tests live from here.
+    pub const DATA: u64 = 0x10000;
+    pub const MEMORY_SIZE: u64 = 0x100000;
+
+    /// A ready queue at the rings `TestQueue` fills, for a device to own.
+    pub fn device_queue() -> Queue {
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.set_size(QUEUE_SIZE);
+        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        queue.set_ready(true);
+        queue
+    }
+
+    impl TestQueue {
+        pub fn new() -> Self {
+            let memory =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
+            let queue = device_queue();
+            assert!(queue.is_valid(&memory));
+            TestQueue {
+                memory,
+                queue,
+                size: QUEUE_SIZE,
+                desc_table: GuestAddress(DESC_TABLE),
+                avail: GuestAddress(AVAIL_RING),
+                next_avail: 0,
+            }
+        }
+
+        /// Writes descriptor `index` of the main table.
+        pub fn set_descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            self.write_descriptor(self.desc_table, index, addr, len, flags, next);
+        }
+
+        pub fn write_descriptor(
+            &self,
+            table: GuestAddress,
+            index: u16,
+            addr: u64,
+            len: u32,
+            flags: u16,
+            next: u16,
+        ) {
+            let descriptor = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            self.memory
+                .write_obj(descriptor, table.unchecked_add(u64::from(index) * 16))
+                .unwrap();
+        }
+
+        /// Builds a chain from (addr, len, writable) at descriptors 0..n and offers it.
+        pub fn offer_chain(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
+            for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+                let mut flags = if writable { F_WRITE } else { 0 };
+                if i + 1 < buffers.len() {
+                    flags |= F_NEXT;
+                }
+                self.set_descriptor(i as u16, addr, len, flags, i as u16 + 1);
+            }
+            self.offer_head(0)
+        }
+
+        /// Puts `head` in the available ring and bumps its index.
+        pub fn offer_head(&mut self, head: u16) -> u16 {
+            let slot = u64::from(self.next_avail % self.size);
+            self.memory
+                .write_obj(head, self.avail.unchecked_add(4 + slot * 2))
+                .unwrap();
+            self.next_avail = self.next_avail.wrapping_add(1);
+            self.memory
+                .write_obj(self.next_avail, self.avail.unchecked_add(2))
+                .unwrap();
+            head
+        }
+
+        /// Sets the avail index without adding entries (a lying driver).
+        pub fn set_avail_index(&self, index: u16) {
+            self.memory
+                .write_obj(index, self.avail.unchecked_add(2))
+                .unwrap();
+        }
+
+        pub fn used_index(&self) -> u16 {
+            self.memory.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+        }
+
+        /// (head, len) of used element `slot`.
+        pub fn used_element(&self, slot: u16) -> (u32, u32) {
+            let at = GuestAddress(USED_RING + 4 + u64::from(slot % self.size) * 8);
+            (
+                self.memory.read_obj(at).unwrap(),
+                self.memory.read_obj(at.unchecked_add(4)).unwrap(),
+            )
+        }
+
+        pub fn parse_next(&mut self, max_bytes: u64) -> Result<ParsedChain, ChainError> {
+            let memory = self.memory.clone();
+            let chain = self.queue.iter(&memory).unwrap().next().expect("a chain");
+            ParsedChain::parse(chain, &memory, max_bytes)
+        }
+    }
+
+    #[test]
+    fn splits_a_chain_into_readable_then_writable_buffers() {
+        let mut q = TestQueue::new();
+        q.offer_chain(&[
+            (DATA, 16, false),
+            (DATA + 0x100, 8, false),
+            (DATA + 0x200, 1, true),
+        ]);
+        let chain = q.parse_next(1 << 20).unwrap();
+        assert_eq!(chain.head, 0);
+        assert_eq!(chain.readable.len(), 2);
+        assert_eq!(chain.readable_len(), 24);
+        assert_eq!(chain.writable_len(), 1);
+    }
+
+    #[test]
+    fn refuses_buffers_outside_guest_memory() {
+        let mut q = TestQueue::new();
+        q.offer_chain(&[(MEMORY_SIZE - 8, 16, false)]);
+        assert_eq!(
+            q.parse_next(1 << 20),
+            Err(ChainError::OutsideMemory {
+                addr: MEMORY_SIZE - 8,
+                len: 16
+            })
+        );
+        q.offer_chain(&[(u64::MAX - 3, 8, true)]);
+        assert!(matches!(
+            q.parse_next(1 << 20),
+            Err(ChainError::OutsideMemory { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_a_readable_buffer_after_a_writable_one() {
+        let mut q = TestQueue::new();
+        q.offer_chain(&[(DATA, 16, true), (DATA + 0x100, 8, false)]);
+        assert_eq!(
+            q.parse_next(1 << 20),
+            Err(ChainError::ReadableAfterWritable)
+        );
+    }
+
+    #[test]
+    fn refuses_loops_and_chains_running_off_the_table() {
+        let mut q = TestQueue::new();
+        // 0 -> 1 -> 0 -> ...
+        q.set_descriptor(0, DATA, 8, F_NEXT, 1);
+        q.set_descriptor(1, DATA, 8, F_NEXT, 0);
+        q.offer_head(0);
+        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Unterminated));
+        // next index outside the table
+        q.set_descriptor(0, DATA, 8, F_NEXT, QUEUE_SIZE + 3);
+        q.offer_head(0);
+        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Unterminated));
+        // head outside the table
+        q.offer_head(QUEUE_SIZE);
+        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Empty));
+    }
+
+    #[test]
+    fn refuses_chains_over_the_size_limit_even_when_lengths_wrap() {
+        let mut q = TestQueue::new();
+        q.offer_chain(&[(DATA, 4096, false), (DATA, 4096, false)]);
+        assert_eq!(
+            q.parse_next(6000),
+            Err(ChainError::TooLarge { limit: 6000 })
+        );
+    }
+
+    #[test]
+    fn follows_an_indirect_table_and_refuses_nested_ones() {
+        let mut q = TestQueue::new();
+        let table = GuestAddress(DATA + 0x1000);
+        q.write_descriptor(table, 0, DATA, 32, F_NEXT, 1);
+        q.write_descriptor(table, 1, DATA + 0x100, 4, F_WRITE, 0);
+        q.set_descriptor(0, table.0, 32, F_INDIRECT, 0);
+        q.offer_head(0);
+        let chain = q.parse_next(1 << 20).unwrap();
+        assert_eq!((chain.readable_len(), chain.writable_len()), (32, 4));
+        // An indirect descriptor inside an indirect table ends the walk early.
+        q.write_descriptor(table, 1, table.0, 32, F_INDIRECT | F_NEXT, 0);
+        q.write_descriptor(table, 0, DATA, 32, F_NEXT, 1);
+        q.offer_head(0);
+        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Unterminated));
+    }
+
+    #[test]
+    fn reads_and_writes_across_buffer_boundaries() {
+        let mut q = TestQueue::new();
+        q.offer_chain(&[
+            (DATA, 3, false),
+            (DATA + 0x100, 5, false),
+            (DATA + 0x200, 2, true),
+            (DATA + 0x300, 6, true),
+        ]);
+        let memory = q.memory.clone();
+        memory.write_slice(&[1, 2, 3], GuestAddress(DATA)).unwrap();
+        memory
+            .write_slice(&[4, 5, 6, 7, 8], GuestAddress(DATA + 0x100))
+            .unwrap();
+        let chain = q.parse_next(1 << 20).unwrap();
+        let mut data = [0u8; 4];
+        assert_eq!(chain.read_at(&memory, 2, &mut data), 4);
+        assert_eq!(data, [3, 4, 5, 6]);
+        let mut tail = [0u8; 8];
+        assert_eq!(chain.read_at(&memory, 6, &mut tail), 2);
+        assert_eq!(chain.write_at(&memory, 1, &[9, 9, 9, 9]), 4);
+        let mut written = [0u8; 2];
+        memory
+            .read_slice(&mut written, GuestAddress(DATA + 0x200))
+            .unwrap();
+        assert_eq!(written, [0, 9]);
+        memory
+            .read_slice(&mut written, GuestAddress(DATA + 0x300))
+            .unwrap();
+        assert_eq!(written, [9, 9]);
+        let iovecs = chain.writable_iovecs(&memory, 1, 7);
+        assert_eq!(
+            iovecs.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+            vec![1, 6]
+        );
+    }
+}

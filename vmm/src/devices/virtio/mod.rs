@@ -1,0 +1,255 @@
+//! Virtio devices, kept apart from the transport that exposes them.
+//!
+//! A device implements [`VirtioDevice`]: what it offers (type, features,
+//! queues, config space) and what it does with its queues once the driver has
+//! activated it. The transport ([`mmio::MmioTransport`] today, virtio-pci
+//! later) owns the registers, the queue set-up and the feature negotiation, and
+//! hands the device its queues at DRIVER_OK. Device work runs on the device
+//! event-loop thread (`devices::event_loop`), never on a vCPU thread.
+
+pub mod block;
+pub mod chain;
+pub mod mmio;
+pub mod rng;
+
+use event_manager::{EventOps, EventSet, Events};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+/// Feature bits common to every device (virtio 1.2, section 6).
+pub mod features {
+    pub const VERSION_1: u64 = 1 << 32;
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// What every Bulkhead device offers besides its own features.
+    pub const COMMON: u64 = VERSION_1 | RING_INDIRECT_DESC | RING_EVENT_IDX;
+}
+
+/// Device type numbers (virtio 1.2, section 5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
+    pub const VSOCK: u32 = 19;
+}
+
+/// Bits of the interrupt status register.
+const INTERRUPT_USED_BUFFER: u32 = 1 << 0;
+const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
+
+/// A device's interrupt line: the status bits the driver reads and
+/// acknowledges, and the irqfd that raises the line in KVM's IOAPIC.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            irqfd: Arc::new(irqfd),
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used_buffer(&self) {
+        self.raise(INTERRUPT_USED_BUFFER);
+    }
+
+    /// The device changed its configuration space (or needs a reset).
+    pub fn signal_config_change(&self) {
+        self.raise(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        // A full eventfd counter still has the line raised, so an error here
+        // loses nothing.
+        let _ = self.irqfd.write(1);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// What a device gets when the driver activates it.
+pub struct Activation {
+    pub memory: GuestMemoryMmap,
+    /// The queues the driver set up, in device order; ready ones are valid.
+    pub queues: Vec<Queue>,
+    pub interrupt: Interrupt,
+    /// The features both sides agreed on.
+    pub features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Event-source tokens a device registers with the event loop start here;
+/// lower values are the transport's queue notifications.
+pub const DEVICE_TOKEN_BASE: u32 = 1 << 16;
+
+/// Lets a device add and remove its own event sources (a TAP device, a
+/// socket, a timer) on the event loop while it runs.
+pub struct DeviceEvents<'a, 'b> {
+    ops: &'a mut EventOps<'b>,
+}
+
+impl<'a, 'b> DeviceEvents<'a, 'b> {
+    pub fn new(ops: &'a mut EventOps<'b>) -> Self {
+        DeviceEvents { ops }
+    }
+
+    /// Watches `fd` for `events`; `token` comes back to the device.
+    pub fn add(&mut self, fd: RawFd, token: u32, events: EventSet) {
+        let registered = Events::with_data_raw(fd, DEVICE_TOKEN_BASE + token, events);
+        if let Err(e) = self.ops.add(registered) {
+            tracing::warn!(fd, token, "cannot watch a device event source: {e:?}");
+        }
+    }
+
+    pub fn modify(&mut self, fd: RawFd, token: u32, events: EventSet) {
+        let registered = Events::with_data_raw(fd, DEVICE_TOKEN_BASE + token, events);
+        if let Err(e) = self.ops.modify(registered) {
+            tracing::warn!(fd, token, "cannot change a device event source: {e:?}");
+        }
+    }
+
+    pub fn remove(&mut self, fd: RawFd) {
+        // EventOps::remove looks the source up by fd only.
+        if let Err(e) = self.ops.remove(Events::empty_raw(fd)) {
+            tracing::debug!(fd, "cannot unwatch a device event source: {e:?}");
+        }
+    }
+}
+
+/// One virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device-specific features offered, on top of [`features::COMMON`].
+    fn device_features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Drivers may write some config fields (the balloon's actual size).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: start serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver wrote 0 to the status register: drop the queues and return
+    /// to the state before activation.
+    fn reset(&mut self);
+    /// The driver notified queue `index`.
+    fn queue_notified(&mut self, index: usize, events: &mut DeviceEvents<'_, '_>);
+    /// Event sources the device watches from the start (registered once).
+    fn initial_event_sources(&self) -> Vec<(RawFd, u32, EventSet)> {
+        Vec::new()
+    }
+    /// One of the device's own event sources fired.
+    fn handle_event(&mut self, _token: u32, _events: EventSet, _ops: &mut DeviceEvents<'_, '_>) {}
+    /// Whether the device stopped serving its queues because the driver broke
+    /// the rules (the transport then reports DEVICE_NEEDS_RESET).
+    fn is_broken(&self) -> bool {
+        false
+    }
+    /// A short name for logs and reports ("vda", "rng").
+    fn name(&self) -> String;
+    /// What the device did so far (requests, bytes), for reports.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
+
+/// Copies `data` into a config-space read, at `offset`, for any width the
+/// driver asks for; bytes past the end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if offset < config.len() {
+        let n = data.len().min(config.len() - offset);
+        data[..n].copy_from_slice(&config[offset..offset + n]);
+    }
+}
+
+/// Pops descriptor chains off `queue` until it is empty, re-enabling guest
+/// notifications in a way that cannot miss a chain added meanwhile (the
+/// EVENT_IDX dance). Returns false when the queue itself is broken (the guest
+/// claims more chains than the queue holds, or its rings are unreadable).
+pub fn drain_queue<F>(queue: &mut Queue, memory: &GuestMemoryMmap, mut handle: F) -> bool
+where
+    F: FnMut(&mut Queue, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> bool,
+{
+    loop {
+        if queue.disable_notification(memory).is_err() {
+            return false;
+        }
+        loop {
+            let chain = match queue.iter(memory) {
+                Ok(mut chains) => chains.next(),
+                Err(_) => return false,
+            };
+            let Some(chain) = chain else { break };
+            if !handle(queue, chain) {
+                return false;
+            }
+        }
+        match queue.enable_notification(memory) {
+            Ok(true) => continue,
+            Ok(false) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_of_any_width_and_past_the_end() {
+        let config = [1u8, 2, 3, 4, 5];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&config, 0, &mut data);
+        assert_eq!(data, [1, 2, 3, 4]);
+        read_config_bytes(&config, 3, &mut data);
+        assert_eq!(data, [4, 5, 0, 0]);
+        read_config_bytes(&config, 9, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_is_set_and_acknowledged() {
+        let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        interrupt.signal_used_buffer();
+        interrupt.signal_config_change();
+        assert_eq!(interrupt.status(), 3);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 2);
+        interrupt.acknowledge(INTERRUPT_USED_BUFFER);
+        assert_eq!(interrupt.status(), INTERRUPT_CONFIG_CHANGE);
+    }
+}
