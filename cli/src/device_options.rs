@@ -1,7 +1,7 @@
 //! Parsing device options of the form `key=value,flag,...` (`--disk`).
 
 use std::path::PathBuf;
-use vmm::config::DiskConfig;
+use vmm::config::{DiskConfig, NetConfig};
 
 /// Splits `text` into (key, optional value) pairs, refusing empty items.
 fn items(text: &str) -> Result<Vec<(&str, Option<&str>)>, String> {
@@ -44,6 +44,45 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     })
 }
 
+/// `tap=NAME[,mac=MAC]`
+pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for (key, value) in items(text)? {
+        match (key, value) {
+            ("tap", Some(value)) if !value.is_empty() => tap = Some(value.to_string()),
+            ("mac", Some(value)) => mac = Some(parse_mac(value)?),
+            _ => {
+                return Err(format!(
+                    "unknown or malformed '{key}' (expected tap=NAME[,mac=MAC])"
+                ))
+            }
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.ok_or("missing tap=NAME")?,
+        mac,
+    })
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|part| {
+            (part.len() == 2)
+                .then(|| u8::from_str_radix(part, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("'{text}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +106,30 @@ mod tests {
         assert!(parse_disk("path=x,id=123456789012345678901")
             .unwrap_err()
             .contains("20 bytes"));
+    }
+
+    #[test]
+    fn parses_nics_and_mac_addresses() {
+        assert_eq!(
+            parse_net("tap=tap0,mac=02:aa:bb:cc:dd:0e").unwrap(),
+            NetConfig {
+                tap: "tap0".into(),
+                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e])
+            }
+        );
+        assert_eq!(parse_net("tap=t").unwrap().mac, None);
+        assert_eq!(
+            parse_net("mac=02:00:00:00:00:01").unwrap_err(),
+            "missing tap=NAME"
+        );
+        assert!(parse_net("tap=t,mac=02:00:00:00:00")
+            .unwrap_err()
+            .contains("not a MAC"));
+        assert!(parse_net("tap=t,mac=02:00:00:00:00:0g")
+            .unwrap_err()
+            .contains("not a MAC"));
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
     }
 }

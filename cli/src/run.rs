@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// the guest sees them as vda, vdb, ... in this order.
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
     disk: Vec<vmm::config::DiskConfig>,
+    /// A virtio-net interface on a host TAP device (created if missing):
+    /// tap=NAME[,mac=MAC]. Repeat for more; the guest sees eth0, eth1, ...
+    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
+    net: Vec<vmm::config::NetConfig>,
     /// A virtio-rng entropy device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -66,6 +70,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
     config.memory_mib = args.memory;
     config.disks = args.disk.clone();
+    config.nets = args.net.clone();
     config.rng = args.rng;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {

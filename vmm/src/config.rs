@@ -32,6 +32,15 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
+/// A virtio-net interface backed by a host TAP device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP device, created if it does not exist.
+    pub tap: String,
+    /// The guest's MAC address; a random locally administered one if None.
+    pub mac: Option<[u8; 6]>,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: KernelSource,
@@ -48,6 +57,8 @@ pub struct VmConfig {
     pub sample_rip_every: Option<std::time::Duration>,
     /// virtio-blk disks, in order: the guest sees vda, vdb, ...
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in order: the guest sees eth0, eth1, ...
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng entropy device.
     pub rng: bool,
 }
@@ -80,6 +91,7 @@ impl VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             sample_rip_every: None,
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: false,
         }
     }

@@ -93,6 +93,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error(transparent)]
     Disk(#[from] virtio::block::BlockError),
+    #[error(transparent)]
+    Tap(#[from] virtio::net::tap::TapError),
     #[error("too many devices: at most {0} virtio devices fit the interrupt lines")]
     TooManyDevices(usize),
     #[error("device event loop: {0}")]
@@ -330,6 +332,12 @@ fn create_virtio_devices(
         devices.push(Box::new(virtio::block::Block::new(
             disk,
             &disk_name(index),
+        )?));
+    }
+    for (index, net) in config.nets.iter().enumerate() {
+        devices.push(Box::new(virtio::net::Net::new(
+            net,
+            &format!("eth{index}"),
         )?));
     }
     if config.rng {

@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{image, run_until};
+use vmm::config::DiskConfig;
 use vmm::{KernelSource, VmConfig, VmExit};
 
 const REACHED_INIT: &str = "Run /init as init process";
@@ -77,24 +78,46 @@ fn stock_cloud_kernel_brings_up_two_cpus_and_runs_init() {
     boots_to_init_on_two_cpus("cloud-vmlinux", 512, Duration::from_secs(2400));
 }
 
+/// A read-only virtio-blk root with a missing init: Linux's own virtio_blk
+/// driver reports the disk read-only (the kernel falls back to a read-only
+/// mount although `rw` was asked for), and the panic that follows ends the VM
+/// non-zero through pvpanic. The disk file is left untouched.
 #[test]
-fn kernel_panic_without_init_ends_the_vm_through_pvpanic() {
-    let Some(kernel) = image("vmlinux") else {
+fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic() {
+    let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
         return;
     };
-    // No initramfs and no root device: "VFS: Unable to mount root fs".
-    let config = linux_config(kernel, 1);
+    let dir = common::TempDir::new("ro-root");
+    let disk = dir.path().join("root.ext4");
+    std::fs::copy(&rootfs, &disk).unwrap();
+    let before = std::fs::read(&disk).unwrap();
+    let mut config = linux_config(kernel, 1);
+    config
+        .cmdline
+        .push_str(" root=/dev/vda rw rootfstype=ext4 init=/missing");
+    config.disks.push(DiskConfig {
+        path: disk.clone(),
+        read_only: true,
+        id: None,
+    });
     let (outcome, _) = run_until(&config, BOOT_LIMIT, |_| false, Duration::ZERO);
+    let output = &outcome.output;
     assert_eq!(
         outcome.report.exit,
         VmExit::GuestPanic,
-        "console:\n{}",
-        outcome.output
+        "console:\n{output}"
     );
     assert!(
-        outcome.output.contains("Kernel panic"),
-        "{}",
-        outcome.output
+        output.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0"),
+        "{output}"
+    );
+    assert!(
+        output.contains("Kernel panic") && output.contains("Requested init /missing failed"),
+        "{output}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the read-only disk changed"
     );
 }
 

@@ -22,6 +22,9 @@ pub const BUILD_PACKAGES: &[&str] = &[
     "zstd",
     "e2fsprogs",
     "busybox-static",
+    // Network tests: namespaces, TAP addresses, ping.
+    "iproute2",
+    "iputils-ping",
 ];
 
 /// The installed version of a package, if it is installed.

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use event_manager::{EventOps, EventSet, Events};
