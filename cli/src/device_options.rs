@@ -1,7 +1,7 @@
 //! Parsing device options of the form `key=value,flag,...` (`--disk`).
 
 use std::path::PathBuf;
-use vmm::config::{DiskConfig, NetConfig};
+use vmm::config::{BalloonConfig, DiskConfig, NetConfig};
 
 /// Splits `text` into (key, optional value) pairs, refusing empty items.
 fn items(text: &str) -> Result<Vec<(&str, Option<&str>)>, String> {
@@ -42,6 +42,31 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         read_only,
         id,
     })
+}
+
+/// `[target_mib=N][,deflate_on_oom][,free_page_reporting]`, or nothing.
+pub fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
+    let mut config = BalloonConfig::default();
+    if text.is_empty() {
+        return Ok(config);
+    }
+    for (key, value) in items(text)? {
+        match (key, value) {
+            ("target_mib", Some(value)) => {
+                config.target_mib = value
+                    .parse()
+                    .map_err(|_| format!("target_mib '{value}' is not a number of MiB"))?
+            }
+            ("deflate_on_oom", None) => config.deflate_on_oom = true,
+            ("free_page_reporting", None) => config.free_page_reporting = true,
+            _ => {
+                return Err(format!(
+                    "unknown or malformed '{key}' (expected [target_mib=N][,deflate_on_oom][,free_page_reporting])"
+                ))
+            }
+        }
+    }
+    Ok(config)
 }
 
 /// `tap=NAME[,mac=MAC]`
@@ -131,5 +156,23 @@ mod tests {
         assert!(parse_net("tap=t,mac=01:00:00:00:00:01")
             .unwrap_err()
             .contains("multicast"));
+    }
+
+    #[test]
+    fn parses_balloon_options() {
+        assert_eq!(parse_balloon("").unwrap(), BalloonConfig::default());
+        let config = parse_balloon("target_mib=64,free_page_reporting").unwrap();
+        assert_eq!(
+            (
+                config.target_mib,
+                config.free_page_reporting,
+                config.deflate_on_oom
+            ),
+            (64, true, false)
+        );
+        assert!(parse_balloon("target_mib=lots")
+            .unwrap_err()
+            .contains("not a number"));
+        assert!(parse_balloon("size=3").unwrap_err().contains("'size'"));
     }
 }

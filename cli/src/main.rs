@@ -1,6 +1,7 @@
 //! `bulkhead`: the hypervisor's command line.
 
 mod console;
+mod ctl;
 mod device_options;
 mod run;
 
@@ -23,6 +24,8 @@ enum Command {
     ///
     /// With no --kernel, boots the small guest built into this binary.
     Run(run::RunArgs),
+    /// Act on a running VM through its control socket.
+    Ctl(ctl::CtlArgs),
 }
 
 /// Output format of reports meant for people or for machines.
@@ -45,6 +48,7 @@ fn main() {
     let cli = Cli::parse();
     let status = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Ctl(args) => ctl::ctl(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

@@ -35,6 +35,17 @@ pub struct RunArgs {
     /// tap=NAME[,mac=MAC]. Repeat for more; the guest sees eth0, eth1, ...
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
     net: Vec<vmm::config::NetConfig>,
+    /// A virtio-balloon device:
+    /// [target_mib=N][,deflate_on_oom][,free_page_reporting].
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
+          value_parser = crate::device_options::parse_balloon)]
+    balloon: Option<vmm::config::BalloonConfig>,
+    /// Commit all guest memory on the host at start instead of on first touch.
+    #[arg(long)]
+    prefault: bool,
+    /// Serve a control socket for this VM at PATH (`bulkhead ctl PATH ...`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// A virtio-rng entropy device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -72,6 +83,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.disks = args.disk.clone();
     config.nets = args.net.clone();
     config.rng = args.rng;
+    config.balloon = args.balloon.clone();
+    config.prefault_memory = args.prefault;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {
         (Some(cmdline), _) => config.cmdline = cmdline.clone(),
@@ -86,9 +99,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
     let terminal = RawTerminal::stdin();
     let running = vm.start().context("cannot start the VM")?;
+    let control_thread = match &args.control {
+        Some(path) => {
+            Some(vmm::control::serve(path, running.control()).inspect_err(|_| running.stop())?)
+        }
+        None => None,
+    };
     spawn_stdin_pump(running.serial(), running.exit_signal(), terminal.is_some());
     crate::console::spawn_signal_waiter(stop_signals, running.exit_signal());
     let report = running.wait();
+    if let Some(thread) = control_thread {
+        let _ = thread.join();
+    }
     drop(terminal);
     print_report(&report, args.output)?;
     Ok(if report.exit.is_clean() { 0 } else { 1 })

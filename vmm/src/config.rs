@@ -41,6 +41,17 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
 }
 
+/// A virtio-balloon device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// The balloon size asked of the guest at boot.
+    pub target_mib: u64,
+    /// Let the guest take pages back from the balloon when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Let the guest report free pages, which the host then drops.
+    pub free_page_reporting: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: KernelSource,
@@ -61,6 +72,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng entropy device.
     pub rng: bool,
+    pub balloon: Option<BalloonConfig>,
+    /// Touch all guest memory at start, so the host commits it up front.
+    pub prefault_memory: bool,
 }
 
 /// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
@@ -93,6 +107,8 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            balloon: None,
+            prefault_memory: false,
         }
     }
 

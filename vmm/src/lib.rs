@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod host;

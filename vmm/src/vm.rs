@@ -12,6 +12,7 @@ use crate::devices::legacy::power::{AcpiSleepControl, PowerControl};
 use crate::devices::legacy::reset::{ResetLine, I8042};
 use crate::devices::legacy::serial::{SerialOutput, SerialPort};
 use crate::devices::pci::{pvpanic::PvPanic, HostBridge, PciConfigPorts, PciMmioWindow, PciRoot};
+use crate::devices::virtio::balloon::BalloonHandle;
 use crate::devices::virtio::{self, mmio::MmioTransport, Interrupt, VirtioDevice};
 use crate::devices::{lock, Bus, BusError};
 use crate::exit::{ExitSignal, VmExit};
@@ -114,6 +115,7 @@ pub struct Vm {
     post: Arc<PostCodes>,
     virtio: Vec<VirtioSlot>,
     device_loop: Option<DeviceEventLoop>,
+    balloon: Option<BalloonHandle>,
     /// The command line the guest was given, host options included.
     pub cmdline: String,
     pub entry: &'static str,
@@ -134,6 +136,9 @@ impl Vm {
                 mib: config.memory_mib,
                 source,
             })?;
+        if config.prefault_memory {
+            prefault(&memory);
+        }
         for (slot, region) in memory.iter().enumerate() {
             let host = region.as_ptr() as u64;
             let table = kvm_userspace_memory_region {
@@ -175,7 +180,7 @@ impl Vm {
                 cmdline.push_str(extra);
             }
         }
-        let virtio = create_virtio_devices(config, &vm_fd, &memory)?;
+        let (virtio, balloon) = create_virtio_devices(config, &vm_fd, &memory)?;
         for slot in &virtio {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
@@ -266,6 +271,7 @@ impl Vm {
             post,
             virtio,
             device_loop,
+            balloon,
             cmdline,
             entry: kernel.entry.describe(),
             flavour,
@@ -307,6 +313,7 @@ impl Vm {
 }
 
 /// A virtio-mmio device and where the guest finds it.
+#[derive(Clone)]
 struct VirtioSlot {
     base: u64,
     irq: u32,
@@ -326,7 +333,7 @@ fn create_virtio_devices(
     config: &VmConfig,
     vm_fd: &VmFd,
     memory: &GuestMemoryMmap,
-) -> Result<Vec<VirtioSlot>, VmError> {
+) -> Result<(Vec<VirtioSlot>, Option<BalloonHandle>), VmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
         devices.push(Box::new(virtio::block::Block::new(
@@ -342,6 +349,12 @@ fn create_virtio_devices(
     }
     if config.rng {
         devices.push(Box::new(virtio::rng::Rng::new()));
+    }
+    let mut balloon_handle = None;
+    if let Some(balloon_config) = &config.balloon {
+        let balloon = virtio::balloon::Balloon::new(balloon_config).map_err(VmError::EventFd)?;
+        balloon_handle = Some(balloon.handle());
+        devices.push(Box::new(balloon));
     }
     if devices.len() > layout::irq::VIRTIO.len() {
         return Err(VmError::TooManyDevices(layout::irq::VIRTIO.len()));
@@ -375,7 +388,25 @@ fn create_virtio_devices(
             transport: Arc::new(Mutex::new(transport)),
         });
     }
-    Ok(slots)
+    Ok((slots, balloon_handle))
+}
+
+/// Makes the host commit every guest page now rather than on first touch.
+fn prefault(memory: &GuestMemoryMmap) {
+    const MADV_POPULATE_WRITE: i32 = 23;
+    for region in memory.iter() {
+        let (start, len) = (region.as_ptr(), region.len() as usize);
+        // SAFETY: the range is one live anonymous mapping owned by `memory`;
+        // populating it only allocates its pages.
+        if unsafe { libc::madvise(start.cast(), len, MADV_POPULATE_WRITE) } == 0 {
+            continue;
+        }
+        // Kernels before 5.14: touch one byte per page.
+        for offset in (0..len).step_by(4096) {
+            // SAFETY: `offset` is inside the mapping; guest memory is plain bytes.
+            unsafe { std::ptr::write_volatile(start.add(offset), 0) };
+        }
+    }
 }
 
 /// The name Linux gives the disk at `index`: vda, vdb, ..., vdz, vdaa, ...
@@ -542,6 +573,34 @@ impl RunningVm {
         &self.vm
     }
 
+    /// The balloon's handle, when the VM has one.
+    pub fn balloon(&self) -> Option<BalloonHandle> {
+        self.vm.balloon.clone()
+    }
+
+    /// Host memory now: the process, and how much of it is guest RAM.
+    pub fn memory_usage(&self) -> crate::memory_usage::MemoryUsage {
+        crate::memory_usage::measure(&self.vm.shared.memory)
+    }
+
+    /// Each device's counters now.
+    pub fn device_reports(&self) -> Vec<DeviceReport> {
+        device_reports(&self.vm.virtio)
+    }
+
+    /// What the host can do to this VM while it runs (the control socket's
+    /// and, later, the host API's way in).
+    pub fn control(&self) -> crate::control::VmControl {
+        let memory = self.vm.shared.memory.clone();
+        let slots: Vec<VirtioSlot> = self.vm.virtio.iter().map(VirtioSlot::clone).collect();
+        crate::control::VmControl {
+            balloon: self.vm.balloon.clone(),
+            memory_usage: Arc::new(move || crate::memory_usage::measure(&memory)),
+            device_reports: Arc::new(move || device_reports(&slots)),
+            exit: self.vm.shared.exit.clone(),
+        }
+    }
+
     /// Asks the VM to stop (as the host), without waiting.
     pub fn stop(&self) {
         self.vm.shared.exit.request(VmExit::Stopped);
@@ -583,23 +642,7 @@ impl RunningVm {
                 tracing::error!("the device thread panicked");
             }
         }
-        let devices = self
-            .vm
-            .virtio
-            .iter()
-            .map(|slot| {
-                let transport = lock(&slot.transport);
-                DeviceReport {
-                    name: transport.device().name(),
-                    counters: transport
-                        .device()
-                        .counters()
-                        .into_iter()
-                        .map(|(name, value)| (name.to_string(), value))
-                        .collect(),
-                }
-            })
-            .collect();
+        let devices = device_reports(&self.vm.virtio);
         let ended_ns = monotonic_ns();
         // The serial output may be buffered by its writer.
         let _ = lock(&self.vm.serial).0.writer_mut().flush();
@@ -612,6 +655,24 @@ impl RunningVm {
             memory: crate::memory_usage::measure(&self.vm.shared.memory),
         }
     }
+}
+
+fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
+    slots
+        .iter()
+        .map(|slot| {
+            let transport = lock(&slot.transport);
+            DeviceReport {
+                name: transport.device().name(),
+                counters: transport
+                    .device()
+                    .counters()
+                    .into_iter()
+                    .map(|(name, value)| (name.to_string(), value))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 fn exit_fd(exit: &ExitSignal) -> i32 {

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{image, run_until};
-use vmm::config::DiskConfig;
+use vmm::config::{BalloonConfig, DiskConfig};
 use vmm::{KernelSource, VmConfig, VmExit};
 
 const REACHED_INIT: &str = "Run /init as init process";
@@ -82,6 +82,10 @@ fn stock_cloud_kernel_brings_up_two_cpus_and_runs_init() {
 /// driver reports the disk read-only (the kernel falls back to a read-only
 /// mount although `rw` was asked for), and the panic that follows ends the VM
 /// non-zero through pvpanic. The disk file is left untouched.
+///
+/// The same boot proves free-page reporting: guest memory is committed up
+/// front, the balloon driver reports the free pages while the kernel waits
+/// for its root (`rootdelay`), and the host drops them.
 #[test]
 fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic() {
     let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
@@ -94,11 +98,16 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
     let mut config = linux_config(kernel, 1);
     config
         .cmdline
-        .push_str(" root=/dev/vda rw rootfstype=ext4 init=/missing");
+        .push_str(" root=/dev/vda rw rootfstype=ext4 init=/missing rootdelay=5");
     config.disks.push(DiskConfig {
         path: disk.clone(),
         read_only: true,
         id: None,
+    });
+    config.prefault_memory = true;
+    config.balloon = Some(BalloonConfig {
+        free_page_reporting: true,
+        ..Default::default()
     });
     let (outcome, _) = run_until(&config, BOOT_LIMIT, |_| false, Duration::ZERO);
     let output = &outcome.output;
@@ -118,6 +127,20 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
     assert!(
         std::fs::read(&disk).unwrap() == before,
         "the read-only disk changed"
+    );
+
+    let balloon = outcome
+        .report
+        .devices
+        .iter()
+        .find(|d| d.name == "balloon")
+        .expect("a balloon");
+    let reported_mib = balloon.counters["reported_bytes"] >> 20;
+    let guest_mib = config.memory_mib;
+    let resident_mib = outcome.report.memory.guest_resident_kib >> 10;
+    assert!(
+        reported_mib >= guest_mib / 2 && resident_mib <= guest_mib / 2,
+        "{reported_mib} MiB reported free, {resident_mib} of {guest_mib} MiB still resident"
     );
 }
 

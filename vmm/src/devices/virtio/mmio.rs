@@ -286,6 +286,12 @@ impl MmioTransport {
             features: self.driver_features,
         })?;
         self.activated = true;
+        // Drivers may queue buffers and notify before DRIVER_OK (Linux's
+        // balloon primes its statistics queue that way): look at every queue
+        // once now.
+        for event in &self.queue_events {
+            let _ = event.write(1);
+        }
         Ok(())
     }
 
@@ -516,6 +522,9 @@ mod tests {
         set_up_queue(&mut t, 0, 16, 0x10000);
         write(&mut t, register::STATUS, 0xf);
         assert!(t.is_activated());
+        // Every queue is looked at once, for buffers queued before DRIVER_OK.
+        assert_eq!(t.queue_events()[0].read().unwrap(), 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
         assert_eq!(
             *activations.lock().unwrap(),
             vec![(features::VERSION_1 | features::RING_EVENT_IDX, 1)]

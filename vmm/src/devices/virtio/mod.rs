@@ -7,6 +7,7 @@
 //! hands the device its queues at DRIVER_OK. Device work runs on the device
 //! event-loop thread (`devices::event_loop`), never on a vCPU thread.
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod mmio;
