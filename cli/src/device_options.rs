@@ -1,7 +1,7 @@
 //! Parsing device options of the form `key=value,flag,...` (`--disk`).
 
 use std::path::PathBuf;
-use vmm::config::{BalloonConfig, DiskConfig, NetConfig};
+use vmm::config::{BalloonConfig, DiskConfig, NetConfig, RateLimit};
 
 /// Splits `text` into (key, optional value) pairs, refusing empty items.
 fn items(text: &str) -> Result<Vec<(&str, Option<&str>)>, String> {
@@ -14,12 +14,46 @@ fn items(text: &str) -> Result<Vec<(&str, Option<&str>)>, String> {
         .collect()
 }
 
-/// `path=FILE[,readonly][,id=NAME]`
+/// A count with an optional binary suffix: 4096, 64K, 10M, 1G.
+fn parse_amount(key: &str, value: &str) -> Result<u64, String> {
+    let (digits, shift) = match value.char_indices().last() {
+        Some((at, 'K' | 'k')) => (&value[..at], 10),
+        Some((at, 'M' | 'm')) => (&value[..at], 20),
+        Some((at, 'G' | 'g')) => (&value[..at], 30),
+        _ => (value, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{key}={value} is not a positive number (suffixes K, M, G)"))
+}
+
+/// Takes a rate-limit item (bps, iops, bps_burst, iops_burst); false if `key` is not one.
+fn rate_limit_item(limit: &mut RateLimit, key: &str, value: Option<&str>) -> Result<bool, String> {
+    let slot = match key {
+        "bps" => &mut limit.bytes_per_sec,
+        "bps_burst" => &mut limit.bytes_burst,
+        "iops" => &mut limit.ops_per_sec,
+        "iops_burst" => &mut limit.ops_burst,
+        _ => return Ok(false),
+    };
+    let value = value.ok_or_else(|| format!("{key} needs a value"))?;
+    *slot = Some(parse_amount(key, value)?);
+    Ok(true)
+}
+
+/// `path=FILE[,readonly][,id=NAME][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]`
 pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let mut path = None;
     let mut read_only = false;
     let mut id = None;
+    let mut rate_limit = RateLimit::default();
     for (key, value) in items(text)? {
+        if rate_limit_item(&mut rate_limit, key, value)? {
+            continue;
+        }
         match (key, value) {
             ("path", Some(value)) if !value.is_empty() => path = Some(PathBuf::from(value)),
             ("readonly" | "ro", None) => read_only = true,
@@ -31,7 +65,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown or malformed '{key}' (expected path=FILE[,readonly][,id=NAME])"
+                    "unknown or malformed '{key}' (expected path=FILE[,readonly][,id=NAME][,bps=N][,iops=N])"
                 ))
             }
         }
@@ -41,6 +75,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         path,
         read_only,
         id,
+        rate_limit,
     })
 }
 
@@ -69,17 +104,21 @@ pub fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
     Ok(config)
 }
 
-/// `tap=NAME[,mac=MAC]`
+/// `tap=NAME[,mac=MAC][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]`
 pub fn parse_net(text: &str) -> Result<NetConfig, String> {
     let mut tap = None;
     let mut mac = None;
+    let mut rate_limit = RateLimit::default();
     for (key, value) in items(text)? {
+        if rate_limit_item(&mut rate_limit, key, value)? {
+            continue;
+        }
         match (key, value) {
             ("tap", Some(value)) if !value.is_empty() => tap = Some(value.to_string()),
             ("mac", Some(value)) => mac = Some(parse_mac(value)?),
             _ => {
                 return Err(format!(
-                    "unknown or malformed '{key}' (expected tap=NAME[,mac=MAC])"
+                    "unknown or malformed '{key}' (expected tap=NAME[,mac=MAC][,bps=N][,iops=N])"
                 ))
             }
         }
@@ -87,6 +126,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
     Ok(NetConfig {
         tap: tap.ok_or("missing tap=NAME")?,
         mac,
+        rate_limit,
     })
 }
 
@@ -119,7 +159,8 @@ mod tests {
             DiskConfig {
                 path: "/tmp/a.ext4".into(),
                 read_only: true,
-                id: Some("root".into())
+                id: Some("root".into()),
+                rate_limit: RateLimit::default(),
             }
         );
         assert!(!parse_disk("path=x").unwrap().read_only);
@@ -139,7 +180,8 @@ mod tests {
             parse_net("tap=tap0,mac=02:aa:bb:cc:dd:0e").unwrap(),
             NetConfig {
                 tap: "tap0".into(),
-                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e])
+                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]),
+                rate_limit: RateLimit::default(),
             }
         );
         assert_eq!(parse_net("tap=t").unwrap().mac, None);
@@ -174,5 +216,33 @@ mod tests {
             .unwrap_err()
             .contains("not a number"));
         assert!(parse_balloon("size=3").unwrap_err().contains("'size'"));
+    }
+
+    #[test]
+    fn parses_rate_limits_with_suffixes() {
+        let disk = parse_disk("path=d,bps=10M,iops=500,bps_burst=64k").unwrap();
+        assert_eq!(
+            disk.rate_limit,
+            RateLimit {
+                bytes_per_sec: Some(10 << 20),
+                bytes_burst: Some(64 << 10),
+                ops_per_sec: Some(500),
+                ops_burst: None,
+            }
+        );
+        assert_eq!(
+            parse_net("tap=t,bps=1G").unwrap().rate_limit.bytes_per_sec,
+            Some(1 << 30)
+        );
+        assert!(parse_disk("path=d,bps=0").unwrap_err().contains("positive"));
+        assert!(parse_disk("path=d,iops=fast")
+            .unwrap_err()
+            .contains("positive"));
+        assert!(parse_disk("path=d,bps=99999999999G")
+            .unwrap_err()
+            .contains("positive"));
+        assert!(parse_disk("path=d,bps")
+            .unwrap_err()
+            .contains("needs a value"));
     }
 }

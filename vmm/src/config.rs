@@ -1,5 +1,6 @@
 //! What a VM is made of, as given by the user, validated before anything is built.
 
+pub use crate::devices::rate_limiter::RateLimit;
 use std::path::PathBuf;
 
 /// Where the kernel image comes from.
@@ -30,6 +31,7 @@ pub struct DiskConfig {
     /// What the guest reads as the disk's serial (GET_ID), at most 20 bytes;
     /// the file name when not given.
     pub id: Option<String>,
+    pub rate_limit: RateLimit,
 }
 
 /// A virtio-net interface backed by a host TAP device.
@@ -39,6 +41,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; a random locally administered one if None.
     pub mac: Option<[u8; 6]>,
+    /// Applied to each direction (receive and transmit) separately.
+    pub rate_limit: RateLimit,
 }
 
 /// A virtio-balloon device.

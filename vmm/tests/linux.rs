@@ -103,6 +103,7 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
         path: disk.clone(),
         read_only: true,
         id: None,
+        rate_limit: Default::default(),
     });
     config.prefault_memory = true;
     config.balloon = Some(BalloonConfig {

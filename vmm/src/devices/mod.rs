@@ -3,6 +3,7 @@
 pub mod event_loop;
 pub mod legacy;
 pub mod pci;
+pub mod rate_limiter;
 pub mod virtio;
 
 use std::sync::{Arc, Mutex};

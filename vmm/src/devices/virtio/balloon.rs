@@ -5,8 +5,8 @@
 
 use super::chain::ParsedChain;
 use super::{
-    device_type, drain_queue, ActivateError, Activation, DeviceEvents, Interrupt, Queue, QueueT,
-    VirtioDevice,
+    device_type, drain_queue, ActivateError, Activation, Chain, DeviceEvents, Drained, Interrupt,
+    Queue, QueueT, VirtioDevice,
 };
 use crate::config::BalloonConfig;
 use event_manager::EventSet;
@@ -191,12 +191,12 @@ impl Balloon {
         };
         let mut pages = 0u64;
         let mut error = None;
-        let healthy = drain_queue(queue, &memory, |queue, chain| {
+        let drained = drain_queue(queue, &memory, |queue, chain| {
             let parsed = match ParsedChain::parse(chain, &memory, MAX_PFN_BUFFER) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     error = Some(e.to_string());
-                    return false;
+                    return Chain::Broken;
                 }
             };
             let mut bytes = vec![0u8; parsed.readable_len() as usize];
@@ -213,9 +213,9 @@ impl Balloon {
             }
             if queue.add_used(&memory, parsed.head, 0).is_err() {
                 error = Some("cannot write the used ring".into());
-                return false;
+                return Chain::Broken;
             }
-            true
+            Chain::Done
         });
         running.interrupt.signal_used_buffer();
         {
@@ -226,7 +226,7 @@ impl Balloon {
                 state.deflated_pages += pages;
             }
         }
-        if !healthy {
+        if drained == Drained::Broken {
             self.break_device(&error.unwrap_or_else(|| "the ring is invalid".into()));
         }
     }
@@ -242,12 +242,12 @@ impl Balloon {
         let memory = running.memory.clone();
         let mut reported = 0u64;
         let mut error = None;
-        let healthy = drain_queue(queue, &memory, |queue, chain| {
+        let drained = drain_queue(queue, &memory, |queue, chain| {
             let parsed = match ParsedChain::parse(chain, &memory, MAX_REPORT_CHAIN) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     error = Some(e.to_string());
-                    return false;
+                    return Chain::Broken;
                 }
             };
             for buffer in parsed.readable.iter().chain(&parsed.writable) {
@@ -256,13 +256,13 @@ impl Balloon {
             }
             if queue.add_used(&memory, parsed.head, 0).is_err() {
                 error = Some("cannot write the used ring".into());
-                return false;
+                return Chain::Broken;
             }
-            true
+            Chain::Done
         });
         running.interrupt.signal_used_buffer();
         self.state().reported_bytes += reported;
-        if !healthy {
+        if drained == Drained::Broken {
             self.break_device(&error.unwrap_or_else(|| "the reporting ring is invalid".into()));
         }
     }
@@ -279,30 +279,30 @@ impl Balloon {
         let mut received = None;
         let mut error = None;
         let mut previous = running.stats_head.take();
-        let healthy = drain_queue(queue, &memory, |queue, chain| {
+        let drained = drain_queue(queue, &memory, |queue, chain| {
             let parsed = match ParsedChain::parse(chain, &memory, 64 << 10) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     error = Some(e.to_string());
-                    return false;
+                    return Chain::Broken;
                 }
             };
             // A driver sends one buffer at a time; give back an older one.
             if let Some(head) = previous.replace(parsed.head) {
                 if queue.add_used(&memory, head, 0).is_err() {
-                    return false;
+                    return Chain::Broken;
                 }
             }
             let mut bytes = vec![0u8; parsed.readable_len() as usize];
             parsed.read_at(&memory, 0, &mut bytes);
             received = Some(parse_stats(&bytes));
-            true
+            Chain::Done
         });
         running.stats_head = previous;
         if let Some(stats) = received {
             self.state().stats = stats;
         }
-        if !healthy {
+        if drained == Drained::Broken {
             self.break_device(&error.unwrap_or_else(|| "the statistics ring is invalid".into()));
         }
     }

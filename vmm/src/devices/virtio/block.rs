@@ -3,12 +3,15 @@
 
 use super::chain::ParsedChain;
 use super::{
-    device_type, drain_queue, read_config_bytes, ActivateError, Activation, DeviceEvents,
-    Interrupt, Queue, QueueT, VirtioDevice,
+    device_type, drain_queue, read_config_bytes, ActivateError, Activation, Chain, DeviceEvents,
+    Drained, Interrupt, Queue, QueueT, VirtioDevice,
 };
 use crate::config::DiskConfig;
+use crate::devices::rate_limiter::RateLimiter;
+use event_manager::EventSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
@@ -20,6 +23,7 @@ const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// Discard and write-zeroes take one range per request.
 const MAX_RANGES: u32 = 1;
 const ID_BYTES: usize = 20;
+const LIMITER_TOKEN: u32 = 0;
 
 mod feature {
     pub const SEG_MAX: u64 = 1 << 2;
@@ -85,6 +89,7 @@ pub struct Block {
     running: Option<Running>,
     broken: bool,
     stats: Arc<BlockStats>,
+    limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -116,6 +121,16 @@ impl Block {
                 len % SECTOR_SIZE
             );
         }
+        let limiter =
+            match config.rate_limit.is_unlimited() {
+                true => None,
+                false => Some(RateLimiter::new(&config.rate_limit).map_err(|source| {
+                    BlockError::Open {
+                        path: path.clone(),
+                        source,
+                    }
+                })?),
+            };
         let id_source = config.id.clone().unwrap_or_else(|| {
             config
                 .path
@@ -136,6 +151,7 @@ impl Block {
             running: None,
             broken: false,
             stats: Arc::new(BlockStats::default()),
+            limiter,
         })
     }
 
@@ -150,29 +166,35 @@ impl Block {
         let mut used_any = false;
         let mut broken = None;
         let memory = running.memory.clone();
-        let healthy = drain_queue(&mut running.queue, &memory, |queue, chain| {
+        let drained = drain_queue(&mut running.queue, &memory, |queue, chain| {
             let parsed = match ParsedChain::parse(chain, &memory, MAX_REQUEST_BYTES + 4096) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     broken = Some(e.to_string());
-                    return false;
+                    return Chain::Broken;
                 }
             };
+            if let Some(limiter) = &mut self.limiter {
+                let data = parsed.readable_len() + parsed.writable_len();
+                if !limiter.consume(data.saturating_sub(17)) {
+                    return Chain::Throttled;
+                }
+            }
             let Some(written) = self.execute(&parsed, &memory) else {
                 broken = Some("a request has no status byte".into());
-                return false;
+                return Chain::Broken;
             };
             if queue.add_used(&memory, parsed.head, written).is_err() {
                 broken = Some("cannot write the used ring".into());
-                return false;
+                return Chain::Broken;
             }
             used_any = true;
-            true
+            Chain::Done
         });
         if used_any && running.queue.needs_notification(&memory).unwrap_or(true) {
             running.interrupt.signal_used_buffer();
         }
-        if !healthy {
+        if drained == Drained::Broken {
             let reason = broken.unwrap_or_else(|| "the available ring is invalid".into());
             tracing::warn!(
                 device = self.name,
@@ -461,7 +483,26 @@ impl VirtioDevice for Block {
     }
 
     fn queue_notified(&mut self, _index: usize, _events: &mut DeviceEvents<'_, '_>) {
-        self.process_queue();
+        // While throttled, the limiter's timer resumes the queue.
+        if !self.limiter.as_ref().is_some_and(RateLimiter::is_throttled) {
+            self.process_queue();
+        }
+    }
+
+    fn initial_event_sources(&self) -> Vec<(RawFd, u32, EventSet)> {
+        self.limiter
+            .iter()
+            .map(|limiter| (limiter.timer_fd(), LIMITER_TOKEN, EventSet::IN))
+            .collect()
+    }
+
+    fn handle_event(&mut self, token: u32, _events: EventSet, _ops: &mut DeviceEvents<'_, '_>) {
+        if let (LIMITER_TOKEN, Some(limiter)) = (token, &mut self.limiter) {
+            limiter.timer_fired();
+            if !self.broken {
+                self.process_queue();
+            }
+        }
     }
 
     fn is_broken(&self) -> bool {
@@ -480,6 +521,10 @@ impl VirtioDevice for Block {
             ("bytes_written", s.bytes_written.load(Ordering::Relaxed)),
             ("flushes", s.flushes.load(Ordering::Relaxed)),
             ("errors", s.errors.load(Ordering::Relaxed)),
+            (
+                "throttled",
+                self.limiter.as_ref().map_or(0, |l| l.throttled_count),
+            ),
         ]
     }
 }
@@ -488,6 +533,7 @@ impl VirtioDevice for Block {
 mod tests {
     use super::super::chain::tests::{device_queue, TestQueue, DATA};
     use super::*;
+    use crate::config::RateLimit;
     use vm_memory::{Bytes, GuestAddress};
 
     struct Harness {
@@ -517,6 +563,10 @@ mod tests {
     }
 
     fn harness(read_only: bool) -> Harness {
+        harness_limited(read_only, RateLimit::default())
+    }
+
+    fn harness_limited(read_only: bool, rate_limit: RateLimit) -> Harness {
         let mut content = vec![0u8; 64 * 512];
         for (i, b) in content.iter_mut().enumerate() {
             *b = (i / 512) as u8;
@@ -526,6 +576,7 @@ mod tests {
             path: file.0.clone(),
             read_only,
             id: Some("test-disk".into()),
+            rate_limit,
         };
         let mut block = Block::new(&config, "vda").unwrap();
         let q = TestQueue::new();
@@ -681,5 +732,56 @@ mod tests {
         h.q.set_avail_index(100);
         h.block.process_queue();
         assert!(h.block.is_broken());
+    }
+
+    /// A capped disk moves no more than its cap (plus its burst) over a
+    /// measured window, however hard the driver pushes; a slow machine can
+    /// only make it move less.
+    #[test]
+    fn a_capped_disk_moves_no_more_than_its_cap() {
+        const CAP: u64 = 256 << 10;
+        let mut h = harness_limited(
+            false,
+            RateLimit {
+                bytes_per_sec: Some(CAP),
+                bytes_burst: Some(CAP / 4),
+                ..Default::default()
+            },
+        );
+        let window = std::time::Duration::from_millis(1500);
+        let started = std::time::Instant::now();
+        let mut completed = 0u64;
+        while started.elapsed() < window {
+            let before = h.q.used_index();
+            h.q.offer_chain(&[(HEADER, 16, false), (BUFFER, 4096, true), (STATUS, 1, true)]);
+            h.block.process_queue();
+            while h.q.used_index() == before && started.elapsed() < window {
+                // Throttled: wait for the limiter's timer as the event loop would.
+                let limiter = h.block.limiter.as_mut().unwrap();
+                assert!(limiter.is_throttled());
+                let mut fds = [libc::pollfd {
+                    fd: limiter.timer_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: polls one timerfd we own, 50 ms at most.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, 50) };
+                if fds[0].revents != 0 {
+                    limiter.timer_fired();
+                    h.block.process_queue();
+                }
+            }
+            if h.q.used_index() != before {
+                completed += 4096;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let allowed = (CAP as f64 * elapsed) as u64 + CAP / 4 + 4096;
+        assert!(
+            completed <= allowed,
+            "{completed} bytes in {elapsed:.2}s, cap {CAP}/s"
+        );
+        assert!(completed >= CAP / 2, "only {completed} bytes passed");
+        assert!(h.block.limiter.as_ref().unwrap().throttled_count > 0);
     }
 }

@@ -196,32 +196,58 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// What a device did with one descriptor chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chain {
+    /// Served and put in the used ring.
+    Done,
+    /// Not served: a rate limit is reached. The chain goes back to the
+    /// available ring, to be served when the limiter's timer fires.
+    Throttled,
+    /// The driver broke the rules; the device stops serving the queue.
+    Broken,
+}
+
+/// Why [`drain_queue`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    Empty,
+    Throttled,
+    /// The queue itself is broken (the guest claims more chains than it
+    /// holds, or its rings are unreadable), or a chain was.
+    Broken,
+}
+
 /// Pops descriptor chains off `queue` until it is empty, re-enabling guest
 /// notifications in a way that cannot miss a chain added meanwhile (the
-/// EVENT_IDX dance). Returns false when the queue itself is broken (the guest
-/// claims more chains than the queue holds, or its rings are unreadable).
-pub fn drain_queue<F>(queue: &mut Queue, memory: &GuestMemoryMmap, mut handle: F) -> bool
+/// EVENT_IDX dance).
+pub fn drain_queue<F>(queue: &mut Queue, memory: &GuestMemoryMmap, mut handle: F) -> Drained
 where
-    F: FnMut(&mut Queue, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> bool,
+    F: FnMut(&mut Queue, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Chain,
 {
     loop {
         if queue.disable_notification(memory).is_err() {
-            return false;
+            return Drained::Broken;
         }
         loop {
             let chain = match queue.iter(memory) {
                 Ok(mut chains) => chains.next(),
-                Err(_) => return false,
+                Err(_) => return Drained::Broken,
             };
             let Some(chain) = chain else { break };
-            if !handle(queue, chain) {
-                return false;
+            match handle(queue, chain) {
+                Chain::Done => {}
+                Chain::Throttled => {
+                    queue.go_to_previous_position();
+                    return Drained::Throttled;
+                }
+                Chain::Broken => return Drained::Broken,
             }
         }
         match queue.enable_notification(memory) {
             Ok(true) => continue,
-            Ok(false) => return true,
-            Err(_) => return false,
+            Ok(false) => return Drained::Empty,
+            Err(_) => return Drained::Broken,
         }
     }
 }

@@ -2,8 +2,8 @@
 
 use super::chain::ParsedChain;
 use super::{
-    device_type, drain_queue, ActivateError, Activation, DeviceEvents, Interrupt, Queue, QueueT,
-    VirtioDevice,
+    device_type, drain_queue, ActivateError, Activation, Chain, DeviceEvents, Drained, Interrupt,
+    Queue, QueueT, VirtioDevice,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,14 +44,14 @@ impl Rng {
         let mut used_any = false;
         let mut error = None;
         let mut random = vec![0u8; MAX_REQUEST_BYTES as usize];
-        let healthy = drain_queue(&mut running.queue, &memory, |queue, chain| {
+        let drained = drain_queue(&mut running.queue, &memory, |queue, chain| {
             // Larger chains are refused whole: the limit bounds what one
             // request can make the host do.
             let parsed = match ParsedChain::parse(chain, &memory, MAX_REQUEST_BYTES) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     error = Some(e.to_string());
-                    return false;
+                    return Chain::Broken;
                 }
             };
             let want = parsed.writable_len() as usize;
@@ -64,17 +64,17 @@ impl Rng {
             };
             if queue.add_used(&memory, parsed.head, filled as u32).is_err() {
                 error = Some("cannot write the used ring".into());
-                return false;
+                return Chain::Broken;
             }
             self.bytes_served
                 .fetch_add(filled as u64, Ordering::Relaxed);
             used_any = true;
-            true
+            Chain::Done
         });
         if used_any && running.queue.needs_notification(&memory).unwrap_or(true) {
             running.interrupt.signal_used_buffer();
         }
-        if !healthy {
+        if drained == Drained::Broken {
             tracing::warn!(
                 "rng: driver error, device needs reset: {}",
                 error.unwrap_or_else(|| "the available ring is invalid".into())

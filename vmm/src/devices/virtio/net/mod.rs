@@ -6,10 +6,11 @@ pub mod tap;
 
 use super::chain::ParsedChain;
 use super::{
-    device_type, drain_queue, ActivateError, Activation, DeviceEvents, Interrupt, Queue,
-    QueueOwnedT, QueueT, VirtioDevice,
+    device_type, drain_queue, ActivateError, Activation, Chain, DeviceEvents, Drained, Interrupt,
+    Queue, QueueOwnedT, QueueT, VirtioDevice,
 };
 use crate::config::NetConfig;
+use crate::devices::rate_limiter::RateLimiter;
 use event_manager::EventSet;
 use std::os::fd::{AsRawFd, RawFd};
 use tap::{Tap, TapError, VNET_HDR_LEN};
@@ -21,6 +22,8 @@ const TX_QUEUE: usize = 1;
 /// Largest frame with its header: a 64 KiB GSO segment plus Ethernet and VLAN headers.
 const MAX_FRAME: usize = VNET_HDR_LEN + 65536 + 18;
 const TAP_TOKEN: u32 = 0;
+const RX_LIMITER_TOKEN: u32 = 1;
+const TX_LIMITER_TOKEN: u32 = 2;
 
 mod feature {
     pub const CSUM: u64 = 1 << 0;
@@ -95,11 +98,28 @@ pub struct Net {
     tap_watched: bool,
     broken: bool,
     stats: NetStats,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+}
+
+fn is_throttled(limiter: &Option<RateLimiter>) -> bool {
+    limiter.as_ref().is_some_and(RateLimiter::is_throttled)
 }
 
 impl Net {
     pub fn new(config: &NetConfig, name: &str) -> Result<Net, TapError> {
         let tap = Tap::open(&config.tap)?;
+        let limiter = || -> Result<Option<RateLimiter>, TapError> {
+            if config.rate_limit.is_unlimited() {
+                return Ok(None);
+            }
+            RateLimiter::new(&config.rate_limit)
+                .map(Some)
+                .map_err(|source| TapError::Attach {
+                    name: config.tap.clone(),
+                    source,
+                })
+        };
         // Offer offloads only if this TAP takes every one of them.
         let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO;
         let offloads = tap.set_offloads(all) && tap.set_offloads(0);
@@ -114,6 +134,8 @@ impl Net {
             tap_watched: true,
             broken: false,
             stats: NetStats::default(),
+            rx_limiter: limiter()?,
+            tx_limiter: limiter()?,
         })
     }
 
@@ -177,6 +199,19 @@ impl Net {
                 }
                 break;
             };
+            if let Some(limiter) = &mut self.rx_limiter {
+                if !limiter.consume(len as u64) {
+                    // Over the limit: the frame waits, the TAP is not read
+                    // until the limiter's timer fires.
+                    running.rx.go_to_previous_position();
+                    self.pending = Some(len);
+                    if self.tap_watched {
+                        events.modify(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::empty());
+                        self.tap_watched = false;
+                    }
+                    break;
+                }
+            }
             let parsed = match ParsedChain::parse(chain, &memory, u64::MAX) {
                 Ok(parsed) => parsed,
                 Err(e) => {
@@ -214,6 +249,9 @@ impl Net {
 
     /// The guest added receive buffers: deliver what waits, watch the TAP again.
     fn rx_buffers_added(&mut self, events: &mut DeviceEvents<'_, '_>) {
+        if is_throttled(&self.rx_limiter) {
+            return;
+        }
         if !self.tap_watched {
             events.modify(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN);
             self.tap_watched = true;
@@ -231,15 +269,21 @@ impl Net {
         let mut error = None;
         let tap = &self.tap;
         let stats = &mut self.stats;
-        let healthy = drain_queue(&mut running.tx, &memory, |queue, chain| {
+        let limiter = &mut self.tx_limiter;
+        let drained = drain_queue(&mut running.tx, &memory, |queue, chain| {
             let parsed = match ParsedChain::parse(chain, &memory, MAX_FRAME as u64) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     error = Some(format!("transmit chain: {e}"));
-                    return false;
+                    return Chain::Broken;
                 }
             };
             let len = parsed.readable_len();
+            if let Some(limiter) = limiter.as_mut() {
+                if !limiter.consume(len.saturating_sub(VNET_HDR_LEN as u64)) {
+                    return Chain::Throttled;
+                }
+            }
             if len as usize <= VNET_HDR_LEN {
                 stats.tx_errors += 1;
             } else {
@@ -256,15 +300,15 @@ impl Net {
             }
             if queue.add_used(&memory, parsed.head, 0).is_err() {
                 error = Some("cannot write the transmit used ring".into());
-                return false;
+                return Chain::Broken;
             }
             sent_any = true;
-            true
+            Chain::Done
         });
         if sent_any && running.tx.needs_notification(&memory).unwrap_or(true) {
             running.interrupt.signal_used_buffer();
         }
-        if !healthy {
+        if drained == Drained::Broken {
             self.break_device(&error.unwrap_or_else(|| "the transmit ring is invalid".into()));
         }
     }
@@ -324,18 +368,44 @@ impl VirtioDevice for Net {
     fn queue_notified(&mut self, index: usize, events: &mut DeviceEvents<'_, '_>) {
         match index {
             RX_QUEUE => self.rx_buffers_added(events),
-            TX_QUEUE => self.transmit(),
+            TX_QUEUE if !is_throttled(&self.tx_limiter) => self.transmit(),
             _ => {}
         }
     }
 
     fn initial_event_sources(&self) -> Vec<(RawFd, u32, EventSet)> {
-        vec![(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)]
+        let mut sources = vec![(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)];
+        for (limiter, token) in [
+            (&self.rx_limiter, RX_LIMITER_TOKEN),
+            (&self.tx_limiter, TX_LIMITER_TOKEN),
+        ] {
+            if let Some(limiter) = limiter {
+                sources.push((limiter.timer_fd(), token, EventSet::IN));
+            }
+        }
+        sources
     }
 
     fn handle_event(&mut self, token: u32, _events: EventSet, events: &mut DeviceEvents<'_, '_>) {
-        if token == TAP_TOKEN && !self.broken {
-            self.receive(events);
+        match token {
+            RX_LIMITER_TOKEN => {
+                if let Some(limiter) = &mut self.rx_limiter {
+                    limiter.timer_fired();
+                }
+                if !self.broken {
+                    self.rx_buffers_added(events);
+                }
+            }
+            TX_LIMITER_TOKEN => {
+                if let Some(limiter) = &mut self.tx_limiter {
+                    limiter.timer_fired();
+                }
+                if !self.broken {
+                    self.transmit();
+                }
+            }
+            _ if !self.broken && !is_throttled(&self.rx_limiter) => self.receive(events),
+            _ => {}
         }
     }
 
@@ -356,6 +426,14 @@ impl VirtioDevice for Net {
             ("tx_frames", s.tx_frames),
             ("tx_bytes", s.tx_bytes),
             ("tx_errors", s.tx_errors),
+            (
+                "rx_throttled",
+                self.rx_limiter.as_ref().map_or(0, |l| l.throttled_count),
+            ),
+            (
+                "tx_throttled",
+                self.tx_limiter.as_ref().map_or(0, |l| l.throttled_count),
+            ),
         ]
     }
 }

@@ -1,0 +1,233 @@
+//! Token-bucket I/O limits for a device: bytes per second and operations per
+//! second, each with a burst. A device asks before each request; when a
+//! bucket is empty it stops serving and a timerfd wakes it when enough tokens
+//! have come back.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+use vmm_sys_util::timerfd::TimerFd;
+
+/// Limits as given by the user; `None` means unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub bytes_per_sec: Option<u64>,
+    /// Bytes that may pass at once after a quiet period (default: one second's worth).
+    pub bytes_burst: Option<u64>,
+    pub ops_per_sec: Option<u64>,
+    pub ops_burst: Option<u64>,
+}
+
+impl RateLimit {
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_sec.is_none() && self.ops_per_sec.is_none()
+    }
+}
+
+/// One bucket: `rate` tokens per second up to `capacity`. A request larger
+/// than the whole bucket passes when the bucket is full and leaves it in
+/// debt, so no request size can stall forever.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    rate: u64,
+    capacity: u64,
+    /// Tokens now; negative while in debt.
+    tokens: i128,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u64, capacity: u64, now: Instant) -> Self {
+        let capacity = capacity.max(1);
+        TokenBucket {
+            rate: rate.max(1),
+            capacity,
+            tokens: i128::from(capacity),
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last);
+        let new = elapsed.as_nanos() as i128 * i128::from(self.rate) / 1_000_000_000;
+        if new > 0 {
+            self.tokens = (self.tokens + new).min(i128::from(self.capacity));
+            // Keep the remainder of a partial token for next time.
+            let used = Duration::from_nanos((new * 1_000_000_000 / i128::from(self.rate)) as u64);
+            self.last += used;
+            if self.tokens == i128::from(self.capacity) {
+                self.last = now;
+            }
+        }
+    }
+
+    /// Whether `n` tokens may be taken at `now`.
+    fn can_take(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= i128::from(n.min(self.capacity))
+    }
+
+    fn take(&mut self, n: u64) {
+        self.tokens -= i128::from(n);
+    }
+
+    /// How long until `n` tokens (at most a full bucket) are there.
+    fn wait_for(&self, n: u64) -> Duration {
+        let missing = i128::from(n.min(self.capacity)) - self.tokens;
+        if missing <= 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((missing * 1_000_000_000 / i128::from(self.rate)) as u64 + 1)
+    }
+}
+
+/// A device's limiter: both buckets, and the timer that ends a throttle.
+pub struct RateLimiter {
+    bytes: Option<TokenBucket>,
+    ops: Option<TokenBucket>,
+    timer: TimerFd,
+    throttled: bool,
+    /// Requests that had to wait, for reports.
+    pub throttled_count: u64,
+}
+
+impl RateLimiter {
+    pub fn new(limit: &RateLimit) -> std::io::Result<Self> {
+        let now = Instant::now();
+        let bucket = |rate: Option<u64>, burst: Option<u64>| {
+            rate.map(|rate| TokenBucket::new(rate, burst.unwrap_or(rate), now))
+        };
+        Ok(RateLimiter {
+            bytes: bucket(limit.bytes_per_sec, limit.bytes_burst),
+            ops: bucket(limit.ops_per_sec, limit.ops_burst),
+            timer: TimerFd::new()?,
+            throttled: false,
+            throttled_count: 0,
+        })
+    }
+
+    /// Takes one operation of `bytes`, or, when a bucket is short, takes
+    /// nothing, arms the timer and returns false: the device must stop until
+    /// [`RateLimiter::timer_fired`].
+    pub fn consume(&mut self, bytes: u64) -> bool {
+        self.consume_at(bytes, Instant::now())
+    }
+
+    pub fn consume_at(&mut self, bytes: u64, now: Instant) -> bool {
+        let bytes_ok = self.bytes.as_mut().is_none_or(|b| b.can_take(bytes, now));
+        let ops_ok = self.ops.as_mut().is_none_or(|b| b.can_take(1, now));
+        if bytes_ok && ops_ok {
+            if let Some(bucket) = &mut self.bytes {
+                bucket.take(bytes);
+            }
+            if let Some(bucket) = &mut self.ops {
+                bucket.take(1);
+            }
+            return true;
+        }
+        let wait = [
+            self.bytes.as_ref().map(|b| b.wait_for(bytes)),
+            self.ops.as_ref().map(|b| b.wait_for(1)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(Duration::ZERO)
+        .max(Duration::from_micros(100));
+        if let Err(e) = self.timer.reset(wait, None) {
+            tracing::warn!("rate limiter timer: {e}");
+        }
+        self.throttled = true;
+        self.throttled_count += 1;
+        false
+    }
+
+    pub fn is_throttled(&self) -> bool {
+        self.throttled
+    }
+
+    /// The timer fired: the device may try again.
+    pub fn timer_fired(&mut self) {
+        let _ = self.timer.wait();
+        self.throttled = false;
+    }
+
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_refills_at_its_rate_up_to_its_burst() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1000, 500, start);
+        assert!(bucket.can_take(500, start));
+        bucket.take(500);
+        assert!(!bucket.can_take(1, start));
+        assert_eq!(
+            bucket.wait_for(100),
+            Duration::from_millis(100) + Duration::from_nanos(1)
+        );
+        assert!(bucket.can_take(100, start + Duration::from_millis(100)));
+        // A long pause refills only up to the burst.
+        assert!(!bucket.can_take(501, start + Duration::from_secs(60)) || bucket.tokens == 500);
+        assert_eq!(bucket.tokens, 500);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_burst_passes_on_a_full_bucket_and_leaves_debt() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(1000, 100, start);
+        assert!(bucket.can_take(5000, start));
+        bucket.take(5000);
+        assert!(!bucket.can_take(1, start + Duration::from_secs(4)));
+        assert!(bucket.can_take(1, start + Duration::from_millis(4901)));
+    }
+
+    #[test]
+    fn throttles_on_either_bucket_and_counts_it() {
+        let limit = RateLimit {
+            bytes_per_sec: Some(1 << 20),
+            ops_per_sec: Some(10),
+            ..Default::default()
+        };
+        let mut limiter = RateLimiter::new(&limit).unwrap();
+        let now = Instant::now();
+        for _ in 0..10 {
+            assert!(limiter.consume_at(512, now));
+        }
+        // Out of operations although bytes remain.
+        assert!(!limiter.consume_at(512, now));
+        assert!(limiter.is_throttled());
+        assert_eq!(limiter.throttled_count, 1);
+        limiter.timer_fired();
+        assert!(limiter.consume_at(512, now + Duration::from_millis(100)));
+        // Out of bytes.
+        assert!(!limiter.consume_at(2 << 20, now + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn over_any_window_no_more_than_rate_times_window_plus_burst_passes() {
+        let limit = RateLimit {
+            bytes_per_sec: Some(100_000),
+            bytes_burst: Some(20_000),
+            ..Default::default()
+        };
+        let mut limiter = RateLimiter::new(&limit).unwrap();
+        let start = Instant::now();
+        let mut passed = 0u64;
+        // A greedy driver asking every millisecond for 3 s.
+        for ms in 0..3000 {
+            let now = start + Duration::from_millis(ms);
+            while limiter.consume_at(4096, now) {
+                passed += 4096;
+            }
+            limiter.throttled = false;
+        }
+        assert!(passed <= 3 * 100_000 + 20_000 + 4096, "{passed}");
+        assert!(passed >= 3 * 100_000 - 4096, "{passed}");
+    }
+}
