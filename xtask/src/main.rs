@@ -3,12 +3,14 @@
 //! - `images`: installs the Debian packages the guest images need and builds
 //!   them into a cache keyed by the hash of their inputs, then publishes them
 //!   to `target/images/` with a `manifest.json`.
-//! - `test`: images, then `cargo fmt --check`, `cargo clippy -D warnings` and
-//!   the whole test suite. This is what `.ci/run` calls.
+//! - `fuzz`: every device fuzz target for a bounded time.
+//! - `test`: images, then `cargo fmt --check`, `cargo clippy -D warnings`,
+//!   the whole test suite and the fuzz targets. This is what `.ci/run` calls.
 
 mod apt;
 mod cache;
 mod cpio;
+mod fuzz;
 mod images;
 mod kernel;
 mod process;
@@ -21,13 +23,15 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   images [--output json]   build the guest images into target/images (cached)
-  test                     images, fmt, clippy and every test (what CI runs)";
+  fuzz [SECONDS]           run every fuzz target for SECONDS each (default 30)
+  test                     images, fmt, clippy, every test and a bounded fuzz run (what CI runs)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("images") => images::main(&args[1..]),
         Some("test") => test::main(&args[1..]),
+        Some("fuzz") => fuzz::main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -52,6 +52,9 @@ pub fn main(args: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--release"]),
     )?;
 
+    step("fuzz targets (bounded)");
+    crate::fuzz::run(crate::fuzz::DEFAULT_SECONDS)?;
+
     eprintln!(
         "\n=== xtask test: all passed in {}s ===",
         started.elapsed().as_secs()

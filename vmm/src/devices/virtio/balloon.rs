@@ -466,7 +466,7 @@ impl VirtioDevice for Balloon {
         state.actual_pages = 0;
     }
 
-    fn queue_notified(&mut self, index: usize, _events: &mut DeviceEvents<'_, '_>) {
+    fn queue_notified(&mut self, index: usize, _events: &mut dyn DeviceEvents) {
         self.serve_queue(index);
     }
 
@@ -485,7 +485,7 @@ impl VirtioDevice for Balloon {
         ]
     }
 
-    fn handle_event(&mut self, token: u32, _events: EventSet, _ops: &mut DeviceEvents<'_, '_>) {
+    fn handle_event(&mut self, token: u32, _events: EventSet, _ops: &mut dyn DeviceEvents) {
         match token {
             TOKEN_STATS_TIMER => {
                 let _ = self.stats_timer.wait();
@@ -521,7 +521,7 @@ impl VirtioDevice for Balloon {
 
 #[cfg(test)]
 mod tests {
-    use super::super::chain::tests::{device_queue, TestQueue, DATA};
+    use super::super::testing::{device_queue, TestQueue, DATA};
     use super::*;
     use vm_memory::Bytes;
 

@@ -482,7 +482,7 @@ impl VirtioDevice for Block {
         self.broken = false;
     }
 
-    fn queue_notified(&mut self, _index: usize, _events: &mut DeviceEvents<'_, '_>) {
+    fn queue_notified(&mut self, _index: usize, _events: &mut dyn DeviceEvents) {
         // While throttled, the limiter's timer resumes the queue.
         if !self.limiter.as_ref().is_some_and(RateLimiter::is_throttled) {
             self.process_queue();
@@ -496,7 +496,7 @@ impl VirtioDevice for Block {
             .collect()
     }
 
-    fn handle_event(&mut self, token: u32, _events: EventSet, _ops: &mut DeviceEvents<'_, '_>) {
+    fn handle_event(&mut self, token: u32, _events: EventSet, _ops: &mut dyn DeviceEvents) {
         if let (LIMITER_TOKEN, Some(limiter)) = (token, &mut self.limiter) {
             limiter.timer_fired();
             if !self.broken {
@@ -531,7 +531,7 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod tests {
-    use super::super::chain::tests::{device_queue, TestQueue, DATA};
+    use super::super::testing::{device_queue, TestQueue, DATA};
     use super::*;
     use crate::config::RateLimit;
     use vm_memory::{Bytes, GuestAddress};

@@ -6,7 +6,7 @@
 //! its interrupt through an irqfd. Register accesses run on vCPU threads.
 
 use super::{
-    features, ActivateError, Activation, DeviceEvents, Interrupt, Queue, QueueT, VirtioDevice,
+    features, ActivateError, Activation, Interrupt, LoopEvents, Queue, QueueT, VirtioDevice,
     DEVICE_TOKEN_BASE,
 };
 use crate::devices::BusDevice;
@@ -374,14 +374,13 @@ impl MutEventSubscriber for MmioTransport {
                 let _ = event.read();
             }
             if self.activated && !self.device.is_broken() {
-                self.device
-                    .queue_notified(index, &mut DeviceEvents::new(ops));
+                self.device.queue_notified(index, &mut LoopEvents::new(ops));
             }
         } else {
             self.device.handle_event(
                 data - DEVICE_TOKEN_BASE,
                 events.event_set(),
-                &mut DeviceEvents::new(ops),
+                &mut LoopEvents::new(ops),
             );
         }
     }
@@ -389,6 +388,7 @@ impl MutEventSubscriber for MmioTransport {
 
 #[cfg(test)]
 mod tests {
+    use super::super::DeviceEvents;
     use super::*;
     use std::sync::{Arc, Mutex};
     use vm_memory::GuestAddress;
@@ -424,7 +424,7 @@ mod tests {
         fn reset(&mut self) {
             *self.resets.lock().unwrap() += 1;
         }
-        fn queue_notified(&mut self, _: usize, _: &mut DeviceEvents<'_, '_>) {}
+        fn queue_notified(&mut self, _: usize, _: &mut dyn DeviceEvents) {}
         fn name(&self) -> String {
             "probe".into()
         }

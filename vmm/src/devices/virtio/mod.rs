@@ -13,6 +13,8 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[doc(hidden)]
+pub mod testing;
 
 use event_manager::{EventOps, EventSet, Events};
 use std::os::fd::RawFd;
@@ -115,36 +117,55 @@ pub const DEVICE_TOKEN_BASE: u32 = 1 << 16;
 
 /// Lets a device add and remove its own event sources (a TAP device, a
 /// socket, a timer) on the event loop while it runs.
-pub struct DeviceEvents<'a, 'b> {
+pub trait DeviceEvents {
+    /// Watches `fd` for `events`; `token` comes back to the device.
+    fn add(&mut self, fd: RawFd, token: u32, events: EventSet);
+    fn modify(&mut self, fd: RawFd, token: u32, events: EventSet);
+    fn remove(&mut self, fd: RawFd);
+}
+
+/// [`DeviceEvents`] on the device thread's event loop.
+pub struct LoopEvents<'a, 'b> {
     ops: &'a mut EventOps<'b>,
 }
 
-impl<'a, 'b> DeviceEvents<'a, 'b> {
+impl<'a, 'b> LoopEvents<'a, 'b> {
     pub fn new(ops: &'a mut EventOps<'b>) -> Self {
-        DeviceEvents { ops }
+        LoopEvents { ops }
     }
+}
 
-    /// Watches `fd` for `events`; `token` comes back to the device.
-    pub fn add(&mut self, fd: RawFd, token: u32, events: EventSet) {
+impl DeviceEvents for LoopEvents<'_, '_> {
+    fn add(&mut self, fd: RawFd, token: u32, events: EventSet) {
         let registered = Events::with_data_raw(fd, DEVICE_TOKEN_BASE + token, events);
         if let Err(e) = self.ops.add(registered) {
             tracing::warn!(fd, token, "cannot watch a device event source: {e:?}");
         }
     }
 
-    pub fn modify(&mut self, fd: RawFd, token: u32, events: EventSet) {
+    fn modify(&mut self, fd: RawFd, token: u32, events: EventSet) {
         let registered = Events::with_data_raw(fd, DEVICE_TOKEN_BASE + token, events);
         if let Err(e) = self.ops.modify(registered) {
             tracing::warn!(fd, token, "cannot change a device event source: {e:?}");
         }
     }
 
-    pub fn remove(&mut self, fd: RawFd) {
+    fn remove(&mut self, fd: RawFd) {
         // EventOps::remove looks the source up by fd only.
         if let Err(e) = self.ops.remove(Events::empty_raw(fd)) {
             tracing::debug!(fd, "cannot unwatch a device event source: {e:?}");
         }
     }
+}
+
+/// [`DeviceEvents`] for a device driven outside the event loop (unit tests,
+/// fuzzing, benchmarks): changes to event sources are ignored.
+pub struct DetachedEvents;
+
+impl DeviceEvents for DetachedEvents {
+    fn add(&mut self, _: RawFd, _: u32, _: EventSet) {}
+    fn modify(&mut self, _: RawFd, _: u32, _: EventSet) {}
+    fn remove(&mut self, _: RawFd) {}
 }
 
 /// One virtio device, independent of its transport.
@@ -163,13 +184,13 @@ pub trait VirtioDevice: Send {
     /// to the state before activation.
     fn reset(&mut self);
     /// The driver notified queue `index`.
-    fn queue_notified(&mut self, index: usize, events: &mut DeviceEvents<'_, '_>);
+    fn queue_notified(&mut self, index: usize, events: &mut dyn DeviceEvents);
     /// Event sources the device watches from the start (registered once).
     fn initial_event_sources(&self) -> Vec<(RawFd, u32, EventSet)> {
         Vec::new()
     }
     /// One of the device's own event sources fired.
-    fn handle_event(&mut self, _token: u32, _events: EventSet, _ops: &mut DeviceEvents<'_, '_>) {}
+    fn handle_event(&mut self, _token: u32, _events: EventSet, _ops: &mut dyn DeviceEvents) {}
     /// Whether the device stopped serving its queues because the driver broke
     /// the rules (the transport then reports DEVICE_NEEDS_RESET).
     fn is_broken(&self) -> bool {

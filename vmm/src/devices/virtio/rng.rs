@@ -143,7 +143,7 @@ impl VirtioDevice for Rng {
         self.broken = false;
     }
 
-    fn queue_notified(&mut self, _index: usize, _events: &mut DeviceEvents<'_, '_>) {
+    fn queue_notified(&mut self, _index: usize, _events: &mut dyn DeviceEvents) {
         self.process_queue();
     }
 
@@ -162,7 +162,7 @@ impl VirtioDevice for Rng {
 
 #[cfg(test)]
 mod tests {
-    use super::super::chain::tests::{device_queue, TestQueue, DATA};
+    use super::super::testing::{device_queue, TestQueue, DATA};
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 

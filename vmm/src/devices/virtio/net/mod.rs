@@ -155,7 +155,7 @@ impl Net {
     }
 
     /// Moves frames from the TAP into receive buffers until one side runs dry.
-    fn receive(&mut self, events: &mut DeviceEvents<'_, '_>) {
+    fn receive(&mut self, events: &mut dyn DeviceEvents) {
         let Some(running) = self.running.as_mut() else {
             // Not activated: frames are dropped so the TAP does not stay readable.
             while let Ok(Some(_)) = self.tap.read_frame(&mut self.frame) {}
@@ -248,7 +248,7 @@ impl Net {
     }
 
     /// The guest added receive buffers: deliver what waits, watch the TAP again.
-    fn rx_buffers_added(&mut self, events: &mut DeviceEvents<'_, '_>) {
+    fn rx_buffers_added(&mut self, events: &mut dyn DeviceEvents) {
         if is_throttled(&self.rx_limiter) {
             return;
         }
@@ -365,7 +365,7 @@ impl VirtioDevice for Net {
         self.broken = false;
     }
 
-    fn queue_notified(&mut self, index: usize, events: &mut DeviceEvents<'_, '_>) {
+    fn queue_notified(&mut self, index: usize, events: &mut dyn DeviceEvents) {
         match index {
             RX_QUEUE => self.rx_buffers_added(events),
             TX_QUEUE if !is_throttled(&self.tx_limiter) => self.transmit(),
@@ -386,7 +386,7 @@ impl VirtioDevice for Net {
         sources
     }
 
-    fn handle_event(&mut self, token: u32, _events: EventSet, events: &mut DeviceEvents<'_, '_>) {
+    fn handle_event(&mut self, token: u32, _events: EventSet, events: &mut dyn DeviceEvents) {
         match token {
             RX_LIMITER_TOKEN => {
                 if let Some(limiter) = &mut self.rx_limiter {

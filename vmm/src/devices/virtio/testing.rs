@@ -1,0 +1,177 @@
+//! A virtqueue in a small guest memory, filled the way a driver would, for
+//! unit tests, fuzz targets and benchmarks that drive devices without a guest.
+
+use super::{DetachedEvents, Interrupt, VirtioDevice};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+
+/// A queue in guest memory that tests fill the way a driver would.
+pub struct TestQueue {
+    pub memory: GuestMemoryMmap,
+    pub queue: Queue,
+    pub size: u16,
+    desc_table: GuestAddress,
+    avail: GuestAddress,
+    next_avail: u16,
+}
+
+pub const QUEUE_SIZE: u16 = 16;
+const DESC_TABLE: u64 = 0x1000;
+const AVAIL_RING: u64 = 0x2000;
+const USED_RING: u64 = 0x3000;
+/// Data buffers for tests live from here.
+pub const DATA: u64 = 0x10000;
+pub const MEMORY_SIZE: u64 = 0x100000;
+
+/// A ready queue at the rings `TestQueue` fills, for a device to own.
+pub fn device_queue() -> Queue {
+    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+    queue.set_size(QUEUE_SIZE);
+    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_ready(true);
+    queue
+}
+
+impl Default for TestQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestQueue {
+    pub fn new() -> Self {
+        let memory =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
+        let queue = device_queue();
+        assert!(queue.is_valid(&memory));
+        TestQueue {
+            memory,
+            queue,
+            size: QUEUE_SIZE,
+            desc_table: GuestAddress(DESC_TABLE),
+            avail: GuestAddress(AVAIL_RING),
+            next_avail: 0,
+        }
+    }
+
+    /// Writes descriptor `index` of the main table.
+    pub fn set_descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.write_descriptor(self.desc_table, index, addr, len, flags, next);
+    }
+
+    pub fn write_descriptor(
+        &self,
+        table: GuestAddress,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let descriptor = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+        self.memory
+            .write_obj(descriptor, table.unchecked_add(u64::from(index) * 16))
+            .unwrap();
+    }
+
+    /// Builds a chain from (addr, len, writable) at descriptors 0..n and offers it.
+    pub fn offer_chain(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
+        for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+            let mut flags = if writable { F_WRITE } else { 0 };
+            if i + 1 < buffers.len() {
+                flags |= F_NEXT;
+            }
+            self.set_descriptor(i as u16, addr, len, flags, i as u16 + 1);
+        }
+        self.offer_head(0)
+    }
+
+    /// Puts `head` in the available ring and bumps its index.
+    pub fn offer_head(&mut self, head: u16) -> u16 {
+        let slot = u64::from(self.next_avail % self.size);
+        self.memory
+            .write_obj(head, self.avail.unchecked_add(4 + slot * 2))
+            .unwrap();
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.memory
+            .write_obj(self.next_avail, self.avail.unchecked_add(2))
+            .unwrap();
+        head
+    }
+
+    /// Sets the avail index without adding entries (a lying driver).
+    pub fn set_avail_index(&self, index: u16) {
+        self.memory
+            .write_obj(index, self.avail.unchecked_add(2))
+            .unwrap();
+    }
+
+    pub fn used_index(&self) -> u16 {
+        self.memory.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+    }
+
+    /// (head, len) of used element `slot`.
+    pub fn used_element(&self, slot: u16) -> (u32, u32) {
+        let at = GuestAddress(USED_RING + 4 + u64::from(slot % self.size) * 8);
+        (
+            self.memory.read_obj(at).unwrap(),
+            self.memory.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+}
+
+/// A device activated on queues whose rings and buffers are `input`:
+/// descriptor tables, ring indexes and buffer contents are all the fuzzer's.
+/// Every queue is notified twice, then the device is reset. Nothing outside
+/// the 1 MiB guest memory may be touched, and nothing may panic.
+pub fn fuzz_device(device: &mut dyn VirtioDevice, input: &[u8]) {
+    // Small rings packed at the start, so short inputs reach them: per queue
+    // the descriptor table (256 bytes), available ring, used ring.
+    const QUEUE_STRIDE: u64 = 0x400;
+    let Some((&choice, contents)) = input.split_first() else {
+        return;
+    };
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
+    let n = contents.len().min(MEMORY_SIZE as usize);
+    memory.write_slice(&contents[..n], GuestAddress(0)).unwrap();
+    let queue_count = device.queue_max_sizes().len();
+    let queues = (0..queue_count)
+        .map(|i| {
+            let base = i as u64 * QUEUE_STRIDE;
+            let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+            queue.set_size(QUEUE_SIZE);
+            queue.set_desc_table_address(Some(base as u32), Some(0));
+            queue.set_avail_ring_address(Some((base + 0x100) as u32), Some(0));
+            queue.set_used_ring_address(Some((base + 0x200) as u32), Some(0));
+            queue.set_event_idx(choice & 1 != 0);
+            queue.set_ready(true);
+            queue
+        })
+        .collect();
+    // The first byte also picks which of the device's features the "driver" took.
+    let features = super::features::COMMON
+        | (device.device_features() & u64::from(choice >> 1).wrapping_mul(0x0101_0101_0101_0101));
+    let activation = super::Activation {
+        memory,
+        queues,
+        interrupt: Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        features,
+    };
+    if device.activate(activation).is_err() {
+        return;
+    }
+    for _ in 0..2 {
+        for index in 0..queue_count {
+            device.queue_notified(index, &mut DetachedEvents);
+        }
+    }
+    device.reset();
+}
