@@ -1,7 +1,7 @@
 //! Parsing device options of the form `key=value,flag,...` (`--disk`).
 
 use std::path::PathBuf;
-use vmm::config::{BalloonConfig, DiskConfig, NetConfig, RateLimit};
+use vmm::config::{BalloonConfig, DiskConfig, NetConfig, RateLimit, VsockConfig};
 
 /// Splits `text` into (key, optional value) pairs, refusing empty items.
 fn items(text: &str) -> Result<Vec<(&str, Option<&str>)>, String> {
@@ -102,6 +102,37 @@ pub fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
         }
     }
     Ok(config)
+}
+
+/// `cid=N,socket=PATH`
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut socket = None;
+    for (key, value) in items(text)? {
+        match (key, value) {
+            ("cid", Some(value)) => {
+                cid = Some(
+                    value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|&cid| (3..=u64::from(u32::MAX)).contains(&cid))
+                        .ok_or_else(|| {
+                            format!("cid={value} must be a number from 3 to {}", u32::MAX)
+                        })?,
+                )
+            }
+            ("socket", Some(value)) if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            _ => {
+                return Err(format!(
+                    "unknown or malformed '{key}' (expected cid=N,socket=PATH)"
+                ))
+            }
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or("missing cid=N")?,
+        socket: socket.ok_or("missing socket=PATH")?,
+    })
 }
 
 /// `tap=NAME[,mac=MAC][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]`
@@ -244,5 +275,16 @@ mod tests {
         assert!(parse_disk("path=d,bps")
             .unwrap_err()
             .contains("needs a value"));
+    }
+
+    #[test]
+    fn parses_vsock_options() {
+        let vsock = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!((vsock.cid, vsock.socket), (3, PathBuf::from("/tmp/v.sock")));
+        assert!(parse_vsock("cid=2,socket=x")
+            .unwrap_err()
+            .contains("from 3"));
+        assert_eq!(parse_vsock("cid=3").unwrap_err(), "missing socket=PATH");
+        assert_eq!(parse_vsock("socket=x").unwrap_err(), "missing cid=N");
     }
 }

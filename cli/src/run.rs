@@ -40,6 +40,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
           value_parser = crate::device_options::parse_balloon)]
     balloon: Option<vmm::config::BalloonConfig>,
+    /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to
+    /// PATH and send `CONNECT <port>`; guest connections to host port P go to
+    /// a listener at PATH_P.
+    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_vsock)]
+    vsock: Option<vmm::config::VsockConfig>,
     /// Commit all guest memory on the host at start instead of on first touch.
     #[arg(long)]
     prefault: bool,
@@ -84,6 +89,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     config.nets = args.net.clone();
     config.rng = args.rng;
     config.balloon = args.balloon.clone();
+    config.vsock = args.vsock.clone();
     config.prefault_memory = args.prefault;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {

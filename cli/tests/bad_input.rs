@@ -121,3 +121,59 @@ fn more_memory_than_the_host_has() {
     let line = run_fails(&["--memory", "100000000"]);
     assert_names(&line, &["--memory 100000000 MiB", "more than this host"]);
 }
+
+#[test]
+fn a_missing_disk_file() {
+    let line = run_fails(&["--disk", "path=/nonexistent/disk.img"]);
+    assert_names(
+        &line,
+        &["cannot open disk /nonexistent/disk.img", "No such file"],
+    );
+}
+
+#[test]
+fn an_empty_disk_file() {
+    let path = temp_file("empty.img", b"");
+    let line = run_fails(&["--disk", &format!("path={}", path.display())]);
+    assert_names(&line, &["empty.img", "smaller than one 512-byte sector"]);
+}
+
+#[test]
+fn a_vsock_socket_in_a_missing_folder() {
+    let line = run_fails(&["--vsock", "cid=3,socket=/nonexistent/v.sock"]);
+    assert_names(
+        &line,
+        &["cannot listen on vsock socket /nonexistent/v.sock"],
+    );
+}
+
+#[test]
+fn a_tap_name_the_kernel_cannot_take() {
+    let line = run_fails(&["--net", "tap=a-name-far-too-long-for-linux"]);
+    assert_names(&line, &["TAP name", "longer than 15 bytes"]);
+}
+
+#[test]
+fn a_control_socket_in_a_missing_folder() {
+    let line = run_fails(&["--control", "/nonexistent/control.sock"]);
+    assert_names(
+        &line,
+        &["cannot create control socket /nonexistent/control.sock"],
+    );
+}
+
+/// `bulkhead ctl` on a socket nobody serves: one line naming it.
+#[test]
+fn ctl_without_a_vm() {
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["ctl", "/nonexistent/control.sock", "status"])
+        .output()
+        .expect("start bulkhead");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_names(
+        &stderr,
+        &["cannot talk to control socket /nonexistent/control.sock"],
+    );
+}

@@ -10,6 +10,8 @@
 //!   deleted at the end), the kernel configures eth0 from `ip=`, answers the
 //!   host's pings, resets a TCP connection, and sends its log with netconsole;
 //! - entropy: the kernel's hwrng reads virtio-rng (bytes served counted);
+//! - vsock: the driver reads the guest CID, and the kernel's vsock stack
+//!   answers a host connection to a port with no listener with a reset;
 //! - balloon: `bulkhead ctl` lowers the target, the guest inflates, the VMM's
 //!   resident set falls by at least 80% of it; raising it gives it back.
 
@@ -30,6 +32,7 @@ const TAP: &str = "bhtap0";
 const NETCONSOLE_PORT: u16 = 6666;
 const GUEST_MIB: u64 = 256;
 const BALLOON_MIB: u64 = 64;
+const GUEST_CID: u64 = 7;
 
 fn image(name: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("BULKHEAD_IMAGES")
@@ -204,7 +207,7 @@ fn wait_status(guest: &Guest, limit: Duration, done: impl Fn(&Value) -> bool) ->
 }
 
 #[test]
-fn linux_drivers_use_block_net_rng_and_balloon() {
+fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
     let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
         return;
     };
@@ -213,6 +216,7 @@ fn linux_drivers_use_block_net_rng_and_balloon() {
     let root = dir.join("root.ext4");
     std::fs::copy(&rootfs, &root).unwrap();
     let control = dir.join("control.sock");
+    let vsock = dir.join("vsock.sock");
     let namespace = Namespace::new();
 
     // The host end of netconsole, listening before the guest boots.
@@ -267,6 +271,8 @@ fn linux_drivers_use_block_net_rng_and_balloon() {
             "--output",
             "json",
         ])
+        .arg("--vsock")
+        .arg(format!("cid={GUEST_CID},socket={}", vsock.display()))
         .arg("--control")
         .arg(&control)
         .stdin(Stdio::null())
@@ -384,6 +390,27 @@ fn linux_drivers_use_block_net_rng_and_balloon() {
         eth0["tx_frames"].as_u64().unwrap() > 0 && eth0["rx_frames"].as_u64().unwrap() > 0,
         "{status}"
     );
+
+    // vsock: the driver read the guest's CID at probe; a host program's
+    // connection to a guest port nobody listens on reaches the guest kernel's
+    // vsock stack, which refuses it with a reset (the host sees the stream close).
+    let mut host = std::os::unix::net::UnixStream::connect(&vsock).unwrap();
+    std::io::Write::write_all(&mut host, b"CONNECT 1234\n").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = String::new();
+    let read = host.read_to_string(&mut answer);
+    assert!(
+        matches!(read, Ok(0)),
+        "expected the guest to refuse: {read:?} {answer:?}"
+    );
+    let status = guest.status();
+    let vsock_counters = device(&status, "vsock");
+    assert!(
+        vsock_counters["cid_reads"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert_eq!(vsock_counters["resets_received"], 1, "{status}");
 
     // Balloon: statistics arrive; inflating returns memory to the host.
     let before = wait_status(&guest, Duration::from_secs(30), |s| {

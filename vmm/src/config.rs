@@ -56,6 +56,16 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
 }
 
+/// A virtio-vsock device and the host side of its sockets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub cid: u64,
+    /// The Unix socket host programs connect to; guest connections to host
+    /// port P go to a listener at `<socket>_P`.
+    pub socket: PathBuf,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: KernelSource,
@@ -77,6 +87,7 @@ pub struct VmConfig {
     /// A virtio-rng entropy device.
     pub rng: bool,
     pub balloon: Option<BalloonConfig>,
+    pub vsock: Option<VsockConfig>,
     /// Touch all guest memory at start, so the host commits it up front.
     pub prefault_memory: bool,
 }
@@ -112,6 +123,7 @@ impl VmConfig {
             nets: Vec::new(),
             rng: false,
             balloon: None,
+            vsock: None,
             prefault_memory: false,
         }
     }

@@ -96,6 +96,8 @@ pub enum VmError {
     Disk(#[from] virtio::block::BlockError),
     #[error(transparent)]
     Tap(#[from] virtio::net::tap::TapError),
+    #[error(transparent)]
+    Vsock(#[from] virtio::vsock::VsockError),
     #[error("too many devices: at most {0} virtio devices fit the interrupt lines")]
     TooManyDevices(usize),
     #[error("device event loop: {0}")]
@@ -349,6 +351,9 @@ fn create_virtio_devices(
     }
     if config.rng {
         devices.push(Box::new(virtio::rng::Rng::new()));
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.push(Box::new(virtio::vsock::Vsock::new(vsock)?));
     }
     let mut balloon_handle = None;
     if let Some(balloon_config) = &config.balloon {

@@ -13,7 +13,7 @@ use crate::{process, workspace_root};
 
 /// The targets in fuzz/Cargo.toml: one per device, each parsing the
 /// descriptor chains a hostile driver can write.
-pub const TARGETS: &[&str] = &["block", "net", "rng", "balloon"];
+pub const TARGETS: &[&str] = &["block", "net", "rng", "balloon", "vsock"];
 pub const DEFAULT_SECONDS: u32 = 30;
 
 pub fn main(args: &[String]) -> Result<()> {

@@ -15,6 +15,7 @@ pub mod net;
 pub mod rng;
 #[doc(hidden)]
 pub mod testing;
+pub mod vsock;
 
 use event_manager::{EventOps, EventSet, Events};
 use std::os::fd::RawFd;

@@ -18,6 +18,7 @@ pub struct TestQueue {
     pub size: u16,
     desc_table: GuestAddress,
     avail: GuestAddress,
+    used: GuestAddress,
     next_avail: u16,
 }
 
@@ -29,13 +30,18 @@ const USED_RING: u64 = 0x3000;
 pub const DATA: u64 = 0x10000;
 pub const MEMORY_SIZE: u64 = 0x100000;
 
-/// A ready queue at the rings `TestQueue` fills, for a device to own.
+/// A ready queue at the rings `TestQueue::new` fills, for a device to own.
 pub fn device_queue() -> Queue {
+    device_queue_at(DESC_TABLE)
+}
+
+/// A ready queue whose rings start at `base` (as `TestQueue::at`).
+pub fn device_queue_at(base: u64) -> Queue {
     let mut queue = Queue::new(QUEUE_SIZE).unwrap();
     queue.set_size(QUEUE_SIZE);
-    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_desc_table_address(Some(base as u32), Some(0));
+    queue.set_avail_ring_address(Some((base + AVAIL_RING - DESC_TABLE) as u32), Some(0));
+    queue.set_used_ring_address(Some((base + USED_RING - DESC_TABLE) as u32), Some(0));
     queue.set_ready(true);
     queue
 }
@@ -50,14 +56,21 @@ impl TestQueue {
     pub fn new() -> Self {
         let memory =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
-        let queue = device_queue();
+        TestQueue::at(memory, DESC_TABLE)
+    }
+
+    /// A second (third, ...) queue in the same memory, its rings from `base`
+    /// (0x4000 apart from others; data stays at `DATA` and above).
+    pub fn at(memory: GuestMemoryMmap, base: u64) -> Self {
+        let queue = device_queue_at(base);
         assert!(queue.is_valid(&memory));
         TestQueue {
             memory,
             queue,
             size: QUEUE_SIZE,
-            desc_table: GuestAddress(DESC_TABLE),
-            avail: GuestAddress(AVAIL_RING),
+            desc_table: GuestAddress(base),
+            avail: GuestAddress(base + AVAIL_RING - DESC_TABLE),
+            used: GuestAddress(base + USED_RING - DESC_TABLE),
             next_avail: 0,
         }
     }
@@ -84,14 +97,21 @@ impl TestQueue {
 
     /// Builds a chain from (addr, len, writable) at descriptors 0..n and offers it.
     pub fn offer_chain(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
+        self.offer_chain_at(0, buffers)
+    }
+
+    /// Builds a chain at descriptors `first..first + n` and offers it, so
+    /// several chains can be outstanding at once.
+    pub fn offer_chain_at(&mut self, first: u16, buffers: &[(u64, u32, bool)]) -> u16 {
         for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+            let index = first + i as u16;
             let mut flags = if writable { F_WRITE } else { 0 };
             if i + 1 < buffers.len() {
                 flags |= F_NEXT;
             }
-            self.set_descriptor(i as u16, addr, len, flags, i as u16 + 1);
+            self.set_descriptor(index, addr, len, flags, index + 1);
         }
-        self.offer_head(0)
+        self.offer_head(first)
     }
 
     /// Puts `head` in the available ring and bumps its index.
@@ -115,12 +135,12 @@ impl TestQueue {
     }
 
     pub fn used_index(&self) -> u16 {
-        self.memory.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+        self.memory.read_obj(self.used.unchecked_add(2)).unwrap()
     }
 
     /// (head, len) of used element `slot`.
     pub fn used_element(&self, slot: u16) -> (u32, u32) {
-        let at = GuestAddress(USED_RING + 4 + u64::from(slot % self.size) * 8);
+        let at = self.used.unchecked_add(4 + u64::from(slot % self.size) * 8);
         (
             self.memory.read_obj(at).unwrap(),
             self.memory.read_obj(at.unchecked_add(4)).unwrap(),
