@@ -23,7 +23,7 @@ enum Command {
     /// Boot a guest and attach its serial console to this terminal.
     ///
     /// With no --kernel, boots the small guest built into this binary.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Act on a running VM through its control socket.
     Ctl(ctl::CtlArgs),
 }
@@ -47,7 +47,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let status = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Ctl(args) => ctl::ctl(args),
     };
     match status {
