@@ -69,6 +69,13 @@ impl Program {
         self.a.pop(rsi)
     }
 
+    /// Embeds `bytes` in the image; the label is their address.
+    pub fn data(&mut self, bytes: Vec<u8>) -> CodeLabel {
+        let label = self.a.create_label();
+        self.strings.push((label, bytes));
+        label
+    }
+
     /// Writes `rax` in decimal to COM1. Keeps every register but `rflags`.
     pub fn print_rax_decimal(&mut self) -> Result<()> {
         self.a.call(self.decimal_routine)

@@ -200,3 +200,47 @@ fn an_instruction_nobody_emulates_stops_the_vm_naming_it() {
     assert!(reason.contains("aesenc"), "{reason}");
     assert!(reason.contains("RIP 0x"), "{reason}");
 }
+
+/// A guest of our own drives virtio-blk through virtio-mmio, ioeventfd and
+/// the device thread: random writes, then random reads of the same disk,
+/// each request's bytes landing in (or coming from) the host file.
+#[test]
+fn virtio_blk_serves_a_tiny_guest_driver() {
+    let dir = common::TempDir::new("tiny-blk");
+    let disk = dir.path().join("disk.img");
+    let file = std::fs::File::create(&disk).unwrap();
+    file.set_len(8 << 20).unwrap();
+    for write in [true, false] {
+        let workload = guests::BlockWorkload {
+            requests: 32,
+            request_bytes: 4096,
+            write,
+            random: true,
+            batch: 8,
+            disk_sectors: (8 << 20) / 512,
+        };
+        let mut config = config_for("virtio_blk", guests::block_workload(workload).unwrap());
+        config.disks.push(vmm::config::DiskConfig {
+            path: disk.clone(),
+            read_only: false,
+            id: None,
+            rate_limit: Default::default(),
+        });
+        let outcome = run_config(&config, Duration::from_secs(60));
+        assert!(
+            outcome.output.contains("PASS virtio_blk"),
+            "{}\nexit: {}",
+            outcome.output,
+            outcome.report.exit
+        );
+        let counters = &outcome.report.devices[0].counters;
+        assert_eq!(counters["requests"], 32, "{counters:?}");
+        let moved = if write {
+            counters["bytes_written"]
+        } else {
+            counters["bytes_read"]
+        };
+        assert_eq!(moved, 32 * 4096, "{counters:?}");
+        assert_eq!(counters["errors"], 0);
+    }
+}

@@ -1,0 +1,240 @@
+//! Device figures (`cargo bench -p vmm --bench devices`):
+//! - virtio-blk sequential MB/s and random 4 KiB IOPS, driven by a guest of
+//!   our own (`guests::block_workload`) through virtio-mmio, ioeventfd and
+//!   the device thread, next to the same workload on the host file directly;
+//! - the VMM's cost per descriptor chain, driving device queues from the
+//!   host side (no guest): block 4 KiB read, rng 64 bytes, net 64-byte
+//!   frame to a TAP (in a network namespace of the bench's own).
+//!
+//! Machines are noisy: compare figures from one run with each other.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::{DiskConfig, NetConfig};
+use vmm::devices::virtio::testing::{TestQueue, DATA};
+use vmm::devices::virtio::{
+    block::Block, net::Net, rng::Rng, Activation, DetachedEvents, Interrupt, VirtioDevice,
+};
+use vmm::{KernelSource, Vm, VmConfig, VmExit};
+
+const DISK_BYTES: u64 = 64 << 20;
+
+fn main() {
+    println!(
+        "bulkhead device figures (host KVM: {:?})",
+        vmm::host::KvmFlavour::detect()
+    );
+    let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0x5au8; DISK_BYTES as usize]).unwrap();
+    block_through_guest(&disk);
+    per_chain_costs(&disk);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs a block workload guest; returns the wall time of the VM.
+fn run_block_guest(disk: &Path, workload: guests::BlockWorkload) -> Duration {
+    let mut config = VmConfig::new(KernelSource::Bytes {
+        name: "virtio_blk".into(),
+        image: guests::block_workload(workload).unwrap().into(),
+    });
+    config.cmdline = String::new();
+    config.memory_mib = 64;
+    config.disks.push(DiskConfig {
+        path: disk.to_path_buf(),
+        read_only: false,
+        id: None,
+        rate_limit: Default::default(),
+    });
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let started = Instant::now();
+    let vm = Vm::new(&config, Box::new(Sink(output.clone()))).unwrap();
+    let report = vm.start().unwrap().wait();
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+    assert!(
+        report.exit == VmExit::PowerOff && text.contains("PASS"),
+        "{text} {}",
+        report.exit
+    );
+    elapsed
+}
+
+/// The same requests on the host file with pread/pwrite.
+fn run_on_host_file(disk: &Path, w: guests::BlockWorkload) -> Duration {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .unwrap();
+    let mut buffer = vec![0u8; w.request_bytes as usize];
+    let slots = DISK_BYTES / u64::from(w.request_bytes);
+    let mut state = 0u64;
+    let started = Instant::now();
+    for i in 0..u64::from(w.requests) {
+        let slot = if w.random {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) & (slots - 1)
+        } else {
+            i % slots
+        };
+        let offset = slot * u64::from(w.request_bytes);
+        if w.write {
+            file.write_all_at(&buffer, offset).unwrap();
+        } else {
+            file.read_exact_at(&mut buffer, offset).unwrap();
+        }
+    }
+    started.elapsed()
+}
+
+fn block_through_guest(disk: &Path) {
+    let workload = |requests, request_bytes, write, random| guests::BlockWorkload {
+        requests,
+        request_bytes,
+        write,
+        random,
+        batch: 8,
+        disk_sectors: DISK_BYTES / 512,
+    };
+    // Start-up and power-off alone, subtracted from every run.
+    let baseline = (0..3)
+        .map(|_| run_block_guest(disk, workload(0, 4096, false, false)))
+        .min()
+        .unwrap();
+    println!("  virtio-blk driven by a guest of our own (batches of 8), page-cached 64 MiB file:");
+    println!(
+        "    {:<34} {:>14} {:>14} {:>7}",
+        "", "through device", "host file", "ratio"
+    );
+    for (label, requests, bytes, write, random) in [
+        (
+            "sequential read, 64 KiB requests",
+            512u32,
+            65536u32,
+            false,
+            false,
+        ),
+        ("sequential write, 64 KiB requests", 512, 65536, true, false),
+        ("random read, 4 KiB", 4096, 4096, false, true),
+        ("random write, 4 KiB", 4096, 4096, true, true),
+    ] {
+        let w = workload(requests, bytes, write, random);
+        let guest = run_block_guest(disk, w)
+            .saturating_sub(baseline)
+            .as_secs_f64();
+        let host = run_on_host_file(disk, w).as_secs_f64();
+        let total = f64::from(requests) * f64::from(bytes);
+        let (through, direct, unit) = if random {
+            (
+                f64::from(requests) / guest,
+                f64::from(requests) / host,
+                "IOPS",
+            )
+        } else {
+            (total / guest / 1e6, total / host / 1e6, "MB/s")
+        };
+        println!(
+            "    {label:<34} {through:>9.0} {unit:<4} {direct:>9.0} {unit:<4} {:>6.1}%",
+            100.0 * through / direct
+        );
+    }
+}
+
+/// ns per chain for `device`, `offer` putting one request on the queue.
+fn per_chain(
+    device: &mut dyn VirtioDevice,
+    queue_index: usize,
+    iterations: u32,
+    mut offer: impl FnMut(&mut TestQueue),
+) -> f64 {
+    let mut q = TestQueue::new();
+    // Every queue gets the same rings; only `queue_index` is ever notified.
+    let queues = (0..device.queue_max_sizes().len())
+        .map(|_| vmm::devices::virtio::testing::device_queue())
+        .collect();
+    device
+        .activate(Activation {
+            memory: q.memory.clone(),
+            queues,
+            interrupt: Interrupt::new(
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ),
+            features: 0,
+        })
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..iterations {
+        offer(&mut q);
+        device.queue_notified(queue_index, &mut DetachedEvents);
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(iterations)
+}
+
+fn per_chain_costs(disk: &Path) {
+    println!("  VMM cost per descriptor chain, queues driven from the host side:");
+    let mut block = Block::new(
+        &DiskConfig {
+            path: disk.to_path_buf(),
+            read_only: false,
+            id: None,
+            rate_limit: Default::default(),
+        },
+        "vda",
+    )
+    .unwrap();
+    let header = DATA;
+    let ns = per_chain(&mut block, 0, 100_000, |q| {
+        q.memory
+            .write_slice(&[0u8; 16], GuestAddress(header))
+            .unwrap();
+        q.offer_chain(&[
+            (header, 16, false),
+            (DATA + 0x1000, 4096, true),
+            (DATA + 0x100, 1, true),
+        ]);
+    });
+    println!("    block, 4 KiB read (page cache)          {ns:8.0} ns");
+    let ns = per_chain(&mut Rng::new(), 0, 100_000, |q| {
+        q.offer_chain(&[(DATA, 64, true)]);
+    });
+    println!("    rng, 64 bytes                           {ns:8.0} ns");
+    // The TAP lives in a namespace this thread creates; it disappears with it.
+    let net = std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        let config = NetConfig {
+            tap: "bench0".into(),
+            mac: None,
+            rate_limit: Default::default(),
+        };
+        let mut net = Net::new(&config, "eth0").ok()?;
+        Some(per_chain(&mut net, 1, 100_000, |q| {
+            q.offer_chain(&[(DATA, 12 + 64, false)]);
+        }))
+    })
+    .join()
+    .unwrap();
+    match net {
+        Some(ns) => println!("    net transmit, 64-byte frame to a TAP    {ns:8.0} ns"),
+        None => println!("    net transmit: skipped (needs root for a TAP in its own namespace)"),
+    }
+}
