@@ -6,9 +6,12 @@ mod default_guest;
 mod elf;
 mod program;
 mod test_guests;
+mod virtio;
 mod virtio_blk;
+mod virtio_net;
 
 pub use default_guest::{default_guest, BANNER};
 pub use program::Result;
 pub use test_guests::{port_io_loop, test_guest, TEST_GUESTS};
 pub use virtio_blk::{block_workload, BlockWorkload};
+pub use virtio_net::{net_workload, NetWorkload};

@@ -3,7 +3,7 @@
 //! requests per notification), for benchmarks.
 //!
 //! The disk is the first virtio-mmio device (vda at 0xd000_0000). The guest
-//! negotiates VERSION_1 only, sets up one queue, then for each batch writes
+//! sets up one queue (`virtio::init_device`), then for each batch writes
 //! the sectors into prepared request headers, publishes the heads, notifies,
 //! and spins on the used index. It checks the last status byte, prints
 //! `PASS virtio_blk` and powers off.
@@ -11,8 +11,8 @@
 use iced_x86::code_asm::*;
 
 use crate::program::{Program, Result};
+use crate::virtio::{init_device, notify, VirtQueue};
 
-const DEVICE: u64 = 0xd000_0000;
 const QUEUE: u64 = 0x40_0000;
 const AVAIL: u64 = QUEUE + 0x1000;
 const USED: u64 = QUEUE + 0x2000;
@@ -89,30 +89,14 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     p.a.mov(ecx, headers_len)?;
     p.a.rep().movsb()?;
 
-    // Device initialisation (virtio 1.2, 3.1.1), virtio-mmio registers.
-    p.a.mov(rbx, DEVICE)?;
-    let reg = |offset: u32| dword_ptr(rbx + offset);
-    p.a.mov(reg(0x70), 0u32)?; // reset
-    p.a.mov(reg(0x70), 1u32)?; // ACKNOWLEDGE
-    p.a.mov(reg(0x70), 3u32)?; // DRIVER
-    p.a.mov(reg(0x24), 1u32)?; // driver features, high half
-    p.a.mov(reg(0x20), 1u32)?; // VERSION_1
-    p.a.mov(reg(0x24), 0u32)?;
-    p.a.mov(reg(0x20), 0u32)?;
-    p.a.mov(reg(0x70), 0xbu32)?; // FEATURES_OK
-    p.a.mov(eax, reg(0x70))?;
-    p.a.and(eax, 8)?;
-    p.expect(rax, 8, "FEATURES_OK accepted")?;
-    p.a.mov(reg(0x30), 0u32)?; // queue 0
-    p.a.mov(reg(0x38), u32::from(QUEUE_SIZE))?;
-    p.a.mov(reg(0x80), QUEUE as u32)?;
-    p.a.mov(reg(0x84), 0u32)?;
-    p.a.mov(reg(0x90), AVAIL as u32)?;
-    p.a.mov(reg(0x94), 0u32)?;
-    p.a.mov(reg(0xa0), USED as u32)?;
-    p.a.mov(reg(0xa4), 0u32)?;
-    p.a.mov(reg(0x44), 1u32)?; // ready
-    p.a.mov(reg(0x70), 0xfu32)?; // DRIVER_OK
+    init_device(
+        &mut p,
+        &[VirtQueue {
+            index: 0,
+            size: QUEUE_SIZE,
+            base: QUEUE,
+        }],
+    )?;
 
     // r12: batches left; r13: sector state; r14: avail index; r15: LCG multiplier.
     p.a.mov(r12d, w.requests / u32::from(w.batch))?;
@@ -147,7 +131,7 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     }
     p.a.add(r14d, u32::from(w.batch))?;
     p.a.mov(word_ptr(AVAIL + 2), r14w)?;
-    p.a.mov(reg(0x50), 0u32)?; // notify queue 0
+    notify(&mut p, 0)?;
     p.a.set_label(&mut wait)?;
     p.a.movzx(eax, word_ptr(USED + 2))?;
     p.a.cmp(ax, r14w)?;

@@ -2,6 +2,8 @@
 //! - virtio-blk sequential MB/s and random 4 KiB IOPS, driven by a guest of
 //!   our own (`guests::block_workload`) through virtio-mmio, ioeventfd and
 //!   the device thread, next to the same workload on the host file directly;
+//! - virtio-net transmit packets/s and MB/s from a guest of our own
+//!   (`guests::net_workload`) to a TAP, next to UDP over host loopback;
 //! - the VMM's cost per descriptor chain, driving device queues from the
 //!   host side (no guest): block 4 KiB read, rng 64 bytes, net 64-byte
 //!   frame to a TAP (in a network namespace of the bench's own).
@@ -32,6 +34,7 @@ fn main() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0x5au8; DISK_BYTES as usize]).unwrap();
     block_through_guest(&disk);
+    net_through_guest();
     per_chain_costs(&disk);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -153,6 +156,97 @@ fn block_through_guest(disk: &Path) {
         println!(
             "    {label:<34} {through:>9.0} {unit:<4} {direct:>9.0} {unit:<4} {:>6.1}%",
             100.0 * through / direct
+        );
+    }
+}
+
+/// Runs a transmit workload guest in a network namespace of its own; returns
+/// the VM's wall time.
+fn run_net_guest(workload: guests::NetWorkload) -> Duration {
+    std::thread::spawn(move || {
+        // SAFETY: unshare on this thread only; the VM's threads inherit it.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "needs root"
+        );
+        let mut config = VmConfig::new(KernelSource::Bytes {
+            name: "virtio_net".into(),
+            image: guests::net_workload(workload).unwrap().into(),
+        });
+        config.cmdline = String::new();
+        config.memory_mib = 64;
+        config.nets.push(NetConfig {
+            tap: "bench0".into(),
+            mac: None,
+            rate_limit: Default::default(),
+        });
+        let started = Instant::now();
+        let vm = Vm::new(&config, Box::new(std::io::sink())).unwrap();
+        let report = vm.start().unwrap().wait();
+        assert_eq!(report.exit, VmExit::PowerOff);
+        assert_eq!(
+            report.devices[0].counters["tx_frames"],
+            u64::from(workload.frames / u32::from(workload.batch) * u32::from(workload.batch))
+        );
+        started.elapsed()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Frames per second of `frames` UDP datagrams of `bytes` over loopback.
+fn loopback_udp(frames: u32, bytes: usize) -> f64 {
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sender.connect(receiver.local_addr().unwrap()).unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let payload = vec![0u8; bytes];
+    let mut buffer = vec![0u8; 2048];
+    let started = Instant::now();
+    for _ in 0..frames {
+        sender.send(&payload).unwrap();
+        let _ = receiver.recv(&mut buffer);
+    }
+    f64::from(frames) / started.elapsed().as_secs_f64()
+}
+
+fn net_through_guest() {
+    let workload = |frames, frame_bytes| guests::NetWorkload {
+        frames,
+        frame_bytes,
+        batch: 32,
+    };
+    let baseline = (0..3)
+        .map(|_| run_net_guest(workload(0, 60)))
+        .min()
+        .unwrap();
+    println!("  virtio-net transmit driven by a guest of our own (batches of 32) to a TAP:");
+    println!(
+        "    {:<34} {:>14} {:>14} {:>7}",
+        "", "through device", "host loopback", "ratio"
+    );
+    for (frames, bytes) in [(8192u32, 60u32), (4096, 1514)] {
+        let guest = run_net_guest(workload(frames, bytes))
+            .saturating_sub(baseline)
+            .as_secs_f64();
+        let pps = f64::from(frames) / guest;
+        // UDP payload that makes the same Ethernet frame size (14 + 20 + 8 bytes of headers).
+        let host = loopback_udp(frames, bytes as usize - 42);
+        println!(
+            "    {:<34} {:>10.0} pps {:>10.0} pps {:>6.1}%",
+            format!("{bytes}-byte frames"),
+            pps,
+            host,
+            100.0 * pps / host
+        );
+        println!(
+            "    {:<34} {:>9.1} MB/s {:>9.1} MB/s",
+            "",
+            pps * f64::from(bytes) / 1e6,
+            host * f64::from(bytes) / 1e6
         );
     }
 }

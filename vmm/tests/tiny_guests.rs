@@ -244,3 +244,40 @@ fn virtio_blk_serves_a_tiny_guest_driver() {
         assert_eq!(counters["errors"], 0);
     }
 }
+
+/// A guest of our own transmits frames through virtio-net to a TAP device in
+/// a network namespace this test creates (it disappears with the thread).
+#[test]
+fn virtio_net_carries_a_tiny_guest_frames_to_the_tap() {
+    let outcome = std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only; the VM's threads inherit it.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "needs root"
+        );
+        let workload = guests::NetWorkload {
+            frames: 64,
+            frame_bytes: 60,
+            batch: 16,
+        };
+        let mut config = config_for("virtio_net", guests::net_workload(workload).unwrap());
+        config.nets.push(vmm::config::NetConfig {
+            tap: "tinynet0".into(),
+            mac: None,
+            rate_limit: Default::default(),
+        });
+        run_config(&config, Duration::from_secs(60))
+    })
+    .join()
+    .unwrap();
+    assert!(
+        outcome.output.contains("PASS virtio_net"),
+        "{}",
+        outcome.output
+    );
+    let counters = &outcome.report.devices[0].counters;
+    assert_eq!(counters["tx_frames"], 64, "{counters:?}");
+    assert_eq!(counters["tx_bytes"], 64 * 60, "{counters:?}");
+    assert_eq!(counters["tx_errors"], 0, "{counters:?}");
+}
