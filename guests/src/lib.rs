@@ -9,9 +9,13 @@ mod test_guests;
 mod virtio;
 mod virtio_blk;
 mod virtio_net;
+mod virtio_vsock;
 
 pub use default_guest::{default_guest, BANNER};
 pub use program::Result;
 pub use test_guests::{port_io_loop, test_guest, TEST_GUESTS};
 pub use virtio_blk::{block_workload, BlockWorkload};
 pub use virtio_net::{net_workload, NetWorkload};
+pub use virtio_vsock::{
+    vsock_workload, GUEST_PORT as VSOCK_GUEST_PORT, HOST_PORT as VSOCK_HOST_PORT,
+};

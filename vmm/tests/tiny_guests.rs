@@ -281,3 +281,69 @@ fn virtio_net_carries_a_tiny_guest_frames_to_the_tap() {
     assert_eq!(counters["tx_bytes"], 64 * 60, "{counters:?}");
     assert_eq!(counters["tx_errors"], 0, "{counters:?}");
 }
+
+/// A guest of our own speaks virtio-vsock: its connection to a host port
+/// reaches the Unix listener for that port, and a host program's
+/// `CONNECT <port>` reaches the guest; data crosses both ways on both.
+#[test]
+fn virtio_vsock_carries_a_tiny_guest_connections_both_ways() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    const CID: u64 = 5;
+    let dir = common::TempDir::new("tiny-vsock");
+    let socket = dir.path().join("v.sock");
+    let listener =
+        UnixListener::bind(format!("{}_{}", socket.display(), guests::VSOCK_HOST_PORT)).unwrap();
+    let host_socket = socket.clone();
+    let host = std::thread::spawn(move || {
+        // The guest's connection: "hello" in, "world" out.
+        let (mut from_guest, _) = listener.accept().unwrap();
+        from_guest
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut hello = [0u8; 5];
+        from_guest.read_exact(&mut hello).unwrap();
+        from_guest.write_all(b"world").unwrap();
+        // Our connection to the guest's port.
+        let mut to_guest = UnixStream::connect(&host_socket).unwrap();
+        to_guest
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        to_guest
+            .write_all(format!("CONNECT {}\n", guests::VSOCK_GUEST_PORT).as_bytes())
+            .unwrap();
+        let mut reader = BufReader::new(to_guest);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).unwrap();
+        let mut pong = [0u8; 4];
+        reader.read_exact(&mut pong).unwrap();
+        (hello, ok, pong)
+    });
+    let mut config = config_for("virtio_vsock", guests::vsock_workload(CID).unwrap());
+    config.vsock = Some(vmm::config::VsockConfig { cid: CID, socket });
+    let outcome = run_config(&config, Duration::from_secs(60));
+    assert!(
+        outcome.output.contains("PASS virtio_vsock"),
+        "{}\nexit: {}",
+        outcome.output,
+        outcome.report.exit
+    );
+    let (hello, ok, pong) = host.join().unwrap();
+    assert_eq!(&hello, b"hello");
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    assert_eq!(&pong, b"pong");
+    let counters = &outcome.report.devices[0].counters;
+    assert_eq!(
+        (
+            counters["connections_from_guest"],
+            counters["connections_from_host"]
+        ),
+        (1, 1),
+        "{counters:?}"
+    );
+    assert_eq!(
+        (counters["bytes_to_host"], counters["bytes_to_guest"]),
+        (5 + 4, 5),
+        "{counters:?}"
+    );
+}

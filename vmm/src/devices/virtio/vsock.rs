@@ -653,10 +653,21 @@ impl Vsock {
         if let Some(header) = self.control.pop_front() {
             return Some(RxWork::Control(header));
         }
-        self.connections
-            .iter()
-            .find(|(_, c)| c.state == State::Established && c.readable && c.peer_credit() > 0)
-            .map(|(key, _)| RxWork::Data(*key))
+        for (key, connection) in self.connections.iter_mut() {
+            if connection.state != State::Established
+                || !connection.readable
+                || connection.peer_credit() == 0
+            {
+                continue;
+            }
+            // Only take a receive buffer for data (or an end of stream)
+            // that is really there.
+            if has_data_or_end(&connection.stream) {
+                return Some(RxWork::Data(*key));
+            }
+            connection.readable = false;
+        }
+        None
     }
 
     fn requeue(&mut self, work: RxWork) {
@@ -776,6 +787,21 @@ impl Vsock {
             running.interrupt.signal_config_change();
         }
     }
+}
+
+/// Whether a read on `stream` would return data or end-of-stream now.
+fn has_data_or_end(stream: &UnixStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: peeks at most one byte into a local.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0 || std::io::Error::last_os_error().kind() != ErrorKind::WouldBlock
 }
 
 enum RxWork {
