@@ -347,3 +347,47 @@ fn virtio_vsock_carries_a_tiny_guest_connections_both_ways() {
         "{counters:?}"
     );
 }
+
+/// The same guest driver writing to a read-only disk: every request comes
+/// back with the virtio error status (the guest reports status 1), and the
+/// host file is untouched.
+#[test]
+fn a_read_only_disk_refuses_a_tiny_guest_writes_with_the_error_status() {
+    let dir = common::TempDir::new("tiny-blk-ro");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0x77u8; 1 << 20]).unwrap();
+    let workload = guests::BlockWorkload {
+        requests: 8,
+        request_bytes: 4096,
+        write: true,
+        random: false,
+        batch: 4,
+        disk_sectors: (1 << 20) / 512,
+    };
+    let mut config = config_for("virtio_blk", guests::block_workload(workload).unwrap());
+    config.disks.push(vmm::config::DiskConfig {
+        path: disk.clone(),
+        read_only: true,
+        id: None,
+        rate_limit: Default::default(),
+    });
+    let outcome = run_config(&config, Duration::from_secs(60));
+    assert!(
+        outcome
+            .output
+            .contains("FAIL virtio_blk: status of the last request (got 0x0000000000000001)"),
+        "{}",
+        outcome.output
+    );
+    let counters = &outcome.report.devices[0].counters;
+    assert_eq!(
+        (
+            counters["requests"],
+            counters["errors"],
+            counters["bytes_written"]
+        ),
+        (8, 8, 0),
+        "{counters:?}"
+    );
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0x77));
+}
