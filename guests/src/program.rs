@@ -76,6 +76,17 @@ impl Program {
         label
     }
 
+    /// Embeds `bytes` in the image and emits code that copies them to `to`
+    /// (prepared descriptor tables, rings, packets).
+    pub fn copy_data_to(&mut self, bytes: Vec<u8>, to: u64) -> Result<()> {
+        let len = bytes.len() as u32;
+        let label = self.data(bytes);
+        self.a.lea(rsi, ptr(label))?;
+        self.a.mov(rdi, to)?;
+        self.a.mov(ecx, len)?;
+        self.a.rep().movsb()
+    }
+
     /// Writes `rax` in decimal to COM1. Keeps every register but `rflags`.
     pub fn print_rax_decimal(&mut self) -> Result<()> {
         self.a.call(self.decimal_routine)

@@ -75,19 +75,8 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     let slots = w.disk_sectors / sectors_per_request;
     let mut p = Program::new("virtio_blk")?;
     let (table, headers) = prepared_queue(&w);
-    let (table_len, headers_len) = (table.len() as u32, headers.len() as u32);
-    let table_label = p.data(table);
-    let headers_label = p.data(headers);
-
-    // Copy the prepared descriptor table and headers into place.
-    p.a.lea(rsi, ptr(table_label))?;
-    p.a.mov(rdi, QUEUE)?;
-    p.a.mov(ecx, table_len)?;
-    p.a.rep().movsb()?;
-    p.a.lea(rsi, ptr(headers_label))?;
-    p.a.mov(rdi, HEADERS)?;
-    p.a.mov(ecx, headers_len)?;
-    p.a.rep().movsb()?;
+    p.copy_data_to(table, QUEUE)?;
+    p.copy_data_to(headers, HEADERS)?;
 
     init_device(
         &mut p,

@@ -50,17 +50,8 @@ pub fn net_workload(w: NetWorkload) -> Result<Vec<u8>> {
     assert!(w.batch > 0 && w.batch <= QUEUE_SIZE && (60..=1514).contains(&w.frame_bytes));
     let mut p = Program::new("virtio_net")?;
     let (table, frames) = prepared(&w);
-    let (table_len, frames_len) = (table.len() as u32, frames.len() as u32);
-    let table_label = p.data(table);
-    let frames_label = p.data(frames);
-    p.a.lea(rsi, ptr(table_label))?;
-    p.a.mov(rdi, TX_QUEUE)?;
-    p.a.mov(ecx, table_len)?;
-    p.a.rep().movsb()?;
-    p.a.lea(rsi, ptr(frames_label))?;
-    p.a.mov(rdi, FRAMES)?;
-    p.a.mov(ecx, frames_len)?;
-    p.a.rep().movsb()?;
+    p.copy_data_to(table, TX_QUEUE)?;
+    p.copy_data_to(frames, FRAMES)?;
     init_device(
         &mut p,
         &[

@@ -84,14 +84,9 @@ fn prepared(cid: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 pub fn vsock_workload(cid: u64) -> Result<Vec<u8>> {
     let mut p = Program::new("virtio_vsock")?;
     let (rx, tx, data) = prepared(cid);
-    for (blob, to) in [(rx, RX_QUEUE), (tx, TX_QUEUE), (data, TX_PACKETS)] {
-        let len = blob.len() as u32;
-        let label = p.data(blob);
-        p.a.lea(rsi, ptr(label))?;
-        p.a.mov(rdi, to)?;
-        p.a.mov(ecx, len)?;
-        p.a.rep().movsb()?;
-    }
+    p.copy_data_to(rx, RX_QUEUE)?;
+    p.copy_data_to(tx, TX_QUEUE)?;
+    p.copy_data_to(data, TX_PACKETS)?;
     init_device(
         &mut p,
         &[

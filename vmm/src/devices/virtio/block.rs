@@ -3,8 +3,8 @@
 
 use super::chain::ParsedChain;
 use super::{
-    device_type, drain_queue, read_config_bytes, ActivateError, Activation, Chain, DeviceEvents,
-    Drained, Interrupt, Queue, QueueT, VirtioDevice,
+    device_type, drain_queue, read_config_bytes, ActivateError, Activation, ActiveQueue, Chain,
+    DeviceEvents, Drained, QueueT, VirtioDevice,
 };
 use crate::config::DiskConfig;
 use crate::devices::rate_limiter::RateLimiter;
@@ -73,12 +73,6 @@ pub struct BlockStats {
     pub errors: AtomicU64,
 }
 
-struct Running {
-    memory: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Interrupt,
-}
-
 pub struct Block {
     name: String,
     file: File,
@@ -86,7 +80,7 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
     config: Vec<u8>,
-    running: Option<Running>,
+    running: Option<ActiveQueue>,
     broken: bool,
     stats: Arc<BlockStats>,
     limiter: Option<RateLimiter>,
@@ -460,20 +454,8 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let queue = activation
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::QueueNotReady(0))?;
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        self.running = Some(activation.single_queue()?);
         self.broken = false;
-        self.running = Some(Running {
-            memory: activation.memory,
-            queue,
-            interrupt: activation.interrupt,
-        });
         Ok(())
     }
 
@@ -532,6 +514,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{device_queue, TestQueue, DATA};
+    use super::super::Interrupt;
     use super::*;
     use crate::config::RateLimit;
     use vm_memory::{Bytes, GuestAddress};

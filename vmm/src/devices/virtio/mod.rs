@@ -104,6 +104,30 @@ pub struct Activation {
     pub features: u64,
 }
 
+/// A running single-queue device's queue, and what serving it needs.
+pub struct ActiveQueue {
+    pub memory: GuestMemoryMmap,
+    pub queue: Queue,
+    pub interrupt: Interrupt,
+}
+
+impl Activation {
+    /// The one queue of a single-queue device (block, rng), which must be ready.
+    pub fn single_queue(self) -> Result<ActiveQueue, ActivateError> {
+        let queue = self
+            .queues
+            .into_iter()
+            .next()
+            .filter(|queue| queue.ready())
+            .ok_or(ActivateError::QueueNotReady(0))?;
+        Ok(ActiveQueue {
+            memory: self.memory,
+            queue,
+            interrupt: self.interrupt,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("queue {0} is not ready")]

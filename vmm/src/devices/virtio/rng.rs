@@ -2,26 +2,19 @@
 
 use super::chain::ParsedChain;
 use super::{
-    device_type, drain_queue, ActivateError, Activation, Chain, DeviceEvents, Drained, Interrupt,
-    Queue, QueueT, VirtioDevice,
+    device_type, drain_queue, ActivateError, Activation, ActiveQueue, Chain, DeviceEvents, Drained,
+    QueueT, VirtioDevice,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vm_memory::GuestMemoryMmap;
 
 const QUEUE_SIZE: u16 = 64;
 /// Most bytes served per request; Linux asks for far less.
 const MAX_REQUEST_BYTES: u64 = 64 << 10;
 
-struct Running {
-    memory: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Interrupt,
-}
-
 #[derive(Default)]
 pub struct Rng {
-    running: Option<Running>,
+    running: Option<ActiveQueue>,
     broken: bool,
     bytes_served: Arc<AtomicU64>,
 }
@@ -121,20 +114,8 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let queue = activation
-            .queues
-            .into_iter()
-            .next()
-            .ok_or(ActivateError::QueueNotReady(0))?;
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        self.running = Some(activation.single_queue()?);
         self.broken = false;
-        self.running = Some(Running {
-            memory: activation.memory,
-            queue,
-            interrupt: activation.interrupt,
-        });
         Ok(())
     }
 
@@ -163,6 +144,7 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{device_queue, TestQueue, DATA};
+    use super::super::Interrupt;
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
