@@ -2,8 +2,9 @@
 //! - virtio-blk sequential MB/s and random 4 KiB IOPS, driven by a guest of
 //!   our own (`guests::block_workload`) through virtio-mmio, ioeventfd and
 //!   the device thread, next to the same workload on the host file directly;
-//! - virtio-net transmit packets/s and MB/s from a guest of our own
-//!   (`guests::net_workload`) to a TAP, next to UDP over host loopback;
+//! - virtio-net packets/s and MB/s from a guest of our own to a TAP
+//!   (`guests::net_workload`) and from a TAP into it
+//!   (`guests::net_receive_workload`), next to UDP over host loopback;
 //! - the VMM's cost per descriptor chain, driving device queues from the
 //!   host side (no guest): block 4 KiB read, rng 64 bytes, net 64-byte
 //!   frame to a TAP (in a network namespace of the bench's own).
@@ -213,6 +214,50 @@ fn loopback_udp(frames: u32, bytes: usize) -> f64 {
     f64::from(frames) / started.elapsed().as_secs_f64()
 }
 
+/// Runs the receive workload guest while a thread sends frames into its TAP;
+/// returns the VM's wall time.
+fn run_net_receive_guest(frames: u32, frame_bytes: usize) -> Duration {
+    std::thread::spawn(move || {
+        // SAFETY: unshare on this thread only; the VM's and sender's threads inherit it.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "needs root"
+        );
+        let mut config = VmConfig::new(KernelSource::Bytes {
+            name: "virtio_net".into(),
+            image: guests::net_receive_workload(frames).unwrap().into(),
+        });
+        config.cmdline = String::new();
+        config.memory_mib = 64;
+        config.nets.push(NetConfig {
+            tap: "bench1".into(),
+            mac: None,
+            rate_limit: Default::default(),
+        });
+        let started = Instant::now();
+        let running = Vm::new(&config, Box::new(std::io::sink()))
+            .unwrap()
+            .start()
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                vmm::devices::virtio::testing::inject_frames("bench1", frame_bytes, &stop)
+            })
+        };
+        let report = running.wait();
+        let elapsed = started.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.join().unwrap().unwrap();
+        assert_eq!(report.exit, VmExit::PowerOff);
+        elapsed
+    })
+    .join()
+    .unwrap()
+}
+
 fn net_through_guest() {
     let workload = |frames, frame_bytes| guests::NetWorkload {
         frames,
@@ -247,6 +292,30 @@ fn net_through_guest() {
             "",
             pps * f64::from(bytes) / 1e6,
             host * f64::from(bytes) / 1e6
+        );
+    }
+    let baseline = (0..3).map(|_| run_net_receive_guest(0, 60)).min().unwrap();
+    println!(
+        "  virtio-net receive into a guest of our own (buffers given back in 16s), from a TAP:"
+    );
+    for (frames, bytes) in [(8192u32, 60usize), (4096, 1514)] {
+        let guest = run_net_receive_guest(frames, bytes)
+            .saturating_sub(baseline)
+            .as_secs_f64();
+        let pps = f64::from(frames) / guest;
+        let host = loopback_udp(frames, bytes - 42);
+        println!(
+            "    {:<34} {:>10.0} pps {:>10.0} pps {:>6.1}%",
+            format!("{bytes}-byte frames"),
+            pps,
+            host,
+            100.0 * pps / host
+        );
+        println!(
+            "    {:<34} {:>9.1} MB/s {:>9.1} MB/s",
+            "",
+            pps * bytes as f64 / 1e6,
+            host * bytes as f64 / 1e6
         );
     }
 }

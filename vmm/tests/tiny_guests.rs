@@ -391,3 +391,58 @@ fn a_read_only_disk_refuses_a_tiny_guest_writes_with_the_error_status() {
     );
     assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0x77));
 }
+
+/// Frames the host sends into the TAP reach a guest of our own through
+/// virtio-net's receive queue; the guest gives its buffers back as it goes.
+#[test]
+fn virtio_net_delivers_frames_from_the_tap_to_a_tiny_guest() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let outcome = std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only; the VM's threads inherit it.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "needs root"
+        );
+        let mut config = config_for("virtio_net", guests::net_receive_workload(200).unwrap());
+        config.nets.push(vmm::config::NetConfig {
+            tap: "tinynet1".into(),
+            mac: None,
+            rate_limit: Default::default(),
+        });
+        let console = common::Capture::default();
+        let vm = vmm::Vm::new(&config, Box::new(console.clone())).unwrap();
+        let running = vm.start().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                vmm::devices::virtio::testing::inject_frames("tinynet1", 60, &stop).unwrap()
+            })
+        };
+        let exit = running.exit_signal();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !exit.is_requested() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        running.stop();
+        let report = running.wait();
+        stop.store(true, Ordering::Relaxed);
+        (report, sender.join().unwrap(), console.text())
+    })
+    .join()
+    .unwrap();
+    let (report, sent, console) = outcome;
+    assert_eq!(
+        report.exit,
+        VmExit::PowerOff,
+        "the guest did not receive 200 frames: {console}"
+    );
+    assert!(console.contains("PASS virtio_net"), "{console}");
+    let counters = &report.devices[0].counters;
+    assert!(
+        counters["rx_frames"] >= 200 && sent >= counters["rx_frames"],
+        "{counters:?}, sent {sent}"
+    );
+}

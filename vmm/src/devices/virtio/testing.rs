@@ -195,3 +195,59 @@ pub fn fuzz_device(device: &mut dyn VirtioDevice, input: &[u8]) {
     }
     device.reset();
 }
+
+/// Sends Ethernet frames of `frame_len` bytes out of the network interface
+/// `interface` (a TAP: they reach whoever reads the TAP, the VMM) until
+/// `stop` is set; returns how many were sent. The calling thread must be in
+/// the interface's network namespace; needs CAP_NET_RAW.
+pub fn inject_frames(
+    interface: &str,
+    frame_len: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let name = std::ffi::CString::new(interface).map_err(std::io::Error::other)?;
+    // SAFETY: plain calls with checked results; the socket is owned below.
+    let (index, fd) = unsafe {
+        (
+            libc::if_nametoindex(name.as_ptr()),
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0),
+        )
+    };
+    if index == 0 || fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_ifindex = index as i32;
+    address.sll_halen = 6;
+    address.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let mut frame = vec![0u8; frame_len.max(60)];
+    frame[..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let mut sent = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: sends our frame buffer to the address we filled in.
+        let n = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&address as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n > 0 {
+            sent += 1;
+        } else {
+            // A full TAP queue: let the reader catch up.
+            std::thread::yield_now();
+        }
+    }
+    Ok(sent)
+}
