@@ -17,6 +17,8 @@ pub struct Rng {
     running: Option<ActiveQueue>,
     broken: bool,
     bytes_served: Arc<AtomicU64>,
+    /// Grows to the largest request served, then is reused.
+    random: Vec<u8>,
 }
 
 impl Rng {
@@ -36,7 +38,7 @@ impl Rng {
         let memory = running.memory.clone();
         let mut used_any = false;
         let mut error = None;
-        let mut random = vec![0u8; MAX_REQUEST_BYTES as usize];
+        let random = &mut self.random;
         let drained = drain_queue(&mut running.queue, &memory, |queue, chain| {
             // Larger chains are refused whole: the limit bounds what one
             // request can make the host do.
@@ -48,6 +50,9 @@ impl Rng {
                 }
             };
             let want = parsed.writable_len() as usize;
+            if random.len() < want {
+                random.resize(want, 0);
+            }
             let filled = match fill_random(&mut random[..want]) {
                 Ok(()) => parsed.write_at(&memory, 0, &random[..want]),
                 Err(e) => {
