@@ -19,7 +19,13 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+// The image lookup and temporary folders the VMM's own integration tests use.
+#[path = "../../vmm/tests/common/mod.rs"]
+mod common;
+
+use common::image;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,27 +39,6 @@ const NETCONSOLE_PORT: u16 = 6666;
 const GUEST_MIB: u64 = 256;
 const BALLOON_MIB: u64 = 64;
 const GUEST_CID: u64 = 7;
-
-fn image(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("BULKHEAD_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"));
-    let path = dir.join(name);
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var_os("BULKHEAD_REQUIRE_IMAGES").is_some() {
-        panic!(
-            "guest image {} is missing: run `cargo xtask images`",
-            path.display()
-        );
-    }
-    eprintln!(
-        "skipped: guest image {} is not built (cargo xtask images)",
-        path.display()
-    );
-    None
-}
 
 fn run(command: &mut Command) -> String {
     let output = command
@@ -211,8 +196,8 @@ fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
     let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("bulkhead-linux-devices-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = common::TempDir::new("linux-devices");
+    let dir = temp.path();
     let root = dir.join("root.ext4");
     std::fs::copy(&rootfs, &root).unwrap();
     let control = dir.join("control.sock");
@@ -454,5 +439,4 @@ fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
     let (status, report) = guest.stop();
     assert!(status.success(), "bulkhead ended {status}: {report}");
     assert_eq!(report["exit"], "stopped by the host", "{report}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,11 +11,10 @@
 use iced_x86::code_asm::*;
 
 use crate::program::{Program, Result};
-use crate::virtio::{init_device, notify, VirtQueue};
+use crate::virtio::{init_device, notify, put_descriptor, wait_used_index, F_NEXT, F_WRITE};
 
 const QUEUE: u64 = 0x40_0000;
 const AVAIL: u64 = QUEUE + 0x1000;
-const USED: u64 = QUEUE + 0x2000;
 const HEADERS: u64 = QUEUE + 0x3000;
 const STATUSES: u64 = QUEUE + 0x3800;
 const BUFFERS: u64 = 0x50_0000;
@@ -44,16 +43,10 @@ fn prepared_queue(w: &BlockWorkload) -> (Vec<u8>, Vec<u8>) {
     for i in 0..u64::from(w.batch) {
         let (head, data, status) = (3 * i, 3 * i + 1, 3 * i + 2);
         let mut put = |index: u64, addr: u64, len: u32, flags: u16, next: u64| {
-            let at = index as usize * 16;
-            table[at..at + 8].copy_from_slice(&addr.to_le_bytes());
-            table[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
-            table[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
-            table[at + 14..at + 16].copy_from_slice(&(next as u16).to_le_bytes());
+            put_descriptor(&mut table, index as usize, addr, len, flags, next as u16)
         };
-        const NEXT: u16 = 1;
-        const WRITE: u16 = 2;
-        put(head, HEADERS + 16 * i, 16, NEXT, data);
-        let data_flags = if w.write { NEXT } else { NEXT | WRITE };
+        put(head, HEADERS + 16 * i, 16, F_NEXT, data);
+        let data_flags = if w.write { F_NEXT } else { F_NEXT | F_WRITE };
         put(
             data,
             BUFFERS + u64::from(w.request_bytes) * i,
@@ -61,7 +54,7 @@ fn prepared_queue(w: &BlockWorkload) -> (Vec<u8>, Vec<u8>) {
             data_flags,
             status,
         );
-        put(status, STATUSES + i, 1, WRITE, 0);
+        put(status, STATUSES + i, 1, F_WRITE, 0);
         let kind: u32 = if w.write { 1 } else { 0 };
         headers[i as usize * 16..i as usize * 16 + 4].copy_from_slice(&kind.to_le_bytes());
     }
@@ -78,14 +71,7 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     p.copy_data_to(table, QUEUE)?;
     p.copy_data_to(headers, HEADERS)?;
 
-    init_device(
-        &mut p,
-        &[VirtQueue {
-            index: 0,
-            size: QUEUE_SIZE,
-            base: QUEUE,
-        }],
-    )?;
+    init_device(&mut p, QUEUE_SIZE, &[QUEUE])?;
 
     // r12: batches left; r13: sector state; r14: avail index; r15: LCG multiplier.
     p.a.mov(r12d, w.requests / u32::from(w.batch))?;
@@ -93,7 +79,6 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     p.a.xor(r14, r14)?;
     p.a.mov(r15, 6_364_136_223_846_793_005u64)?;
     let mut batch = p.a.create_label();
-    let mut wait = p.a.create_label();
     let mut done = p.a.create_label();
     p.a.test(r12d, r12d)?;
     p.a.jz(done)?;
@@ -121,10 +106,7 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     p.a.add(r14d, u32::from(w.batch))?;
     p.a.mov(word_ptr(AVAIL + 2), r14w)?;
     notify(&mut p, 0)?;
-    p.a.set_label(&mut wait)?;
-    p.a.movzx(eax, word_ptr(USED + 2))?;
-    p.a.cmp(ax, r14w)?;
-    p.a.jne(wait)?;
+    wait_used_index(&mut p, QUEUE, r14w)?;
     p.a.dec(r12d)?;
     p.a.jnz(batch)?;
     p.a.set_label(&mut done)?;

@@ -8,12 +8,13 @@
 use iced_x86::code_asm::*;
 
 use crate::program::{Program, Result};
-use crate::virtio::{init_device, notify, VirtQueue};
+use crate::virtio::{
+    init_device, notify, posted_buffers, put_descriptor, wait_used_index, F_WRITE,
+};
 
 const RX_QUEUE: u64 = 0x40_0000;
 const TX_QUEUE: u64 = 0x44_0000;
 const TX_AVAIL: u64 = TX_QUEUE + 0x1000;
-const TX_USED: u64 = TX_QUEUE + 0x2000;
 const FRAMES: u64 = 0x50_0000;
 const QUEUE_SIZE: u16 = 64;
 /// The virtio-net header in front of every frame (VERSION_1: 12 bytes).
@@ -35,9 +36,14 @@ fn prepared(w: &NetWorkload) -> (Vec<u8>, Vec<u8>) {
     let mut table = vec![0u8; usize::from(QUEUE_SIZE) * 16];
     let mut frames = vec![0u8; (stride * u64::from(w.batch)) as usize];
     for i in 0..u64::from(w.batch) {
-        let at = i as usize * 16;
-        table[at..at + 8].copy_from_slice(&(FRAMES + stride * i).to_le_bytes());
-        table[at + 8..at + 12].copy_from_slice(&(VNET_HEADER + w.frame_bytes).to_le_bytes());
+        put_descriptor(
+            &mut table,
+            i as usize,
+            FRAMES + stride * i,
+            VNET_HEADER + w.frame_bytes,
+            0,
+            0,
+        );
         let frame = (stride * i) as usize + VNET_HEADER as usize;
         frames[frame..frame + 6].copy_from_slice(&[0xff; 6]);
         frames[frame + 6..frame + 12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
@@ -52,26 +58,11 @@ pub fn net_workload(w: NetWorkload) -> Result<Vec<u8>> {
     let (table, frames) = prepared(&w);
     p.copy_data_to(table, TX_QUEUE)?;
     p.copy_data_to(frames, FRAMES)?;
-    init_device(
-        &mut p,
-        &[
-            VirtQueue {
-                index: 0,
-                size: QUEUE_SIZE,
-                base: RX_QUEUE,
-            },
-            VirtQueue {
-                index: 1,
-                size: QUEUE_SIZE,
-                base: TX_QUEUE,
-            },
-        ],
-    )?;
+    init_device(&mut p, QUEUE_SIZE, &[RX_QUEUE, TX_QUEUE])?;
     // r12: batches left; r14: avail index.
     p.a.mov(r12d, w.frames / u32::from(w.batch))?;
     p.a.xor(r14, r14)?;
     let mut batch = p.a.create_label();
-    let mut wait = p.a.create_label();
     let mut done = p.a.create_label();
     p.a.test(r12d, r12d)?;
     p.a.jz(done)?;
@@ -84,10 +75,7 @@ pub fn net_workload(w: NetWorkload) -> Result<Vec<u8>> {
     p.a.add(r14d, u32::from(w.batch))?;
     p.a.mov(word_ptr(TX_AVAIL + 2), r14w)?;
     notify(&mut p, 1)?;
-    p.a.set_label(&mut wait)?;
-    p.a.movzx(eax, word_ptr(TX_USED + 2))?;
-    p.a.cmp(ax, r14w)?;
-    p.a.jne(wait)?;
+    wait_used_index(&mut p, TX_QUEUE, r14w)?;
     p.a.dec(r12d)?;
     p.a.jnz(batch)?;
     p.a.set_label(&mut done)?;
@@ -104,16 +92,16 @@ const RX_USED: u64 = RX_QUEUE + 0x2000;
 /// Every receive descriptor (one 2 KiB writable buffer each) and the
 /// available ring offering all of them.
 fn prepared_receive() -> Vec<u8> {
-    let mut area = vec![0u8; 0x1000 + 4 + 2 * usize::from(QUEUE_SIZE)];
-    for i in 0..usize::from(QUEUE_SIZE) {
-        let at = i * 16;
-        area[at..at + 8].copy_from_slice(&(RX_BUFFERS + RX_BUFFER_BYTES * i as u64).to_le_bytes());
-        area[at + 8..at + 12].copy_from_slice(&(RX_BUFFER_BYTES as u32).to_le_bytes());
-        area[at + 12..at + 14].copy_from_slice(&2u16.to_le_bytes()); // device-writable
-        area[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&(i as u16).to_le_bytes());
-    }
-    area[0x1002..0x1004].copy_from_slice(&QUEUE_SIZE.to_le_bytes());
-    area
+    let buffers: Vec<(u64, u32, u16)> = (0..u64::from(QUEUE_SIZE))
+        .map(|i| {
+            (
+                RX_BUFFERS + RX_BUFFER_BYTES * i,
+                RX_BUFFER_BYTES as u32,
+                F_WRITE,
+            )
+        })
+        .collect();
+    posted_buffers(&buffers)
 }
 
 /// A guest that receives `frames` frames (whatever the host sends), giving
@@ -123,21 +111,7 @@ pub fn net_receive_workload(frames: u32) -> Result<Vec<u8>> {
     const REFILL_EVERY: u32 = 16;
     let mut p = Program::new("virtio_net")?;
     p.copy_data_to(prepared_receive(), RX_QUEUE)?;
-    init_device(
-        &mut p,
-        &[
-            VirtQueue {
-                index: 0,
-                size: QUEUE_SIZE,
-                base: RX_QUEUE,
-            },
-            VirtQueue {
-                index: 1,
-                size: QUEUE_SIZE,
-                base: TX_QUEUE,
-            },
-        ],
-    )?;
+    init_device(&mut p, QUEUE_SIZE, &[RX_QUEUE, TX_QUEUE])?;
     // r13: frames left; r14: used entries consumed.
     p.a.mov(r13d, frames)?;
     p.a.xor(r14, r14)?;

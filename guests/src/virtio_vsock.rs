@@ -9,7 +9,7 @@
 use iced_x86::code_asm::*;
 
 use crate::program::{Program, Result};
-use crate::virtio::{init_device, notify, VirtQueue};
+use crate::virtio::{init_device, notify, posted_buffers, put_descriptor, F_WRITE};
 
 pub const HOST_PORT: u32 = 5000;
 pub const GUEST_PORT: u32 = 2000;
@@ -46,19 +46,10 @@ fn header(cid: u64, src_port: u32, dst_port: u32, op: u16, payload: &[u8]) -> Ve
 /// Descriptor tables and rings for rx (four posted buffers) and tx (four
 /// packets), and the packets themselves, as one blob per area.
 fn prepared(cid: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let put = |table: &mut Vec<u8>, index: usize, addr: u64, len: u32, flags: u16| {
-        let at = index * 16;
-        table[at..at + 8].copy_from_slice(&addr.to_le_bytes());
-        table[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
-        table[at + 12..at + 14].copy_from_slice(&flags.to_le_bytes());
-    };
-    // rx: descriptor table, then (at +0x1000) the avail ring with 4 entries.
-    let mut rx = vec![0u8; 0x1000 + 4 + 8];
-    for i in 0..4 {
-        put(&mut rx, i, RX_BUFFERS + BUFFER * i as u64, BUFFER as u32, 2);
-        rx[0x1004 + 2 * i..0x1006 + 2 * i].copy_from_slice(&(i as u16).to_le_bytes());
-    }
-    rx[0x1002..0x1004].copy_from_slice(&4u16.to_le_bytes());
+    let rx_buffers: Vec<(u64, u32, u16)> = (0..4)
+        .map(|i| (RX_BUFFERS + BUFFER * i, BUFFER as u32, F_WRITE))
+        .collect();
+    let rx = posted_buffers(&rx_buffers);
     let packets = [
         header(cid, GUEST_LOCAL_PORT, HOST_PORT, op::REQUEST, b""),
         header(cid, GUEST_LOCAL_PORT, HOST_PORT, op::RW, b"hello"),
@@ -69,11 +60,12 @@ fn prepared(cid: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let mut tx = vec![0u8; QUEUE_SIZE as usize * 16];
     let mut data = vec![0u8; 4 * BUFFER as usize];
     for (i, packet) in packets.iter().enumerate() {
-        put(
+        put_descriptor(
             &mut tx,
             i,
             TX_PACKETS + BUFFER * i as u64,
             packet.len() as u32,
+            0,
             0,
         );
         data[i * BUFFER as usize..i * BUFFER as usize + packet.len()].copy_from_slice(packet);
@@ -87,26 +79,7 @@ pub fn vsock_workload(cid: u64) -> Result<Vec<u8>> {
     p.copy_data_to(rx, RX_QUEUE)?;
     p.copy_data_to(tx, TX_QUEUE)?;
     p.copy_data_to(data, TX_PACKETS)?;
-    init_device(
-        &mut p,
-        &[
-            VirtQueue {
-                index: 0,
-                size: QUEUE_SIZE,
-                base: RX_QUEUE,
-            },
-            VirtQueue {
-                index: 1,
-                size: QUEUE_SIZE,
-                base: TX_QUEUE,
-            },
-            VirtQueue {
-                index: 2,
-                size: QUEUE_SIZE,
-                base: EVENT_QUEUE,
-            },
-        ],
-    )?;
+    init_device(&mut p, QUEUE_SIZE, &[RX_QUEUE, TX_QUEUE, EVENT_QUEUE])?;
     let rx_used = RX_QUEUE + 0x2002;
     let tx_avail = TX_QUEUE + 0x1000;
     // Publishes tx packet `index` (its descriptor is `index`) as avail entry `index`.

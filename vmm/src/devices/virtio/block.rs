@@ -12,8 +12,6 @@ use event_manager::EventSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -59,18 +57,23 @@ pub enum BlockError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot create the rate-limit timer for disk {path}: {source}")]
+    Timer {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("disk {path} is empty or smaller than one 512-byte sector")]
     TooSmall { path: String },
 }
 
-/// Counters a test or the control socket can read while the VM runs.
+/// What the disk served, for reports (read under the transport's lock).
 #[derive(Debug, Default)]
-pub struct BlockStats {
-    pub requests: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub flushes: AtomicU64,
-    pub errors: AtomicU64,
+struct BlockStats {
+    requests: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    flushes: u64,
+    errors: u64,
 }
 
 pub struct Block {
@@ -82,7 +85,7 @@ pub struct Block {
     config: Vec<u8>,
     running: Option<ActiveQueue>,
     broken: bool,
-    stats: Arc<BlockStats>,
+    stats: BlockStats,
     limiter: Option<RateLimiter>,
 }
 
@@ -119,7 +122,7 @@ impl Block {
             match config.rate_limit.is_unlimited() {
                 true => None,
                 false => Some(RateLimiter::new(&config.rate_limit).map_err(|source| {
-                    BlockError::Open {
+                    BlockError::Timer {
                         path: path.clone(),
                         source,
                     }
@@ -144,13 +147,9 @@ impl Block {
             config: config_space(capacity_sectors),
             running: None,
             broken: false,
-            stats: Arc::new(BlockStats::default()),
+            stats: BlockStats::default(),
             limiter,
         })
-    }
-
-    pub fn stats(&self) -> Arc<BlockStats> {
-        self.stats.clone()
     }
 
     fn process_queue(&mut self) {
@@ -208,11 +207,11 @@ impl Block {
             return None;
         }
         let status_offset = writable - 1;
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests += 1;
         let (status, data_written) = match self.serve(chain, memory, status_offset) {
             Ok(written) => (status::OK, written),
             Err(status) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors += 1;
                 (status, 0)
             }
         };
@@ -240,9 +239,7 @@ impl Block {
                 let iovecs = chain.writable_iovecs(memory, 0, data_in_len);
                 transfer_all(&self.file, iovecs, offset, Direction::FromFile)
                     .map_err(|e| self.io_error("read", e))?;
-                self.stats
-                    .bytes_read
-                    .fetch_add(data_in_len, Ordering::Relaxed);
+                self.stats.bytes_read += data_in_len;
                 Ok(data_in_len)
             }
             request::OUT => {
@@ -253,13 +250,11 @@ impl Block {
                 let iovecs = chain.readable_iovecs(memory, 16, data_out_len);
                 transfer_all(&self.file, iovecs, offset, Direction::ToFile)
                     .map_err(|e| self.io_error("write", e))?;
-                self.stats
-                    .bytes_written
-                    .fetch_add(data_out_len, Ordering::Relaxed);
+                self.stats.bytes_written += data_out_len;
                 Ok(0)
             }
             request::FLUSH => {
-                self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.stats.flushes += 1;
                 if !self.read_only {
                     self.file
                         .sync_data()
@@ -498,11 +493,11 @@ impl VirtioDevice for Block {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = &self.stats;
         vec![
-            ("requests", s.requests.load(Ordering::Relaxed)),
-            ("bytes_read", s.bytes_read.load(Ordering::Relaxed)),
-            ("bytes_written", s.bytes_written.load(Ordering::Relaxed)),
-            ("flushes", s.flushes.load(Ordering::Relaxed)),
-            ("errors", s.errors.load(Ordering::Relaxed)),
+            ("requests", s.requests),
+            ("bytes_read", s.bytes_read),
+            ("bytes_written", s.bytes_written),
+            ("flushes", s.flushes),
+            ("errors", s.errors),
             (
                 "throttled",
                 self.limiter.as_ref().map_or(0, |l| l.throttled_count),
@@ -628,7 +623,7 @@ mod tests {
         let on_disk = std::fs::read(&h.file.0).unwrap();
         assert!(on_disk[10 * 512..11 * 512].iter().all(|&b| b == 0xab));
         assert!(on_disk[11 * 512..12 * 512].iter().all(|&b| b == 11));
-        assert_eq!(h.block.stats.bytes_written.load(Ordering::Relaxed), 512);
+        assert_eq!(h.block.stats.bytes_written, 512);
     }
 
     #[test]
@@ -706,7 +701,7 @@ mod tests {
         h.block.process_queue();
         assert!(h.block.is_broken());
         assert_eq!(h.q.used_index(), 0);
-        assert_eq!(h.block.stats.requests.load(Ordering::Relaxed), 0);
+        assert_eq!(h.block.stats.requests, 0);
     }
 
     #[test]

@@ -112,10 +112,6 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
-    }
-
     pub fn is_activated(&self) -> bool {
         self.activated
     }

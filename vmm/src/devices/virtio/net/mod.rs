@@ -67,14 +67,14 @@ fn random_mac() -> [u8; 6] {
     mac
 }
 
-#[derive(Debug, Default, Clone)]
-pub struct NetStats {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub rx_dropped: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub tx_errors: u64,
+#[derive(Debug, Default)]
+struct NetStats {
+    rx_frames: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+    tx_frames: u64,
+    tx_bytes: u64,
+    tx_errors: u64,
 }
 
 struct Running {
@@ -115,7 +115,7 @@ impl Net {
             }
             RateLimiter::new(&config.rate_limit)
                 .map(Some)
-                .map_err(|source| TapError::Attach {
+                .map_err(|source| TapError::Timer {
                     name: config.tap.clone(),
                     source,
                 })
@@ -137,10 +137,6 @@ impl Net {
             rx_limiter: limiter()?,
             tx_limiter: limiter()?,
         })
-    }
-
-    pub fn stats(&self) -> &NetStats {
-        &self.stats
     }
 
     fn break_device(&mut self, reason: &str) {

@@ -18,6 +18,8 @@ pub enum TapError {
     Attach { name: String, source: io::Error },
     #[error("TAP {name} does not take virtio-net headers: {source}")]
     VnetHeader { name: String, source: io::Error },
+    #[error("cannot create the rate-limit timer for TAP {name}: {source}")]
+    Timer { name: String, source: io::Error },
     #[error("cannot bring TAP {name} up: {source}")]
     LinkUp { name: String, source: io::Error },
 }
