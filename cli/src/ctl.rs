@@ -22,12 +22,73 @@ enum Action {
         /// Target balloon size in MiB (0 gives all memory back to the guest).
         mib: u64,
     },
+    /// Stop every vCPU and device at a consistent point.
+    Pause,
+    /// Let a paused VM run again.
+    Resume,
+    /// Write a snapshot of the VM to DIR (which must not exist); a running
+    /// VM is paused while it is written, then goes on.
+    Snapshot { dir: PathBuf },
+    /// Live-migrate the VM to a `bulkhead run --incoming URI` process
+    /// (URI: tcp:HOST:PORT or unix:PATH). This VM ends when the destination
+    /// runs it; if anything fails it runs on here and the error says why.
+    Migrate {
+        uri: String,
+        /// Longest pause allowed at switch-over, in ms.
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        downtime_ms: u64,
+        /// Cap on the migration stream, in MiB/s.
+        #[arg(long, value_name = "MIB")]
+        bandwidth_mib: Option<u64>,
+        /// Give up after this many seconds without converging.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        give_up_after: u64,
+        /// Compare a checksum of all guest memory on both sides at switch-over.
+        #[arg(long)]
+        verify_memory: bool,
+        /// Use TLS, trusting the CA certificate(s) in this PEM file.
+        #[arg(long, value_name = "PEM", requires = "tls_server_name")]
+        tls_ca: Option<PathBuf>,
+        /// The name the destination's certificate must carry.
+        #[arg(long, value_name = "NAME", requires = "tls_ca")]
+        tls_server_name: Option<String>,
+    },
 }
 
 pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
     let request = match args.action {
         Action::Status => Request::Status,
         Action::Balloon { mib } => Request::Balloon { target_mib: mib },
+        Action::Pause => Request::Pause,
+        Action::Resume => Request::Resume,
+        // The VM resolves paths from its own working directory, not ours.
+        Action::Snapshot { dir } => Request::Snapshot {
+            path: std::path::absolute(&dir)
+                .with_context(|| format!("bad snapshot path {}", dir.display()))?,
+        },
+        Action::Migrate {
+            uri,
+            downtime_ms,
+            bandwidth_mib,
+            give_up_after,
+            verify_memory,
+            tls_ca,
+            tls_server_name,
+        } => Request::Migrate(vmm::migration::MigrateOptions {
+            uri,
+            downtime_ms: Some(downtime_ms),
+            bandwidth_mib,
+            give_up_after_s: Some(give_up_after),
+            verify_memory,
+            tls: match (tls_ca, tls_server_name) {
+                (Some(ca), Some(server_name)) => Some(vmm::migration::TlsClient {
+                    ca: std::path::absolute(&ca)
+                        .with_context(|| format!("bad CA path {}", ca.display()))?,
+                    server_name,
+                }),
+                _ => None,
+            },
+        }),
     };
     let answer = vmm::control::request(&args.path, &request)
         .with_context(|| format!("cannot talk to control socket {}", args.path.display()))?;
@@ -41,6 +102,8 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
     }
     if let Some(status) = answer.get("status") {
         println!("{}", serde_json::to_string_pretty(status)?);
+    } else if answer.get("snapshot").is_some() || answer.get("migration").is_some() {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
     }
     Ok(0)
 }

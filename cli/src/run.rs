@@ -63,12 +63,73 @@ pub struct RunArgs {
     /// Log every vCPU's instruction pointer this often, in ms (to find where a guest stalls).
     #[arg(long, value_name = "MS")]
     sample_rip_ms: Option<u64>,
+    /// Resume the VM saved in snapshot directory DIR (`bulkhead ctl PATH
+    /// snapshot DIR`) instead of booting one; its memory is mapped from the
+    /// snapshot copy-on-write.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "vsock", "rng", "prefault", "no_host_options"])]
+    restore: Option<PathBuf>,
+    /// Wait for a live migration at URI (tcp:HOST:PORT or unix:PATH) and run
+    /// the VM that arrives (`bulkhead ctl PATH migrate URI` on the source).
+    #[arg(long, value_name = "URI", conflicts_with_all = [
+        "restore", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "vsock", "rng", "prefault", "no_host_options"])]
+    incoming: Option<String>,
+    /// With --incoming: serve TLS with this PEM certificate (chain).
+    #[arg(long, value_name = "PEM", requires_all = ["incoming", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// With --incoming: the PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires_all = ["incoming", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// With --restore: read the whole memory file first and check its
+    /// checksum (slower; a restore otherwise checks sizes and the state's checksum).
+    #[arg(long, requires = "restore")]
+    verify_memory: bool,
     /// How to print the end-of-run report (on stderr; stdout is the console).
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    // Before any thread starts, so that every thread inherits the mask.
+    let stop_signals = crate::console::block_stop_signals();
+    let options = vmm::vm::RestoreOptions {
+        kvm_device: args.kvm_device.clone(),
+        sample_rip_every: args.sample_rip_ms.map(std::time::Duration::from_millis),
+    };
+    if let Some(uri) = &args.incoming {
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(vmm::migration::TlsServer {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        let incoming = vmm::migration::accept(uri, tls).context("cannot wait for a migration")?;
+        eprintln!("bulkhead: waiting for a migration on {}", incoming.uri());
+        let arrived = incoming
+            .receive(&options, Box::new(std::io::stdout()))
+            .context("incoming migration failed")?;
+        eprintln!("bulkhead: migration received, resuming");
+        let running = arrived.start().context("incoming migration failed")?;
+        return supervise(running, stop_signals, &args);
+    }
+    let vm = if let Some(dir) = &args.restore {
+        let snapshot = vmm::snapshot::read(dir).context("cannot restore")?;
+        if args.verify_memory {
+            snapshot.verify_memory().context("cannot restore")?;
+        }
+        Vm::restore(&snapshot, &options, Box::new(std::io::stdout()))
+            .with_context(|| format!("cannot restore {}", dir.display()))?
+    } else {
+        let config = boot_config(&args)?;
+        Vm::new(&config, Box::new(std::io::stdout())).context("cannot create the VM")?
+    };
+    run_vm(vm, stop_signals, &args)
+}
+
+fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let kernel = match &args.kernel {
         Some(path) => KernelSource::File(path.clone()),
         None => KernelSource::Bytes {
@@ -98,13 +159,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         (None, None) => config.cmdline = String::new(),
         (None, Some(_)) => {}
     }
+    Ok(config)
+}
 
-    // Before any thread starts, so that every thread inherits the mask.
-    let stop_signals = crate::console::block_stop_signals();
-    let vm = Vm::new(&config, Box::new(std::io::stdout())).context("cannot create the VM")?;
+fn run_vm(vm: Vm, stop_signals: libc::sigset_t, args: &RunArgs) -> anyhow::Result<i32> {
     tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
-    let terminal = RawTerminal::stdin();
     let running = vm.start().context("cannot start the VM")?;
+    supervise(running, stop_signals, args)
+}
+
+/// Serves the console and the control socket until the VM ends.
+fn supervise(
+    running: vmm::RunningVm,
+    stop_signals: libc::sigset_t,
+    args: &RunArgs,
+) -> anyhow::Result<i32> {
+    let terminal = RawTerminal::stdin();
     let control_thread = match &args.control {
         Some(path) => {
             Some(vmm::control::serve(path, running.control()).inspect_err(|_| running.stop())?)

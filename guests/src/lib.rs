@@ -4,6 +4,7 @@
 
 mod default_guest;
 mod elf;
+mod memory_writer;
 mod program;
 mod test_guests;
 mod virtio;
@@ -12,6 +13,7 @@ mod virtio_net;
 mod virtio_vsock;
 
 pub use default_guest::{default_guest, BANNER};
+pub use memory_writer::{memory_writer, MemoryWriter};
 pub use program::Result;
 pub use test_guests::{port_io_loop, test_guest, TEST_GUESTS};
 pub use virtio_blk::{block_workload, BlockWorkload};

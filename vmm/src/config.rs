@@ -1,6 +1,7 @@
 //! What a VM is made of, as given by the user, validated before anything is built.
 
 pub use crate::devices::rate_limiter::RateLimit;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Where the kernel image comes from.
@@ -24,7 +25,7 @@ impl KernelSource {
 }
 
 /// A virtio-blk disk backed by a host file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -35,7 +36,7 @@ pub struct DiskConfig {
 }
 
 /// A virtio-net interface backed by a host TAP device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The TAP device, created if it does not exist.
     pub tap: String,
@@ -46,7 +47,7 @@ pub struct NetConfig {
 }
 
 /// A virtio-balloon device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonConfig {
     /// The balloon size asked of the guest at boot.
     pub target_mib: u64,
@@ -57,7 +58,7 @@ pub struct BalloonConfig {
 }
 
 /// A virtio-vsock device and the host side of its sockets.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).
     pub cid: u64,
@@ -90,6 +91,29 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Touch all guest memory at start, so the host commits it up front.
     pub prefault_memory: bool,
+}
+
+/// The machine a running VM is, as a snapshot or migration carries it: what
+/// a new process needs to rebuild the same VM around its saved state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// The kernel it booted (for information: a restored VM does not load it).
+    pub kernel: String,
+    /// The command line the kernel was given, host and device options included.
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rng: bool,
+    pub balloon: Option<BalloonConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+impl MachineConfig {
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
 }
 
 /// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
@@ -154,6 +178,21 @@ impl VmConfig {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// This VM as a snapshot describes it; `cmdline` is the final one.
+    pub fn machine(&self, cmdline: &str) -> MachineConfig {
+        MachineConfig {
+            kernel: self.kernel.name(),
+            cmdline: cmdline.to_string(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+            rng: self.rng,
+            balloon: self.balloon.clone(),
+            vsock: self.vsock.clone(),
+        }
     }
 }
 

@@ -4,8 +4,11 @@
 
 use crate::devices::virtio::balloon::{BalloonHandle, BalloonStatus};
 use crate::exit::ExitSignal;
+use crate::lifecycle::LifecycleError;
 use crate::memory_usage::MemoryUsage;
-use crate::vm::DeviceReport;
+use crate::migration::{MigrateOptions, MigrationError, MigrationReport};
+use crate::snapshot::SnapshotInfo;
+use crate::vm::{DeviceReport, VmCore};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -24,12 +27,24 @@ const MAX_REQUEST_BYTES: u64 = 64 << 10;
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Balloon { target_mib: u64 },
+    Balloon {
+        target_mib: u64,
+    },
+    Pause,
+    Resume,
+    /// Writes a snapshot to `path`, a directory that must not exist.
+    Snapshot {
+        path: PathBuf,
+    },
+    /// Live-migrates the VM; this process ends when the destination runs it.
+    Migrate(MigrateOptions),
 }
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub state: &'static str,
+    pub cpus: u8,
+    pub memory_mib: u64,
     pub memory: MemoryUsage,
     pub balloon: Option<BalloonStatus>,
     pub devices: Vec<DeviceReport>,
@@ -38,9 +53,26 @@ pub struct Status {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Response {
-    Status { ok: bool, status: Status },
-    Done { ok: bool },
-    Error { ok: bool, error: String },
+    Status {
+        ok: bool,
+        status: Status,
+    },
+    Snapshot {
+        ok: bool,
+        snapshot: SnapshotInfo,
+        pause_ms: f64,
+    },
+    Migrated {
+        ok: bool,
+        migration: MigrationReport,
+    },
+    Done {
+        ok: bool,
+    },
+    Error {
+        ok: bool,
+        error: String,
+    },
 }
 
 impl Response {
@@ -50,33 +82,43 @@ impl Response {
             error: message.into(),
         }
     }
+
+    fn done(result: Result<(), impl std::fmt::Display>) -> Self {
+        match result {
+            Ok(()) => Response::Done { ok: true },
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
 }
 
 /// What the host can do to a running VM.
 #[derive(Clone)]
 pub struct VmControl {
-    pub(crate) balloon: Option<BalloonHandle>,
-    pub(crate) memory_usage: Arc<dyn Fn() -> MemoryUsage + Send + Sync>,
-    pub(crate) device_reports: Arc<dyn Fn() -> Vec<DeviceReport> + Send + Sync>,
-    pub(crate) exit: Arc<ExitSignal>,
+    core: Arc<VmCore>,
 }
 
 impl VmControl {
+    pub(crate) fn new(core: Arc<VmCore>) -> Self {
+        VmControl { core }
+    }
+
+    fn exit(&self) -> &ExitSignal {
+        &self.core.shared.exit
+    }
+
     pub fn status(&self) -> Status {
         Status {
-            state: if self.exit.is_requested() {
-                "stopping"
-            } else {
-                "running"
-            },
-            memory: (self.memory_usage)(),
-            balloon: self.balloon.as_ref().map(BalloonHandle::status),
-            devices: (self.device_reports)(),
+            state: self.core.state_name(),
+            cpus: self.core.machine.cpus,
+            memory_mib: self.core.machine.memory_mib,
+            memory: crate::memory_usage::measure(&self.core.shared.memory),
+            balloon: self.core.balloon.as_ref().map(BalloonHandle::status),
+            devices: crate::vm::device_reports(&self.core.virtio),
         }
     }
 
     pub fn set_balloon_target(&self, mib: u64) -> Result<(), String> {
-        match &self.balloon {
+        match &self.core.balloon {
             Some(balloon) => {
                 balloon.set_target_mib(mib);
                 Ok(())
@@ -85,15 +127,48 @@ impl VmControl {
         }
     }
 
+    pub fn pause(&self) -> Result<(), LifecycleError> {
+        self.core.pause()
+    }
+
+    pub fn resume(&self) -> Result<(), LifecycleError> {
+        self.core.resume()
+    }
+
+    pub fn snapshot(&self, path: &Path) -> Result<SnapshotInfo, LifecycleError> {
+        self.core.snapshot(path)
+    }
+
+    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, MigrationError> {
+        self.core.migrate(options)
+    }
+
     pub fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status {
                 ok: true,
                 status: self.status(),
             },
-            Request::Balloon { target_mib } => match self.set_balloon_target(target_mib) {
-                Ok(()) => Response::Done { ok: true },
-                Err(e) => Response::error(e),
+            Request::Balloon { target_mib } => Response::done(self.set_balloon_target(target_mib)),
+            Request::Pause => Response::done(self.pause()),
+            Request::Resume => Response::done(self.resume()),
+            Request::Snapshot { path } => {
+                let started = std::time::Instant::now();
+                match self.snapshot(&path) {
+                    Ok(snapshot) => Response::Snapshot {
+                        ok: true,
+                        snapshot,
+                        pause_ms: started.elapsed().as_secs_f64() * 1e3,
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                }
+            }
+            Request::Migrate(options) => match self.migrate(&options) {
+                Ok(migration) => Response::Migrated {
+                    ok: true,
+                    migration,
+                },
+                Err(e) => Response::error(format!("migration failed, the VM runs on here: {e}")),
             },
         }
     }
@@ -138,7 +213,7 @@ pub fn serve(path: &Path, control: VmControl) -> Result<JoinHandle<()>, ControlE
 }
 
 fn accept_loop(listener: UnixListener, path: PathBuf, control: VmControl) {
-    while !control.exit.is_requested() {
+    while !control.exit().is_requested() {
         let mut fds = [
             libc::pollfd {
                 fd: listener.as_raw_fd(),
@@ -146,7 +221,7 @@ fn accept_loop(listener: UnixListener, path: PathBuf, control: VmControl) {
                 revents: 0,
             },
             libc::pollfd {
-                fd: control.exit.event().as_raw_fd(),
+                fd: control.exit().event().as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -154,7 +229,17 @@ fn accept_loop(listener: UnixListener, path: PathBuf, control: VmControl) {
         // SAFETY: polls two descriptors that outlive the call.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         match listener.accept() {
-            Ok((stream, _)) => serve_client(stream, &control),
+            // One thread per client: a status request is answered while a
+            // migration or snapshot runs.
+            Ok((stream, _)) => {
+                let control = control.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || serve_client(stream, &control));
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot serve a control client: {e}");
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => tracing::warn!("control socket accept: {e}"),
         }
@@ -187,10 +272,15 @@ fn serve_client(stream: UnixStream, control: &VmControl) {
 }
 
 /// Sends one request to the control socket at `path` and returns the answer
-/// line (the client side, used by `bulkhead ctl`).
+/// line (the client side, used by `bulkhead ctl`). Migrations and snapshots
+/// take as long as they take; other requests get 30 s.
 pub fn request(path: &Path, request: &Request) -> std::io::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let timeout = match request {
+        Request::Migrate(_) | Request::Snapshot { .. } => None,
+        _ => Some(Duration::from_secs(30)),
+    };
+    stream.set_read_timeout(timeout)?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
@@ -202,16 +292,6 @@ pub fn request(path: &Path, request: &Request) -> std::io::Result<serde_json::Va
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::VmExit;
-
-    fn control() -> VmControl {
-        VmControl {
-            balloon: None,
-            memory_usage: Arc::new(MemoryUsage::default),
-            device_reports: Arc::new(Vec::new),
-            exit: Arc::new(ExitSignal::new().unwrap()),
-        }
-    }
 
     #[test]
     fn parses_requests_and_refuses_unknown_ones() {
@@ -223,38 +303,14 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"command":"balloon","target_mib":64}"#).unwrap(),
             Request::Balloon { target_mib: 64 }
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"snapshot","path":"/s"}"#).unwrap(),
+            Request::Snapshot { path: "/s".into() }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"command":"snapshot"}"#).is_err());
         assert!(
             serde_json::from_str::<Request>(r#"{"command":"balloon","target_mib":-1}"#).is_err()
         );
-    }
-
-    #[test]
-    fn answers_over_the_socket_and_removes_it_when_the_vm_ends() {
-        let path =
-            std::env::temp_dir().join(format!("bulkhead-control-{}.sock", std::process::id()));
-        let control = control();
-        let exit = control.exit.clone();
-        let thread = serve(&path, control).unwrap();
-        let status = request(&path, &Request::Status).unwrap();
-        assert_eq!(status["ok"], true);
-        assert_eq!(status["status"]["state"], "running");
-        let balloon = request(&path, &Request::Balloon { target_mib: 1 }).unwrap();
-        assert_eq!(balloon["ok"], false);
-        assert!(balloon["error"].as_str().unwrap().contains("no balloon"));
-        // Garbage gets an error, and the server keeps serving.
-        let mut raw = UnixStream::connect(&path).unwrap();
-        raw.write_all(b"{not json\n").unwrap();
-        let mut answer = String::new();
-        BufReader::new(&raw).read_line(&mut answer).unwrap();
-        assert!(answer.contains("bad request"), "{answer}");
-        // A second server on the same path is refused while the first lives.
-        assert!(matches!(
-            serve(&path, super::tests::control()),
-            Err(ControlError::InUse { .. })
-        ));
-        exit.request(VmExit::Stopped);
-        thread.join().unwrap();
-        assert!(!path.exists());
     }
 }

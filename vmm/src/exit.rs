@@ -17,6 +17,8 @@ pub enum VmExit {
     TripleFault { vcpu: usize },
     /// Stopped from the host side (Ctrl-A x on the console, or a signal).
     Stopped,
+    /// Live-migrated away: the guest runs on in another process.
+    Migrated,
     /// Something the VMM cannot continue from.
     Fatal(String),
 }
@@ -24,7 +26,10 @@ pub enum VmExit {
 impl VmExit {
     /// Whether the guest ended normally: a power-off, reset or host stop.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmExit::PowerOff | VmExit::Reset | VmExit::Stopped)
+        matches!(
+            self,
+            VmExit::PowerOff | VmExit::Reset | VmExit::Stopped | VmExit::Migrated
+        )
     }
 }
 
@@ -38,6 +43,7 @@ impl std::fmt::Display for VmExit {
                 write!(f, "triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")
             }
             VmExit::Stopped => write!(f, "stopped by the host"),
+            VmExit::Migrated => write!(f, "migrated: the guest runs on at the destination"),
             VmExit::Fatal(reason) => write!(f, "{reason}"),
         }
     }

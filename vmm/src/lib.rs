@@ -9,7 +9,12 @@ pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod lifecycle;
+pub mod memory;
 pub mod memory_usage;
+pub mod migration;
+pub mod pause;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,6 +1,7 @@
 //! How much host memory the VMM process uses, and how much of it is guest RAM.
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use crate::memory::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Resident memory of this process, split into guest RAM and the VMM's own.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -19,7 +20,7 @@ fn process_rss_kib() -> Option<u64> {
 }
 
 /// Counts resident pages of every guest region with mincore(2).
-fn guest_resident_kib(memory: &GuestMemoryMmap) -> u64 {
+fn guest_resident_kib(memory: &GuestRam) -> u64 {
     let page = 4096usize;
     let mut resident_pages = 0u64;
     let mut vector = Vec::new();
@@ -36,7 +37,7 @@ fn guest_resident_kib(memory: &GuestMemoryMmap) -> u64 {
     resident_pages * (page as u64 / 1024)
 }
 
-pub fn measure(memory: &GuestMemoryMmap) -> MemoryUsage {
+pub fn measure(memory: &GuestRam) -> MemoryUsage {
     let process = process_rss_kib().unwrap_or(0);
     let guest = guest_resident_kib(memory);
     MemoryUsage {
@@ -53,7 +54,7 @@ mod tests {
 
     #[test]
     fn touched_guest_pages_are_counted_as_guest_memory() {
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let before = measure(&memory);
         for page in 0..256u64 {
             memory.write_obj(1u8, GuestAddress(page * 4096)).unwrap();

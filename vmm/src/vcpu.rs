@@ -2,13 +2,16 @@
 
 use crate::arch::x86_64::emulator::{reported_instruction, InstructionEmulator};
 use crate::arch::x86_64::hypercall;
-use crate::devices::Bus;
+use crate::arch::x86_64::state::VcpuState;
+use crate::devices::{lock, Bus};
 use crate::exit::{ExitSignal, VmExit};
+use crate::memory::GuestRam;
+use crate::pause::PauseGate;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryMmap;
 
 /// KVM_INTERNAL_ERROR_EMULATION: KVM's emulator could not run the instruction.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -22,10 +25,112 @@ const WAIT_FOR_SIPI_POLL: Duration = Duration::from_millis(1);
 /// Everything the vCPU threads share.
 pub struct VcpuShared {
     pub vm: Arc<VmFd>,
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     pub pio: Bus,
     pub mmio: Bus,
     pub exit: Arc<ExitSignal>,
+    /// Where vCPUs park when the VM is paused.
+    pub pause: Arc<PauseGate>,
+    /// vCPU states asked for while parked (snapshots, migration).
+    pub captures: Captures,
+    /// The running vCPU threads, for knocking them out of KVM_RUN.
+    pub threads: VcpuThreads,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Vec<u32>,
+    /// Share of time (percent) each vCPU is held out of the guest, so a
+    /// migration's copy can catch up with what the guest dirties.
+    pub throttle_percent: AtomicU32,
+}
+
+/// The pthreads of running vCPUs, so a pause can signal them. A thread
+/// removes itself before it ends, so a signal never targets a dead thread.
+#[derive(Default)]
+pub struct VcpuThreads(Mutex<Vec<libc::pthread_t>>);
+
+impl VcpuThreads {
+    fn register(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        lock(&self.0).push(unsafe { libc::pthread_self() });
+    }
+
+    fn unregister(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        lock(&self.0).retain(|&t| t != me);
+    }
+
+    /// Sends `signal` to every running vCPU thread.
+    pub fn kick(&self, signal: i32) {
+        for &thread in lock(&self.0).iter() {
+            // SAFETY: the thread is registered, hence alive: it unregisters
+            // under this lock before it returns.
+            unsafe { libc::pthread_kill(thread, signal) };
+        }
+    }
+}
+
+/// vCPU states collected from parked vCPU threads.
+pub struct Captures {
+    slots: Mutex<CaptureSlots>,
+    filled: Condvar,
+}
+
+struct CaptureSlots {
+    wanted: bool,
+    states: Vec<Option<Result<VcpuState, String>>>,
+}
+
+impl Captures {
+    pub fn new(vcpus: usize) -> Self {
+        Captures {
+            slots: Mutex::new(CaptureSlots {
+                wanted: false,
+                states: (0..vcpus).map(|_| None).collect(),
+            }),
+            filled: Condvar::new(),
+        }
+    }
+
+    /// Asks parked vCPUs for their state (they must be woken to see it).
+    pub fn request(&self) {
+        let mut slots = lock(&self.slots);
+        slots.wanted = true;
+        slots.states.iter_mut().for_each(|s| *s = None);
+    }
+
+    /// Waits for every vCPU's state, in vCPU order.
+    pub fn collect(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut slots = lock(&self.slots);
+        while slots.states.iter().any(Option::is_none) {
+            let now = Instant::now();
+            if now >= deadline {
+                slots.wanted = false;
+                return Err("a vCPU did not hand over its state in time".into());
+            }
+            slots = match self.filled.wait_timeout(slots, deadline - now) {
+                Ok((slots, _)) => slots,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        slots.wanted = false;
+        slots
+            .states
+            .iter_mut()
+            .map(|s| s.take().unwrap_or(Err(String::new())))
+            .collect()
+    }
+
+    /// Called by a parked vCPU: hands over its state if it is asked for.
+    fn serve(&self, id: usize, fd: &VcpuFd, msr_indices: &[u32]) {
+        let mut slots = lock(&self.slots);
+        if !slots.wanted || slots.states.get(id).is_none_or(Option::is_some) {
+            return;
+        }
+        let state = VcpuState::capture(fd, msr_indices).map_err(|e| format!("vCPU {id}: {e}"));
+        slots.states[id] = Some(state);
+        self.filled.notify_all();
+    }
 }
 
 /// Exit counts by reason.
@@ -174,13 +279,30 @@ impl Vcpu {
         });
         let mut next_sample = Instant::now();
         let mut last_return = Instant::now();
+        let mut throttle_served = Instant::now();
+        shared.threads.register();
         while !shared.exit.is_requested() {
+            if shared.pause.is_requested() {
+                self.park(shared);
+                last_return = Instant::now();
+                continue;
+            }
             let entered = Instant::now();
             self.report.in_vmm_ns += (entered - last_return).as_nanos() as u64;
             let result = self.fd.run();
             let returned = Instant::now();
             self.report.in_kvm_ns += (returned - entered).as_nanos() as u64;
             last_return = returned;
+            let throttle = shared.throttle_percent.load(Ordering::Relaxed).min(99);
+            if throttle > 0 {
+                // Sleep so that the guest ran `100 - throttle` percent of the time.
+                let ran = returned - throttle_served;
+                std::thread::sleep(ran * throttle / (100 - throttle));
+                throttle_served = Instant::now();
+                last_return = throttle_served;
+            } else {
+                throttle_served = returned;
+            }
             let step = match result {
                 Ok(exit) => handle_exit(self.id, exit, shared, &mut self.report.exits),
                 Err(e) if e.errno() == libc::EINTR => {
@@ -222,9 +344,30 @@ impl Vcpu {
                 }
             }
         }
+        shared.threads.unregister();
         self.report.emulated = self.emulator.counts().clone();
         self.report.final_rip = self.fd.get_regs().ok().map(|regs| regs.rip);
         self.report
+    }
+
+    /// Waits out a pause. Before parking, KVM finishes the I/O the vCPU last
+    /// exited for (an `in` gets its value into RAX), so the state read while
+    /// parked is one the vCPU can resume from anywhere.
+    fn park(&mut self, shared: &VcpuShared) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => tracing::warn!(vcpu = self.id, "completing I/O before a pause: {e}"),
+            Ok(exit) => tracing::warn!(
+                vcpu = self.id,
+                "KVM ran the vCPU despite immediate_exit: {exit:?}"
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        let (id, fd) = (self.id, &self.fd);
+        shared.pause.park(&shared.exit, || {
+            shared.captures.serve(id, fd, &shared.msr_indices)
+        });
     }
 
     /// An emulation failure is finished here; any other internal error is fatal.

@@ -4,7 +4,7 @@ use crate::arch::x86_64::layout::{
     self, ports, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_BAR_ADDRESS,
 };
 use crate::arch::x86_64::{acpi, boot, cpu, mptable, paging};
-use crate::config::{ConfigError, KernelSource, VmConfig};
+use crate::config::{ConfigError, KernelSource, MachineConfig, VmConfig};
 use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
@@ -17,8 +17,13 @@ use crate::devices::virtio::{self, mmio::MmioTransport, Interrupt, VirtioDevice}
 use crate::devices::{lock, Bus, BusError};
 use crate::exit::{ExitSignal, VmExit};
 use crate::host::KvmFlavour;
-use crate::vcpu::{Vcpu, VcpuReport, VcpuShared};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use crate::memory::GuestRam;
+use crate::pause::PauseGate;
+use crate::snapshot::SavedVm;
+use crate::vcpu::{Captures, Vcpu, VcpuReport, VcpuShared, VcpuThreads};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use std::fs::File;
 use std::io::Cursor;
@@ -26,7 +31,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 const KVM_API_VERSION: i32 = 12;
@@ -102,6 +107,10 @@ pub enum VmError {
     TooManyDevices(usize),
     #[error("device event loop: {0}")]
     EventLoop(std::io::Error),
+    #[error("the saved state does not fit this VM: {0}")]
+    State(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -112,50 +121,79 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     _kvm: Kvm,
     vcpus: Vec<Vcpu>,
-    shared: Arc<VcpuShared>,
-    serial: Arc<Mutex<SerialPort>>,
+    core: Arc<VmCore>,
     post: Arc<PostCodes>,
-    virtio: Vec<VirtioSlot>,
     device_loop: Option<DeviceEventLoop>,
-    balloon: Option<BalloonHandle>,
     /// The command line the guest was given, host options included.
     pub cmdline: String,
     pub entry: &'static str,
     pub flavour: KvmFlavour,
 }
 
-impl Vm {
-    /// Creates the VM: validates the config, allocates memory, loads the
-    /// kernel, writes the boot tables and sets up devices and vCPUs.
-    pub fn new(config: &VmConfig, serial_output: SerialOutput) -> Result<Vm, VmError> {
-        config.validate(crate::host::total_memory_bytes())?;
-        let kvm = open_kvm(&config.kvm_device)?;
-        let flavour = KvmFlavour::detect();
+/// How a restored or migrated-in VM is started (what is not in its state).
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub kvm_device: std::path::PathBuf,
+    pub sample_rip_every: Option<Duration>,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            kvm_device: "/dev/kvm".into(),
+            sample_rip_every: None,
+        }
+    }
+}
+
+/// What the host holds of a VM while it runs: the parts pause, snapshot and
+/// migration work on (see `lifecycle.rs`).
+pub(crate) struct VmCore {
+    pub shared: Arc<VcpuShared>,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub virtio: Vec<VirtioSlot>,
+    pub balloon: Option<BalloonHandle>,
+    pub pci: Arc<Mutex<PciRoot>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    /// Written to make the device thread look at a pause request.
+    pub device_kick: Option<EventFd>,
+    pub machine: MachineConfig,
+    /// Held by every operation on the running VM, so they never overlap.
+    pub run_state: Mutex<RunState>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// A KVM VM with memory, interrupt controllers and devices, before vCPUs.
+struct Hardware {
+    vm_fd: Arc<VmFd>,
+    shared: Arc<VcpuShared>,
+    serial: Arc<Mutex<SerialPort>>,
+    virtio: Vec<VirtioSlot>,
+    balloon: Option<BalloonHandle>,
+    pci: Arc<Mutex<PciRoot>>,
+    cmos: Arc<Mutex<Cmos>>,
+    post: Arc<PostCodes>,
+    device_loop: Option<DeviceEventLoop>,
+    device_kick: Option<EventFd>,
+}
+
+impl Hardware {
+    /// Creates the KVM VM around `memory` and builds the machine's devices,
+    /// put in the `saved` state when there is one.
+    fn create(
+        kvm: &Kvm,
+        machine: &MachineConfig,
+        memory: GuestRam,
+        serial_output: SerialOutput,
+        saved: Option<&SavedVm>,
+    ) -> Result<Hardware, VmError> {
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-
-        let memory = GuestMemoryMmap::from_ranges(&boot::ram_regions(config.memory_bytes()))
-            .map_err(|source| VmError::Memory {
-                mib: config.memory_mib,
-                source,
-            })?;
-        if config.prefault_memory {
-            prefault(&memory);
-        }
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region.as_ptr() as u64;
-            let table = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `memory`, which the
-            // VM keeps (in `shared`) for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(table) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-
+        set_memory_slots(&vm_fd, &memory, false)?;
         // Intel hosts need these before the irqchip; other hosts may refuse them.
         if let Err(e) = vm_fd.set_tss_address(KVM_TSS_ADDRESS) {
             tracing::debug!("KVM_SET_TSS_ADDR: {e}");
@@ -172,6 +210,185 @@ impl Vm {
             .create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
+        let (virtio, balloon) = create_virtio_devices(machine, &vm_fd, &memory)?;
+        let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
+        let post = Arc::new(PostCodes::default());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&serial_irq, layout::irq::COM1)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let serial = match saved {
+            Some(saved) => SerialPort::from_saved(serial_irq, serial_output, &saved.serial)
+                .map_err(VmError::State)?,
+            None => SerialPort::new(serial_irq, serial_output),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let cmos = Arc::new(Mutex::new(Cmos::default()));
+        let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos)?;
+        if let Some(saved) = saved {
+            lock(&pci).restore(&saved.pci).map_err(VmError::State)?;
+            lock(&cmos)
+                .restore(saved.cmos_index, &saved.cmos_nvram)
+                .map_err(VmError::State)?;
+            if saved.devices.len() != virtio.len() {
+                return Err(VmError::State(format!(
+                    "the state has {} virtio devices, the machine {}",
+                    saved.devices.len(),
+                    virtio.len()
+                )));
+            }
+            for (slot, state) in virtio.iter().zip(&saved.devices) {
+                lock(&slot.transport)
+                    .restore(state)
+                    .map_err(VmError::State)?;
+            }
+        }
+        let pause = Arc::new(PauseGate::default());
+        let mut device_loop = None;
+        let mut device_kick = None;
+        if !virtio.is_empty() {
+            let mut event_loop = DeviceEventLoop::new(exit.clone()).map_err(VmError::EventLoop)?;
+            for slot in &virtio {
+                mmio.insert(slot.base, virtio::mmio::WINDOW_SIZE, slot.transport.clone())?;
+                event_loop.add(slot.transport.clone() as Subscriber);
+            }
+            device_kick = Some(
+                event_loop
+                    .watch_pauses(pause.clone())
+                    .map_err(VmError::EventLoop)?,
+            );
+            device_loop = Some(event_loop);
+        }
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|list| list.as_slice().to_vec())
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let vm_fd = Arc::new(vm_fd);
+        let shared = Arc::new(VcpuShared {
+            vm: vm_fd.clone(),
+            memory,
+            pio,
+            mmio,
+            exit,
+            pause,
+            captures: Captures::new(usize::from(machine.cpus)),
+            throttle_percent: std::sync::atomic::AtomicU32::new(0),
+            threads: VcpuThreads::default(),
+            msr_indices,
+        });
+        Ok(Hardware {
+            vm_fd,
+            shared,
+            serial,
+            virtio,
+            balloon,
+            pci,
+            cmos,
+            post,
+            device_loop,
+            device_kick,
+        })
+    }
+
+    fn into_vm(
+        self,
+        kvm: Kvm,
+        vcpus: Vec<Vcpu>,
+        machine: MachineConfig,
+        entry: &'static str,
+        flavour: KvmFlavour,
+    ) -> Vm {
+        Vm {
+            _kvm: kvm,
+            vcpus,
+            cmdline: machine.cmdline.clone(),
+            core: Arc::new(VmCore {
+                shared: self.shared,
+                serial: self.serial,
+                virtio: self.virtio,
+                balloon: self.balloon,
+                pci: self.pci,
+                cmos: self.cmos,
+                device_kick: self.device_kick,
+                machine,
+                run_state: Mutex::new(RunState::Running),
+            }),
+            post: self.post,
+            device_loop: self.device_loop,
+            entry,
+            flavour,
+        }
+    }
+}
+
+/// Registers guest RAM with KVM, one slot per region; with `log_dirty`, KVM
+/// records every page vCPUs write (KVM_GET_DIRTY_LOG).
+pub(crate) fn set_memory_slots(
+    vm_fd: &VmFd,
+    memory: &GuestRam,
+    log_dirty: bool,
+) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let table = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // VM keeps (in `shared`) for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(table) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn check_machine(machine: &MachineConfig) -> Result<(), VmError> {
+    let max = crate::arch::x86_64::mptable::MAX_CPUS;
+    if machine.cpus == 0 || machine.cpus > max {
+        return Err(ConfigError::Cpus {
+            given: u64::from(machine.cpus),
+            max,
+        }
+        .into());
+    }
+    if machine.memory_mib < crate::config::MIN_MEMORY_MIB {
+        return Err(ConfigError::MemoryTooSmall(machine.memory_mib).into());
+    }
+    if let Some(host) = crate::host::total_memory_bytes() {
+        if machine.memory_mib > host >> 20 {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: machine.memory_mib,
+                host: host >> 20,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Creates the VM: validates the config, allocates memory, loads the
+    /// kernel, writes the boot tables and sets up devices and vCPUs.
+    pub fn new(config: &VmConfig, serial_output: SerialOutput) -> Result<Vm, VmError> {
+        config.validate(crate::host::total_memory_bytes())?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        let flavour = KvmFlavour::detect();
+        let memory =
+            GuestRam::from_ranges(&boot::ram_regions(config.memory_bytes())).map_err(|source| {
+                VmError::Memory {
+                    mib: config.memory_mib,
+                    source,
+                }
+            })?;
+        if config.prefault_memory {
+            prefault(&memory);
+        }
         let mut cmdline = config.cmdline.clone();
         if config.host_cmdline_options {
             let extra = flavour.guest_cmdline_options();
@@ -182,14 +399,16 @@ impl Vm {
                 cmdline.push_str(extra);
             }
         }
-        let (virtio, balloon) = create_virtio_devices(config, &vm_fd, &memory)?;
-        for slot in &virtio {
+        let hardware =
+            Hardware::create(&kvm, &config.machine(&cmdline), memory, serial_output, None)?;
+        for slot in &hardware.virtio {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }
             cmdline.push_str(&slot.cmdline_option());
         }
-        let kernel = load_kernel(&memory, &config.kernel)?;
+        let memory = &hardware.shared.memory;
+        let kernel = load_kernel(memory, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(path) => {
                 let name = path.display().to_string();
@@ -198,64 +417,38 @@ impl Vm {
                     source,
                 })?;
                 Some(
-                    boot::load_initrd(&memory, &kernel, &mut file)
+                    boot::load_initrd(memory, &kernel, &mut file)
                         .map_err(|source| VmError::Initrd { path: name, source })?,
                 )
             }
             None => None,
         };
-        boot::write_cmdline(&memory, &cmdline)?;
-        mptable::write(&memory, config.cpus)?;
-        let acpi_rsdp = acpi::write(&memory, config.cpus)?;
+        boot::write_cmdline(memory, &cmdline)?;
+        mptable::write(memory, config.cpus)?;
+        let acpi_rsdp = acpi::write(memory, config.cpus)?;
         boot::write_boot_info(
-            &memory,
+            memory,
             &kernel,
             config.memory_bytes(),
             cmdline.len() + 1,
             initrd,
             acpi_rsdp,
         )?;
-        paging::write_identity_tables(&memory).map_err(VmError::PageTables)?;
-
-        let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
-        let post = Arc::new(PostCodes::default());
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm_fd
-            .register_irqfd(&serial_irq, layout::irq::COM1)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, serial_output)));
-        let (pio, mut mmio) = platform_buses(&exit, &post, &serial)?;
-        let device_loop = if virtio.is_empty() {
-            None
-        } else {
-            let mut device_loop = DeviceEventLoop::new(exit.clone()).map_err(VmError::EventLoop)?;
-            for slot in &virtio {
-                mmio.insert(slot.base, virtio::mmio::WINDOW_SIZE, slot.transport.clone())?;
-                device_loop.add(slot.transport.clone() as Subscriber);
-            }
-            Some(device_loop)
-        };
-        let vm_fd = Arc::new(vm_fd);
-        let shared = Arc::new(VcpuShared {
-            vm: vm_fd.clone(),
-            memory,
-            pio,
-            mmio,
-            exit,
-        });
+        paging::write_identity_tables(memory).map_err(VmError::PageTables)?;
 
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
-            let fd = vm_fd
+            let fd = hardware
+                .vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let cpuid = cpu::cpuid_for(&base_cpuid, id, config.cpus, flavour.hidden_kvm_features());
             cpu::configure_common(&fd, usize::from(id), &cpuid)?;
             if id == 0 {
-                cpu::configure_boot_cpu(&fd, &shared.memory, kernel.entry)?;
+                cpu::configure_boot_cpu(&fd, memory, kernel.entry)?;
             }
             vcpus.push(Vcpu::new(
                 usize::from(id),
@@ -264,29 +457,73 @@ impl Vm {
                 config.sample_rip_every,
             ));
         }
+        let machine = config.machine(&cmdline);
+        Ok(hardware.into_vm(kvm, vcpus, machine, kernel.entry.describe(), flavour))
+    }
 
-        Ok(Vm {
-            _kvm: kvm,
-            vcpus,
-            shared,
-            serial,
-            post,
-            virtio,
-            device_loop,
-            balloon,
-            cmdline,
-            entry: kernel.entry.describe(),
-            flavour,
-        })
+    /// Rebuilds a VM from a snapshot read by [`crate::snapshot::read`], its
+    /// memory mapped from the snapshot's file.
+    pub fn restore(
+        snapshot: &crate::snapshot::LoadedSnapshot,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Vm, VmError> {
+        let machine = &snapshot.saved.machine;
+        check_machine(machine)?;
+        let memory = snapshot.map_memory(&boot::ram_regions(machine.memory_bytes()))?;
+        Vm::from_saved(&snapshot.saved, memory, options, serial_output)
+    }
+
+    /// Builds a VM around guest RAM that already holds a guest, in the
+    /// state `saved` describes (a restore or the end of a migration).
+    pub(crate) fn from_saved(
+        saved: &SavedVm,
+        memory: GuestRam,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Vm, VmError> {
+        let machine = &saved.machine;
+        check_machine(machine)?;
+        if saved.vcpus.len() != usize::from(machine.cpus) {
+            return Err(VmError::State(format!(
+                "the state has {} vCPUs, the machine {}",
+                saved.vcpus.len(),
+                machine.cpus
+            )));
+        }
+        let kvm = open_kvm(&options.kvm_device)?;
+        let flavour = KvmFlavour::detect();
+        let hardware = Hardware::create(&kvm, machine, memory, serial_output, Some(saved))?;
+        let mut vcpus = Vec::with_capacity(saved.vcpus.len());
+        for (id, state) in saved.vcpus.iter().enumerate() {
+            let fd = hardware
+                .vm_fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            state
+                .restore(&fd)
+                .map_err(|e| VmError::State(format!("vCPU {id}: {e}")))?;
+            vcpus.push(Vcpu::new(
+                id,
+                fd,
+                flavour == KvmFlavour::Pvm,
+                options.sample_rip_every,
+            ));
+        }
+        saved
+            .vm
+            .restore(&hardware.vm_fd)
+            .map_err(|e| VmError::State(e.to_string()))?;
+        Ok(hardware.into_vm(kvm, vcpus, machine.clone(), "restored", flavour))
     }
 
     /// The console UART, for feeding it input.
     pub fn serial(&self) -> Arc<Mutex<SerialPort>> {
-        self.serial.clone()
+        self.core.serial.clone()
     }
 
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
-        self.shared.exit.clone()
+        self.core.shared.exit.clone()
     }
 
     /// Starts the device thread, then one thread per vCPU.
@@ -298,7 +535,7 @@ impl Vm {
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for vcpu in self.vcpus.drain(..) {
-            let shared = self.shared.clone();
+            let shared = self.core.shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.id))
                 .stack_size(256 << 10)
@@ -316,10 +553,10 @@ impl Vm {
 
 /// A virtio-mmio device and where the guest finds it.
 #[derive(Clone)]
-struct VirtioSlot {
-    base: u64,
-    irq: u32,
-    transport: Arc<Mutex<MmioTransport>>,
+pub(crate) struct VirtioSlot {
+    pub base: u64,
+    pub irq: u32,
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 impl VirtioSlot {
@@ -332,9 +569,9 @@ impl VirtioSlot {
 /// Builds the configured virtio devices, each behind a virtio-mmio window
 /// with an irqfd for its interrupt and ioeventfds for its queues.
 fn create_virtio_devices(
-    config: &VmConfig,
+    config: &MachineConfig,
     vm_fd: &VmFd,
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
 ) -> Result<(Vec<VirtioSlot>, Option<BalloonHandle>), VmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
@@ -397,7 +634,7 @@ fn create_virtio_devices(
 }
 
 /// Makes the host commit every guest page now rather than on first touch.
-fn prefault(memory: &GuestMemoryMmap) {
+fn prefault(memory: &GuestRam) {
     const MADV_POPULATE_WRITE: i32 = 23;
     for region in memory.iter() {
         let (start, len) = (region.as_ptr(), region.len() as usize);
@@ -448,10 +685,7 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     }
 }
 
-fn load_kernel(
-    memory: &GuestMemoryMmap,
-    source: &KernelSource,
-) -> Result<boot::LoadedKernel, VmError> {
+fn load_kernel(memory: &GuestRam, source: &KernelSource) -> Result<boot::LoadedKernel, VmError> {
     let path = source.name();
     let result = match source {
         KernelSource::File(file) => {
@@ -473,7 +707,8 @@ fn platform_buses(
     exit: &Arc<ExitSignal>,
     post: &Arc<PostCodes>,
     serial: &Arc<Mutex<SerialPort>>,
-) -> Result<(Bus, Bus), VmError> {
+    cmos: &Arc<Mutex<Cmos>>,
+) -> Result<(Bus, Bus, Arc<Mutex<PciRoot>>), VmError> {
     let mut pio = Bus::default();
     pio.insert(u64::from(ports::COM1), 8, serial.clone())?;
     let i8042 = I8042(vm_superio::I8042Device::new(ResetLine(exit.clone())));
@@ -494,11 +729,7 @@ fn platform_buses(
         1,
         Arc::new(Mutex::new(AcpiSleepControl(exit.clone()))),
     )?;
-    pio.insert(
-        u64::from(ports::CMOS),
-        2,
-        Arc::new(Mutex::new(Cmos::default())),
-    )?;
+    pio.insert(u64::from(ports::CMOS), 2, cmos.clone())?;
 
     let mut root = PciRoot::default();
     root.add(0, Box::new(HostBridge::new()));
@@ -514,15 +745,15 @@ fn platform_buses(
     )?;
     let mut mmio = Bus::default();
     let window = PciMmioWindow {
-        root,
+        root: root.clone(),
         window_start: PCI_MMIO_START,
     };
     mmio.insert(PCI_MMIO_START, PCI_MMIO_SIZE, Arc::new(Mutex::new(window)))?;
-    Ok((pio, mmio))
+    Ok((pio, mmio, root))
 }
 
 /// Signal used to knock vCPU threads out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
@@ -580,40 +811,33 @@ impl RunningVm {
 
     /// The balloon's handle, when the VM has one.
     pub fn balloon(&self) -> Option<BalloonHandle> {
-        self.vm.balloon.clone()
+        self.vm.core.balloon.clone()
     }
 
     /// Host memory now: the process, and how much of it is guest RAM.
     pub fn memory_usage(&self) -> crate::memory_usage::MemoryUsage {
-        crate::memory_usage::measure(&self.vm.shared.memory)
+        crate::memory_usage::measure(&self.vm.core.shared.memory)
     }
 
     /// Each device's counters now.
     pub fn device_reports(&self) -> Vec<DeviceReport> {
-        device_reports(&self.vm.virtio)
+        device_reports(&self.vm.core.virtio)
     }
 
     /// What the host can do to this VM while it runs (the control socket's
     /// and, later, the host API's way in).
     pub fn control(&self) -> crate::control::VmControl {
-        let memory = self.vm.shared.memory.clone();
-        let slots: Vec<VirtioSlot> = self.vm.virtio.iter().map(VirtioSlot::clone).collect();
-        crate::control::VmControl {
-            balloon: self.vm.balloon.clone(),
-            memory_usage: Arc::new(move || crate::memory_usage::measure(&memory)),
-            device_reports: Arc::new(move || device_reports(&slots)),
-            exit: self.vm.shared.exit.clone(),
-        }
+        crate::control::VmControl::new(self.vm.core.clone())
     }
 
     /// Asks the VM to stop (as the host), without waiting.
     pub fn stop(&self) {
-        self.vm.shared.exit.request(VmExit::Stopped);
+        self.vm.core.shared.exit.request(VmExit::Stopped);
     }
 
     /// Waits for the VM to end, then stops every vCPU and collects reports.
     pub fn wait(self) -> VmReport {
-        let exit = self.vm.shared.exit.clone();
+        let exit = self.vm.core.shared.exit.clone();
         while !exit.is_requested() {
             let mut fds = [libc::pollfd {
                 fd: exit_fd(&exit),
@@ -647,22 +871,23 @@ impl RunningVm {
                 tracing::error!("the device thread panicked");
             }
         }
-        let devices = device_reports(&self.vm.virtio);
+        let core = &self.vm.core;
+        let devices = device_reports(&core.virtio);
         let ended_ns = monotonic_ns();
         // The serial output may be buffered by its writer.
-        let _ = lock(&self.vm.serial).0.writer_mut().flush();
+        let _ = lock(&core.serial).0.writer_mut().flush();
         VmReport {
-            exit: self.vm.shared.exit.reason().unwrap_or(VmExit::Stopped),
+            exit: core.shared.exit.reason().unwrap_or(VmExit::Stopped),
             vcpus: reports,
             devices,
             first_post_code_ns: self.vm.post.first_write_ns(),
             ended_ns,
-            memory: crate::memory_usage::measure(&self.vm.shared.memory),
+            memory: crate::memory_usage::measure(&core.shared.memory),
         }
     }
 }
 
-fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
+pub(crate) fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
     slots
         .iter()
         .map(|slot| {

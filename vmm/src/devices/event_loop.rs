@@ -3,9 +3,11 @@
 //! vCPU threads only ever touch device registers.
 
 use crate::exit::ExitSignal;
+use crate::pause::PauseGate;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use vmm_sys_util::eventfd::EventFd;
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -28,6 +30,29 @@ impl MutEventSubscriber for StopWatch {
     }
 }
 
+/// Parks the device thread while the VM is paused: the host writes `kick`
+/// after asking for a pause, and this subscriber blocks the loop in the gate.
+struct PauseWatch {
+    kick: EventFd,
+    gate: Arc<PauseGate>,
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for PauseWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.kick, EventSet::IN)) {
+            tracing::error!("device loop cannot watch for pauses: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.kick.read();
+        if self.gate.is_requested() {
+            self.gate.park(&self.exit, || {});
+        }
+    }
+}
+
 pub struct DeviceEventLoop {
     manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
@@ -43,6 +68,18 @@ impl DeviceEventLoop {
 
     pub fn add(&mut self, subscriber: Subscriber) {
         self.manager.add_subscriber(subscriber);
+    }
+
+    /// Makes the loop park in `gate` when the returned eventfd is written
+    /// while a pause is requested.
+    pub fn watch_pauses(&mut self, gate: Arc<PauseGate>) -> std::io::Result<EventFd> {
+        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        self.add(Arc::new(Mutex::new(PauseWatch {
+            kick: kick.try_clone()?,
+            gate,
+            exit: self.exit.clone(),
+        })));
+        Ok(kick)
     }
 
     /// Runs the loop on its own thread until the VM's exit is requested.
@@ -64,7 +101,6 @@ impl DeviceEventLoop {
 mod tests {
     use super::*;
     use crate::exit::VmExit;
-    use vmm_sys_util::eventfd::EventFd;
 
     struct Counter {
         event: EventFd,

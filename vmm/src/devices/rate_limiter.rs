@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::timerfd::TimerFd;
 
 /// Limits as given by the user; `None` means unlimited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RateLimit {
     pub bytes_per_sec: Option<u64>,
     /// Bytes that may pass at once after a quiet period (default: one second's worth).

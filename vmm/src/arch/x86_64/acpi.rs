@@ -6,6 +6,7 @@
 //! ACPI: no SCI, PM timer or GPE blocks, only a sleep control register
 //! (port 0x600) and a reset register (the i8042 command port).
 
+use crate::memory::GuestRam;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -15,7 +16,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ports, ACPI_MAX_SIZE, ACPI_START, APIC_START, IOAPIC_START};
 
@@ -41,7 +42,7 @@ pub enum AcpiError {
 /// Builds the tables for `cpus` CPUs (APIC IDs 0..cpus; the IOAPIC takes
 /// the next ID, as in the MP table) and writes them at [`ACPI_START`].
 /// Returns the RSDP's address, for the zero page and PVH start info.
-pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<GuestAddress, AcpiError> {
+pub fn write(mem: &GuestRam, cpus: u8) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter {
         next: ACPI_START + 64, // RSDP first, 36 bytes, padded
         bytes: Vec::new(),
@@ -145,14 +146,14 @@ mod tests {
         bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
     }
 
-    fn read(mem: &GuestMemoryMmap, address: u64, len: usize) -> Vec<u8> {
+    fn read(mem: &GuestRam, address: u64, len: usize) -> Vec<u8> {
         let mut bytes = vec![0; len];
         mem.read_slice(&mut bytes, GuestAddress(address)).unwrap();
         bytes
     }
 
     /// A table at `address`, by its own length field.
-    fn table(mem: &GuestMemoryMmap, address: u64) -> Vec<u8> {
+    fn table(mem: &GuestRam, address: u64) -> Vec<u8> {
         let header = read(mem, address, 8);
         let len = u32::from_le_bytes(header[4..8].try_into().unwrap());
         read(mem, address, len as usize)
@@ -160,7 +161,7 @@ mod tests {
 
     #[test]
     fn tables_chain_from_the_rsdp_with_valid_checksums() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rsdp_address = write(&mem, 3).unwrap();
         let rsdp = read(&mem, rsdp_address.raw_value(), 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -203,7 +204,7 @@ mod tests {
 
     #[test]
     fn the_most_cpus_fit() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         write(&mem, super::super::mptable::MAX_CPUS).unwrap();
     }
 }

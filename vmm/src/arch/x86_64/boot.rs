@@ -6,6 +6,7 @@ use super::layout::{
     PVH_MEMMAP_START, ZERO_PAGE_START,
 };
 use super::mptable::RESERVED_LOW_START;
+use crate::memory::GuestRam;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
@@ -13,7 +14,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{self, BzImage, KernelLoader, KernelLoaderResult};
 use std::io::{Read, Seek, SeekFrom};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -117,7 +118,7 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
 }
 
 /// Loads an ELF (preferring its PVH entry) or a bzImage kernel.
-pub fn load_kernel<F>(mem: &GuestMemoryMmap, image: &mut F) -> Result<LoadedKernel, BootError>
+pub fn load_kernel<F>(mem: &GuestRam, image: &mut F) -> Result<LoadedKernel, BootError>
 where
     F: Read + ReadVolatile + Seek,
 {
@@ -218,7 +219,7 @@ fn elf_error(e: ElfError) -> BootError {
 /// The highest page-aligned address at which `size` bytes end at or below `limit`
 /// and above the kernel.
 fn initrd_address(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel_end: u64,
     size: u64,
     limit: u64,
@@ -234,7 +235,7 @@ fn initrd_address(
 
 /// Places the initrd in guest memory; returns (address, size).
 pub fn load_initrd<F: Read + ReadVolatile + Seek>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &LoadedKernel,
     initrd: &mut F,
 ) -> Result<(u64, u64), BootError> {
@@ -257,7 +258,7 @@ pub fn load_initrd<F: Read + ReadVolatile + Seek>(
 }
 
 /// Writes the command line (NUL-terminated) at its fixed address.
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+pub fn write_cmdline(mem: &GuestRam, cmdline: &str) -> Result<(), BootError> {
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong);
     }
@@ -273,7 +274,7 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootErr
 
 /// Writes the boot information for the chosen entry point.
 pub fn write_boot_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     kernel: &LoadedKernel,
     memory_size: u64,
     cmdline_len: usize,
@@ -326,7 +327,7 @@ fn zero_page(
 }
 
 fn write_pvh_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     map: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
     acpi_rsdp: GuestAddress,
@@ -423,8 +424,8 @@ mod tests {
         check_complete(&mut Cursor::new(b"not a kernel".to_vec())).unwrap();
     }
 
-    fn memory(size: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&ram_regions(size)).unwrap()
+    fn memory(size: u64) -> GuestRam {
+        GuestRam::from_ranges(&ram_regions(size)).unwrap()
     }
 
     #[test]

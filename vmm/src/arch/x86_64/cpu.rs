@@ -6,9 +6,10 @@ use super::gdt::{self, CodeMode};
 use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PML4_START, PVH_INFO_START, ZERO_PAGE_START,
 };
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -156,11 +157,7 @@ fn set_lint_pins(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
 }
 
 /// Puts the boot CPU at the kernel's entry point in the mode it expects.
-pub fn configure_boot_cpu(
-    fd: &VcpuFd,
-    mem: &GuestMemoryMmap,
-    entry: EntryPoint,
-) -> Result<(), CpuError> {
+pub fn configure_boot_cpu(fd: &VcpuFd, mem: &GuestRam, entry: EntryPoint) -> Result<(), CpuError> {
     let kvm = |what: &'static str| {
         move |source| CpuError::Kvm {
             vcpu: 0,

@@ -5,9 +5,10 @@
 //! is sitting on a hypercall instruction, the VMM does what KVM would have done
 //! and moves the guest past it.
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_msi, kvm_regs};
 use kvm_ioctls::{VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
 const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
@@ -25,7 +26,7 @@ const KVM_EOPNOTSUPP: i64 = 95;
 const MSI_ADDRESS_BASE: u32 = 0xfee0_0000;
 
 /// Whether the vCPU is stopped on a hypercall instruction; returns its registers.
-pub fn stuck_on_hypercall(fd: &VcpuFd, memory: &GuestMemoryMmap) -> Option<kvm_regs> {
+pub fn stuck_on_hypercall(fd: &VcpuFd, memory: &GuestRam) -> Option<kvm_regs> {
     let regs = fd.get_regs().ok()?;
     let translation = fd.translate_gva(regs.rip).ok()?;
     if translation.valid == 0 {

@@ -9,3 +9,4 @@ pub mod hypercall;
 pub mod layout;
 pub mod mptable;
 pub mod paging;
+pub mod state;

@@ -2,7 +2,8 @@
 //! CPUs and the IOAPIC without ACPI.
 
 use super::layout::{APIC_START, IOAPIC_START};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Where guests look for the floating pointer: the first KiB of the EBDA.
 pub const FLOATING_POINTER_START: u64 = 0x9fc00;
@@ -99,7 +100,7 @@ pub fn floating_pointer(config_table_address: u32) -> [u8; 16] {
 }
 
 /// Writes the floating pointer and the configuration table for `cpus` CPUs.
-pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError> {
+pub fn write(mem: &GuestRam, cpus: u8) -> Result<(), MpTableError> {
     let table = config_table(cpus)?;
     debug_assert!(CONFIG_TABLE_START + table.len() as u64 <= FLOATING_POINTER_START);
     mem.write_slice(&table, GuestAddress(CONFIG_TABLE_START))?;
@@ -164,7 +165,7 @@ mod tests {
 
     #[test]
     fn written_tables_are_found_through_the_bios_data_area() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write(&mem, 2).unwrap();
         let ebda_segment: u16 = mem.read_obj(GuestAddress(0x40e)).unwrap();
         let mut fp = [0u8; 16];

@@ -1,7 +1,8 @@
 //! Identity page tables for the boot CPU.
 
 use super::layout::{PDPT_START, PD_START, PML4_START};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
@@ -12,7 +13,7 @@ const PAGE_SIZE_2M: u64 = 1 << 7;
 pub const IDENTITY_MAPPED_GIB: u64 = 4;
 
 /// Writes PML4 → PDPT → 4 page directories mapping [0, 4 GiB) onto itself.
-pub fn write_identity_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_identity_tables(mem: &GuestRam) -> Result<(), vm_memory::GuestMemoryError> {
     mem.write_obj(PDPT_START | PRESENT | WRITABLE, GuestAddress(PML4_START))?;
     for gib in 0..IDENTITY_MAPPED_GIB {
         let directory = PD_START + gib * 0x1000;
@@ -35,7 +36,7 @@ pub fn write_identity_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::Gue
 mod tests {
     use super::*;
 
-    fn translate(mem: &GuestMemoryMmap, linear: u64) -> u64 {
+    fn translate(mem: &GuestRam, linear: u64) -> u64 {
         let pml4e: u64 = mem
             .read_obj(GuestAddress(PML4_START + ((linear >> 39) & 511) * 8))
             .unwrap();
@@ -51,7 +52,7 @@ mod tests {
 
     #[test]
     fn low_four_gib_map_onto_themselves() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_identity_tables(&mem).unwrap();
         for address in [
             0u64,

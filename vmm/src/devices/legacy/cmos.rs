@@ -63,6 +63,19 @@ fn civil_from_days(days: i64) -> (i64, u64, u64) {
 }
 
 impl Cmos {
+    /// The index latch and the NVRAM bytes (the clock is the host's).
+    pub fn save(&self) -> (u8, Vec<u8>) {
+        (self.index, self.nvram.to_vec())
+    }
+
+    pub fn restore(&mut self, index: u8, nvram: &[u8]) -> Result<(), String> {
+        self.nvram = nvram
+            .try_into()
+            .map_err(|_| format!("CMOS: {} NVRAM bytes saved, 128 expected", nvram.len()))?;
+        self.index = index;
+        Ok(())
+    }
+
     pub fn with_clock(now: fn() -> u64) -> Self {
         let mut nvram = [0u8; 128];
         nvram[usize::from(STATUS_A)] = STATUS_A_DEFAULT;

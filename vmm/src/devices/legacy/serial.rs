@@ -34,6 +34,67 @@ impl SerialPort {
     }
 }
 
+/// The UART's registers and pending input (vm-superio's `SerialState`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedSerial {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialPort {
+    pub fn save(&self) -> SavedSerial {
+        let s = self.0.state();
+        SavedSerial {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the state `saved` describes.
+    pub fn from_saved(
+        irq: EventFd,
+        output: SerialOutput,
+        saved: &SavedSerial,
+    ) -> Result<SerialPort, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        Serial::from_state(
+            &state,
+            IrqFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            output,
+        )
+        .map(SerialPort)
+        .map_err(|e| format!("serial port state: {e:?}"))
+    }
+}
+
 impl BusDevice for SerialPort {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(byte) = data.first_mut() {

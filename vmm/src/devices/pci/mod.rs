@@ -107,7 +107,46 @@ pub struct PciRoot {
     config_address: u32,
 }
 
+/// What the guest wrote into the PCI root: its address latch and every
+/// function's configuration space (BARs it placed, command bits).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PciState {
+    pub config_address: u32,
+    pub functions: Vec<(u8, Vec<u8>)>,
+}
+
 impl PciRoot {
+    pub fn save(&self) -> PciState {
+        PciState {
+            config_address: self.config_address,
+            functions: self
+                .slots
+                .iter()
+                .map(|(slot, f)| (*slot, f.config().bytes.to_vec()))
+                .collect(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &PciState) -> Result<(), String> {
+        for (slot, bytes) in &state.functions {
+            let function = self
+                .slots
+                .iter_mut()
+                .find(|(s, _)| s == slot)
+                .map(|(_, f)| f)
+                .ok_or_else(|| format!("PCI slot {slot} is in the snapshot, not in this VM"))?;
+            let config = function.config_mut();
+            if bytes.len() != CONFIG_SPACE_SIZE || bytes[..4] != config.bytes[..4] {
+                return Err(format!(
+                    "PCI slot {slot}: a different device in the snapshot"
+                ));
+            }
+            config.bytes.copy_from_slice(bytes);
+        }
+        self.config_address = state.config_address;
+        Ok(())
+    }
+
     pub fn add(&mut self, slot: u8, function: Box<dyn PciFunction>) {
         self.slots.push((slot, function));
     }

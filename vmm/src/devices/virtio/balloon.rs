@@ -9,13 +9,14 @@ use super::{
     Queue, QueueT, VirtioDevice,
 };
 use crate::config::BalloonConfig;
+use crate::memory::GuestRam;
 use event_manager::EventSet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -117,7 +118,7 @@ impl BalloonHandle {
 }
 
 struct Running {
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     inflate: Queue,
     deflate: Queue,
     stats: Option<Queue>,
@@ -362,7 +363,7 @@ fn contiguous_runs(pfns: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
 
 /// Drops host pages behind a guest range; ranges outside guest RAM (a
 /// hostile or confused driver) are ignored.
-fn discard(memory: &GuestMemoryMmap, addr: u64, len: u64) {
+fn discard(memory: &GuestRam, addr: u64, len: u64) {
     let Some(region) = memory.find_region(GuestAddress(addr)) else {
         return;
     };
@@ -386,6 +387,59 @@ fn discard(memory: &GuestMemoryMmap, addr: u64, len: u64) {
 }
 
 impl VirtioDevice for Balloon {
+    fn queue_states(&self) -> Vec<super::SavedQueue> {
+        let Some(running) = &self.running else {
+            return Vec::new();
+        };
+        [
+            Some(&running.inflate),
+            Some(&running.deflate),
+            running.stats.as_ref(),
+            running.reporting.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(super::SavedQueue::from)
+        .collect()
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        let state = self.state();
+        serde_json::json!({
+            "target_pages": state.target_pages,
+            "actual_pages": state.actual_pages,
+            // The statistics buffer the device holds until it wants new figures.
+            "stats_head": self.running.as_ref().and_then(|r| r.stats_head),
+        })
+    }
+
+    fn restore_state(&mut self, saved: &serde_json::Value) -> Result<(), String> {
+        let field = |name: &str| saved.get(name).and_then(serde_json::Value::as_u64);
+        let pages = |name: &str| {
+            field(name)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| format!("balloon state: {name} missing or out of range"))
+        };
+        let (target, actual) = (pages("target_pages")?, pages("actual_pages")?);
+        let stats_head = match saved.get("stats_head") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|v| u16::try_from(v).ok())
+                    .ok_or("balloon state: stats_head out of range")?,
+            ),
+        };
+        {
+            let mut state = self.state();
+            state.target_pages = target;
+            state.actual_pages = actual;
+        }
+        if let Some(running) = self.running.as_mut() {
+            running.stats_head = stats_head;
+        }
+        Ok(())
+    }
+
     fn device_type(&self) -> u32 {
         device_type::BALLOON
     }
@@ -525,7 +579,7 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    fn resident_pages(memory: &GuestMemoryMmap, addr: u64, pages: u64) -> u64 {
+    fn resident_pages(memory: &GuestRam, addr: u64, pages: u64) -> u64 {
         let host = memory.get_host_address(GuestAddress(addr)).unwrap();
         let mut vector = vec![0u8; pages as usize];
         // SAFETY: the range is inside the test's guest memory; one byte per page.

@@ -8,11 +8,11 @@ use super::{
 };
 use crate::config::DiskConfig;
 use crate::devices::rate_limiter::RateLimiter;
+use crate::memory::GuestRam;
 use event_manager::EventSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
-use vm_memory::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
@@ -201,7 +201,7 @@ impl Block {
 
     /// Runs one request; returns the bytes written to the guest (data and
     /// status), or None when there is nowhere to put the status.
-    fn execute(&mut self, chain: &ParsedChain, memory: &GuestMemoryMmap) -> Option<u32> {
+    fn execute(&mut self, chain: &ParsedChain, memory: &GuestRam) -> Option<u32> {
         let writable = chain.writable_len();
         if writable == 0 {
             return None;
@@ -223,7 +223,7 @@ impl Block {
     fn serve(
         &mut self,
         chain: &ParsedChain,
-        memory: &GuestMemoryMmap,
+        memory: &GuestRam,
         data_in_len: u64,
     ) -> Result<u64, u8> {
         let mut header = [0u8; 16];
@@ -426,6 +426,13 @@ fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> std::io::Resul
 }
 
 impl VirtioDevice for Block {
+    fn queue_states(&self) -> Vec<super::SavedQueue> {
+        self.running
+            .iter()
+            .map(|running| super::SavedQueue::from(&running.queue))
+            .collect()
+    }
+
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }

@@ -7,10 +7,11 @@
 //! size is within the device's limit. Devices only ever touch memory through a
 //! parsed chain, so nothing outside guest memory is read or written.
 
+use crate::memory::GuestRam;
 use std::num::Wrapping;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
@@ -46,8 +47,8 @@ impl ParsedChain {
     /// directions are out of order, it does not end, or it carries more than
     /// `max_bytes`.
     pub fn parse(
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        memory: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestRam>,
+        memory: &GuestRam,
         max_bytes: u64,
     ) -> Result<ParsedChain, ChainError> {
         let mut parsed = ParsedChain {
@@ -104,7 +105,7 @@ impl ParsedChain {
     }
 
     /// Copies readable bytes from `offset` into `data`; returns how many fit.
-    pub fn read_at(&self, memory: &GuestMemoryMmap, offset: u64, data: &mut [u8]) -> usize {
+    pub fn read_at(&self, memory: &GuestRam, offset: u64, data: &mut [u8]) -> usize {
         let mut done = 0;
         for (addr, len) in segments(&self.readable, offset, data.len() as u64) {
             if memory
@@ -119,7 +120,7 @@ impl ParsedChain {
     }
 
     /// Copies `data` into the writable buffers from `offset`; returns how many fit.
-    pub fn write_at(&self, memory: &GuestMemoryMmap, offset: u64, data: &[u8]) -> usize {
+    pub fn write_at(&self, memory: &GuestRam, offset: u64, data: &[u8]) -> usize {
         let mut done = 0;
         for (addr, len) in segments(&self.writable, offset, data.len() as u64) {
             if memory.write_slice(&data[done..done + len], addr).is_err() {
@@ -132,24 +133,14 @@ impl ParsedChain {
 
     /// I/O vectors over `len` readable bytes from `offset`, for one vectored
     /// system call that reads guest memory (writev, pwritev).
-    pub fn readable_iovecs(
-        &self,
-        memory: &GuestMemoryMmap,
-        offset: u64,
-        len: u64,
-    ) -> Vec<libc::iovec> {
+    pub fn readable_iovecs(&self, memory: &GuestRam, offset: u64, len: u64) -> Vec<libc::iovec> {
         iovecs(memory, &self.readable, offset, len, false)
     }
 
     /// I/O vectors over `len` writable bytes from `offset`, for one vectored
     /// system call that fills guest memory (readv, preadv). The pages are
     /// marked dirty for migration.
-    pub fn writable_iovecs(
-        &self,
-        memory: &GuestMemoryMmap,
-        offset: u64,
-        len: u64,
-    ) -> Vec<libc::iovec> {
+    pub fn writable_iovecs(&self, memory: &GuestRam, offset: u64, len: u64) -> Vec<libc::iovec> {
         iovecs(memory, &self.writable, offset, len, true)
     }
 }
@@ -177,7 +168,7 @@ fn segments(buffers: &[Buffer], offset: u64, len: u64) -> Vec<(GuestAddress, usi
 }
 
 fn iovecs(
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     buffers: &[Buffer],
     offset: u64,
     len: u64,

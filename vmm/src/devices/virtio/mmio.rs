@@ -6,12 +6,12 @@
 //! its interrupt through an irqfd. Register accesses run on vCPU threads.
 
 use super::{
-    features, ActivateError, Activation, Interrupt, LoopEvents, Queue, QueueT, VirtioDevice,
-    DEVICE_TOKEN_BASE,
+    features, ActivateError, Activation, Interrupt, LoopEvents, Queue, QueueT, SavedQueue,
+    VirtioDevice, DEVICE_TOKEN_BASE,
 };
 use crate::devices::BusDevice;
+use crate::memory::GuestRam;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Each device's register window.
@@ -63,7 +63,7 @@ pub mod status {
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     interrupt: Interrupt,
     queue_events: Vec<EventFd>,
     /// Queue set-up as the driver writes it; handed to the device at DRIVER_OK.
@@ -79,7 +79,7 @@ pub struct MmioTransport {
 impl MmioTransport {
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        memory: GuestMemoryMmap,
+        memory: GuestRam,
         interrupt: Interrupt,
     ) -> std::io::Result<Self> {
         let queue_events = device
@@ -306,6 +306,119 @@ impl MmioTransport {
     }
 }
 
+/// A transport and its device, as a snapshot stores them.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub interrupt_status: u32,
+    /// Queue set-up the driver has written but not yet activated.
+    pub setup_queues: Vec<SavedQueue>,
+    /// The queues the running device serves; None before DRIVER_OK.
+    pub active_queues: Option<Vec<SavedQueue>>,
+    pub device: serde_json::Value,
+}
+
+impl MmioTransport {
+    /// The transport's and device's state. The device thread must be parked.
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            interrupt_status: self.interrupt.status(),
+            setup_queues: self.queues.iter().map(SavedQueue::from).collect(),
+            active_queues: self.activated.then(|| self.device.queue_states()),
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Puts a saved state into a freshly built transport of the same device.
+    /// Nothing in `state` is trusted: a state this device cannot have is refused.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let name = self.device.name();
+        if state.device_type != self.device.device_type() {
+            return Err(format!(
+                "{name}: the snapshot has device type {} here, this VM has {}",
+                state.device_type,
+                self.device.device_type()
+            ));
+        }
+        let max_sizes = self.device.queue_max_sizes().to_vec();
+        let rebuild = |saved: &[SavedQueue]| -> Result<Vec<Queue>, String> {
+            if saved.len() > max_sizes.len() {
+                return Err(format!(
+                    "{name}: {} queues saved, the device has {}",
+                    saved.len(),
+                    max_sizes.len()
+                ));
+            }
+            saved
+                .iter()
+                .zip(&max_sizes)
+                .enumerate()
+                .map(|(index, (queue, &max))| {
+                    if queue.max_size != max {
+                        return Err(format!(
+                            "{name}: queue {index} had room for {} entries, now {max}",
+                            queue.max_size
+                        ));
+                    }
+                    queue
+                        .to_queue()
+                        .map_err(|e| format!("{name}: queue {index}: {e:?}"))
+                })
+                .collect()
+        };
+        let setup = rebuild(&state.setup_queues)?;
+        if setup.len() != max_sizes.len() {
+            return Err(format!(
+                "{name}: {} queue set-ups saved, the device has {}",
+                setup.len(),
+                max_sizes.len()
+            ));
+        }
+        self.queues = setup;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        if let Some(active) = &state.active_queues {
+            let queues = rebuild(active)?;
+            for (index, queue) in queues.iter().enumerate() {
+                if queue.ready() && !queue.is_valid(&self.memory) {
+                    return Err(format!("{name}: queue {index} lies outside guest memory"));
+                }
+            }
+            self.device
+                .activate(Activation {
+                    memory: self.memory.clone(),
+                    queues,
+                    interrupt: self.interrupt.clone(),
+                    features: self.driver_features,
+                })
+                .map_err(|e| format!("{name}: {e}"))?;
+            self.activated = true;
+        }
+        self.device.restore_state(&state.device)?;
+        self.interrupt.restore_status(state.interrupt_status);
+        // Notifications that were pending when the snapshot was taken are not
+        // in it: look at every queue once.
+        for event in &self.queue_events {
+            let _ = event.write(1);
+        }
+        Ok(())
+    }
+}
+
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
     device
         .queue_max_sizes()
@@ -424,6 +537,9 @@ mod tests {
         fn name(&self) -> String {
             "probe".into()
         }
+        fn queue_states(&self) -> Vec<SavedQueue> {
+            Vec::new()
+        }
     }
 
     type Activations = Arc<Mutex<Vec<(u64, usize)>>>;
@@ -431,7 +547,7 @@ mod tests {
     fn transport() -> (MmioTransport, Activations, Arc<Mutex<usize>>) {
         let probe = Probe::default();
         let (activations, resets) = (probe.activations.clone(), probe.resets.clone());
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let interrupt = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let transport = MmioTransport::new(Box::new(probe), memory, interrupt).unwrap();
         (transport, activations, resets)

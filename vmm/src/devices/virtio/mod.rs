@@ -17,14 +17,64 @@ pub mod rng;
 pub mod testing;
 pub mod vsock;
 
+use crate::memory::GuestRam;
 use event_manager::{EventOps, EventSet, Events};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+/// A queue's set-up and ring positions, as a snapshot stores them
+/// (virtio-queue's `QueueState`, which has no serde support of its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub event_idx: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<&Queue> for SavedQueue {
+    fn from(queue: &Queue) -> Self {
+        let state = queue.state();
+        SavedQueue {
+            max_size: state.max_size,
+            size: state.size,
+            ready: state.ready,
+            event_idx: state.event_idx_enabled,
+            next_avail: state.next_avail,
+            next_used: state.next_used,
+            desc_table: state.desc_table,
+            avail_ring: state.avail_ring,
+            used_ring: state.used_ring,
+        }
+    }
+}
+
+impl SavedQueue {
+    /// Rebuilds the queue; a state that no valid queue has (a size that is not
+    /// a power of two, misaligned rings) is refused.
+    pub fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+    }
+}
 
 /// Feature bits common to every device (virtio 1.2, section 6).
 pub mod features {
@@ -85,6 +135,15 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// Puts back the status bits of a restored device, and raises the line
+    /// again if any is set (a spurious interrupt is harmless, a lost one is not).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+        if bits != 0 {
+            let _ = self.irqfd.write(1);
+        }
+    }
+
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
@@ -96,7 +155,7 @@ impl Interrupt {
 
 /// What a device gets when the driver activates it.
 pub struct Activation {
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     /// The queues the driver set up, in device order; ready ones are valid.
     pub queues: Vec<Queue>,
     pub interrupt: Interrupt,
@@ -106,7 +165,7 @@ pub struct Activation {
 
 /// A running single-queue device's queue, and what serving it needs.
 pub struct ActiveQueue {
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     pub queue: Queue,
     pub interrupt: Interrupt,
 }
@@ -227,6 +286,18 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// The running device's queues, in the order `activate` took them, for a
+    /// snapshot; restoring hands them back to `activate` in that order.
+    fn queue_states(&self) -> Vec<SavedQueue>;
+    /// What the device keeps besides its queues (a request it holds, a size
+    /// the driver wrote), for a snapshot. Taken while the device thread is parked.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Puts back what `save_state` returned, after `activate` on restore.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Copies `data` into a config-space read, at `offset`, for any width the
@@ -267,9 +338,9 @@ pub enum Drained {
 /// Pops descriptor chains off `queue` until it is empty, re-enabling guest
 /// notifications in a way that cannot miss a chain added meanwhile (the
 /// EVENT_IDX dance).
-pub fn drain_queue<F>(queue: &mut Queue, memory: &GuestMemoryMmap, mut handle: F) -> Drained
+pub fn drain_queue<F>(queue: &mut Queue, memory: &GuestRam, mut handle: F) -> Drained
 where
-    F: FnMut(&mut Queue, virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Chain,
+    F: FnMut(&mut Queue, virtio_queue::DescriptorChain<&GuestRam>) -> Chain,
 {
     loop {
         if queue.disable_notification(memory).is_err() {

@@ -95,6 +95,13 @@ fn fill_random(buffer: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl VirtioDevice for Rng {
+    fn queue_states(&self) -> Vec<super::SavedQueue> {
+        self.running
+            .iter()
+            .map(|running| super::SavedQueue::from(&running.queue))
+            .collect()
+    }
+
     fn device_type(&self) -> u32 {
         device_type::RNG
     }

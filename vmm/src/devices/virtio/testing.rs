@@ -2,9 +2,10 @@
 //! unit tests, fuzz targets and benchmarks that drive devices without a guest.
 
 use super::{DetachedEvents, Interrupt, VirtioDevice};
+use crate::memory::GuestRam;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const F_NEXT: u16 = 1;
@@ -13,7 +14,7 @@ pub const F_INDIRECT: u16 = 4;
 
 /// A queue in guest memory that tests fill the way a driver would.
 pub struct TestQueue {
-    pub memory: GuestMemoryMmap,
+    pub memory: GuestRam,
     pub queue: Queue,
     pub size: u16,
     desc_table: GuestAddress,
@@ -54,14 +55,13 @@ impl Default for TestQueue {
 
 impl TestQueue {
     pub fn new() -> Self {
-        let memory =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
         TestQueue::at(memory, DESC_TABLE)
     }
 
     /// A second (third, ...) queue in the same memory, its rings from `base`
     /// (0x4000 apart from others; data stays at `DATA` and above).
-    pub fn at(memory: GuestMemoryMmap, base: u64) -> Self {
+    pub fn at(memory: GuestRam, base: u64) -> Self {
         let queue = device_queue_at(base);
         assert!(queue.is_valid(&memory));
         TestQueue {
@@ -159,7 +159,7 @@ pub fn fuzz_device(device: &mut dyn VirtioDevice, input: &[u8]) {
     let Some((&choice, contents)) = input.split_first() else {
         return;
     };
-    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
+    let memory = GuestRam::from_ranges(&[(GuestAddress(0), MEMORY_SIZE as usize)]).unwrap();
     let n = contents.len().min(MEMORY_SIZE as usize);
     memory.write_slice(&contents[..n], GuestAddress(0)).unwrap();
     let queue_count = device.queue_max_sizes().len();

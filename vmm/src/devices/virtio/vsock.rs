@@ -16,13 +16,13 @@ use super::{
     Drained, Interrupt, Queue, QueueOwnedT, QueueT, VirtioDevice,
 };
 use crate::config::VsockConfig;
+use crate::memory::GuestRam;
 use event_manager::EventSet;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet as EpollSet};
 
 const QUEUE_SIZE: u16 = 256;
@@ -200,9 +200,11 @@ struct VsockStats {
 }
 
 struct Running {
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     rx: Queue,
     tx: Queue,
+    /// Only used to tell the driver its connections are gone (after a restore).
+    event: Option<Queue>,
     interrupt: Interrupt,
 }
 
@@ -679,7 +681,7 @@ impl Vsock {
         &mut self,
         key: Key,
         parsed: &ParsedChain,
-        memory: &GuestMemoryMmap,
+        memory: &GuestRam,
         room: usize,
     ) -> usize {
         let Some(connection) = self.connections.get_mut(&key) else {
@@ -812,6 +814,36 @@ impl Drop for Vsock {
     }
 }
 
+impl Vsock {
+    fn send_transport_reset(&mut self) {
+        const EVENT_TRANSPORT_RESET: u32 = 0;
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        let memory = running.memory.clone();
+        let Some(queue) = running.event.as_mut() else {
+            tracing::warn!("vsock: no event queue; the guest keeps its stale connections");
+            return;
+        };
+        let chain = match queue.iter(&memory) {
+            Ok(mut chains) => chains.next(),
+            Err(_) => None,
+        };
+        let Some(chain) = chain else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let written = match ParsedChain::parse(chain, &memory, 64) {
+            Ok(parsed) => parsed.write_at(&memory, 0, &EVENT_TRANSPORT_RESET.to_le_bytes()),
+            Err(_) => 0,
+        };
+        if queue.add_used(&memory, head, written as u32).is_ok() {
+            running.interrupt.signal_used_buffer();
+        }
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         device_type::VSOCK
@@ -845,7 +877,7 @@ impl VirtioDevice for Vsock {
                 RX
             }));
         }
-        // The event queue is only for transport resets, which we never send.
+        let event = queues.next().filter(|queue| queue.ready());
         self.broken = false;
         self.connections
             .retain(|_, c| matches!(c.state, State::AwaitingConnectLine(_) | State::Connecting));
@@ -853,8 +885,28 @@ impl VirtioDevice for Vsock {
             memory: activation.memory,
             rx,
             tx,
+            event,
             interrupt: activation.interrupt,
         });
+        Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<super::SavedQueue> {
+        let Some(running) = &self.running else {
+            return Vec::new();
+        };
+        [Some(&running.rx), Some(&running.tx), running.event.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(super::SavedQueue::from)
+            .collect()
+    }
+
+    /// Host sockets do not survive a restore or a migration: as Firecracker
+    /// does, tell the driver its transport was reset, so it drops every
+    /// connection (and re-reads the CID) instead of waiting on dead ones.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        self.send_transport_reset();
         Ok(())
     }
 

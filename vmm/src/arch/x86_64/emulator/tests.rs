@@ -3,8 +3,9 @@
 
 use std::cell::{Cell, RefCell};
 
+use crate::memory::GuestRam;
 use kvm_bindings::{kvm_run__bindgen_ty_1__bindgen_ty_13, kvm_segment, kvm_xcr};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::mmu::{self, Access, Paging, PF_FETCH, PF_PROTECTION, PF_RESERVED, PF_USER, PF_WRITE};
 use super::xsave::XsaveLayout;
@@ -41,7 +42,7 @@ const BEYOND_RAM: u64 = 0xa0_0000;
 const RFLAGS_FIXED: u64 = 0x2;
 
 struct Guest {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     next_table: Cell<u64>,
 }
 
@@ -50,7 +51,7 @@ impl Guest {
     /// read-only page, and a page whose frame is outside RAM.
     fn new() -> Self {
         let guest = Guest {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap(),
+            mem: GuestRam::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap(),
             next_table: Cell::new(FIRST_TABLE),
         };
         guest.map(CODE, CODE_PHYS, P, 1);

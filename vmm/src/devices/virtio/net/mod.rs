@@ -11,10 +11,10 @@ use super::{
 };
 use crate::config::NetConfig;
 use crate::devices::rate_limiter::RateLimiter;
+use crate::memory::GuestRam;
 use event_manager::EventSet;
 use std::os::fd::{AsRawFd, RawFd};
 use tap::{Tap, TapError, VNET_HDR_LEN};
-use vm_memory::GuestMemoryMmap;
 
 const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -78,7 +78,7 @@ struct NetStats {
 }
 
 struct Running {
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     rx: Queue,
     tx: Queue,
     interrupt: Interrupt,
@@ -311,6 +311,13 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    fn queue_states(&self) -> Vec<super::SavedQueue> {
+        self.running
+            .iter()
+            .flat_map(|running| [(&running.rx).into(), (&running.tx).into()])
+            .collect()
+    }
+
     fn device_type(&self) -> u32 {
         device_type::NET
     }

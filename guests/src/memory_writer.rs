@@ -1,0 +1,71 @@
+//! A guest that never stops changing its memory and counting on the serial
+//! port: the subject of snapshot and live-migration tests.
+
+use iced_x86::code_asm::*;
+
+use crate::program::{Program, Result};
+
+/// What the guest dirties and how fast.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryWriter {
+    /// First byte of the region it writes (page aligned, above the guest image).
+    pub region_start: u64,
+    /// Pages in the region; every round writes one 8-byte word in each.
+    pub region_pages: u32,
+    /// Each round lasts at least this many TSC ticks (0: as fast as it can),
+    /// which sets the dirtying rate.
+    pub round_tsc_ticks: u64,
+}
+
+impl Default for MemoryWriter {
+    fn default() -> Self {
+        MemoryWriter {
+            region_start: 4 << 20,
+            region_pages: 1024,
+            round_tsc_ticks: 0,
+        }
+    }
+}
+
+/// Counts rounds from 0. Round n writes n into word (n mod 512) of every page
+/// of the region, then prints "n\n" on COM1 — so the memory is a function of
+/// the count, and the count on the console has no gap or repeat.
+pub fn memory_writer(w: MemoryWriter) -> Result<Vec<u8>> {
+    let mut p = Program::new("memory_writer")?;
+    let mut round = p.a.create_label();
+    let mut page = p.a.create_label();
+    let mut wait = p.a.create_label();
+    p.a.xor(r15d, r15d)?; // the count
+    p.a.set_label(&mut round)?;
+    p.a.rdtsc()?;
+    p.a.shl(rdx, 32)?;
+    p.a.or(rax, rdx)?;
+    p.a.mov(r13, rax)?; // round start
+    p.a.mov(rbx, r15)?;
+    p.a.and(ebx, 511)?;
+    p.a.shl(ebx, 3)?; // word offset in each page
+    p.a.mov(rdi, w.region_start)?;
+    p.a.mov(ecx, w.region_pages)?;
+    p.a.set_label(&mut page)?;
+    p.a.mov(qword_ptr(rdi + rbx), r15)?;
+    p.a.add(rdi, 4096)?;
+    p.a.dec(ecx)?;
+    p.a.jnz(page)?;
+    p.a.mov(rax, r15)?;
+    p.print_rax_decimal()?;
+    p.print("\n")?;
+    p.a.inc(r15)?;
+    if w.round_tsc_ticks > 0 {
+        p.a.mov(r14, w.round_tsc_ticks)?;
+        p.a.set_label(&mut wait)?;
+        p.a.pause()?;
+        p.a.rdtsc()?;
+        p.a.shl(rdx, 32)?;
+        p.a.or(rax, rdx)?;
+        p.a.sub(rax, r13)?;
+        p.a.cmp(rax, r14)?;
+        p.a.jb(wait)?;
+    }
+    p.a.jmp(round)?;
+    p.finish()
+}

@@ -1,0 +1,209 @@
+//! The receiving side: `bulkhead run --incoming URI`.
+
+use super::protocol::{
+    self, read_frame, write_frame, write_json, Final, Hello, Resumed, Stream, Tag,
+};
+use super::transport::{Listener, TlsServer};
+use super::MigrationError;
+use crate::arch::x86_64::boot;
+use crate::devices::legacy::post::monotonic_ns;
+use crate::devices::legacy::serial::SerialOutput;
+use crate::memory::GuestRam;
+use crate::vm::{RestoreOptions, RunningVm, Vm};
+use vm_memory::{Bytes, GuestAddress};
+
+/// A destination bound to its address, waiting for a source.
+pub struct Incoming {
+    listener: Listener,
+    tls: Option<TlsServer>,
+}
+
+/// Binds `uri` now, so the caller can say where it waits before it blocks.
+pub fn accept(uri: &str, tls: Option<TlsServer>) -> Result<Incoming, MigrationError> {
+    Ok(Incoming {
+        listener: Listener::bind(uri)?,
+        tls,
+    })
+}
+
+/// A migrated VM, built and ready, whose source still waits for the word.
+pub struct Arrived {
+    pub vm: Vm,
+    stream: Box<dyn Stream>,
+    memory_crc: Option<u32>,
+}
+
+fn refuse(stream: &mut dyn Stream, tag: Tag, why: &str) {
+    // The source is told why when it can be; it may already be gone.
+    let _ = write_frame(stream, tag, &[why.as_bytes()]);
+    let _ = stream.flush();
+}
+
+impl Incoming {
+    pub fn uri(&self) -> String {
+        self.listener.uri()
+    }
+
+    /// Waits for one source and receives its VM: memory, then state.
+    pub fn receive(
+        self,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Arrived, MigrationError> {
+        let mut stream = self.listener.accept(self.tls.as_ref())?;
+        let mut payload = Vec::new();
+        let tag = read_frame(stream.as_mut(), &mut payload)?;
+        if tag != Tag::Hello {
+            refuse(stream.as_mut(), Tag::Refuse, "expected HELLO");
+            return Err(protocol::ProtocolError::Unexpected {
+                expected: "HELLO",
+                got: tag,
+            }
+            .into());
+        }
+        let hello: Hello = match protocol::decode(Tag::Hello, &payload) {
+            Ok(hello) => hello,
+            Err(e) => {
+                refuse(stream.as_mut(), Tag::Refuse, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        if hello.format != protocol::FORMAT || hello.version != protocol::VERSION {
+            let why = format!(
+                "{} version {} offered, this Bulkhead takes {} version {}",
+                hello.format,
+                hello.version,
+                protocol::FORMAT,
+                protocol::VERSION
+            );
+            refuse(stream.as_mut(), Tag::Refuse, &why);
+            return Err(MigrationError::Incoming(format!(
+                "refused the source: {why}"
+            )));
+        }
+        let memory = match crate::vm::check_machine(&hello.machine)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                GuestRam::from_ranges(&boot::ram_regions(hello.machine.memory_bytes()))
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(memory) => memory,
+            Err(why) => {
+                refuse(stream.as_mut(), Tag::Refuse, &why);
+                return Err(MigrationError::Incoming(format!(
+                    "refused the source: {why}"
+                )));
+            }
+        };
+        write_json(stream.as_mut(), Tag::Accept, &serde_json::json!({}))?;
+        stream.flush().map_err(protocol::ProtocolError::from)?;
+
+        let last: Final = loop {
+            match read_frame(stream.as_mut(), &mut payload)? {
+                Tag::Pages => {
+                    let written = (payload.len() >= 8)
+                        .then(|| {
+                            let address =
+                                u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+                            memory
+                                .write_slice(&payload[8..], GuestAddress(address))
+                                .is_ok()
+                        })
+                        .unwrap_or(false);
+                    if !written {
+                        let why = "PAGES frame outside guest memory";
+                        refuse(stream.as_mut(), Tag::Failed, why);
+                        return Err(MigrationError::Incoming(why.into()));
+                    }
+                }
+                Tag::State => match protocol::decode(Tag::State, &payload) {
+                    Ok(last) => break last,
+                    Err(e) => {
+                        refuse(stream.as_mut(), Tag::Failed, &e.to_string());
+                        return Err(e.into());
+                    }
+                },
+                Tag::Abort => {
+                    return Err(MigrationError::Incoming(format!(
+                        "the source gave up: {}",
+                        protocol::text(&payload)
+                    )))
+                }
+                other => {
+                    refuse(stream.as_mut(), Tag::Failed, "unexpected frame");
+                    return Err(protocol::ProtocolError::Unexpected {
+                        expected: "PAGES or STATE",
+                        got: other,
+                    }
+                    .into());
+                }
+            }
+        };
+        if last.saved.machine != hello.machine {
+            let why = "the state describes another machine than HELLO did";
+            refuse(stream.as_mut(), Tag::Failed, why);
+            return Err(MigrationError::Incoming(why.into()));
+        }
+        let memory_crc = match last.memory_crc {
+            Some(expected) => {
+                let ours = super::memory_crc(&memory)?;
+                if ours != expected {
+                    let error = MigrationError::MemoryMismatch {
+                        source_crc: expected,
+                        destination: ours,
+                    };
+                    refuse(stream.as_mut(), Tag::Failed, &error.to_string());
+                    return Err(error);
+                }
+                Some(ours)
+            }
+            None => None,
+        };
+        // Pages the copy wrote are not dirty for this VM.
+        for region in vm_memory::GuestMemoryBackend::iter(&memory) {
+            vm_memory::mmap::MmapRegion::bitmap(region).reset();
+        }
+        match Vm::from_saved(&last.saved, memory, options, serial_output) {
+            Ok(vm) => Ok(Arrived {
+                vm,
+                stream,
+                memory_crc,
+            }),
+            Err(e) => {
+                refuse(stream.as_mut(), Tag::Failed, &e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Arrived {
+    /// Starts the VM and tells the source, which then ends. If the source
+    /// cannot be told, it will resume the guest itself: this copy is stopped
+    /// so that the guest never runs twice.
+    pub fn start(mut self) -> Result<RunningVm, MigrationError> {
+        let running = match self.vm.start() {
+            Ok(running) => running,
+            Err(e) => {
+                refuse(self.stream.as_mut(), Tag::Failed, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        let started_ns = monotonic_ns();
+        let resumed = Resumed {
+            started_ns,
+            boot_id: protocol::boot_id(),
+            memory_crc: self.memory_crc,
+        };
+        let told = write_json(self.stream.as_mut(), Tag::Resumed, &resumed)
+            .and_then(|()| self.stream.flush().map_err(protocol::ProtocolError::from));
+        if let Err(e) = told {
+            running.stop();
+            let _ = running.wait();
+            return Err(MigrationError::Incoming(format!(
+                "the source went away at switch-over ({e}); stopped here so the guest does not run twice"
+            )));
+        }
+        Ok(running)
+    }
+}

@@ -1,0 +1,204 @@
+//! The migration stream: frames of `[tag: u8][length: u32 LE][payload]`.
+//!
+//! ```text
+//! source                                destination
+//! HELLO {format, version, machine}  ->
+//!                                   <-  ACCEPT {}  |  REFUSE "why"
+//! PAGES [gpa: u64 LE][bytes] ...    ->  (pre-copy rounds, then the last pages)
+//! STATE {saved VM, memory CRC}      ->
+//!                                   <-  RESUMED {clock}  |  FAILED "why"
+//! ```
+//! Either side may send ABORT "why" instead of its next frame.
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::io::{Read, Write};
+
+pub const FORMAT: &str = "bulkhead-migration";
+/// Bumped whenever a frame's meaning changes; a destination refuses others.
+pub const VERSION: u32 = 1;
+/// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
+pub const MAX_FRAME: u32 = 64 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    Hello = 1,
+    Accept = 2,
+    Refuse = 3,
+    Pages = 4,
+    State = 5,
+    Resumed = 6,
+    Failed = 7,
+    Abort = 8,
+}
+
+impl Tag {
+    fn from_byte(byte: u8) -> Option<Tag> {
+        Some(match byte {
+            1 => Tag::Hello,
+            2 => Tag::Accept,
+            3 => Tag::Refuse,
+            4 => Tag::Pages,
+            5 => Tag::State,
+            6 => Tag::Resumed,
+            7 => Tag::Failed,
+            8 => Tag::Abort,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("unknown frame tag {0}")]
+    UnknownTag(u8),
+    #[error("a {0:?} frame of {1} bytes is larger than any valid one")]
+    TooLarge(Tag, u32),
+    #[error("expected {expected}, got a {got:?} frame")]
+    Unexpected { expected: &'static str, got: Tag },
+    #[error("bad {0:?} frame: {1}")]
+    Malformed(Tag, String),
+    #[error("the peer refused: {0}")]
+    Refused(String),
+}
+
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+pub fn write_frame(out: &mut dyn Write, tag: Tag, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_FRAME)
+        .ok_or(ProtocolError::TooLarge(tag, u32::MAX))?;
+    let mut header = [0u8; 5];
+    header[0] = tag as u8;
+    header[1..].copy_from_slice(&len.to_le_bytes());
+    out.write_all(&header)?;
+    for part in parts {
+        out.write_all(part)?;
+    }
+    Ok(())
+}
+
+pub fn write_json(
+    out: &mut dyn Write,
+    tag: Tag,
+    value: &impl Serialize,
+) -> Result<(), ProtocolError> {
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| ProtocolError::Malformed(tag, e.to_string()))?;
+    write_frame(out, tag, &[&bytes])
+}
+
+/// Reads one frame into `payload` (reused between frames).
+pub fn read_frame(input: &mut dyn Read, payload: &mut Vec<u8>) -> Result<Tag, ProtocolError> {
+    let mut header = [0u8; 5];
+    if let Err(e) = input.read_exact(&mut header) {
+        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            e.into()
+        });
+    }
+    let tag = Tag::from_byte(header[0]).ok_or(ProtocolError::UnknownTag(header[0]))?;
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(tag, len));
+    }
+    payload.resize(len as usize, 0);
+    input.read_exact(payload).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(tag)
+}
+
+pub fn decode<T: DeserializeOwned>(tag: Tag, payload: &[u8]) -> Result<T, ProtocolError> {
+    serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed(tag, e.to_string()))
+}
+
+/// A text payload (REFUSE, FAILED, ABORT), shown to users: kept printable.
+pub fn text(payload: &[u8]) -> String {
+    String::from_utf8_lossy(&payload[..payload.len().min(4096)])
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Hello {
+    pub format: String,
+    pub version: u32,
+    pub machine: crate::config::MachineConfig,
+}
+
+/// Sent after the last pages.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Final {
+    pub saved: crate::snapshot::SavedVm,
+    /// CRC-32 of all guest RAM at switch-over, when the source was asked to
+    /// verify: the destination refuses to resume unless its copy matches.
+    pub memory_crc: Option<u32>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Resumed {
+    /// CLOCK_MONOTONIC when the destination's vCPUs were started, and the
+    /// host's boot id: on one host the source can measure the true downtime.
+    pub started_ns: u64,
+    pub boot_id: String,
+    pub memory_crc: Option<u32>,
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_refused() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Tag::Pages, &[&7u64.to_le_bytes(), b"data"]).unwrap();
+        write_json(&mut wire, Tag::Accept, &serde_json::json!({})).unwrap();
+        let mut input = &wire[..];
+        let mut payload = Vec::new();
+        assert_eq!(read_frame(&mut input, &mut payload).unwrap(), Tag::Pages);
+        assert_eq!(&payload[8..], b"data");
+        assert_eq!(read_frame(&mut input, &mut payload).unwrap(), Tag::Accept);
+        assert!(matches!(
+            read_frame(&mut input, &mut payload),
+            Err(ProtocolError::Closed)
+        ));
+
+        let mut input: &[u8] = &[99, 0, 0, 0, 0];
+        assert!(matches!(
+            read_frame(&mut input, &mut payload),
+            Err(ProtocolError::UnknownTag(99))
+        ));
+        let mut input: &[u8] = &[4, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_frame(&mut input, &mut payload),
+            Err(ProtocolError::TooLarge(..))
+        ));
+        // A frame cut short is a closed connection, not garbage.
+        let mut input: &[u8] = &[4, 10, 0, 0, 0, 1, 2];
+        assert!(matches!(
+            read_frame(&mut input, &mut payload),
+            Err(ProtocolError::Closed)
+        ));
+        assert_eq!(text(b"bad\x1b[31m version"), "bad [31m version");
+    }
+}

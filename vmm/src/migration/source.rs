@@ -1,0 +1,318 @@
+//! The sending side of a live migration.
+
+use super::dirty::{self, DirtyLog};
+use super::protocol::{
+    self, read_frame, write_frame, write_json, Final, Hello, Resumed, Stream, Tag,
+};
+use super::{
+    transport, MigrateOptions, MigrationError, MigrationReport, DEFAULT_DOWNTIME, DEFAULT_GIVE_UP,
+};
+use crate::devices::legacy::post::monotonic_ns;
+use crate::devices::lock;
+use crate::exit::VmExit;
+use crate::memory::GuestRam;
+use crate::snapshot::is_zero;
+use crate::vm::{kick_signal, RunState, VmCore};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const PAGE: usize = 4096;
+/// Pages per PAGES frame at most (1 MiB of memory).
+const PAGES_PER_FRAME: usize = 256;
+/// Rounds that fail to shrink the dirty set before vCPUs are throttled.
+const ROUNDS_BEFORE_THROTTLE: u32 = 3;
+const THROTTLE_STEP: u32 = 20;
+const MAX_THROTTLE: u32 = 95;
+/// How often throttled vCPUs are knocked out of KVM_RUN to serve their penalty.
+const THROTTLE_KICK: Duration = Duration::from_millis(5);
+
+/// Sends guest pages, paced to the bandwidth cap, and counts them.
+struct PageSender<'a> {
+    stream: &'a mut dyn Stream,
+    memory: &'a GuestRam,
+    buffer: Vec<u8>,
+    pages_sent: u64,
+    bytes_sent: u64,
+    cap_bytes_per_s: Option<f64>,
+    started: Instant,
+}
+
+impl PageSender<'_> {
+    fn send_run(&mut self, address: GuestAddress, pages: usize) -> Result<(), MigrationError> {
+        let len = pages * PAGE;
+        self.buffer.resize(len, 0);
+        self.memory.read_slice(&mut self.buffer, address)?;
+        write_frame(
+            self.stream,
+            Tag::Pages,
+            &[&address.0.to_le_bytes(), &self.buffer],
+        )?;
+        self.pages_sent += pages as u64;
+        self.bytes_sent += (len + 13) as u64;
+        if let Some(cap) = self.cap_bytes_per_s {
+            let due = Duration::from_secs_f64(self.bytes_sent as f64 / cap);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+
+    /// The first round: every page that is not zero (the destination's
+    /// fresh memory is zero already).
+    fn send_all(&mut self) -> Result<(), MigrationError> {
+        let mut page = vec![0u8; PAGE];
+        let regions: Vec<(GuestAddress, usize)> = self
+            .memory
+            .iter()
+            .map(|r| (r.start_addr(), r.len() as usize / PAGE))
+            .collect();
+        for (start, pages) in regions {
+            let mut run: Option<(usize, usize)> = None;
+            for index in 0..pages {
+                let address = start.unchecked_add((index * PAGE) as u64);
+                self.memory.read_slice(&mut page, address)?;
+                let zero = is_zero(&page);
+                run = match (run, zero) {
+                    (Some((first, n)), false) if n < PAGES_PER_FRAME => Some((first, n + 1)),
+                    (Some((first, n)), _) => {
+                        self.send_run(start.unchecked_add((first * PAGE) as u64), n)?;
+                        (!zero).then_some((index, 1))
+                    }
+                    (None, false) => Some((index, 1)),
+                    (None, true) => None,
+                };
+            }
+            if let Some((first, n)) = run {
+                self.send_run(start.unchecked_add((first * PAGE) as u64), n)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send_dirty(&mut self, maps: &[Vec<u64>]) -> Result<(), MigrationError> {
+        let regions: Vec<(GuestAddress, usize)> = self
+            .memory
+            .iter()
+            .map(|r| (r.start_addr(), r.len() as usize / PAGE))
+            .collect();
+        for ((start, pages), map) in regions.into_iter().zip(maps) {
+            for (first, count) in dirty::runs(map, pages) {
+                let mut done = 0;
+                while done < count {
+                    let n = PAGES_PER_FRAME.min(count - done);
+                    self.send_run(start.unchecked_add(((first + done) * PAGE) as u64), n)?;
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn merge(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+impl VmCore {
+    /// Migrates this VM to the destination at `options.uri`. On success the
+    /// VM here has ended (its exit is `Migrated`); on failure it runs on (or
+    /// stays paused, if it was) and the error says why.
+    pub fn migrate(&self, options: &MigrateOptions) -> Result<MigrationReport, MigrationError> {
+        let mut state = lock(&self.run_state);
+        let was_paused = *state == RunState::Paused;
+        let mut parked = was_paused;
+        let throttle_done = AtomicBool::new(false);
+        let result = std::thread::scope(|scope| {
+            // Keeps throttled vCPUs coming out of KVM_RUN to sleep their share.
+            let kicker = scope.spawn(|| {
+                while !throttle_done.load(Ordering::Acquire) {
+                    if self.shared.throttle_percent.load(Ordering::Relaxed) > 0 {
+                        self.shared.threads.kick(kick_signal());
+                    }
+                    std::thread::sleep(THROTTLE_KICK);
+                }
+            });
+            let result = self.migrate_inner(options, &mut parked);
+            self.shared.throttle_percent.store(0, Ordering::Relaxed);
+            throttle_done.store(true, Ordering::Release);
+            let _ = kicker.join();
+            result
+        });
+        match &result {
+            Ok(_) => {
+                // The destination runs the guest now: this copy must never run again.
+                self.shared.exit.request(VmExit::Migrated);
+            }
+            Err(e) => {
+                tracing::warn!("migration failed, the VM goes on here: {e}");
+                if parked && !was_paused {
+                    self.release_threads();
+                }
+                *state = if was_paused {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                };
+            }
+        }
+        result
+    }
+
+    fn migrate_inner(
+        &self,
+        options: &MigrateOptions,
+        parked: &mut bool,
+    ) -> Result<MigrationReport, MigrationError> {
+        let started = Instant::now();
+        let downtime_limit = options
+            .downtime_ms
+            .map_or(DEFAULT_DOWNTIME, Duration::from_millis);
+        let give_up = options
+            .give_up_after_s
+            .map_or(DEFAULT_GIVE_UP, Duration::from_secs);
+        let mut stream = transport::connect(&options.uri, options.tls.as_ref())?;
+        let stream: &mut dyn Stream = stream.as_mut();
+        write_json(
+            stream,
+            Tag::Hello,
+            &Hello {
+                format: protocol::FORMAT.into(),
+                version: protocol::VERSION,
+                machine: self.machine.clone(),
+            },
+        )?;
+        stream.flush().map_err(protocol::ProtocolError::from)?;
+        let mut payload = Vec::new();
+        match read_frame(stream, &mut payload)? {
+            Tag::Accept => {}
+            Tag::Refuse | Tag::Abort => {
+                return Err(MigrationError::Refused(protocol::text(&payload)))
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "ACCEPT",
+                    got: other,
+                }
+                .into())
+            }
+        }
+
+        let memory = &self.shared.memory;
+        let log = DirtyLog::start(&self.shared.vm, memory)?;
+        let mut sender = PageSender {
+            stream,
+            memory,
+            buffer: Vec::with_capacity(PAGES_PER_FRAME * PAGE),
+            pages_sent: 0,
+            bytes_sent: 0,
+            cap_bytes_per_s: options.bandwidth_mib.map(|m| (m.max(1) << 20) as f64),
+            started: Instant::now(),
+        };
+        let mut report = MigrationReport::default();
+        let mut round_started = Instant::now();
+        let mut round_bytes_start = 0;
+        sender.send_all()?;
+        report.rounds = 1;
+        let mut smallest_dirty = u64::MAX;
+        let mut rounds_without_progress = 0;
+        let mut pending = loop {
+            let maps = log.take()?;
+            let dirty_pages = dirty::count(&maps);
+            let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
+            let link = (sender.bytes_sent - round_bytes_start) as f64 / elapsed;
+            let link = if link > 0.0 { link } else { f64::MAX };
+            let expected = Duration::from_secs_f64((dirty_pages as usize * PAGE) as f64 / link);
+            tracing::debug!(
+                round = report.rounds,
+                dirty_pages,
+                ?expected,
+                "migration round"
+            );
+            if expected <= downtime_limit || *parked {
+                break maps;
+            }
+            if started.elapsed() > give_up {
+                return Err(MigrationError::NoConvergence {
+                    seconds: give_up.as_secs(),
+                    rounds: report.rounds,
+                    throttle: report.max_throttle_percent,
+                    dirty_mib: (dirty_pages * PAGE as u64) >> 20,
+                    link_mib_s: link / f64::from(1 << 20),
+                });
+            }
+            if dirty_pages < smallest_dirty * 9 / 10 || smallest_dirty == u64::MAX {
+                smallest_dirty = dirty_pages;
+                rounds_without_progress = 0;
+            } else {
+                rounds_without_progress += 1;
+            }
+            if rounds_without_progress >= ROUNDS_BEFORE_THROTTLE {
+                let throttle = (self.shared.throttle_percent.load(Ordering::Relaxed)
+                    + THROTTLE_STEP)
+                    .min(MAX_THROTTLE);
+                self.shared
+                    .throttle_percent
+                    .store(throttle, Ordering::Relaxed);
+                report.max_throttle_percent = throttle;
+                rounds_without_progress = 0;
+                tracing::info!(throttle, "migration not converging: throttling vCPUs");
+            }
+            round_started = Instant::now();
+            round_bytes_start = sender.bytes_sent;
+            sender.send_dirty(&maps)?;
+            report.rounds += 1;
+        };
+
+        // Stop and copy.
+        let paused_ns = monotonic_ns();
+        if !*parked {
+            self.park_threads()?;
+            *parked = true;
+        }
+        merge(&mut pending, log.take()?);
+        report.last_round_pages = dirty::count(&pending);
+        sender.send_dirty(&pending)?;
+        let saved = self.capture()?;
+        let memory_crc = if options.verify_memory {
+            Some(super::memory_crc(memory)?)
+        } else {
+            None
+        };
+        report.pages_sent = sender.pages_sent;
+        report.bytes_sent = sender.bytes_sent;
+        drop(log);
+        write_json(stream, Tag::State, &Final { saved, memory_crc })?;
+        stream.flush().map_err(protocol::ProtocolError::from)?;
+        let resumed: Resumed = match read_frame(stream, &mut payload)? {
+            Tag::Resumed => protocol::decode(Tag::Resumed, &payload)?,
+            Tag::Failed | Tag::Abort => {
+                return Err(MigrationError::DestinationFailed(protocol::text(&payload)))
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "RESUMED",
+                    got: other,
+                }
+                .into())
+            }
+        };
+        let answered_ns = monotonic_ns();
+        report.downtime_measured_on_one_clock =
+            resumed.boot_id == protocol::boot_id() && resumed.started_ns >= paused_ns;
+        let downtime_ns = if report.downtime_measured_on_one_clock {
+            resumed.started_ns - paused_ns
+        } else {
+            answered_ns - paused_ns
+        };
+        report.downtime_ms = downtime_ns as f64 / 1e6;
+        report.memory_crc = memory_crc;
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(report)
+    }
+}

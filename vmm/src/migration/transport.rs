@@ -1,0 +1,280 @@
+//! Where a migration stream goes: TCP or a Unix socket, optionally in TLS.
+
+use super::protocol::Stream;
+use super::MigrationError;
+use serde::{Deserialize, Serialize};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A migration address: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    pub fn parse(uri: &str) -> Result<Endpoint, MigrationError> {
+        let bad = || MigrationError::Uri(uri.to_string());
+        if let Some(address) = uri.strip_prefix("tcp:") {
+            let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad());
+            }
+            Ok(Endpoint::Tcp(address.to_string()))
+        } else if let Some(path) = uri.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad());
+            }
+            Ok(Endpoint::Unix(PathBuf::from(path)))
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+/// The source's TLS settings: whom it trusts and the name it expects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClient {
+    /// PEM file of the CA certificate(s) the destination's certificate must chain to.
+    pub ca: PathBuf,
+    /// The name the destination's certificate must carry.
+    pub server_name: String,
+}
+
+/// The destination's TLS settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsServer {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn tls_error(what: &str) -> impl FnOnce(String) -> MigrationError + '_ {
+    move |e| MigrationError::Tls(format!("{what}: {e}"))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// How long one read or write on the stream may block before the migration
+/// is declared broken (a peer that vanished without closing).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects to `uri` as the source.
+pub fn connect(uri: &str, tls: Option<&TlsClient>) -> Result<Box<dyn Stream>, MigrationError> {
+    let connect_error = |source| MigrationError::Connect {
+        uri: uri.to_string(),
+        source,
+    };
+    let stream: Box<dyn Stream> = match Endpoint::parse(uri)? {
+        Endpoint::Tcp(address) => {
+            let stream = TcpStream::connect(&address).map_err(connect_error)?;
+            stream.set_nodelay(true).map_err(connect_error)?;
+            stream
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(connect_error)?;
+            stream
+                .set_write_timeout(Some(IO_TIMEOUT))
+                .map_err(connect_error)?;
+            match tls {
+                Some(tls) => Box::new(tls_client(stream, tls)?),
+                None => Box::new(stream),
+            }
+        }
+        Endpoint::Unix(path) => {
+            let stream = UnixStream::connect(&path).map_err(connect_error)?;
+            stream
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(connect_error)?;
+            stream
+                .set_write_timeout(Some(IO_TIMEOUT))
+                .map_err(connect_error)?;
+            match tls {
+                Some(tls) => Box::new(tls_client(stream, tls)?),
+                None => Box::new(stream),
+            }
+        }
+    };
+    Ok(stream)
+}
+
+fn tls_client<S: std::io::Read + std::io::Write + Send + 'static>(
+    stream: S,
+    tls: &TlsClient,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, S>, MigrationError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&tls.ca)
+        .map_err(|e| MigrationError::Tls(format!("CA file {}: {e}", tls.ca.display())))?;
+    for cert in certs {
+        let cert =
+            cert.map_err(|e| MigrationError::Tls(format!("CA file {}: {e}", tls.ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| MigrationError::Tls(format!("CA file {}: {e}", tls.ca.display())))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("protocol versions")(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| MigrationError::Tls(format!("server name {:?}: {e}", tls.server_name)))?;
+    let connection = rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(|e| tls_error("client")(e.to_string()))?;
+    let mut stream = rustls::StreamOwned::new(connection, stream);
+    // Complete the handshake now, so a bad certificate is reported as such.
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| MigrationError::Tls(format!("handshake: {e}")))?;
+    }
+    Ok(stream)
+}
+
+/// A bound listener waiting for one source.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn bind(uri: &str) -> Result<Listener, MigrationError> {
+        let listen_error = |source| MigrationError::Listen {
+            uri: uri.to_string(),
+            source,
+        };
+        Ok(match Endpoint::parse(uri)? {
+            Endpoint::Tcp(address) => {
+                Listener::Tcp(TcpListener::bind(&address).map_err(listen_error)?)
+            }
+            Endpoint::Unix(path) => {
+                // A socket file nobody listens on is a leftover: replace it.
+                if path.exists() && UnixStream::connect(&path).is_err() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Listener::Unix(UnixListener::bind(&path).map_err(listen_error)?, path)
+            }
+        })
+    }
+
+    /// The bound address (`tcp:127.0.0.1:PORT` for port 0 binds).
+    pub fn uri(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("tcp:{a}"))
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// Waits for the source; the stream then has I/O timeouts set.
+    pub fn accept(&self, tls: Option<&TlsServer>) -> Result<Box<dyn Stream>, MigrationError> {
+        let accept_error = |e: std::io::Error| MigrationError::Incoming(format!("accept: {e}"));
+        let stream: Box<dyn Stream> = match self {
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept().map_err(accept_error)?;
+                stream.set_nodelay(true).map_err(accept_error)?;
+                stream
+                    .set_read_timeout(Some(IO_TIMEOUT))
+                    .map_err(accept_error)?;
+                stream
+                    .set_write_timeout(Some(IO_TIMEOUT))
+                    .map_err(accept_error)?;
+                match tls {
+                    Some(tls) => Box::new(tls_server(stream, tls)?),
+                    None => Box::new(stream),
+                }
+            }
+            Listener::Unix(listener, _) => {
+                let (stream, _) = listener.accept().map_err(accept_error)?;
+                stream
+                    .set_read_timeout(Some(IO_TIMEOUT))
+                    .map_err(accept_error)?;
+                stream
+                    .set_write_timeout(Some(IO_TIMEOUT))
+                    .map_err(accept_error)?;
+                match tls {
+                    Some(tls) => Box::new(tls_server(stream, tls)?),
+                    None => Box::new(stream),
+                }
+            }
+        };
+        Ok(stream)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn tls_server<S: std::io::Read + std::io::Write + Send + 'static>(
+    stream: S,
+    tls: &TlsServer,
+) -> Result<rustls::StreamOwned<rustls::ServerConnection, S>, MigrationError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| MigrationError::Tls(format!("certificate {}: {e}", tls.cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| MigrationError::Tls(format!("key {}: {e}", tls.key.display())))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("protocol versions")(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error("certificate and key")(e.to_string()))?;
+    let connection = rustls::ServerConnection::new(Arc::new(config))
+        .map_err(|e| tls_error("server")(e.to_string()))?;
+    let mut stream = rustls::StreamOwned::new(connection, stream);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| MigrationError::Tls(format!("handshake: {e}")))?;
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_uris() {
+        assert_eq!(
+            Endpoint::parse("tcp:127.0.0.1:4444").unwrap(),
+            Endpoint::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:[::1]:4444").unwrap(),
+            Endpoint::Tcp("[::1]:4444".into())
+        );
+        assert_eq!(
+            Endpoint::parse("unix:/run/m.sock").unwrap(),
+            Endpoint::Unix("/run/m.sock".into())
+        );
+        for bad in [
+            "",
+            "tcp:",
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:99999",
+            "unix:",
+            "http://x",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

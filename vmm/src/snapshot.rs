@@ -1,0 +1,498 @@
+//! Snapshots: the whole state of a paused VM in a directory, and reading it back.
+//!
+//! ```text
+//! DIR/memory         guest RAM, regions back to back (sparse: zero pages are holes)
+//! DIR/state.json     vCPUs, KVM's irqchip/PIT/clock, devices, the machine (VmState)
+//! DIR/manifest.json  format name and version, each file's size and CRC-32; written last
+//! ```
+//!
+//! A snapshot is written into a hidden sibling directory and renamed into
+//! place once complete, so a writer killed half-way leaves nothing at DIR.
+//! Restoring maps `memory` privately (copy-on-write): pages are read from the
+//! file when the guest first touches them, and two restores of one snapshot
+//! are independent clones.
+
+use crate::arch::x86_64::state::{VcpuState, VmState};
+use crate::config::MachineConfig;
+use crate::devices::legacy::serial::SavedSerial;
+use crate::devices::pci::PciState;
+use crate::devices::virtio::mmio::TransportState;
+use crate::memory::GuestRam;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+pub const FORMAT: &str = "bulkhead-snapshot";
+/// Bumped whenever the state file's meaning changes; other versions are refused.
+pub const VERSION: u32 = 1;
+pub const MEMORY_FILE: &str = "memory";
+pub const STATE_FILE: &str = "state.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
+const PAGE: usize = 4096;
+/// Memory is copied out of the guest this much at a time.
+const CHUNK: usize = 1 << 20;
+
+/// Everything but guest RAM: what `state.json` holds, and what a migration
+/// sends after the last memory pages.
+#[derive(Serialize, Deserialize)]
+pub struct SavedVm {
+    pub machine: MachineConfig,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SavedSerial,
+    pub pci: PciState,
+    pub cmos_index: u8,
+    pub cmos_nvram: Vec<u8>,
+    pub devices: Vec<TransportState>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub created_unix: u64,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path} already exists; a snapshot never overwrites one")]
+    Exists { path: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a complete Bulkhead snapshot (no {MANIFEST_FILE}): {source}")]
+    NoManifest {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {problem}")]
+    Invalid { path: String, problem: String },
+    #[error("cannot read the guest's memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("cannot map {path}: {problem}")]
+    Map { path: String, problem: String },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, problem: impl Into<String>) -> SnapshotError {
+    SnapshotError::Invalid {
+        path: path.display().to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// What writing a snapshot took.
+#[derive(Debug, Serialize)]
+pub struct SnapshotInfo {
+    pub path: PathBuf,
+    pub memory_bytes: u64,
+    /// Pages actually written (the rest were zero and left as holes).
+    pub memory_pages_written: u64,
+    pub state_bytes: u64,
+}
+
+/// Copies guest RAM into `file`, skipping zero pages (the file is sparse
+/// there); returns the CRC-32 of the whole image and the pages written.
+pub fn write_memory(memory: &GuestRam, file: &File) -> Result<(u32, u64), SnapshotError> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; CHUNK];
+    let mut file_offset = 0u64;
+    let mut written = 0u64;
+    for region in memory.iter() {
+        let len = region.len() as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            let chunk = &mut buffer[..n];
+            memory.read_slice(chunk, region.start_addr().unchecked_add(done as u64))?;
+            crc.update(chunk);
+            for (index, page) in chunk.chunks(PAGE).enumerate() {
+                if !is_zero(page) {
+                    let at = file_offset + (done + index * PAGE) as u64;
+                    file.write_all_at(page, at)
+                        .map_err(|source| SnapshotError::Io {
+                            what: "cannot write",
+                            path: MEMORY_FILE.into(),
+                            source,
+                        })?;
+                    written += 1;
+                }
+            }
+            done += n;
+        }
+        file_offset += len as u64;
+    }
+    file.set_len(file_offset)
+        .map_err(|source| SnapshotError::Io {
+            what: "cannot size",
+            path: MEMORY_FILE.into(),
+            source,
+        })?;
+    Ok((crc.finalize(), written))
+}
+
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64; align_to keeps the
+    // unaligned ends in the first and last slices.
+    let (head, words, tail) = unsafe { bytes.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io("cannot sync", path))
+}
+
+/// Writes a snapshot of a paused VM to `dir`, which must not exist.
+pub fn write(
+    dir: &Path,
+    saved: &SavedVm,
+    memory: &GuestRam,
+) -> Result<SnapshotInfo, SnapshotError> {
+    if dir.exists() {
+        return Err(SnapshotError::Exists {
+            path: dir.display().to_string(),
+        });
+    }
+    let name = dir
+        .file_name()
+        .ok_or_else(|| invalid(dir, "a snapshot needs a directory name"))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let staging = parent.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).map_err(io("cannot create", &staging))?;
+    let result = write_staged(&staging, saved, memory);
+    let info = match result {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    sync_dir(&staging)?;
+    if let Err(e) = std::fs::rename(&staging, dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(io("cannot move the snapshot into", dir)(e));
+    }
+    sync_dir(&parent)?;
+    Ok(SnapshotInfo {
+        path: dir.to_path_buf(),
+        ..info
+    })
+}
+
+fn write_staged(
+    staging: &Path,
+    saved: &SavedVm,
+    memory: &GuestRam,
+) -> Result<SnapshotInfo, SnapshotError> {
+    let memory_path = staging.join(MEMORY_FILE);
+    let memory_file = File::create(&memory_path).map_err(io("cannot create", &memory_path))?;
+    let (memory_crc, pages) = write_memory(memory, &memory_file)?;
+    memory_file
+        .sync_all()
+        .map_err(io("cannot sync", &memory_path))?;
+    let memory_bytes = memory.iter().map(|r| r.len()).sum();
+
+    let state = serde_json::to_vec(saved)
+        .map_err(|e| invalid(staging, format!("cannot encode the state: {e}")))?;
+    let state_path = staging.join(STATE_FILE);
+    write_synced(&state_path, &state)?;
+
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        files: vec![
+            FileEntry {
+                name: STATE_FILE.into(),
+                bytes: state.len() as u64,
+                crc32: crc32fast::hash(&state),
+            },
+            FileEntry {
+                name: MEMORY_FILE.into(),
+                bytes: memory_bytes,
+                crc32: memory_crc,
+            },
+        ],
+    };
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| invalid(staging, format!("cannot encode the manifest: {e}")))?;
+    write_synced(&staging.join(MANIFEST_FILE), &manifest_bytes)?;
+    Ok(SnapshotInfo {
+        path: staging.to_path_buf(),
+        memory_bytes,
+        memory_pages_written: pages,
+        state_bytes: state.len() as u64,
+    })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let mut file = File::create(path).map_err(io("cannot create", path))?;
+    file.write_all(bytes).map_err(io("cannot write", path))?;
+    file.sync_all().map_err(io("cannot sync", path))
+}
+
+/// A snapshot read back and checked, its memory not yet mapped.
+pub struct LoadedSnapshot {
+    pub dir: PathBuf,
+    pub saved: SavedVm,
+    pub memory_file: File,
+    memory_entry: FileEntry,
+}
+
+/// The largest state file accepted (a 255-vCPU VM's state is a few MiB).
+const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// Reads and checks a snapshot: format, version, the state's checksum, the
+/// memory file's size. Nothing in it is trusted beyond what is checked here
+/// and by the restore of each part.
+pub fn read(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest_bytes =
+        std::fs::read(&manifest_path).map_err(|source| SnapshotError::NoManifest {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| invalid(&manifest_path, format!("not a snapshot manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(invalid(
+            &manifest_path,
+            format!("format {:?}, expected {FORMAT:?}", manifest.format),
+        ));
+    }
+    if manifest.version != VERSION {
+        return Err(invalid(
+            &manifest_path,
+            format!(
+                "snapshot format version {}, this Bulkhead reads version {VERSION}",
+                manifest.version
+            ),
+        ));
+    }
+    let entry = |name: &str| {
+        manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| invalid(&manifest_path, format!("lists no {name}")))
+    };
+    let state_entry = entry(STATE_FILE)?;
+    let memory_entry = entry(MEMORY_FILE)?;
+
+    let state_path = dir.join(STATE_FILE);
+    if state_entry.bytes > MAX_STATE_BYTES {
+        return Err(invalid(
+            &state_path,
+            "state file larger than any VM's state",
+        ));
+    }
+    let mut state = Vec::new();
+    File::open(&state_path)
+        .map_err(io("cannot open", &state_path))?
+        .take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut state)
+        .map_err(io("cannot read", &state_path))?;
+    if state.len() as u64 != state_entry.bytes {
+        return Err(invalid(
+            &state_path,
+            format!(
+                "{} bytes, the manifest says {} (truncated or replaced)",
+                state.len(),
+                state_entry.bytes
+            ),
+        ));
+    }
+    let crc = crc32fast::hash(&state);
+    if crc != state_entry.crc32 {
+        return Err(invalid(
+            &state_path,
+            format!(
+                "checksum {crc:#010x}, the manifest says {:#010x} (corrupted)",
+                state_entry.crc32
+            ),
+        ));
+    }
+    let saved: SavedVm = serde_json::from_slice(&state)
+        .map_err(|e| invalid(&state_path, format!("cannot decode: {e}")))?;
+
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory_file = File::open(&memory_path).map_err(io("cannot open", &memory_path))?;
+    let size = memory_file
+        .metadata()
+        .map_err(io("cannot stat", &memory_path))?
+        .len();
+    if size != memory_entry.bytes || size != saved.machine.memory_bytes() {
+        return Err(invalid(
+            &memory_path,
+            format!(
+                "{size} bytes, the manifest says {} and the VM had {} MiB (truncated or replaced)",
+                memory_entry.bytes, saved.machine.memory_mib
+            ),
+        ));
+    }
+    Ok(LoadedSnapshot {
+        dir: dir.to_path_buf(),
+        saved,
+        memory_file,
+        memory_entry: FileEntry {
+            name: memory_entry.name.clone(),
+            bytes: memory_entry.bytes,
+            crc32: memory_entry.crc32,
+        },
+    })
+}
+
+impl LoadedSnapshot {
+    /// Reads the whole memory file and compares its checksum (restores do
+    /// not, to stay fast; `--verify-memory` asks for it).
+    pub fn verify_memory(&self) -> Result<(), SnapshotError> {
+        let path = self.dir.join(MEMORY_FILE);
+        let mut crc = crc32fast::Hasher::new();
+        let mut buffer = vec![0u8; CHUNK];
+        let mut offset = 0u64;
+        loop {
+            let n = self
+                .memory_file
+                .read_at(&mut buffer, offset)
+                .map_err(io("cannot read", &path))?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&buffer[..n]);
+            offset += n as u64;
+        }
+        let crc = crc.finalize();
+        if crc != self.memory_entry.crc32 {
+            return Err(invalid(
+                &path,
+                format!(
+                    "checksum {crc:#010x}, the manifest says {:#010x} (corrupted)",
+                    self.memory_entry.crc32
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Maps the memory file privately at the guest addresses `ranges` give,
+    /// back to back in the file.
+    pub fn map_memory(&self, ranges: &[(GuestAddress, usize)]) -> Result<GuestRam, SnapshotError> {
+        map_private(&self.memory_file, ranges, &self.dir.join(MEMORY_FILE))
+    }
+}
+
+fn map_private(
+    file: &File,
+    ranges: &[(GuestAddress, usize)],
+    path: &Path,
+) -> Result<GuestRam, SnapshotError> {
+    let map_error = |problem: String| SnapshotError::Map {
+        path: path.display().to_string(),
+        problem,
+    };
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for &(start, len) in ranges {
+        let clone = file.try_clone().map_err(|e| map_error(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_file_offset(FileOffset::new(clone, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_error(format!("{e:?}")))?;
+        regions.push(
+            GuestRegionMmap::new(mapping, start)
+                .ok_or_else(|| map_error(format!("region at {:#x} wraps around", start.0)))?,
+        );
+        offset += len as u64;
+    }
+    GuestRam::from_regions(regions).map_err(|e| map_error(format!("{e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_recognised_at_any_alignment() {
+        let mut bytes = vec![0u8; 3 * PAGE + 5];
+        assert!(is_zero(&bytes[1..]));
+        bytes[3 * PAGE + 4] = 1;
+        assert!(!is_zero(&bytes[1..]));
+        assert!(is_zero(&bytes[..3 * PAGE]));
+    }
+
+    #[test]
+    fn memory_round_trips_through_a_sparse_file_and_a_private_mapping() {
+        let ranges = [(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 2 << 20)];
+        let memory = GuestRam::from_ranges(&ranges).unwrap();
+        memory.write_slice(b"first", GuestAddress(0x1234)).unwrap();
+        memory
+            .write_slice(b"second", GuestAddress((5 << 20) + 7))
+            .unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("bulkhead-snapshot-memory-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(MEMORY_FILE);
+        let file = File::create(&path).unwrap();
+        let (_, pages) = write_memory(&memory, &file).unwrap();
+        assert_eq!(pages, 2, "only the two written pages go to the file");
+        assert_eq!(file.metadata().unwrap().len(), 3 << 20);
+
+        let file = File::open(&path).unwrap();
+        let restored = map_private(&file, &ranges, &path).unwrap();
+        let mut word = [0u8; 6];
+        restored
+            .read_slice(&mut word, GuestAddress((5 << 20) + 7))
+            .unwrap();
+        assert_eq!(&word, b"second");
+        // Writes stay in this process: the file and other mappings keep theirs.
+        restored
+            .write_slice(b"CLONE", GuestAddress(0x1234))
+            .unwrap();
+        let clone = map_private(&file, &ranges, &path).unwrap();
+        let mut first = [0u8; 5];
+        clone.read_slice(&mut first, GuestAddress(0x1234)).unwrap();
+        assert_eq!(&first, b"first");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
