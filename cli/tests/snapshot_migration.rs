@@ -264,3 +264,324 @@ fn pause_resume_snapshot_and_two_independent_restores() {
     third.wait_for_count(1);
     third.kill();
 }
+
+/// A destination: `bulkhead run --incoming URI`.
+fn destination(uri: &str, extra: &[&std::ffi::OsStr]) -> Vmm {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--incoming".as_ref(), uri.as_ref()];
+    args.extend_from_slice(extra);
+    Vmm::start(&args)
+}
+
+/// The address a destination bound (it prints it: tcp port 0 becomes a port).
+fn bound_uri(destination: &Vmm) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(line) = destination.stderr().lines().find_map(|l| {
+            l.strip_prefix("bulkhead: waiting for a migration on ")
+                .map(str::to_string)
+        }) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "destination not listening:\n{}",
+            destination.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Migrates `source` to `destination` and checks the switch-over: the source
+/// ends cleanly, the destination runs on, and the count on the two consoles
+/// together has no gap and no repeat.
+fn migrate_and_check(
+    source: Vmm,
+    destination: Vmm,
+    uri: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let before = source.wait_for_count(10);
+    let mut args = vec!["migrate", uri, "--verify-memory"];
+    args.extend_from_slice(extra);
+    let answer = source.ctl_ok(&args);
+    let migration = &answer["migration"];
+    assert!(migration["memory_crc"].is_u64(), "{answer}");
+    let (status, source_output, source_stderr) = source.wait_exit();
+    assert!(
+        status.success(),
+        "the source did not end cleanly: {source_stderr}"
+    );
+    assert!(source_stderr.contains("migrated"), "{source_stderr}");
+    destination.wait_for_count(before + 30);
+    assert_eq!(destination.state(), "running");
+    let combined = source_output + &destination.kill();
+    let all = counts(&combined, false);
+    assert_consecutive(&all, "source then destination");
+    answer
+}
+
+#[test]
+fn live_migration_over_a_unix_socket_and_over_tcp() {
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: 4096,
+        ..Default::default()
+    });
+    let socket = unique("migration.sock");
+    let uri = format!("unix:{}", socket.display());
+    let answer = migrate_and_check(Vmm::boot(&guest, 128), destination(&uri, &[]), &uri, &[]);
+    eprintln!("unix: {answer}");
+    // The destination's memory hash matched the source's at switch-over (it
+    // refuses to resume otherwise), and it said so.
+    assert!(answer["migration"]["downtime_ms"].as_f64().unwrap() > 0.0);
+
+    let target = destination("tcp:127.0.0.1:0", &[]);
+    let uri = bound_uri(&target);
+    let answer = migrate_and_check(Vmm::boot(&guest, 128), target, &uri, &[]);
+    eprintln!("tcp: {answer}");
+}
+
+#[test]
+fn live_migration_over_tls() {
+    let names = vec!["bulkhead-destination".to_string()];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (unique("cert.pem"), unique("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let guest = writer_guest(guests::MemoryWriter::default());
+    let tls = [
+        "--tls-cert".as_ref(),
+        cert_path.as_os_str(),
+        "--tls-key".as_ref(),
+        key_path.as_os_str(),
+    ];
+
+    // A source that does not trust the destination's certificate stops at
+    // the handshake and runs on.
+    let source = Vmm::boot(&guest, 64);
+    let target = destination("tcp:127.0.0.1:0", &tls);
+    let uri = bound_uri(&target);
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let other = rcgen::CertificateParams::new(vec!["someone-else".to_string()])
+        .unwrap()
+        .self_signed(&other_key)
+        .unwrap();
+    let other_path = unique("other.pem");
+    std::fs::write(&other_path, other.pem()).unwrap();
+    let (ok, text) = source.ctl(&[
+        "migrate",
+        &uri,
+        "--tls-ca",
+        other_path.to_str().unwrap(),
+        "--tls-server-name",
+        "bulkhead-destination",
+    ]);
+    assert!(!ok && text.contains("TLS"), "{text}");
+    let count = source.count().unwrap();
+    source.wait_for_count(count + 5);
+    assert_eq!(source.state(), "running");
+    let _ = target.kill();
+
+    let target = destination("tcp:127.0.0.1:0", &tls);
+    let uri = bound_uri(&target);
+    migrate_and_check(
+        source,
+        target,
+        &uri,
+        &[
+            "--tls-ca",
+            cert_path.to_str().unwrap(),
+            "--tls-server-name",
+            "bulkhead-destination",
+        ],
+    );
+}
+
+/// Forwards a migration stream from `listen` to `to`, frame by frame from
+/// the source, and cuts both directions when `cut(tag, index)` says so.
+fn cutting_proxy(listen: &Path, to: PathBuf, cut: impl Fn(u8, usize) -> bool + Send + 'static) {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        let (mut from_source, _) = listener.accept().unwrap();
+        let mut to_destination = UnixStream::connect(&to).unwrap();
+        let mut back_from = to_destination.try_clone().unwrap();
+        let mut back_to = from_source.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+        });
+        let mut index = 0;
+        loop {
+            let mut header = [0u8; 5];
+            if from_source.read_exact(&mut header).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes(header[1..].try_into().unwrap()) as usize;
+            let mut payload = vec![0u8; len];
+            if from_source.read_exact(&mut payload).is_err() {
+                break;
+            }
+            if cut(header[0], index) {
+                break;
+            }
+            if to_destination.write_all(&header).is_err()
+                || to_destination.write_all(&payload).is_err()
+            {
+                break;
+            }
+            index += 1;
+        }
+        let _ = from_source.shutdown(std::net::Shutdown::Both);
+        let _ = to_destination.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+const PAGES: u8 = 4;
+const STATE: u8 = 5;
+
+/// After a failed migration the source runs on as if nothing happened: it
+/// keeps counting without a gap, says why it failed, and can still migrate.
+fn assert_unharmed(source: &Vmm, failure: &str, expected: &str) {
+    assert!(
+        failure.contains(expected),
+        "expected {expected:?} in: {failure}"
+    );
+    let count = source.count().unwrap();
+    source.wait_for_count(count + 10);
+    assert_eq!(source.state(), "running");
+    assert_consecutive(
+        &counts(&source.output(), false),
+        "source after a failed migration",
+    );
+}
+
+#[test]
+fn failed_migrations_leave_the_source_running() {
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: 8192,
+        ..Default::default()
+    });
+    let source = Vmm::boot(&guest, 128);
+    source.wait_for_count(3);
+
+    // Nobody listens.
+    let (ok, text) = source.ctl(&[
+        "migrate",
+        &format!("unix:{}", unique("nobody.sock").display()),
+    ]);
+    assert!(!ok);
+    assert_unharmed(&source, &text, "cannot reach");
+
+    // Handshake: a destination speaking another protocol version refuses.
+    let fake = unique("fake-destination.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    let refuser = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).unwrap();
+        let mut hello = vec![0u8; u32::from_le_bytes(header[1..].try_into().unwrap()) as usize];
+        stream.read_exact(&mut hello).unwrap();
+        let why = b"bulkhead-migration version 1 offered, this Bulkhead takes version 2";
+        stream.write_all(&[3]).unwrap();
+        stream.write_all(&(why.len() as u32).to_le_bytes()).unwrap();
+        stream.write_all(why).unwrap();
+        String::from_utf8(hello).unwrap()
+    });
+    let (ok, text) = source.ctl(&["migrate", &format!("unix:{}", fake.display())]);
+    assert!(!ok);
+    let hello = refuser.join().unwrap();
+    assert!(hello.contains("\"version\":1"), "{hello}");
+    assert_unharmed(
+        &source,
+        &text,
+        "refused the migration: bulkhead-migration version 1 offered",
+    );
+
+    // Pre-copy: the destination is killed while memory is being copied.
+    let socket = unique("killed.sock");
+    let uri = format!("unix:{}", socket.display());
+    let target = destination(&uri, &[]);
+    bound_uri(&target);
+    let migrating = {
+        let control = source.control.clone();
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+                .arg("ctl")
+                .arg(control)
+                .args(["migrate", &uri, "--bandwidth-mib", "8"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = target.kill();
+    let output = migrating.join().unwrap();
+    assert!(!output.status.success());
+    assert_unharmed(
+        &source,
+        &String::from_utf8_lossy(&output.stderr),
+        "migration failed",
+    );
+
+    // Pre-copy: the connection is cut after some pages.
+    type Cut = Box<dyn Fn(u8, usize) -> bool + Send>;
+    let cuts: [(&str, Cut); 2] = [
+        (
+            "pre-copy",
+            Box::new(|tag: u8, index: usize| tag == PAGES && index > 20),
+        ),
+        // Stop-and-copy: the state never arrives; the destination must not run.
+        ("switch-over", Box::new(|tag: u8, _: usize| tag == STATE)),
+    ];
+    for (what, cut) in cuts {
+        let real = unique("real.sock");
+        let proxy = unique("proxy.sock");
+        let target = destination(&format!("unix:{}", real.display()), &[]);
+        bound_uri(&target);
+        cutting_proxy(&proxy, real, cut);
+        let (ok, text) = source.ctl(&["migrate", &format!("unix:{}", proxy.display())]);
+        assert!(!ok, "{what}: {text}");
+        assert_unharmed(&source, &text, "migration failed");
+        let (status, output, stderr) = target.wait_exit();
+        assert!(
+            !status.success(),
+            "{what}: the destination claims success: {stderr}"
+        );
+        assert!(
+            output.is_empty(),
+            "{what}: the guest ran at the destination: {output}"
+        );
+    }
+
+    // A guest dirtying faster than the link: the migration gives up cleanly.
+    let socket = unique("slow.sock");
+    let uri = format!("unix:{}", socket.display());
+    let target = destination(&uri, &[]);
+    bound_uri(&target);
+    let (ok, text) = source.ctl(&[
+        "migrate",
+        &uri,
+        "--bandwidth-mib",
+        "4",
+        "--give-up-after",
+        "3",
+        "--downtime-ms",
+        "5",
+    ]);
+    assert!(!ok);
+    assert_unharmed(&source, &text, "did not finish within 3 s");
+    let _ = target.kill();
+
+    // And after all that it still migrates.
+    let socket = unique("final.sock");
+    let uri = format!("unix:{}", socket.display());
+    let target = destination(&uri, &[]);
+    bound_uri(&target);
+    migrate_and_check(source, target, &uri, &[]);
+}

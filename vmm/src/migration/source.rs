@@ -36,10 +36,22 @@ struct PageSender<'a> {
     bytes_sent: u64,
     cap_bytes_per_s: Option<f64>,
     started: Instant,
+    /// A migration still copying at this point gives up.
+    give_up_at: Instant,
+    rounds: u32,
 }
 
 impl PageSender<'_> {
     fn send_run(&mut self, address: GuestAddress, pages: usize) -> Result<(), MigrationError> {
+        if Instant::now() > self.give_up_at {
+            let seconds = self.started.elapsed().as_secs_f64();
+            return Err(MigrationError::TooSlow {
+                seconds: seconds as u64,
+                rounds: self.rounds,
+                sent_mib: self.bytes_sent >> 20,
+                link_mib_s: self.bytes_sent as f64 / seconds / f64::from(1 << 20),
+            });
+        }
         let len = pages * PAGE;
         self.buffer.resize(len, 0);
         self.memory.read_slice(&mut self.buffer, address)?;
@@ -213,6 +225,8 @@ impl VmCore {
             bytes_sent: 0,
             cap_bytes_per_s: options.bandwidth_mib.map(|m| (m.max(1) << 20) as f64),
             started: Instant::now(),
+            give_up_at: started + give_up,
+            rounds: 0,
         };
         let mut report = MigrationReport::default();
         let mut round_started = Instant::now();
@@ -265,9 +279,12 @@ impl VmCore {
             }
             round_started = Instant::now();
             round_bytes_start = sender.bytes_sent;
+            sender.rounds = report.rounds;
             sender.send_dirty(&maps)?;
             report.rounds += 1;
         };
+        // The last pages are sent whatever the time: the guest is paused by then.
+        sender.give_up_at = Instant::now() + Duration::from_secs(3600);
 
         // Stop and copy.
         let paused_ns = monotonic_ns();
