@@ -585,3 +585,113 @@ fn failed_migrations_leave_the_source_running() {
     bound_uri(&target);
     migrate_and_check(source, target, &uri, &[]);
 }
+
+#[test]
+fn damaged_snapshots_are_refused_with_the_reason() {
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: 65536,
+        ..Default::default()
+    });
+    let source = Vmm::boot(&guest, 512);
+    source.wait_for_count(1);
+
+    // Killed while writing: nothing appears at the snapshot's path.
+    let interrupted = unique("interrupted");
+    let writing = {
+        let control = source.control.clone();
+        let path = interrupted.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+                .arg("ctl")
+                .arg(control)
+                .arg("snapshot")
+                .arg(path)
+                .output()
+                .unwrap()
+        })
+    };
+    // Kill the VMM once the snapshot is being written (its staging directory exists).
+    let staging_prefix = format!(".{}.partial-", interrupted.file_name().unwrap().to_string_lossy());
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_dir(work_dir())
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(&staging_prefix))
+    {
+        assert!(Instant::now() < deadline, "the snapshot never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let good = unique("good");
+    let _ = source.kill();
+    let _ = writing.join();
+    assert!(!interrupted.exists(), "a snapshot killed half-way left {}", interrupted.display());
+    let restore_error = |dir: &Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg("run")
+            .arg("--restore")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        assert!(output.stdout.is_empty(), "a guest ran from a bad snapshot");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(restore_error(&interrupted).contains("not a complete Bulkhead snapshot"));
+
+    let source = Vmm::boot(&writer_guest(guests::MemoryWriter::default()), 64);
+    source.wait_for_count(3);
+    source.ctl_ok(&["snapshot", good.to_str().unwrap()]);
+    let _ = source.kill();
+    let damaged = |name: &str, damage: &dyn Fn(&Path)| {
+        let copy = unique(name);
+        std::fs::create_dir(&copy).unwrap();
+        for file in ["manifest.json", "state.json", "memory"] {
+            std::fs::copy(good.join(file), copy.join(file)).unwrap();
+        }
+        damage(&copy);
+        restore_error(&copy)
+    };
+    let error = damaged("corrupt-state", &|dir| {
+        let mut state = std::fs::read(dir.join("state.json")).unwrap();
+        let middle = state.len() / 2;
+        state[middle] ^= 0x20;
+        std::fs::write(dir.join("state.json"), state).unwrap();
+    });
+    assert!(error.contains("corrupted"), "{error}");
+    let error = damaged("truncated-state", &|dir| {
+        let state = std::fs::read(dir.join("state.json")).unwrap();
+        std::fs::write(dir.join("state.json"), &state[..state.len() - 100]).unwrap();
+    });
+    assert!(error.contains("truncated"), "{error}");
+    let error = damaged("truncated-memory", &|dir| {
+        let file = std::fs::OpenOptions::new().write(true).open(dir.join("memory")).unwrap();
+        file.set_len(32 << 20).unwrap();
+    });
+    assert!(error.contains("memory") && error.contains("truncated"), "{error}");
+    let error = damaged("future-version", &|dir| {
+        let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+        std::fs::write(dir.join("manifest.json"), manifest.replace("\"version\": 1", "\"version\": 7")).unwrap();
+    });
+    assert!(error.contains("version 7"), "{error}");
+    // Memory corruption is only found when asked to read it all.
+    let copy = unique("corrupt-memory");
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["manifest.json", "state.json", "memory"] {
+        std::fs::copy(good.join(file), copy.join(file)).unwrap();
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(copy.join("memory")).unwrap();
+        file.write_all_at(b"garbage", 5 << 20).unwrap();
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--verify-memory", "--restore"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("corrupted"));
+    // The original is still good.
+    let restored = Vmm::start(&["--restore".as_ref(), good.as_os_str()]);
+    restored.wait_for_count(1);
+    restored.kill();
+}
