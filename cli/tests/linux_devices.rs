@@ -15,21 +15,21 @@
 //! - balloon: `bulkhead ctl` lowers the target, the guest inflates, the VMM's
 //!   resident set falls by at least 80% of it; raising it gives it back.
 
-use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 
 // The image lookup and temporary folders the VMM's own integration tests use.
 #[path = "../../vmm/tests/common/mod.rs"]
 mod common;
 
+mod support;
+
 use common::image;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{device, rss_kib, run, wait_status, Guest, Namespace};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 const HOST_IP: &str = "10.77.0.1";
@@ -39,157 +39,6 @@ const NETCONSOLE_PORT: u16 = 6666;
 const GUEST_MIB: u64 = 256;
 const BALLOON_MIB: u64 = 64;
 const GUEST_CID: u64 = 7;
-
-fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{command:?} failed: {text}");
-    text
-}
-
-/// A network namespace of this test's own, deleted (with its TAP) on drop.
-struct Namespace(String);
-
-impl Namespace {
-    fn new() -> Namespace {
-        let name = format!("bulkhead-test-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Namespace(name)
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.0, program]);
-        command
-    }
-
-    /// Runs `f` on a thread that has entered this namespace (a thread's
-    /// network namespace is its own), e.g. to open sockets there.
-    fn on_thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only, with a namespace fd we own.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-/// The booted guest: the `bulkhead run` process, its console, its control socket.
-struct Guest {
-    child: Child,
-    console: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    control: PathBuf,
-}
-
-impl Guest {
-    fn console(&self) -> String {
-        self.console.lock().unwrap().clone()
-    }
-
-    fn wait_for_console(&mut self, text: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.console().contains(text) {
-                return true;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "bulkhead exited ({status}) before '{text}':\n{}\n{}",
-                    self.console(),
-                    self.stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        false
-    }
-
-    fn ctl(&self, args: &[&str]) -> String {
-        run(Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-            .arg("ctl")
-            .arg(&self.control)
-            .args(args))
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.ctl(&["status"])).expect("status is JSON")
-    }
-
-    /// Stops the VM as a user would (SIGTERM) and returns its JSON report.
-    fn stop(mut self) -> (std::process::ExitStatus, Value) {
-        // SAFETY: signals our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        // The reader thread has the last lines once the pipe closed.
-        std::thread::sleep(Duration::from_millis(200));
-        let stderr = self.stderr.lock().unwrap().clone();
-        let report = stderr
-            .lines()
-            .rev()
-            .find_map(|line| serde_json::from_str::<Value>(line).ok())
-            .unwrap_or_else(|| panic!("no JSON report on stderr:\n{stderr}"));
-        (status, report)
-    }
-}
-
-fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            let text = String::from_utf8_lossy(&line);
-            if echo {
-                eprint!("{text}");
-            }
-            into.lock().unwrap().push_str(&text);
-            line.clear();
-        }
-    });
-}
-
-fn device<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["devices"]
-        .as_array()
-        .and_then(|devices| devices.iter().find(|d| d["name"] == name))
-        .unwrap_or_else(|| panic!("no device {name} in {status}"))
-        .get("counters")
-        .unwrap()
-}
-
-fn rss_kib(status: &Value) -> u64 {
-    status["memory"]["process_rss_kib"].as_u64().unwrap()
-}
-
-/// Polls the control socket until `done` holds for the status, or `limit`.
-fn wait_status(guest: &Guest, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let status = guest.status();
-        if done(&status) || Instant::now() >= deadline {
-            return status;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
 
 #[test]
 fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
@@ -235,53 +84,25 @@ fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
          ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off \
          netconsole=@{GUEST_IP}/eth0,{NETCONSOLE_PORT}@{HOST_IP}/"
     );
-    let mut command = namespace.exec(env!("CARGO_BIN_EXE_bulkhead"));
-    command
-        .args(["run", "--kernel"])
-        .arg(&kernel)
-        .args([
-            "--memory",
-            &GUEST_MIB.to_string(),
-            "--prefault",
-            "--cmdline",
-            &cmdline,
-        ])
-        .arg("--disk")
-        .arg(format!("path={},id=root", root.display()))
-        .args([
-            "--net",
-            &format!("tap={TAP}"),
-            "--rng",
-            "--balloon",
-            "--output",
-            "json",
-        ])
-        .arg("--vsock")
-        .arg(format!("cid={GUEST_CID},socket={}", vsock.display()))
-        .arg("--control")
-        .arg(&control)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: prctl in the child before exec; the VM dies with this test.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
+    let mut args: Vec<std::ffi::OsString> = vec!["--kernel".into(), kernel.clone().into()];
+    for arg in [
+        "--memory",
+        &GUEST_MIB.to_string(),
+        "--prefault",
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        &format!("path={},id=root", root.display()),
+        "--net",
+        &format!("tap={TAP}"),
+        "--rng",
+        "--balloon",
+        "--vsock",
+        &format!("cid={GUEST_CID},socket={}", vsock.display()),
+    ] {
+        args.push(arg.into());
     }
-    let mut child = command.spawn().expect("start bulkhead");
-    let console = Arc::new(Mutex::new(String::new()));
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let echo = std::env::var_os("BULKHEAD_TEST_CONSOLE").is_some();
-    collect(child.stdout.take().unwrap(), console.clone(), echo);
-    collect(child.stderr.take().unwrap(), stderr.clone(), echo);
-    let mut guest = Guest {
-        child,
-        console,
-        stderr,
-        control,
-    };
+    let mut guest = Guest::spawn(&namespace, &args, control);
 
     // The VMM created the TAP: give the host its address in the namespace.
     let deadline = Instant::now() + Duration::from_secs(30);

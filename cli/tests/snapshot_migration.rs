@@ -611,19 +611,28 @@ fn damaged_snapshots_are_refused_with_the_reason() {
         })
     };
     // Kill the VMM once the snapshot is being written (its staging directory exists).
-    let staging_prefix = format!(".{}.partial-", interrupted.file_name().unwrap().to_string_lossy());
+    let staging_prefix = format!(
+        ".{}.partial-",
+        interrupted.file_name().unwrap().to_string_lossy()
+    );
     let deadline = Instant::now() + WAIT;
-    while !std::fs::read_dir(work_dir())
-        .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(&staging_prefix))
-    {
+    while !std::fs::read_dir(work_dir()).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&staging_prefix)
+    }) {
         assert!(Instant::now() < deadline, "the snapshot never started");
         std::thread::sleep(Duration::from_millis(1));
     }
     let good = unique("good");
     let _ = source.kill();
     let _ = writing.join();
-    assert!(!interrupted.exists(), "a snapshot killed half-way left {}", interrupted.display());
+    assert!(
+        !interrupted.exists(),
+        "a snapshot killed half-way left {}",
+        interrupted.display()
+    );
     let restore_error = |dir: &Path| {
         let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
             .arg("run")
@@ -663,13 +672,23 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     });
     assert!(error.contains("truncated"), "{error}");
     let error = damaged("truncated-memory", &|dir| {
-        let file = std::fs::OpenOptions::new().write(true).open(dir.join("memory")).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory"))
+            .unwrap();
         file.set_len(32 << 20).unwrap();
     });
-    assert!(error.contains("memory") && error.contains("truncated"), "{error}");
+    assert!(
+        error.contains("memory") && error.contains("truncated"),
+        "{error}"
+    );
     let error = damaged("future-version", &|dir| {
         let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-        std::fs::write(dir.join("manifest.json"), manifest.replace("\"version\": 1", "\"version\": 7")).unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            manifest.replace("\"version\": 1", "\"version\": 7"),
+        )
+        .unwrap();
     });
     assert!(error.contains("version 7"), "{error}");
     // Memory corruption is only found when asked to read it all.
@@ -680,7 +699,10 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     }
     {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new().write(true).open(copy.join("memory")).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(copy.join("memory"))
+            .unwrap();
         file.write_all_at(b"garbage", 5 << 20).unwrap();
     }
     let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))

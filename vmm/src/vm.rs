@@ -775,6 +775,8 @@ pub struct RunningVm {
 #[derive(Debug, serde::Serialize)]
 pub struct DeviceReport {
     pub name: String,
+    /// "waiting" for its driver, "active", or "needs_reset" (the driver broke the rules).
+    pub state: &'static str,
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
@@ -894,6 +896,11 @@ pub(crate) fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
             let transport = lock(&slot.transport);
             DeviceReport {
                 name: transport.device().name(),
+                state: match (transport.is_activated(), transport.device().is_broken()) {
+                    (false, _) => "waiting",
+                    (true, false) => "active",
+                    (true, true) => "needs_reset",
+                },
                 counters: transport
                     .device()
                     .counters()

@@ -57,14 +57,30 @@ impl Tap {
         }
         // SAFETY: `fd` was just opened and is owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
-        let mut request = ifreq_for(name);
-        request.ifr_ifru.ifru_flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request) } < 0 {
+        // A multi-queue TAP lets two processes attach at once: a live
+        // migration's destination opens it while the paused source still
+        // holds it. A TAP someone created single-queue refuses that flag
+        // (EINVAL); it is then attached as it is.
+        let base = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let mut attached = Err(io::Error::from_raw_os_error(libc::EINVAL));
+        for flags in [base | libc::IFF_MULTI_QUEUE, base] {
+            let mut request = ifreq_for(name);
+            request.ifr_ifru.ifru_flags = flags as libc::c_short;
+            // SAFETY: TUNSETIFF reads and writes one ifreq we own.
+            attached =
+                if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request) } < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                };
+            if !matches!(&attached, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+                break;
+            }
+        }
+        if let Err(source) = attached {
             return Err(TapError::Attach {
                 name: name.to_string(),
-                source: io::Error::last_os_error(),
+                source,
             });
         }
         let header_len = VNET_HDR_LEN as libc::c_int;
