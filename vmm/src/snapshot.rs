@@ -132,17 +132,27 @@ pub fn write_memory(memory: &GuestRam, file: &File) -> Result<(u32, u64), Snapsh
             let chunk = &mut buffer[..n];
             memory.read_slice(chunk, region.start_addr().unchecked_add(done as u64))?;
             crc.update(chunk);
+            // Runs of non-zero pages go out in one write each.
+            let at = file_offset + done as u64;
+            let mut run_start = None;
             for (index, page) in chunk.chunks(PAGE).enumerate() {
-                if !is_zero(page) {
-                    let at = file_offset + (done + index * PAGE) as u64;
-                    file.write_all_at(page, at)
-                        .map_err(|source| SnapshotError::Io {
-                            what: "cannot write",
-                            path: MEMORY_FILE.into(),
-                            source,
-                        })?;
-                    written += 1;
+                match (is_zero(page), run_start) {
+                    (false, None) => run_start = Some(index),
+                    (true, Some(start)) => {
+                        write_pages(
+                            file,
+                            &chunk[start * PAGE..index * PAGE],
+                            at + (start * PAGE) as u64,
+                        )?;
+                        written += (index - start) as u64;
+                        run_start = None;
+                    }
+                    _ => {}
                 }
+            }
+            if let Some(start) = run_start {
+                write_pages(file, &chunk[start * PAGE..], at + (start * PAGE) as u64)?;
+                written += (chunk.len() / PAGE - start) as u64;
             }
             done += n;
         }
@@ -155,6 +165,15 @@ pub fn write_memory(memory: &GuestRam, file: &File) -> Result<(u32, u64), Snapsh
             source,
         })?;
     Ok((crc.finalize(), written))
+}
+
+fn write_pages(file: &File, pages: &[u8], at: u64) -> Result<(), SnapshotError> {
+    file.write_all_at(pages, at)
+        .map_err(|source| SnapshotError::Io {
+            what: "cannot write",
+            path: MEMORY_FILE.into(),
+            source,
+        })
 }
 
 pub fn is_zero(bytes: &[u8]) -> bool {

@@ -832,6 +832,11 @@ impl RunningVm {
         crate::control::VmControl::new(self.vm.core.clone())
     }
 
+    /// CLOCK_MONOTONIC ns of the guest's first POST-code write, if it made one.
+    pub fn first_post_code_ns(&self) -> Option<u64> {
+        self.vm.post.first_write_ns()
+    }
+
     /// Asks the VM to stop (as the host), without waiting.
     pub fn stop(&self) {
         self.vm.core.shared.exit.request(VmExit::Stopped);

@@ -101,15 +101,12 @@ impl Incoming {
         let last: Final = loop {
             match read_frame(stream.as_mut(), &mut payload)? {
                 Tag::Pages => {
-                    let written = (payload.len() >= 8)
-                        .then(|| {
-                            let address =
-                                u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
-                            memory
-                                .write_slice(&payload[8..], GuestAddress(address))
-                                .is_ok()
-                        })
-                        .unwrap_or(false);
+                    let written = match payload.split_first_chunk::<8>() {
+                        Some((address, data)) => memory
+                            .write_slice(data, GuestAddress(u64::from_le_bytes(*address)))
+                            .is_ok(),
+                        None => false,
+                    };
                     if !written {
                         let why = "PAGES frame outside guest memory";
                         refuse(stream.as_mut(), Tag::Failed, why);

@@ -91,10 +91,11 @@ pub enum MigrationError {
         dirty_mib: u64,
         link_mib_s: f64,
     },
-    #[error("the copy did not finish within {seconds} s (round {rounds}, {sent_mib} MiB sent at {link_mib_s:.1} MiB/s)")]
+    #[error("the copy did not finish within {seconds} s (round {rounds}, vCPUs throttled to {throttle}%, {sent_mib} MiB sent at {link_mib_s:.1} MiB/s)")]
     TooSlow {
         seconds: u64,
         rounds: u32,
+        throttle: u32,
         sent_mib: u64,
         link_mib_s: f64,
     },

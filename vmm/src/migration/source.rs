@@ -20,8 +20,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 const PAGE: usize = 4096;
 /// Pages per PAGES frame at most (1 MiB of memory).
 const PAGES_PER_FRAME: usize = 256;
-/// Rounds that fail to shrink the dirty set before vCPUs are throttled.
-const ROUNDS_BEFORE_THROTTLE: u32 = 3;
+/// Rounds that fail to shrink the dirty set before vCPUs are throttled more.
+const ROUNDS_BEFORE_THROTTLE: u32 = 1;
 const THROTTLE_STEP: u32 = 20;
 const MAX_THROTTLE: u32 = 95;
 /// How often throttled vCPUs are knocked out of KVM_RUN to serve their penalty.
@@ -39,6 +39,7 @@ struct PageSender<'a> {
     /// A migration still copying at this point gives up.
     give_up_at: Instant,
     rounds: u32,
+    throttle: u32,
 }
 
 impl PageSender<'_> {
@@ -48,6 +49,7 @@ impl PageSender<'_> {
             return Err(MigrationError::TooSlow {
                 seconds: seconds as u64,
                 rounds: self.rounds,
+                throttle: self.throttle,
                 sent_mib: self.bytes_sent >> 20,
                 link_mib_s: self.bytes_sent as f64 / seconds / f64::from(1 << 20),
             });
@@ -227,6 +229,7 @@ impl VmCore {
             started: Instant::now(),
             give_up_at: started + give_up,
             rounds: 0,
+            throttle: 0,
         };
         let mut report = MigrationReport::default();
         let mut round_started = Instant::now();
@@ -274,6 +277,7 @@ impl VmCore {
                     .throttle_percent
                     .store(throttle, Ordering::Relaxed);
                 report.max_throttle_percent = throttle;
+                sender.throttle = throttle;
                 rounds_without_progress = 0;
                 tracing::info!(throttle, "migration not converging: throttling vCPUs");
             }
