@@ -177,3 +177,81 @@ fn ctl_without_a_vm() {
         &["cannot talk to control socket /nonexistent/control.sock"],
     );
 }
+
+#[test]
+fn restoring_a_folder_that_is_not_a_snapshot() {
+    let line = run_fails(&["--restore", "/nonexistent/snapshot"]);
+    assert_names(
+        &line,
+        &["/nonexistent/snapshot is not a complete Bulkhead snapshot"],
+    );
+    let manifest = temp_file("manifest.json", b"{\"format\": \"something else\"}");
+    let line = run_fails(&["--restore", manifest.parent().unwrap().to_str().unwrap()]);
+    assert_names(&line, &["manifest.json", "not a snapshot manifest"]);
+}
+
+#[test]
+fn waiting_for_a_migration_on_a_bad_address() {
+    let line = run_fails(&["--incoming", "ftp:somewhere"]);
+    assert_names(
+        &line,
+        &[
+            "bad migration URI \"ftp:somewhere\"",
+            "tcp:HOST:PORT or unix:PATH",
+        ],
+    );
+    let line = run_fails(&["--incoming", "unix:/nonexistent/migration.sock"]);
+    assert_names(
+        &line,
+        &["cannot listen on unix:/nonexistent/migration.sock"],
+    );
+}
+
+#[test]
+fn incoming_tls_with_unreadable_certificates() {
+    // The destination only reads its certificate when a source connects:
+    // connect as one, and the destination must fail with the file's name.
+    let socket = temp_file("tls.sock", b"");
+    std::fs::remove_file(&socket).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--incoming"])
+        .arg(format!("unix:{}", socket.display()))
+        .args([
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let _stream = loop {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+            break stream;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("certificate /nonexistent/cert.pem"),
+        "{stderr}"
+    );
+}
+
+/// `--restore` and `--incoming` take the machine from the snapshot or the
+/// source: options that describe one are refused, not ignored.
+#[test]
+fn restore_with_machine_options() {
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--restore", "/tmp/x", "--memory", "64"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
