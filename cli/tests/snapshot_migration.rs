@@ -380,7 +380,7 @@ fn live_migration_over_tls() {
         "bulkhead-destination",
     ]);
     assert!(!ok && text.contains("TLS"), "{text}");
-    let count = source.count().unwrap();
+    let count = source.wait_for_count(0);
     source.wait_for_count(count + 5);
     assert_eq!(source.state(), "running");
     let _ = target.kill();
@@ -450,7 +450,7 @@ fn assert_unharmed(source: &Vmm, failure: &str, expected: &str) {
         failure.contains(expected),
         "expected {expected:?} in: {failure}"
     );
-    let count = source.count().unwrap();
+    let count = source.wait_for_count(0);
     source.wait_for_count(count + 10);
     assert_eq!(source.state(), "running");
     assert_consecutive(

@@ -106,18 +106,11 @@ impl Guest {
     }
 
     /// Stops the VM as a user would (SIGTERM) and returns its JSON report.
-    pub fn stop(mut self) -> (std::process::ExitStatus, Value) {
+    pub fn stop(self) -> (std::process::ExitStatus, Value) {
         // SAFETY: signals our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        // The reader thread has the last lines once the pipe closed.
-        std::thread::sleep(Duration::from_millis(200));
-        let stderr = self.stderr.lock().unwrap().clone();
-        let report = stderr
-            .lines()
-            .rev()
-            .find_map(|line| serde_json::from_str::<Value>(line).ok())
-            .unwrap_or_else(|| panic!("no JSON report on stderr:\n{stderr}"));
+        let (status, report) = self.stop_when_exited();
+        assert!(!report.is_null(), "no JSON report on stderr");
         (status, report)
     }
 }
@@ -197,9 +190,11 @@ impl Guest {
         }
     }
 
-    /// Waits for a VMM that ends by itself (a migrated source), with its report.
+    /// Waits for a VMM that ends by itself (a migrated source), with its
+    /// JSON report (null when it printed none).
     pub fn stop_when_exited(mut self) -> (std::process::ExitStatus, Value) {
         let status = self.child.wait().unwrap();
+        // The reader thread has the last lines once the pipe closed.
         std::thread::sleep(Duration::from_millis(200));
         let stderr = self.stderr.lock().unwrap().clone();
         let report = stderr

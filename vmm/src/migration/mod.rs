@@ -75,6 +75,8 @@ pub enum MigrationError {
     Connect { uri: String, source: std::io::Error },
     #[error("cannot listen on {uri}: {source}")]
     Listen { uri: String, source: std::io::Error },
+    #[error("cannot set up the connection: {0}")]
+    Socket(std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
     #[error(transparent)]

@@ -71,36 +71,59 @@ pub fn connect(uri: &str, tls: Option<&TlsClient>) -> Result<Box<dyn Stream>, Mi
         uri: uri.to_string(),
         source,
     };
-    let stream: Box<dyn Stream> = match Endpoint::parse(uri)? {
+    match Endpoint::parse(uri)? {
         Endpoint::Tcp(address) => {
             let stream = TcpStream::connect(&address).map_err(connect_error)?;
             stream.set_nodelay(true).map_err(connect_error)?;
-            stream
-                .set_read_timeout(Some(IO_TIMEOUT))
-                .map_err(connect_error)?;
-            stream
-                .set_write_timeout(Some(IO_TIMEOUT))
-                .map_err(connect_error)?;
-            match tls {
-                Some(tls) => Box::new(tls_client(stream, tls)?),
-                None => Box::new(stream),
-            }
+            let (read, write) = (stream.try_clone().map_err(connect_error)?, stream);
+            finish(write, tls.map(Side::Client), move |t| {
+                read.set_read_timeout(t)?;
+                read.set_write_timeout(t)
+            })
         }
         Endpoint::Unix(path) => {
             let stream = UnixStream::connect(&path).map_err(connect_error)?;
-            stream
-                .set_read_timeout(Some(IO_TIMEOUT))
-                .map_err(connect_error)?;
-            stream
-                .set_write_timeout(Some(IO_TIMEOUT))
-                .map_err(connect_error)?;
-            match tls {
-                Some(tls) => Box::new(tls_client(stream, tls)?),
-                None => Box::new(stream),
-            }
+            let (read, write) = (stream.try_clone().map_err(connect_error)?, stream);
+            finish(write, tls.map(Side::Client), move |t| {
+                read.set_read_timeout(t)?;
+                read.set_write_timeout(t)
+            })
         }
-    };
-    Ok(stream)
+    }
+}
+
+/// Which end of a TLS session this process is.
+enum Side<'a> {
+    Client(&'a TlsClient),
+    Server(&'a TlsServer),
+}
+
+/// Gives a connected socket its I/O timeouts (`set_timeouts`) and wraps it in
+/// TLS when asked.
+fn finish<S: std::io::Read + std::io::Write + Send + 'static>(
+    stream: S,
+    tls: Option<Side>,
+    set_timeouts: impl FnOnce(Option<Duration>) -> std::io::Result<()>,
+) -> Result<Box<dyn Stream>, MigrationError> {
+    set_timeouts(Some(IO_TIMEOUT)).map_err(MigrationError::Socket)?;
+    Ok(match tls {
+        Some(Side::Client(tls)) => Box::new(tls_client(stream, tls)?),
+        Some(Side::Server(tls)) => Box::new(tls_server(stream, tls)?),
+        None => Box::new(stream),
+    })
+}
+
+/// Drives a TLS handshake to its end, so a bad certificate is reported as such.
+fn handshake<D, S: std::io::Read + std::io::Write>(
+    connection: &mut rustls::ConnectionCommon<D>,
+    socket: &mut S,
+) -> Result<(), MigrationError> {
+    while connection.is_handshaking() {
+        connection
+            .complete_io(socket)
+            .map_err(|e| MigrationError::Tls(format!("handshake: {e}")))?;
+    }
+    Ok(())
 }
 
 fn tls_client<S: std::io::Read + std::io::Write + Send + 'static>(
@@ -128,13 +151,7 @@ fn tls_client<S: std::io::Read + std::io::Write + Send + 'static>(
     let connection = rustls::ClientConnection::new(Arc::new(config), name)
         .map_err(|e| tls_error("client")(e.to_string()))?;
     let mut stream = rustls::StreamOwned::new(connection, stream);
-    // Complete the handshake now, so a bad certificate is reported as such.
-    while stream.conn.is_handshaking() {
-        stream
-            .conn
-            .complete_io(&mut stream.sock)
-            .map_err(|e| MigrationError::Tls(format!("handshake: {e}")))?;
-    }
+    handshake(&mut stream.conn, &mut stream.sock)?;
     Ok(stream)
 }
 
@@ -178,36 +195,25 @@ impl Listener {
     /// Waits for the source; the stream then has I/O timeouts set.
     pub fn accept(&self, tls: Option<&TlsServer>) -> Result<Box<dyn Stream>, MigrationError> {
         let accept_error = |e: std::io::Error| MigrationError::Incoming(format!("accept: {e}"));
-        let stream: Box<dyn Stream> = match self {
+        match self {
             Listener::Tcp(listener) => {
                 let (stream, _) = listener.accept().map_err(accept_error)?;
                 stream.set_nodelay(true).map_err(accept_error)?;
-                stream
-                    .set_read_timeout(Some(IO_TIMEOUT))
-                    .map_err(accept_error)?;
-                stream
-                    .set_write_timeout(Some(IO_TIMEOUT))
-                    .map_err(accept_error)?;
-                match tls {
-                    Some(tls) => Box::new(tls_server(stream, tls)?),
-                    None => Box::new(stream),
-                }
+                let read = stream.try_clone().map_err(accept_error)?;
+                finish(stream, tls.map(Side::Server), move |t| {
+                    read.set_read_timeout(t)?;
+                    read.set_write_timeout(t)
+                })
             }
             Listener::Unix(listener, _) => {
                 let (stream, _) = listener.accept().map_err(accept_error)?;
-                stream
-                    .set_read_timeout(Some(IO_TIMEOUT))
-                    .map_err(accept_error)?;
-                stream
-                    .set_write_timeout(Some(IO_TIMEOUT))
-                    .map_err(accept_error)?;
-                match tls {
-                    Some(tls) => Box::new(tls_server(stream, tls)?),
-                    None => Box::new(stream),
-                }
+                let read = stream.try_clone().map_err(accept_error)?;
+                finish(stream, tls.map(Side::Server), move |t| {
+                    read.set_read_timeout(t)?;
+                    read.set_write_timeout(t)
+                })
             }
-        };
-        Ok(stream)
+        }
     }
 }
 
@@ -238,12 +244,7 @@ fn tls_server<S: std::io::Read + std::io::Write + Send + 'static>(
     let connection = rustls::ServerConnection::new(Arc::new(config))
         .map_err(|e| tls_error("server")(e.to_string()))?;
     let mut stream = rustls::StreamOwned::new(connection, stream);
-    while stream.conn.is_handshaking() {
-        stream
-            .conn
-            .complete_io(&mut stream.sock)
-            .map_err(|e| MigrationError::Tls(format!("handshake: {e}")))?;
-    }
+    handshake(&mut stream.conn, &mut stream.sock)?;
     Ok(stream)
 }
 
