@@ -717,3 +717,31 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     restored.wait_for_count(1);
     restored.kill();
 }
+
+/// A source speaking another protocol version is refused by the
+/// destination, which says why on both ends and runs nothing.
+#[test]
+fn a_destination_refuses_another_protocol_version() {
+    use std::io::Write;
+    let socket = unique("versions.sock");
+    let target = destination(&format!("unix:{}", socket.display()), &[]);
+    bound_uri(&target);
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let hello = br#"{"format":"bulkhead-migration","version":99,"machine":{"kernel":"k","cmdline":"","cpus":1,"memory_mib":64,"disks":[],"nets":[],"rng":false,"balloon":null,"vsock":null}}"#;
+    stream.write_all(&[1]).unwrap();
+    stream
+        .write_all(&(hello.len() as u32).to_le_bytes())
+        .unwrap();
+    stream.write_all(hello).unwrap();
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], 3, "expected REFUSE");
+    let mut why = vec![0u8; u32::from_le_bytes(header[1..].try_into().unwrap()) as usize];
+    stream.read_exact(&mut why).unwrap();
+    let why = String::from_utf8(why).unwrap();
+    assert!(why.contains("version 99 offered"), "{why}");
+    let (status, output, stderr) = target.wait_exit();
+    assert!(!status.success());
+    assert!(output.is_empty());
+    assert!(stderr.contains("refused the source"), "{stderr}");
+}
