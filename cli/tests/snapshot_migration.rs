@@ -51,19 +51,35 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
     sink
 }
 
+/// A failed assertion must not leave a guest spinning on the machine.
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Vmm {
     fn start(args: &[&std::ffi::OsStr]) -> Vmm {
+        use std::os::unix::process::CommandExt;
         let control = unique("control.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+        command
             .arg("run")
             .args(args)
             .arg("--control")
             .arg(&control)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        // SAFETY: prctl in the child before exec; the VM dies with the test.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap();
         let output = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
         Vmm {
