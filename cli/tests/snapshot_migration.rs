@@ -2,6 +2,8 @@
 //! binary, with a tiny guest that keeps changing its memory and counting on
 //! its console (`guests::memory_writer`).
 
+mod support;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,7 +63,6 @@ impl Drop for Vmm {
 
 impl Vmm {
     fn start(args: &[&std::ffi::OsStr]) -> Vmm {
-        use std::os::unix::process::CommandExt;
         let control = unique("control.sock");
         let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
         command
@@ -72,13 +73,7 @@ impl Vmm {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl in the child before exec; the VM dies with the test.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        support::dies_with_test(&mut command);
         let mut child = command.spawn().unwrap();
         let output = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());

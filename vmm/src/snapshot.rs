@@ -25,10 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 pub const FORMAT: &str = "bulkhead-snapshot";
 /// Bumped whenever the state file's meaning changes; other versions are refused.
@@ -121,44 +118,34 @@ pub struct SnapshotInfo {
 /// there); returns the CRC-32 of the whole image and the pages written.
 pub fn write_memory(memory: &GuestRam, file: &File) -> Result<(u32, u64), SnapshotError> {
     let mut crc = crc32fast::Hasher::new();
-    let mut buffer = vec![0u8; CHUNK];
-    let mut file_offset = 0u64;
     let mut written = 0u64;
-    for region in memory.iter() {
-        let len = region.len() as usize;
-        let mut done = 0usize;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            let chunk = &mut buffer[..n];
-            memory.read_slice(chunk, region.start_addr().unchecked_add(done as u64))?;
-            crc.update(chunk);
-            // Runs of non-zero pages go out in one write each.
-            let at = file_offset + done as u64;
-            let mut run_start = None;
-            for (index, page) in chunk.chunks(PAGE).enumerate() {
-                match (is_zero(page), run_start) {
-                    (false, None) => run_start = Some(index),
-                    (true, Some(start)) => {
-                        write_pages(
-                            file,
-                            &chunk[start * PAGE..index * PAGE],
-                            at + (start * PAGE) as u64,
-                        )?;
-                        written += (index - start) as u64;
-                        run_start = None;
-                    }
-                    _ => {}
+    crate::memory::for_each_chunk(memory, CHUNK, |at, chunk| {
+        crc.update(chunk);
+        // Runs of non-zero pages go out in one write each.
+        let mut run_start = None;
+        for (index, page) in chunk.chunks(PAGE).enumerate() {
+            match (is_zero(page), run_start) {
+                (false, None) => run_start = Some(index),
+                (true, Some(start)) => {
+                    write_pages(
+                        file,
+                        &chunk[start * PAGE..index * PAGE],
+                        at + (start * PAGE) as u64,
+                    )?;
+                    written += (index - start) as u64;
+                    run_start = None;
                 }
+                _ => {}
             }
-            if let Some(start) = run_start {
-                write_pages(file, &chunk[start * PAGE..], at + (start * PAGE) as u64)?;
-                written += (chunk.len() / PAGE - start) as u64;
-            }
-            done += n;
         }
-        file_offset += len as u64;
-    }
-    file.set_len(file_offset)
+        if let Some(start) = run_start {
+            write_pages(file, &chunk[start * PAGE..], at + (start * PAGE) as u64)?;
+            written += (chunk.len() / PAGE - start) as u64;
+        }
+        Ok::<(), SnapshotError>(())
+    })?;
+    let image_bytes: u64 = memory.iter().map(|r| r.len()).sum();
+    file.set_len(image_bytes)
         .map_err(|source| SnapshotError::Io {
             what: "cannot size",
             path: MEMORY_FILE.into(),
@@ -470,6 +457,7 @@ fn map_private(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn zero_pages_are_recognised_at_any_alignment() {

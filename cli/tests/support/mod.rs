@@ -115,6 +115,18 @@ impl Guest {
     }
 }
 
+/// Makes the process `command` starts die with the test thread that started
+/// it, so a failed assertion leaves no VMM running.
+pub fn dies_with_test(command: &mut Command) {
+    // SAFETY: prctl in the child before exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 pub fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
@@ -169,13 +181,7 @@ impl Guest {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl in the child before exec; the VM dies with this test.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        dies_with_test(&mut command);
         let mut child = command.spawn().expect("start bulkhead");
         let console = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));

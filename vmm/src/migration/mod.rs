@@ -123,21 +123,10 @@ impl From<crate::vm::VmError> for MigrationError {
 
 /// CRC-32 of all guest RAM, region after region.
 pub fn memory_crc(memory: &crate::memory::GuestRam) -> Result<u32, MigrationError> {
-    use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
     let mut crc = crc32fast::Hasher::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    for region in memory.iter() {
-        let len = region.len() as usize;
-        let mut done = 0;
-        while done < len {
-            let n = buffer.len().min(len - done);
-            memory.read_slice(
-                &mut buffer[..n],
-                region.start_addr().unchecked_add(done as u64),
-            )?;
-            crc.update(&buffer[..n]);
-            done += n;
-        }
-    }
+    crate::memory::for_each_chunk(memory, 1 << 20, |_, chunk| {
+        crc.update(chunk);
+        Ok::<(), MigrationError>(())
+    })?;
     Ok(crc.finalize())
 }
