@@ -86,14 +86,39 @@ pub struct RunArgs {
     /// checksum (slower; a restore otherwise checks sizes and the state's checksum).
     #[arg(long, requires = "restore")]
     verify_memory: bool,
+    /// Serve the serial console on a Unix socket at PATH instead of this
+    /// terminal: each client gets recent output, then everything new; what a
+    /// client sends is typed into the console.
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+    /// Confine the VMM once the VM is built: the current directory becomes
+    /// its whole file system, it runs as this uid and gid with no
+    /// capabilities, and a seccomp filter limits its system calls.
+    #[arg(long, value_name = "uid=N,gid=N", value_parser = crate::device_options::parse_sandbox)]
+    sandbox: Option<vmm::sandbox::SandboxConfig>,
+    /// Test aid: once sandboxed, make a system call the filter forbids.
+    #[arg(long, hide = true, requires = "sandbox")]
+    sandbox_selftest: bool,
     /// How to print the end-of-run report (on stderr; stdout is the console).
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if args.sandbox.is_some() {
+        // A mount namespace can only be entered while there is one thread.
+        vmm::sandbox::isolate_mounts()?;
+    }
     // Before any thread starts, so that every thread inherits the mask.
     let stop_signals = crate::console::block_stop_signals();
+    let console = args
+        .console_socket
+        .as_ref()
+        .map(|_| vmm::console_socket::ConsoleHub::new());
+    let serial_output = || match &console {
+        Some(hub) => hub.writer(),
+        None => Box::new(std::io::stdout()),
+    };
     let options = vmm::vm::RestoreOptions {
         kvm_device: args.kvm_device.clone(),
         sample_rip_every: args.sample_rip_ms.map(std::time::Duration::from_millis),
@@ -109,24 +134,59 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let incoming = vmm::migration::accept(uri, tls).context("cannot wait for a migration")?;
         eprintln!("bulkhead: waiting for a migration on {}", incoming.uri());
         let arrived = incoming
-            .receive(&options, Box::new(std::io::stdout()))
+            .receive(&options, serial_output())
             .context("incoming migration failed")?;
         eprintln!("bulkhead: migration received, resuming");
+        let services = serve_sockets(&arrived.vm, console.as_ref(), &args)?;
         let running = arrived.start().context("incoming migration failed")?;
-        return supervise(running, stop_signals, &args);
+        return supervise(running, services, stop_signals, &args);
     }
     let vm = if let Some(dir) = &args.restore {
         let snapshot = vmm::snapshot::read(dir).context("cannot restore")?;
         if args.verify_memory {
             snapshot.verify_memory().context("cannot restore")?;
         }
-        Vm::restore(&snapshot, &options, Box::new(std::io::stdout()))
+        Vm::restore(&snapshot, &options, serial_output())
             .with_context(|| format!("cannot restore {}", dir.display()))?
     } else {
         let config = boot_config(&args)?;
-        Vm::new(&config, Box::new(std::io::stdout())).context("cannot create the VM")?
+        Vm::new(&config, serial_output()).context("cannot create the VM")?
     };
-    run_vm(vm, stop_signals, &args)
+    tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
+    let services = serve_sockets(&vm, console.as_ref(), &args)?;
+    let running = vm.start().context("cannot start the VM")?;
+    supervise(running, services, stop_signals, &args)
+}
+
+/// Binds the control and console sockets, then (with --sandbox) confines the
+/// process: everything the VM needs is open by now and the guest has not run.
+fn serve_sockets(
+    vm: &Vm,
+    console: Option<&vmm::console_socket::ConsoleHub>,
+    args: &RunArgs,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    if let Some(path) = &args.control {
+        threads.push(vmm::control::serve(path, vm.control())?);
+    }
+    if let (Some(hub), Some(path)) = (console, &args.console_socket) {
+        let thread = hub
+            .serve(path, vm.serial(), vm.exit_signal())
+            .with_context(|| format!("cannot serve the console at {}", path.display()))?;
+        threads.push(thread);
+    }
+    if let Some(sandbox) = args.sandbox {
+        vmm::sandbox::confine(sandbox)?;
+        if args.sandbox_selftest {
+            let call = vmm::sandbox::seccomp::FORBIDDEN_EXAMPLES[0];
+            eprintln!("bulkhead: sandbox self-test: making forbidden system call {call}");
+            // SAFETY: the filter kills the process before the call runs; the
+            // arguments are never looked at.
+            unsafe { libc::syscall(call, 0, 0, 0) };
+            anyhow::bail!("sandbox self-test: forbidden system call {call} was allowed");
+        }
+    }
+    Ok(threads)
 }
 
 fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
@@ -162,29 +222,23 @@ fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
-fn run_vm(vm: Vm, stop_signals: libc::sigset_t, args: &RunArgs) -> anyhow::Result<i32> {
-    tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
-    let running = vm.start().context("cannot start the VM")?;
-    supervise(running, stop_signals, args)
-}
-
-/// Serves the console and the control socket until the VM ends.
+/// Serves the terminal until the VM ends.
 fn supervise(
     running: vmm::RunningVm,
+    services: Vec<std::thread::JoinHandle<()>>,
     stop_signals: libc::sigset_t,
     args: &RunArgs,
 ) -> anyhow::Result<i32> {
-    let terminal = RawTerminal::stdin();
-    let control_thread = match &args.control {
-        Some(path) => {
-            Some(vmm::control::serve(path, running.control()).inspect_err(|_| running.stop())?)
-        }
-        None => None,
+    let terminal = if args.console_socket.is_none() {
+        let terminal = RawTerminal::stdin();
+        spawn_stdin_pump(running.serial(), running.exit_signal(), terminal.is_some());
+        terminal
+    } else {
+        None
     };
-    spawn_stdin_pump(running.serial(), running.exit_signal(), terminal.is_some());
     crate::console::spawn_signal_waiter(stop_signals, running.exit_signal());
     let report = running.wait();
-    if let Some(thread) = control_thread {
+    for thread in services {
         let _ = thread.join();
     }
     drop(terminal);

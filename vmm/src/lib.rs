@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod console_socket;
 pub mod control;
 pub mod devices;
 pub mod exit;
@@ -14,6 +15,7 @@ pub mod memory;
 pub mod memory_usage;
 pub mod migration;
 pub mod pause;
+pub mod sandbox;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

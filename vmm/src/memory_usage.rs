@@ -13,8 +13,22 @@ pub struct MemoryUsage {
     pub vmm_overhead_kib: u64,
 }
 
+/// /proc/self/status, opened once: a sandboxed VMM no longer sees /proc,
+/// but the descriptor it opened before still reads its own status.
+static PROC_STATUS: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Opens what [`measure`] reads, before a sandbox hides it.
+pub fn prepare() {
+    PROC_STATUS.get_or_init(|| std::fs::File::open("/proc/self/status").ok());
+}
+
 fn process_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    use std::os::unix::fs::FileExt;
+    prepare();
+    let file = PROC_STATUS.get()?.as_ref()?;
+    let mut buffer = vec![0u8; 8192];
+    let n = file.read_at(&mut buffer, 0).ok()?;
+    let status = String::from_utf8_lossy(&buffer[..n]);
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }

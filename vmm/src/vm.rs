@@ -526,6 +526,12 @@ impl Vm {
         self.core.shared.exit.clone()
     }
 
+    /// The host's handle on this VM, usable before it starts (so the control
+    /// socket can be bound before a sandbox takes the right to bind it away).
+    pub fn control(&self) -> crate::control::VmControl {
+        crate::control::VmControl::new(self.core.clone())
+    }
+
     /// Starts the device thread, then one thread per vCPU.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         install_kick_handler();
