@@ -179,6 +179,34 @@ fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// `uid=N,gid=N` for `--sandbox`.
+pub fn parse_sandbox(text: &str) -> Result<vmm::sandbox::SandboxConfig, String> {
+    let mut uid = None;
+    let mut gid = None;
+    for part in text.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("expected uid=N,gid=N, got {part:?}"))?;
+        let number: u32 = value
+            .parse()
+            .map_err(|_| format!("{key}: {value:?} is not a number"))?;
+        match key {
+            "uid" => uid = Some(number),
+            "gid" => gid = Some(number),
+            _ => {
+                return Err(format!(
+                    "unknown sandbox option {key:?} (expected uid, gid)"
+                ))
+            }
+        }
+    }
+    match (uid, gid) {
+        (Some(0), _) | (_, Some(0)) => Err("the sandbox needs a uid and gid other than 0".into()),
+        (Some(uid), Some(gid)) => Ok(vmm::sandbox::SandboxConfig { uid, gid }),
+        _ => Err("the sandbox needs both uid=N and gid=N".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,33 +314,5 @@ mod tests {
             .contains("from 3"));
         assert_eq!(parse_vsock("cid=3").unwrap_err(), "missing socket=PATH");
         assert_eq!(parse_vsock("socket=x").unwrap_err(), "missing cid=N");
-    }
-}
-
-/// `uid=N,gid=N` for `--sandbox`.
-pub fn parse_sandbox(text: &str) -> Result<vmm::sandbox::SandboxConfig, String> {
-    let mut uid = None;
-    let mut gid = None;
-    for part in text.split(',') {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("expected uid=N,gid=N, got {part:?}"))?;
-        let number: u32 = value
-            .parse()
-            .map_err(|_| format!("{key}: {value:?} is not a number"))?;
-        match key {
-            "uid" => uid = Some(number),
-            "gid" => gid = Some(number),
-            _ => {
-                return Err(format!(
-                    "unknown sandbox option {key:?} (expected uid, gid)"
-                ))
-            }
-        }
-    }
-    match (uid, gid) {
-        (Some(0), _) | (_, Some(0)) => Err("the sandbox needs a uid and gid other than 0".into()),
-        (Some(uid), Some(gid)) => Ok(vmm::sandbox::SandboxConfig { uid, gid }),
-        _ => Err("the sandbox needs both uid=N and gid=N".into()),
     }
 }

@@ -72,8 +72,7 @@ fn start(kernel: &Path, jail: PathBuf, uid: u32, extra: &[&str]) -> Sandboxed {
         });
     }
     let child = command.spawn().unwrap();
-    let vmm = Sandboxed { child, jail };
-    vmm
+    Sandboxed { child, jail }
 }
 
 fn wait_for(path: &Path, child: &mut Child) {
