@@ -4,6 +4,8 @@ mod console;
 mod ctl;
 mod device_options;
 mod run;
+mod serve;
+mod vm;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -26,6 +28,12 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Act on a running VM through its control socket.
     Ctl(ctl::CtlArgs),
+    /// Run the host daemon: many sandboxed VMs behind a REST API.
+    Serve(serve::ServeArgs),
+    /// Manage VMs through the host daemon.
+    Vm(vm::VmArgs),
+    /// Manage the daemon's API tokens.
+    Token(vm::TokenArgs),
 }
 
 /// Output format of reports meant for people or for machines.
@@ -49,6 +57,9 @@ fn main() {
     let status = match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Ctl(args) => ctl::ctl(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Vm(args) => vm::vm(args),
+        Command::Token(args) => vm::token(args),
     };
     match status {
         Ok(code) => std::process::exit(code),

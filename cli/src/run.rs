@@ -248,7 +248,11 @@ fn supervise(
 
 fn print_report(report: &VmReport, format: OutputFormat) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => eprintln!("{}", serde_json::to_string(report)?),
+        OutputFormat::Json => {
+            let mut value = serde_json::to_value(report)?;
+            value["clean"] = report.exit.is_clean().into();
+            eprintln!("{value}");
+        }
         OutputFormat::Text => {
             for vcpu in &report.vcpus {
                 if !vcpu.emulated.is_empty() {

@@ -43,11 +43,16 @@ pub enum Request {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub state: &'static str,
+    /// The VMM's process id (how a restarted host daemon finds its VMs).
+    pub pid: u32,
     pub cpus: u8,
     pub memory_mib: u64,
     pub memory: MemoryUsage,
     pub balloon: Option<BalloonStatus>,
     pub devices: Vec<DeviceReport>,
+    /// Each vCPU's exits by reason and emulated instructions, as of a
+    /// fraction of a second ago.
+    pub vcpus: Vec<crate::vcpu::VcpuReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,11 +114,16 @@ impl VmControl {
     pub fn status(&self) -> Status {
         Status {
             state: self.core.state_name(),
+            pid: std::process::id(),
             cpus: self.core.machine.cpus,
             memory_mib: self.core.machine.memory_mib,
             memory: crate::memory_usage::measure(&self.core.shared.memory),
             balloon: self.core.balloon.as_ref().map(BalloonHandle::status),
             devices: crate::vm::device_reports(&self.core.virtio),
+            vcpus: crate::devices::lock(&self.core.shared.live_reports)
+                .values()
+                .cloned()
+                .collect(),
         }
     }
 

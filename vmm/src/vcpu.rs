@@ -40,7 +40,13 @@ pub struct VcpuShared {
     /// Share of time (percent) each vCPU is held out of the guest, so a
     /// migration's copy can catch up with what the guest dirties.
     pub throttle_percent: AtomicU32,
+    /// Each vCPU's counters as of its last publication (a few times a
+    /// second), for the host's monitoring while the VM runs.
+    pub live_reports: Mutex<std::collections::BTreeMap<usize, VcpuReport>>,
 }
+
+/// How often a running vCPU publishes its counters.
+const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 /// The pthreads of running vCPUs, so a pause can signal them. A thread
 /// removes itself before it ends, so a signal never targets a dead thread.
@@ -280,9 +286,11 @@ impl Vcpu {
         let mut next_sample = Instant::now();
         let mut last_return = Instant::now();
         let mut throttle_served = Instant::now();
+        let mut next_publish = Instant::now();
         shared.threads.register();
         while !shared.exit.is_requested() {
             if shared.pause.is_requested() {
+                self.publish(shared);
                 self.park(shared);
                 last_return = Instant::now();
                 continue;
@@ -332,6 +340,10 @@ impl Vcpu {
                 Step::InternalError => self.internal_error(shared),
                 other => other,
             };
+            if returned >= next_publish {
+                next_publish = returned + PUBLISH_EVERY;
+                self.publish(shared);
+            }
             match step {
                 Step::Continue | Step::InternalError => {}
                 Step::WaitForStart => {
@@ -348,6 +360,11 @@ impl Vcpu {
         self.report.emulated = self.emulator.counts().clone();
         self.report.final_rip = self.fd.get_regs().ok().map(|regs| regs.rip);
         self.report
+    }
+
+    fn publish(&mut self, shared: &VcpuShared) {
+        self.report.emulated = self.emulator.counts().clone();
+        lock(&shared.live_reports).insert(self.id, self.report.clone());
     }
 
     /// Waits out a pause. Before parking, KVM finishes the I/O the vCPU last

@@ -273,6 +273,7 @@ impl Hardware {
             pause,
             captures: Captures::new(usize::from(machine.cpus)),
             throttle_percent: std::sync::atomic::AtomicU32::new(0),
+            live_reports: Default::default(),
             threads: VcpuThreads::default(),
             msr_indices,
         });

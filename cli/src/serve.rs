@@ -1,0 +1,48 @@
+//! `bulkhead serve`: the host daemon.
+
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const DEFAULT_SOCKET: &str = "/run/bulkhead/bulkhead.sock";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The API's Unix socket (root on it needs no token).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Also serve the API on TCP at ADDR (HOST:PORT), with TLS; plain HTTP
+    /// only on a loopback address.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// PEM certificate chain for --listen.
+    #[arg(long, value_name = "PEM", requires_all = ["listen", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", requires_all = ["listen", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// Where VM records, logs, VMM directories and the audit log live.
+    #[arg(long, default_value = "/var/lib/bulkhead")]
+    state_dir: PathBuf,
+    /// A directory whose files VM specs may use as kernels, initrds and
+    /// disks (besides <state-dir>/images). Repeat for more.
+    #[arg(long, value_name = "DIR")]
+    allow_dir: Vec<PathBuf>,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<i32> {
+    let config = host::server::ServeConfig {
+        socket: args.socket,
+        listen: args.listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        state_dir: args.state_dir,
+        allowed_dirs: args.allow_dir,
+        vmm_binary: std::env::current_exe()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(host::server::serve(config))?;
+    Ok(0)
+}

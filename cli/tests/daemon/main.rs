@@ -1,0 +1,678 @@
+//! The host daemon end to end: real VMMs (sandboxed, in cgroups) running the
+//! counting guest, driven through the REST API and the CLI.
+
+mod support;
+
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use std::time::Duration;
+use support::{count_above, status_field, Daemon};
+
+#[test]
+fn a_vm_lives_its_whole_life_through_the_api() {
+    let daemon = Daemon::start();
+    let id = daemon.running_vm("life");
+    let vm = daemon.vm(&id);
+    assert_eq!(vm["live"]["state"], "running", "{vm}");
+    let pid = daemon.pid(&id);
+    assert_eq!(vm["live"]["pid"], pid);
+
+    // Two readers see the same console; the guest counts.
+    let client = daemon.client(None);
+    let mut first = daemon.block_on(client.console(&id, false)).unwrap();
+    let mut second = daemon.block_on(client.console(&id, false)).unwrap();
+    let a = count_above(&daemon, &mut first, -1);
+    let b = count_above(&daemon, &mut second, a);
+    assert!(b > a);
+    // One writer at a time.
+    let writer = daemon.block_on(client.console(&id, true)).unwrap();
+    let refused = daemon.block_on(client.console(&id, true)).err().unwrap();
+    assert!(
+        refused.to_string().contains("already has a writer"),
+        "{refused}"
+    );
+    drop(writer);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(daemon.block_on(client.console(&id, true)).unwrap());
+
+    // Pause freezes the guest; resume lets it go on.
+    assert_eq!(
+        daemon.ok(Method::POST, &format!("/v1/vms/{id}/pause"), None)["state"],
+        "paused"
+    );
+    assert_eq!(daemon.vm(&id)["live"]["state"], "paused");
+    let again = daemon.call(None, Method::POST, &format!("/v1/vms/{id}/pause"), None);
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.text);
+    assert_eq!(
+        daemon.ok(Method::POST, &format!("/v1/vms/{id}/resume"), None)["state"],
+        "running"
+    );
+    count_above(&daemon, &mut first, b);
+
+    // Snapshot into the VM's own directory.
+    let snapshot = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/snapshot"),
+        Some(json!({"name": "s1"})),
+    );
+    assert!(
+        snapshot["memory_bytes"].as_u64().unwrap_or(0) > 0 || snapshot.is_object(),
+        "{snapshot}"
+    );
+    assert!(daemon
+        .state_dir
+        .join(format!("vms/{id}/jail/snapshots/s1/manifest.json"))
+        .exists());
+    let twice = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{id}/snapshot"),
+        Some(json!({"name": "s1"})),
+    );
+    assert_eq!(twice.status, StatusCode::CONFLICT);
+
+    // Illegal transitions are 409 and change nothing.
+    let start = daemon.call(None, Method::POST, &format!("/v1/vms/{id}/start"), None);
+    assert_eq!(start.status, StatusCode::CONFLICT, "{}", start.text);
+    assert!(start.error_message().contains("running"), "{}", start.text);
+    let delete = daemon.call(None, Method::DELETE, &format!("/v1/vms/{id}"), None);
+    assert_eq!(delete.status, StatusCode::CONFLICT);
+
+    // Stop: the VMM ends and the record says so.
+    let stopped = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"timeout_secs": 5})),
+    );
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(daemon.vm(&id).get("live").is_none());
+    // It starts again, and a forced stop kills it.
+    daemon.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
+    let forced = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"force": true})),
+    );
+    assert_eq!(forced["state"], "stopped");
+
+    let deleted = daemon.call(None, Method::DELETE, &format!("/v1/vms/{id}"), None);
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        daemon
+            .call(None, Method::GET, &format!("/v1/vms/{id}"), None)
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert!(!daemon.state_dir.join(format!("vms/{id}")).exists());
+
+    // Every mutating call is in the audit log, with who and the outcome.
+    let audit = daemon.ok(Method::GET, "/v1/audit?limit=1000", None);
+    let entries = audit.as_array().unwrap();
+    assert!(entries
+        .iter()
+        .any(|e| e["action"] == "POST /v1/vms/{id}/start"
+            && e["status"] == 409
+            && e["target"] == id.as_str()));
+    assert!(entries.iter().any(|e| e["action"] == "DELETE /v1/vms/{id}"
+        && e["status"] == 204
+        && e["who"] == "local:uid=0"));
+}
+
+#[test]
+fn the_cli_drives_the_daemon_with_tables_and_json() {
+    let daemon = Daemon::start();
+    let kernel = daemon.counting_guest();
+    let (ok, text) = daemon.cli(&[
+        "vm",
+        "create",
+        "cli-vm",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--start",
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{text}");
+    let created: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(created["state"], "running");
+    let (ok, table) = daemon.cli(&["vm", "ls"]);
+    assert!(
+        ok && table.contains("cli-vm") && table.contains("running"),
+        "{table}"
+    );
+    for action in ["pause", "resume"] {
+        let (ok, text) = daemon.cli(&["vm", action, "cli-vm"]);
+        assert!(ok, "{action}: {text}");
+    }
+    let (ok, text) = daemon.cli(&["vm", "start", "cli-vm"]);
+    assert!(!ok && text.contains("409"), "{text}");
+    let (ok, text) = daemon.cli(&["vm", "stop", "cli-vm"]);
+    assert!(ok, "{text}");
+    let (ok, text) = daemon.cli(&["vm", "show", "cli-vm", "--output", "json"]);
+    assert!(ok && text.contains("\"stopped\""), "{text}");
+    let (ok, text) = daemon.cli(&["vm", "rm", "cli-vm"]);
+    assert!(ok, "{text}");
+    let (ok, text) = daemon.cli(&["vm", "ls", "--output", "json"]);
+    assert!(ok && text.trim() == "[]", "{text}");
+
+    // The embedded guest runs to its end: the VM is recorded as stopped.
+    let (ok, text) = daemon.cli(&["vm", "create", "embedded", "--start", "--output", "json"]);
+    assert!(ok, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vm = daemon.wait_state(&id, "stopped");
+    assert_eq!(vm["last_exit"], "guest powered off", "{vm}");
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_name_the_field() {
+    let daemon = Daemon::start();
+    let kernel = daemon.counting_guest();
+    let post = |body: serde_json::Value| daemon.call(None, Method::POST, "/v1/vms", Some(body));
+    let cases = [
+        (json!({"name": "a", "cpus": "two"}), "cpus"),
+        (json!({"name": "a", "memory_mib": 1}), "memory_mib"),
+        (json!({"name": "Not Valid"}), "name"),
+        (json!({"name": "a", "kernel": "/etc/passwd"}), "kernel"),
+        (
+            json!({"name": "a", "kernel": kernel, "disks": [{"path": "/nope"}]}),
+            "disks[0].path",
+        ),
+        (
+            json!({"name": "a", "nics": [{"tap": "x", "mac": "zz"}]}),
+            "nics[0].mac",
+        ),
+        (json!({"name": "a", "colour": "blue"}), "body"),
+        (json!({"name": "a", "vsock": {"cid": 1}}), "vsock.cid"),
+        (json!([1, 2]), "body"),
+    ];
+    for (body, field) in cases {
+        let answer = post(body.clone());
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            answer.text
+        );
+        assert_eq!(answer.body["error"]["code"], "invalid_request");
+        let named = answer.body["error"]["field"].as_str().unwrap_or_default();
+        assert!(
+            named == field || (field == "body" && !named.is_empty()),
+            "{body}: field {named:?}, want {field}"
+        );
+    }
+    // Not JSON at all.
+    let client = daemon.client(None);
+    let raw = daemon.block_on(async {
+        use http_body_util::BodyExt;
+        let _ = &client;
+        let stream = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::post("/v1/vms")
+            .header("host", "x")
+            .body(http_body_util::Full::new(axum_bytes("{\"name\":")))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    });
+    assert_eq!(raw.0, StatusCode::BAD_REQUEST, "{}", raw.1);
+
+    // Nothing was half-created.
+    assert_eq!(daemon.ok(Method::GET, "/v1/vms", None), json!([]));
+    assert_eq!(
+        std::fs::read_dir(daemon.state_dir.join("vms"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // 401: unknown or malformed tokens, on any endpoint.
+    for token in [
+        "bh_000000000000_00000000000000000000000000000000",
+        "garbage",
+    ] {
+        let answer = daemon.call(Some(token), Method::GET, "/v1/vms", None);
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.text);
+    }
+    // 403: a viewer cannot change anything; an operator cannot make tokens.
+    let viewer = daemon.token("default", "viewer");
+    let answer = daemon.call(
+        Some(&viewer),
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "v"})),
+    );
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.text);
+    let operator = daemon.token("default", "operator");
+    let answer = daemon.call(
+        Some(&operator),
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "x", "role": "admin"})),
+    );
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    // 404: unknown VMs and endpoints.
+    for path in [
+        "/v1/vms/0123456789abcdef",
+        "/v1/vms/..%2F..%2Fetc",
+        "/v1/nothing",
+    ] {
+        assert_eq!(
+            daemon.call(None, Method::GET, path, None).status,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+    // A duplicate name is a conflict, and leaves one VM.
+    daemon.ok(Method::POST, "/v1/vms", Some(json!({"name": "dup"})));
+    assert_eq!(post(json!({"name": "dup"})).status, StatusCode::CONFLICT);
+    assert_eq!(
+        daemon
+            .ok(Method::GET, "/v1/vms", None)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Refused calls are audited too.
+    let audit = daemon.ok(Method::GET, "/v1/audit?limit=1000", None);
+    assert!(audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["status"] == 403 && e["who"].as_str().unwrap().contains("default-viewer")));
+    let anonymous = daemon.call(
+        Some("garbage"),
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "x"})),
+    );
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let audit = daemon.ok(Method::GET, "/v1/audit?limit=1000", None);
+    assert!(audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["status"] == 401 && e["who"] == "anonymous"));
+}
+
+fn axum_bytes(text: &'static str) -> hyper::body::Bytes {
+    hyper::body::Bytes::from_static(text.as_bytes())
+}
+
+#[test]
+fn a_token_sees_and_touches_only_its_own_project() {
+    let daemon = Daemon::start();
+    let alpha = daemon.token("alpha", "admin");
+    let beta = daemon.token("beta", "operator");
+    let kernel = daemon.counting_guest();
+    // A VM of beta's, running.
+    let created = daemon.call(
+        Some(&beta),
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "secret", "kernel": kernel, "memory_mib": 32})),
+    );
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let id = created.body["id"].as_str().unwrap().to_string();
+    assert_eq!(created.body["project"], "beta");
+    let started = daemon.call(
+        Some(&beta),
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        None,
+    );
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
+
+    // Alpha's admin cannot see it anywhere or touch it in any way.
+    let list = daemon.call(Some(&alpha), Method::GET, "/v1/vms", None);
+    assert_eq!(list.body, json!([]));
+    for (method, path, body) in [
+        (Method::GET, format!("/v1/vms/{id}"), None),
+        (Method::DELETE, format!("/v1/vms/{id}?force=true"), None),
+        (Method::POST, format!("/v1/vms/{id}/start"), None),
+        (
+            Method::POST,
+            format!("/v1/vms/{id}/stop"),
+            Some(json!({"force": true})),
+        ),
+        (Method::POST, format!("/v1/vms/{id}/pause"), None),
+        (Method::POST, format!("/v1/vms/{id}/resume"), None),
+        (
+            Method::POST,
+            format!("/v1/vms/{id}/snapshot"),
+            Some(json!({"name": "x"})),
+        ),
+    ] {
+        let answer = daemon.call(Some(&alpha), method.clone(), &path, body);
+        assert_eq!(
+            answer.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {}",
+            answer.text
+        );
+        // Exactly what an id that does not exist gets.
+        assert_eq!(answer.body["error"]["message"], format!("no VM {id}"));
+    }
+    let console = daemon.block_on(daemon.client(Some(&alpha)).console(&id, false));
+    assert!(console.err().unwrap().to_string().contains("404"));
+    // Nor create in beta, nor make beta tokens, nor read beta's audit.
+    let answer = daemon.call(
+        Some(&alpha),
+        Method::POST,
+        "/v1/vms?project=beta",
+        Some(json!({"name": "x"})),
+    );
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    let answer = daemon.call(
+        Some(&alpha),
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({"name": "x", "role": "admin", "project": "beta"})),
+    );
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    let audit = daemon.call(Some(&alpha), Method::GET, "/v1/audit?limit=1000", None);
+    assert!(
+        audit
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["project"] != "beta"),
+        "{}",
+        audit.text
+    );
+    let tokens = daemon.call(Some(&alpha), Method::GET, "/v1/tokens", None);
+    assert!(tokens
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["project"] == "alpha"));
+    assert!(
+        tokens.text.contains("secret_sha256\":\"\"")
+            || !tokens.text.contains("secret_sha256\":\"0")
+    );
+    // Metrics and events name none of beta's VMs.
+    let metrics = daemon.call(Some(&alpha), Method::GET, "/metrics", None);
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(!metrics.text.contains(&id), "{}", metrics.text);
+    // Beta still runs, untouched.
+    assert_eq!(daemon.vm(&id)["state"], "running");
+    let own = daemon.call(Some(&beta), Method::GET, &format!("/v1/vms/{id}"), None);
+    assert_eq!(own.status, StatusCode::OK);
+}
+
+#[test]
+fn each_vmm_is_sandboxed_limited_and_a_crash_stays_its_own() {
+    let daemon = Daemon::start();
+    let victim = daemon.running_vm("victim");
+    let bystander = daemon.running_vm("bystander");
+    let record = daemon.vm(&victim);
+    let pid = daemon.pid(&victim);
+
+    // The VMM's file system is its own directory.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let mut visible: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    visible.sort();
+    assert_eq!(visible, ["console.sock", "control.sock"]);
+    assert!(!root.join("etc/passwd").exists());
+    // Its own uid, no capabilities, a seccomp filter.
+    let uid = record["uid"].as_u64().unwrap().to_string();
+    assert!(status_field(pid, "Uid")
+        .split_whitespace()
+        .all(|u| u == uid));
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_ne!(daemon.vm(&bystander)["uid"], record["uid"]);
+    // Its cgroups (v1 or v2) hold it.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroups.contains(&format!("bulkhead/{victim}")), "{cgroups}");
+
+    // A VMM that dies is reported; the daemon and the other VM go on.
+    // SAFETY: signals the VMM this test's daemon started.
+    unsafe { libc::kill(pid as i32, libc::SIGABRT) };
+    let crashed = daemon.wait_state(&victim, "crashed");
+    assert!(
+        crashed["last_exit"].as_str().unwrap().contains("signal"),
+        "{crashed}"
+    );
+    assert_eq!(daemon.vm(&bystander)["live"]["state"], "running");
+    assert!(!cgroups_remain(&victim));
+    // A crashed VM can be started again.
+    daemon.ok(Method::POST, &format!("/v1/vms/{victim}/start"), None);
+}
+
+fn cgroups_remain(id: &str) -> bool {
+    [
+        "/sys/fs/cgroup/cpu/bulkhead",
+        "/sys/fs/cgroup/memory/bulkhead",
+        "/sys/fs/cgroup/bulkhead",
+    ]
+    .iter()
+    .any(|dir| std::path::Path::new(dir).join(id).exists())
+}
+
+#[test]
+fn a_killed_daemon_leaves_vms_running_and_its_successor_adopts_them() {
+    let mut daemon = Daemon::start();
+    let running = daemon.running_vm("keeps-running");
+    let paused = daemon.running_vm("keeps-paused");
+    daemon.ok(Method::POST, &format!("/v1/vms/{paused}/pause"), None);
+    let ended = daemon.running_vm("ends-meanwhile");
+    let pids = [
+        daemon.pid(&running),
+        daemon.pid(&paused),
+        daemon.pid(&ended),
+    ];
+
+    daemon.kill9();
+    // SAFETY: signals a VMM of this test.
+    unsafe { libc::kill(pids[2] as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(std::path::Path::new(&format!("/proc/{}", pids[0])).exists());
+    daemon.spawn();
+
+    assert_eq!(daemon.vm(&running)["state"], "running");
+    assert_eq!(daemon.pid(&running), pids[0]);
+    assert_eq!(daemon.vm(&paused)["state"], "paused");
+    assert_eq!(daemon.vm(&ended)["state"], "crashed");
+    // The adopted VMMs are fully under control again.
+    daemon.ok(Method::POST, &format!("/v1/vms/{paused}/resume"), None);
+    let stopped = daemon.ok(Method::POST, &format!("/v1/vms/{running}/stop"), None);
+    assert_eq!(stopped["state"], "stopped");
+    // SAFETY: signals a VMM of this test.
+    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+    daemon.wait_state(&paused, "crashed");
+}
+
+/// Kills the daemon with -9 at many points during create, start and delete,
+/// restarts it each time, and checks that its records match the processes.
+#[test]
+fn kill_9_during_create_start_and_delete_leaves_a_consistent_state() {
+    let mut daemon = Daemon::start();
+    let kernel = daemon.counting_guest();
+    for round in 0..9u64 {
+        let delay = Duration::from_millis(round * 7 % 40);
+        let name = format!("r{round}");
+        let socket = daemon.socket.clone();
+        let kernel = kernel.clone();
+        let operation = round % 3;
+        // Start an operation, and kill the daemon while it runs.
+        let existing = daemon.ok(Method::GET, "/v1/vms", None);
+        let target = existing
+            .as_array()
+            .unwrap()
+            .last()
+            .map(|vm| vm["id"].as_str().unwrap().to_string());
+        let worker = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let client = host::client::Client {
+                endpoint: host::client::Endpoint::Unix(socket),
+                token: None,
+            };
+            runtime.block_on(async {
+                match (operation, target) {
+                    (1, Some(id)) => {
+                        client
+                            .call(Method::POST, &format!("/v1/vms/{id}/start"), None)
+                            .await
+                    }
+                    (2, Some(id)) => {
+                        client
+                            .call(Method::DELETE, &format!("/v1/vms/{id}?force=true"), None)
+                            .await
+                    }
+                    _ => {
+                        let spec = json!({"name": name, "kernel": kernel, "memory_mib": 32});
+                        client.call(Method::POST, "/v1/vms", Some(&spec)).await
+                    }
+                }
+            })
+        });
+        std::thread::sleep(delay);
+        daemon.kill9();
+        let _ = worker.join();
+        daemon.spawn();
+        check_consistent(&daemon);
+        // Leave a stopped VM for the next round to start or delete.
+        let vms = daemon.ok(Method::GET, "/v1/vms", None);
+        if vms.as_array().unwrap().is_empty() {
+            daemon.ok(Method::POST, "/v1/vms", Some(json!({"name": format!("seed{round}"), "kernel": daemon.counting_guest(), "memory_mib": 32})));
+        }
+    }
+}
+
+/// Every record's state matches its process, and no VMM runs without a record.
+fn check_consistent(daemon: &Daemon) {
+    let vms = daemon.ok(Method::GET, "/v1/vms", None);
+    let vms = vms.as_array().unwrap();
+    let mut names = std::collections::HashSet::new();
+    for vm in vms {
+        let id = vm["id"].as_str().unwrap();
+        assert!(
+            names.insert(vm["spec"]["name"].as_str().unwrap().to_string()),
+            "duplicate {vm}"
+        );
+        let process = host::vmm_process::find_process(id);
+        match vm["state"].as_str().unwrap() {
+            "running" | "paused" => {
+                let pid = process.unwrap_or_else(|| panic!("no VMM for {vm}"));
+                assert_eq!(vm["pid"].as_u64(), Some(u64::from(pid)), "{vm}");
+                assert!(daemon.vm(id)["live"].is_object(), "{vm}");
+            }
+            "stopped" | "crashed" => assert!(process.is_none(), "a VMM runs for {vm}"),
+            other => panic!("VM left {other} after a restart: {vm}"),
+        }
+    }
+    // VMMs without a record: a dir in vms/ means a record or a finished delete.
+    for entry in std::fs::read_dir(daemon.state_dir.join("vms"))
+        .unwrap()
+        .flatten()
+    {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        if !vms.iter().any(|vm| vm["id"] == id.as_str()) {
+            assert!(
+                host::vmm_process::find_process(&id).is_none(),
+                "VMM {id} runs without a record"
+            );
+        }
+    }
+}
+
+#[test]
+fn metrics_events_and_the_openapi_document() {
+    let daemon = Daemon::start();
+    let token = daemon.token("default", "viewer");
+    // Subscribe to events before the VM starts.
+    let events = daemon.block_on(async {
+        let stream = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::get("/v1/events")
+            .header("host", "x")
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .unwrap();
+        sender.send_request(request).await.unwrap()
+    });
+    assert_eq!(events.status(), StatusCode::OK);
+    let id = daemon.running_vm("watched");
+    let mut body = events.into_body();
+    let seen = daemon.block_on(async {
+        use http_body_util::BodyExt;
+        let mut text = String::new();
+        while !text.contains("\"running\"") {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("an event")
+                .unwrap()
+                .unwrap();
+            if let Some(data) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(data));
+            }
+        }
+        text
+    });
+    assert!(
+        seen.contains("event: state") && seen.contains(&id) && seen.contains("\"starting\""),
+        "{seen}"
+    );
+
+    // Metrics for the running VM.
+    std::thread::sleep(Duration::from_millis(800));
+    let metrics = daemon.call(Some(&token), Method::GET, "/metrics", None);
+    assert_eq!(metrics.status, StatusCode::OK);
+    for family in [
+        "bulkhead_vms{state=\"running\"} 1",
+        "bulkhead_vm_process_cpu_seconds_total{vm=\"",
+        "bulkhead_vm_vcpu_seconds_total{vm=\"",
+        "bulkhead_vm_resident_bytes{vm=\"",
+        "bulkhead_vm_exits_total{vm=\"",
+        "bulkhead_daemon_resident_bytes ",
+    ] {
+        assert!(
+            metrics.text.contains(family),
+            "no {family} in\n{}",
+            metrics.text
+        );
+    }
+    // Without a token over... the Unix socket as root needs none; a bad one is refused.
+    assert_eq!(
+        daemon
+            .call(Some("bh_x"), Method::GET, "/metrics", None)
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The served document is the checked-in one.
+    let served = daemon.call(None, Method::GET, "/v1/openapi.json", None);
+    let checked_in =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../host/openapi.json"))
+            .unwrap();
+    assert_eq!(served.text, checked_in);
+}

@@ -1,0 +1,275 @@
+//! A `bulkhead serve` of the test's own (state directory, socket, VMMs),
+//! and a blocking API client for it.
+
+use host::client::{Answer, Client, Endpoint};
+use hyper::Method;
+use serde_json::Value;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub images: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("bh-d{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let mut daemon = Daemon {
+            child: None,
+            socket: dir.join("api.sock"),
+            state_dir: dir.join("state"),
+            images,
+            dir,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts (or restarts) the daemon process on the same state.
+    pub fn spawn(&mut self) {
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--allow-dir")
+            .arg(&self.images)
+            .env("BULKHEAD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("daemon.log"))
+                    .unwrap(),
+            );
+        // SAFETY: prctl between fork and exec; the daemon dies with the test
+        // (its VMMs do not: the Drop below ends them).
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("daemon exited ({status}): {}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon never listened: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self, token: Option<&str>) -> Client {
+        Client {
+            endpoint: Endpoint::Unix(self.socket.clone()),
+            token: token.map(str::to_string),
+        }
+    }
+
+    pub fn call(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Answer {
+        let client = self.client(token);
+        self.runtime
+            .block_on(client.call(method, path, body.as_ref()))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// A call as the host's administrator that must succeed.
+    pub fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        let answer = self.call(None, method.clone(), path, body);
+        assert!(
+            answer.status.is_success(),
+            "{method} {path}: {} {}",
+            answer.status,
+            answer.text
+        );
+        answer.body
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    pub fn token(&self, project: &str, role: &str) -> String {
+        let body = serde_json::json!({"name": format!("{project}-{role}"), "role": role, "project": project});
+        self.ok(Method::POST, "/v1/tokens", Some(body))["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(BIN)
+            .args(args)
+            .env("BULKHEAD_SOCKET", &self.socket)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    }
+
+    /// A guest that counts on its console until stopped, in the images dir.
+    pub fn counting_guest(&self) -> PathBuf {
+        let path = self.images.join("counter.elf");
+        if !path.exists() {
+            let guest = guests::memory_writer(guests::MemoryWriter {
+                region_pages: 16,
+                round_tsc_ticks: 50_000_000,
+                ..Default::default()
+            })
+            .unwrap();
+            std::fs::write(&path, guest).unwrap();
+        }
+        path
+    }
+
+    /// Defines and starts a counting VM; returns its id.
+    pub fn running_vm(&self, name: &str) -> String {
+        let kernel = self.counting_guest();
+        let spec = serde_json::json!({"name": name, "kernel": kernel, "memory_mib": 32});
+        let created = self.ok(Method::POST, "/v1/vms", Some(spec));
+        let id = created["id"].as_str().unwrap().to_string();
+        let started = self.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
+        assert_eq!(started["state"], "running", "{started}");
+        id
+    }
+
+    pub fn vm(&self, id: &str) -> Value {
+        self.ok(Method::GET, &format!("/v1/vms/{id}"), None)
+    }
+
+    /// Waits until VM `id` is in `state`.
+    pub fn wait_state(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vm = self.vm(id);
+            if vm["state"] == state {
+                return vm;
+            }
+            assert!(Instant::now() < deadline, "VM {id} never {state}: {vm}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self, id: &str) -> u32 {
+        self.vm(id)["pid"].as_u64().expect("a pid") as u32
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // End every VMM this daemon started, then the daemon.
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("vms")) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = host::vmm_process::find_process(&id) {
+                    // SAFETY: kills a VMM process of this test's daemon.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Reads from a console stream until the guest printed a count above
+/// `above`; returns it.
+pub fn count_above<R: tokio::io::AsyncRead + Unpin>(
+    daemon: &Daemon,
+    console: &mut R,
+    above: i64,
+) -> i64 {
+    use tokio::io::AsyncReadExt;
+    daemon.block_on(async {
+        let mut text = String::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(30), console.read(&mut buffer))
+                .await
+                .expect("console output within 30 s")
+                .unwrap();
+            assert!(n > 0, "console closed; got {text:?}");
+            text.push_str(&String::from_utf8_lossy(&buffer[..n]));
+            let complete = if text.ends_with('\n') {
+                &text[..]
+            } else {
+                &text[..text.rfind('\n').map_or(0, |i| i + 1)]
+            };
+            if let Some(count) = complete
+                .lines()
+                .rev()
+                .find_map(|line| line.trim().parse::<i64>().ok())
+                .filter(|&count| count > above)
+            {
+                return count;
+            }
+        }
+    })
+}
+
+pub fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}

@@ -1,0 +1,358 @@
+//! The REST API under `/v1`: routing, authentication, authorisation, the
+//! error format, the audit of every mutating call, and overload shedding.
+
+pub mod admin;
+pub mod console;
+pub mod observe;
+pub mod openapi;
+pub mod vms;
+
+use crate::audit::{AuditEntry, AuditLog};
+use crate::auth::{self, Principal, Role};
+use crate::events::EventBus;
+use crate::manager::{Manager, ManagerError};
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use utoipa::ToSchema;
+
+/// Requests served at once; more get 503 at once rather than queueing.
+pub const MAX_CONCURRENT_REQUESTS: usize = 256;
+/// Largest request body.
+const MAX_BODY_BYTES: usize = 64 << 10;
+
+pub struct ApiState {
+    pub manager: Arc<Manager>,
+    pub audit: AuditLog,
+    pub events: EventBus,
+    /// VMs whose console has a writer attached.
+    pub console_writers: Mutex<HashSet<String>>,
+    /// uid the daemon runs as: local callers with it (or root) are the host's
+    /// administrator without a token.
+    pub daemon_uid: u32,
+}
+
+/// Who is on the other end of a connection, set by the listener.
+#[derive(Clone, Copy, Debug)]
+pub enum Peer {
+    /// A Unix socket peer and its uid (SO_PEERCRED).
+    Local { uid: u32 },
+    /// TCP (with TLS): tokens only.
+    Remote,
+}
+
+/// The error every endpoint answers with.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable: invalid_request, unauthorized, forbidden, not_found,
+    /// conflict, overloaded, failed, internal.
+    pub code: String,
+    pub message: String,
+    /// The request field at fault, for invalid_request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+/// Carried on an error response so the audit records why.
+#[derive(Clone)]
+struct AuditError(String);
+/// Carried on a response so the audit records the project acted in.
+#[derive(Clone)]
+pub struct AuditProject(pub String);
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.into()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        }
+    }
+
+    pub fn not_found(what: impl std::fmt::Display) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {what}"))
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = match &self.field {
+            Some(field) if !self.message.starts_with(field.as_str()) => {
+                format!("{field}: {}", self.message)
+            }
+            _ => self.message.clone(),
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: message.clone(),
+                field: self.field,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(AuditError(message));
+        response
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        match e {
+            ManagerError::Invalid(spec) => ApiError::invalid(spec.field, spec.message),
+            ManagerError::NotFound(id) => ApiError::not_found(format!("VM {id}")),
+            ManagerError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            ManagerError::Failed(message) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "failed", message)
+            }
+            ManagerError::Store(e) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        }
+    }
+}
+
+/// Parses a JSON body, naming the field at fault when it does not fit.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        ApiError::invalid(field, e.inner().to_string())
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    Ok(value)
+}
+
+/// Runs blocking work (store, VMM sockets) off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+}
+
+pub fn require(principal: &Principal, role: Role) -> Result<(), ApiError> {
+    if principal.role >= role {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "this needs the {} role; the token has {}",
+            role_name(role),
+            role_name(principal.role)
+        )))
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Viewer => "viewer",
+        Role::Operator => "operator",
+        Role::Admin => "admin",
+    }
+}
+
+/// Finds the caller: a bearer token, or a local administrator on the Unix
+/// socket. Sets the principal as a request extension.
+async fn authenticate(
+    State(state): State<Arc<ApiState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let peer = request.extensions().get::<Peer>().copied();
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or("").to_string());
+    let principal = match (header, peer) {
+        (Some(header), _) => {
+            let Some(token) = header.strip_prefix("Bearer ") else {
+                return unauthorized("the Authorization header must be 'Bearer <token>'");
+            };
+            let Some((id, secret)) = auth::parse_token(token.trim()) else {
+                return unauthorized("malformed token");
+            };
+            let (id, secret) = (id.to_string(), secret.to_string());
+            let manager = state.manager.clone();
+            let record = tokio::task::spawn_blocking(move || manager.store().token(&id)).await;
+            match record {
+                Ok(Ok(Some(record))) if auth::secret_matches(&record, &secret) => Principal {
+                    name: format!("token:{}({})", record.id, record.name),
+                    project: Some(record.project),
+                    role: record.role,
+                },
+                _ => return unauthorized("unknown or revoked token"),
+            }
+        }
+        (None, Some(Peer::Local { uid })) if uid == 0 || uid == state.daemon_uid => {
+            Principal::local(uid)
+        }
+        (None, _) => return unauthorized("a bearer token is required"),
+    };
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// Records every mutating call (and every refused one) in the audit log.
+async fn audit(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let mutating = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !mutating {
+        return next.run(request).await;
+    }
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_string())
+        .unwrap_or_else(|| request.uri().path().to_string());
+    let action = format!("{} {route}", request.method());
+    let target = request
+        .uri()
+        .path()
+        .split('/')
+        .nth(3)
+        .unwrap_or("")
+        .to_string();
+    // The principal is set by `authenticate`, which runs inside this layer.
+    let principal = std::sync::Arc::new(Mutex::new(None::<Principal>));
+    let mut request = request;
+    request
+        .extensions_mut()
+        .insert(PrincipalSlot(principal.clone()));
+    let response = next.run(request).await;
+    let who = principal
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| "anonymous".into());
+    let entry = AuditEntry {
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        who,
+        project: response
+            .extensions()
+            .get::<AuditProject>()
+            .map(|p| p.0.clone())
+            .unwrap_or_default(),
+        action,
+        target,
+        status: response.status().as_u16(),
+        error: response
+            .extensions()
+            .get::<AuditError>()
+            .map(|e| e.0.clone()),
+    };
+    let state = state.clone();
+    let _ = tokio::task::spawn_blocking(move || state.audit.record(&entry)).await;
+    response
+}
+
+/// Lets the audit layer learn who `authenticate` found.
+#[derive(Clone)]
+struct PrincipalSlot(Arc<Mutex<Option<Principal>>>);
+
+async fn share_principal(request: Request, next: Next) -> Response {
+    if let (Some(slot), Some(principal)) = (
+        request.extensions().get::<PrincipalSlot>(),
+        request.extensions().get::<Principal>(),
+    ) {
+        *slot.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(principal.clone());
+    }
+    next.run(request).await
+}
+
+async fn not_found_fallback() -> ApiError {
+    ApiError::not_found("such endpoint")
+}
+
+/// The whole API.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/vms", get(vms::list).post(vms::create))
+        .route("/v1/vms/{id}", get(vms::describe).delete(vms::delete))
+        .route("/v1/vms/{id}/start", post(vms::start))
+        .route("/v1/vms/{id}/stop", post(vms::stop))
+        .route("/v1/vms/{id}/pause", post(vms::pause))
+        .route("/v1/vms/{id}/resume", post(vms::resume))
+        .route("/v1/vms/{id}/snapshot", post(vms::snapshot))
+        .route("/v1/vms/{id}/console", get(console::attach))
+        .route("/v1/events", get(observe::events))
+        .route(
+            "/v1/tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(admin::delete_token),
+        )
+        .route("/v1/audit", get(admin::audit_log))
+        .route("/metrics", get(observe::metrics))
+        .layer(axum::middleware::from_fn(share_principal))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/v1/health", get(observe::health))
+        .merge(authenticated)
+        .fallback(not_found_fallback)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

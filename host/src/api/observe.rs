@@ -1,0 +1,224 @@
+//! Monitoring: Prometheus metrics, the event stream, a health check.
+
+use super::{blocking, ApiError, ApiState};
+use crate::auth::Principal;
+use crate::vmm_process;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::Arc;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+
+#[utoipa::path(get, path = "/v1/health", tag = "monitoring",
+    responses((status = 200, description = "The daemon answers")))]
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "monitoring",
+    responses((status = 200, description = "Server-Sent Events: `state` events carry an Event",
+               content_type = "text/event-stream")),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream =
+        BroadcastStream::new(state.events.subscribe()).filter_map(move |item| match item {
+            Ok(event) if principal.may_see(&event.project) => SseEvent::default()
+                .event("state")
+                .json_data(&event)
+                .ok()
+                .map(Ok),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(SseEvent::default()
+                .event("lagged")
+                .data(missed.to_string()))),
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// CPU time of a process or thread from its stat file, in seconds.
+fn cpu_seconds(stat_path: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // The command name is in parentheses and may contain spaces.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_string();
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((name, (utime + stime) / ticks))
+}
+
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn own_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "monitoring",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")),
+    security(("bearer" = [])))]
+pub async fn metrics(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<impl IntoResponse, ApiError> {
+    let text = blocking(move || {
+        let records = state.manager.list()?;
+        let mut out = String::new();
+        let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
+        let visible: Vec<_> = records
+            .iter()
+            .filter(|r| principal.may_see(&r.project))
+            .collect();
+        for record in &visible {
+            *by_state.entry(record.state.name()).or_default() += 1;
+        }
+        let _ = writeln!(out, "# HELP bulkhead_vms VMs by state.\n# TYPE bulkhead_vms gauge");
+        for (state_name, count) in &by_state {
+            let _ = writeln!(out, "bulkhead_vms{{state=\"{state_name}\"}} {count}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP bulkhead_daemon_resident_bytes The daemon's resident memory.\n\
+             # TYPE bulkhead_daemon_resident_bytes gauge\nbulkhead_daemon_resident_bytes {}",
+            own_rss_bytes()
+        );
+        let mut families: BTreeMap<&str, (&str, &str, Vec<String>)> = BTreeMap::new();
+        let mut sample = |family: &'static str, kind: &'static str, help: &'static str, line: String| {
+            families.entry(family).or_insert((kind, help, Vec::new())).2.push(line);
+        };
+        for record in &visible {
+            let vm = format!(
+                "vm=\"{}\",name=\"{}\",project=\"{}\"",
+                record.id,
+                label(&record.spec.name),
+                label(&record.project)
+            );
+            sample(
+                "bulkhead_vm_info",
+                "gauge",
+                "One per VM, with its state.",
+                format!("bulkhead_vm_info{{{vm},state=\"{}\"}} 1", record.state.name()),
+            );
+            let Some(pid) = record.pid.filter(|&pid| vmm_process::is_vm_process(pid, &record.id))
+            else {
+                continue;
+            };
+            if let Some((_, seconds)) = cpu_seconds(&format!("/proc/{pid}/stat")) {
+                sample(
+                    "bulkhead_vm_process_cpu_seconds_total",
+                    "counter",
+                    "CPU time of the VMM process, all threads.",
+                    format!("bulkhead_vm_process_cpu_seconds_total{{{vm}}} {seconds}"),
+                );
+            }
+            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for task in tasks.flatten() {
+                    let path = format!("{}/stat", task.path().display());
+                    if let Some((name, seconds)) = cpu_seconds(&path) {
+                        if let Some(vcpu) = name.strip_prefix("vcpu") {
+                            sample(
+                                "bulkhead_vm_vcpu_seconds_total",
+                                "counter",
+                                "CPU time of each vCPU thread.",
+                                format!(
+                                    "bulkhead_vm_vcpu_seconds_total{{{vm},vcpu=\"{}\"}} {seconds}",
+                                    label(vcpu)
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            let Some(live) = state.manager.live_status(&record.id) else {
+                continue;
+            };
+            let memory = &live["memory"];
+            for (field, family, help) in [
+                ("process_rss_kib", "bulkhead_vm_resident_bytes", "Resident memory of the VMM process."),
+                ("guest_resident_kib", "bulkhead_vm_guest_resident_bytes", "Guest RAM resident on the host."),
+                ("vmm_overhead_kib", "bulkhead_vm_overhead_bytes", "The VMM's own resident memory."),
+            ] {
+                if let Some(kib) = memory[field].as_u64() {
+                    sample(family, "gauge", help, format!("{family}{{{vm}}} {}", kib * 1024));
+                }
+            }
+            for (vcpu, report) in live["vcpus"].as_array().into_iter().flatten().enumerate() {
+                for (reason, count) in report["exits"].as_object().into_iter().flatten() {
+                    sample(
+                        "bulkhead_vm_exits_total",
+                        "counter",
+                        "vCPU exits by reason.",
+                        format!(
+                            "bulkhead_vm_exits_total{{{vm},vcpu=\"{vcpu}\",reason=\"{}\"}} {}",
+                            label(reason),
+                            count.as_u64().unwrap_or(0)
+                        ),
+                    );
+                }
+                for (mnemonic, count) in report["emulated"].as_object().into_iter().flatten() {
+                    sample(
+                        "bulkhead_vm_emulated_instructions_total",
+                        "counter",
+                        "Instructions the VMM emulated for KVM, by mnemonic.",
+                        format!(
+                            "bulkhead_vm_emulated_instructions_total{{{vm},vcpu=\"{vcpu}\",instruction=\"{}\"}} {}",
+                            label(mnemonic),
+                            count.as_u64().unwrap_or(0)
+                        ),
+                    );
+                }
+            }
+            for device in live["devices"].as_array().into_iter().flatten() {
+                let name = device["name"].as_str().unwrap_or("?");
+                for (counter, value) in device["counters"].as_object().into_iter().flatten() {
+                    sample(
+                        "bulkhead_vm_device_total",
+                        "counter",
+                        "Device counters (bytes and operations) by device and counter.",
+                        format!(
+                            "bulkhead_vm_device_total{{{vm},device=\"{}\",counter=\"{}\"}} {}",
+                            label(name),
+                            label(counter),
+                            value.as_u64().unwrap_or(0)
+                        ),
+                    );
+                }
+            }
+        }
+        for (family, (kind, help, lines)) in families {
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}

@@ -1,0 +1,331 @@
+//! `/v1/vms`: define, list, describe, start, stop, pause, resume, snapshot
+//! and delete VMs. A caller only ever sees its own project's VMs; another
+//! project's VM answers 404 exactly as a missing one does.
+
+use super::{blocking, parse_json, require, ApiError, ApiState, AuditProject, ErrorBody};
+use crate::auth::{Principal, Role};
+use crate::model::VmRecord;
+use crate::spec::{valid_name, VmSpec};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
+
+/// The project VMs are created in when the caller names none.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// A VM as the API shows it: its record, and for `describe` what its VMM
+/// reports now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmView {
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// The VMM's own report (memory, devices) while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub live: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProjectQuery {
+    /// The project to act in; only for callers not bound to one (tokens are
+    /// bound to their project).
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Kill a VM that still has a VMM process.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Kill the VMM at once instead of stopping the VM cleanly.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds to wait for a clean stop before killing (default 10, at most 600).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 600)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Name of the snapshot, unique per VM.
+    pub name: String,
+}
+
+/// Checks an id's shape before it reaches the store.
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("VM {id}")))
+    }
+}
+
+/// The record of VM `id` if the caller may see it.
+pub(super) fn visible_record(
+    state: &ApiState,
+    principal: &Principal,
+    id: &str,
+) -> Result<VmRecord, ApiError> {
+    check_id(id)?;
+    let record = state.manager.get(id)?;
+    if !principal.may_see(&record.project) {
+        return Err(ApiError::not_found(format!("VM {id}")));
+    }
+    Ok(record)
+}
+
+fn with_project(response: impl IntoResponse, project: &str) -> Response {
+    let mut response = response.into_response();
+    response
+        .extensions_mut()
+        .insert(AuditProject(project.to_string()));
+    response
+}
+
+#[utoipa::path(get, path = "/v1/vms", tag = "vms",
+    responses((status = 200, description = "The caller's VMs", body = [VmView]),
+              (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Vec<VmView>>, ApiError> {
+    blocking(move || {
+        let records = state.manager.list()?;
+        Ok(Json(
+            records
+                .into_iter()
+                .filter(|record| principal.may_see(&record.project))
+                .map(|record| VmView { record, live: None })
+                .collect(),
+        ))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", params(ProjectQuery),
+    request_body = VmSpec,
+    responses((status = 201, description = "Defined (not started)", body = VmView),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Query(query): Query<ProjectQuery>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require(&principal, Role::Operator)?;
+    let project = match (&principal.project, query.project) {
+        (Some(own), Some(asked)) if *own != asked => {
+            return Err(ApiError::forbidden(format!(
+                "the token belongs to project {own}, not {asked}"
+            )))
+        }
+        (Some(own), _) => own.clone(),
+        (None, Some(asked)) => asked,
+        (None, None) => DEFAULT_PROJECT.to_string(),
+    };
+    if !valid_name(&project) {
+        return Err(ApiError::invalid(
+            "project",
+            "must be 1 to 63 lower-case letters, digits or '-'",
+        ));
+    }
+    let spec: VmSpec = parse_json(&body)?;
+    let audit_project = project.clone();
+    let record = blocking(move || Ok(state.manager.create(&project, spec)?)).await?;
+    Ok(with_project(
+        (StatusCode::CREATED, Json(VmView { record, live: None })),
+        &audit_project,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn describe(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    blocking(move || {
+        let record = visible_record(&state, &principal, &id)?;
+        let live = state.manager.live_status(&id);
+        Ok(Json(VmView { record, live }))
+    })
+    .await
+}
+
+/// Runs a lifecycle action on a visible VM as an operator.
+async fn act(
+    state: Arc<ApiState>,
+    principal: Principal,
+    id: String,
+    action: impl FnOnce(&ApiState, &str) -> Result<serde_json::Value, ApiError> + Send + 'static,
+) -> Result<Response, ApiError> {
+    require(&principal, Role::Operator)?;
+    let (project, result) = blocking(move || {
+        let record = visible_record(&state, &principal, &id)?;
+        Ok((record.project, action(&state, &id)))
+    })
+    .await?;
+    Ok(match result {
+        Ok(value) => with_project(Json(value), &project),
+        Err(e) => with_project(e, &project),
+    })
+}
+
+fn record_json(record: VmRecord) -> serde_json::Value {
+    serde_json::to_value(VmView { record, live: None }).unwrap_or_default()
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/start", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, description = "Running", body = VmView),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, description = "The VMM failed to start", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn start(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    act(state, principal, id, |state, id| {
+        Ok(record_json(state.manager.start(id)?))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/stop", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    request_body(content = Option<StopRequest>, description = "Optional; an empty body stops cleanly with a 10 s limit"),
+    responses((status = 200, description = "Stopped", body = VmView),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stop(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: StopRequest = if body.is_empty() {
+        StopRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let timeout = request.timeout_secs.unwrap_or(10);
+    if timeout > 600 {
+        return Err(ApiError::invalid("timeout_secs", "at most 600"));
+    }
+    act(state, principal, id, move |state, id| {
+        Ok(record_json(state.manager.stop(
+            id,
+            request.force,
+            Duration::from_secs(timeout),
+        )?))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/pause", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn pause(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    act(state, principal, id, |state, id| {
+        Ok(record_json(state.manager.pause(id)?))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/resume", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn resume(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    act(state, principal, id, |state, id| {
+        Ok(record_json(state.manager.resume(id)?))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    request_body = SnapshotRequest,
+    responses((status = 200, description = "Written into the VM's snapshots directory"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn snapshot(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: SnapshotRequest = parse_json(&body)?;
+    if !valid_name(&request.name) {
+        return Err(ApiError::invalid(
+            "name",
+            "must be 1 to 63 lower-case letters, digits or '-'",
+        ));
+    }
+    act(state, principal, id, move |state, id| {
+        Ok(state.manager.snapshot(id, &request.name)?)
+    })
+    .await
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms",
+    params(("id" = String, Path, description = "VM id"), DeleteQuery),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+              (status = 409, description = "Still running (use force)", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(query): Query<DeleteQuery>,
+) -> Result<Response, ApiError> {
+    let response = act(state, principal, id, move |state, id| {
+        state.manager.delete(id, query.force)?;
+        Ok(serde_json::Value::Null)
+    })
+    .await?;
+    if response.status() == StatusCode::OK {
+        let project = response.extensions().get::<AuditProject>().cloned();
+        let mut empty = StatusCode::NO_CONTENT.into_response();
+        if let Some(project) = project {
+            empty.extensions_mut().insert(project);
+        }
+        return Ok(empty);
+    }
+    Ok(response)
+}

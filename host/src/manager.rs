@@ -1,0 +1,564 @@
+//! The VM manager: lifecycle operations on the host's VMs, with the store as
+//! the record of what should be and the VMM processes as what is.
+//!
+//! Operations are synchronous (the API runs them on blocking threads); one
+//! operation at a time per VM. Each process has a watcher thread, the only
+//! place that records how a VMM ended.
+
+use crate::cgroup::Cgroups;
+use crate::events::{Event, EventBus};
+use crate::model::{random_hex, unix_now, VmRecord, VmState};
+use crate::spec::{SpecError, VmSpec};
+use crate::store::{Store, StoreError};
+use crate::vmm_process::{self, VmPaths};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vmm::control::Request;
+
+/// How long a new VMM may take to answer on its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub state_dir: PathBuf,
+    /// Directories whose files specs may name (kernels, initrds, disks).
+    pub allowed_dirs: Vec<PathBuf>,
+    /// The `bulkhead` binary that runs each VMM.
+    pub vmm_binary: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{0}")]
+    Invalid(#[from] SpecError),
+    #[error("no VM {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ManagerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken { .. } => ManagerError::Conflict(e.to_string()),
+            StoreError::NotFound => ManagerError::NotFound(String::new()),
+            other => ManagerError::Store(other),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ManagerError>;
+
+pub struct Manager {
+    config: ManagerConfig,
+    store: Store,
+    cgroups: Cgroups,
+    events: EventBus,
+    /// One operation at a time per VM.
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Bumped and signalled whenever a VMM ends.
+    exits: (Mutex<u64>, Condvar),
+}
+
+impl Manager {
+    /// Opens the store and takes charge of the VMs it lists: running VMMs are
+    /// adopted, half-done operations are finished.
+    pub fn open(config: ManagerConfig, events: EventBus) -> anyhow::Result<Arc<Manager>> {
+        std::fs::create_dir_all(config.state_dir.join("vms"))?;
+        let store = Store::open(&config.state_dir.join("state.redb"))?;
+        let cgroups = Cgroups::detect();
+        tracing::info!(limits = cgroups.describe(), "VM resource limits");
+        let manager = Arc::new(Manager {
+            config,
+            store,
+            cgroups,
+            events,
+            locks: Mutex::new(HashMap::new()),
+            exits: (Mutex::new(0), Condvar::new()),
+        });
+        manager.recover()?;
+        Ok(manager)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
+    pub fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(&self.config.state_dir, id)
+    }
+
+    fn lock(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    fn record(&self, id: &str) -> Result<VmRecord> {
+        self.store
+            .vm(id)?
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))
+    }
+
+    fn set_state(
+        &self,
+        id: &str,
+        state: VmState,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmRecord> {
+        let record = self.store.update_vm(id, |record| {
+            record.state = state;
+            change(record);
+        })?;
+        self.events.publish(Event::state(&record));
+        Ok(record)
+    }
+
+    pub fn list(&self) -> Result<Vec<VmRecord>> {
+        Ok(self.store.vms()?)
+    }
+
+    pub fn get(&self, id: &str) -> Result<VmRecord> {
+        self.record(id)
+    }
+
+    pub fn create(&self, project: &str, spec: VmSpec) -> Result<VmRecord> {
+        spec.validate(&self.config.allowed_dirs)?;
+        let record = VmRecord {
+            id: random_hex(8),
+            project: project.to_string(),
+            spec,
+            state: VmState::Stopped,
+            uid: self.store.allocate_uid()?,
+            created_at: unix_now(),
+            pid: None,
+            last_exit: None,
+        };
+        self.store.create_vm(&record)?;
+        self.events.publish(Event::state(&record));
+        Ok(record)
+    }
+
+    pub fn start(self: &Arc<Self>, id: &str) -> Result<VmRecord> {
+        let lock = self.lock(id);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(id)?;
+        if !matches!(record.state, VmState::Stopped | VmState::Crashed) {
+            return Err(ManagerError::Conflict(format!(
+                "VM {id} is {}; only a stopped or crashed VM can be started",
+                record.state.name()
+            )));
+        }
+        // The spec's files may have changed since it was defined.
+        record.spec.validate(&self.config.allowed_dirs)?;
+        self.set_state(id, VmState::Starting, |r| r.last_exit = None)?;
+        match self.launch(&record) {
+            Ok(record) => Ok(record),
+            Err(e) => {
+                self.cgroups.remove(id);
+                let _ = self.set_state(id, VmState::Stopped, |r| {
+                    r.pid = None;
+                    r.last_exit = Some(e.to_string());
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn launch(self: &Arc<Self>, record: &VmRecord) -> Result<VmRecord> {
+        let id = &record.id;
+        let paths = self.paths(id);
+        let cgroup = self
+            .cgroups
+            .create(id, record.spec.cpus, record.spec.memory_mib)
+            .map_err(|e| ManagerError::Failed(format!("cannot set up the VM's cgroup: {e}")))?;
+        let mut child = vmm_process::launch(
+            &self.config.vmm_binary,
+            id,
+            &paths,
+            &record.spec,
+            record.uid,
+            cgroup.as_ref(),
+        )
+        .map_err(|e| ManagerError::Failed(format!("cannot start the VMM: {e}")))?;
+        let pid = child.id();
+        self.store.update_vm(id, |r| r.pid = Some(pid))?;
+        // Wait for the control socket to answer, or the process to end.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                // A short-lived guest may run to its end before we look.
+                if let (true, Some(report)) = (status.success(), vmm_process::reported_exit(&paths))
+                {
+                    self.cgroups.remove(id);
+                    return self.set_state(id, VmState::Stopped, |r| {
+                        r.pid = None;
+                        r.last_exit = Some(report.exit);
+                    });
+                }
+                let tail = vmm_process::log_tail(&paths, 3);
+                return Err(ManagerError::Failed(format!(
+                    "the VMM ended while starting ({status}): {tail}"
+                )));
+            }
+            if let Ok(answer) = vmm::control::request(&paths.control, &Request::Status) {
+                if answer["ok"] == true {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ManagerError::Failed(format!(
+                    "the VMM did not answer within {START_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let record = self.set_state(id, VmState::Running, |r| r.pid = Some(pid))?;
+        let manager = self.clone();
+        let watched = id.clone();
+        std::thread::Builder::new()
+            .name(format!("watch-{id}"))
+            .spawn(move || {
+                let status = child.wait().ok();
+                manager.vmm_ended(&watched, status);
+            })
+            .map_err(|e| ManagerError::Failed(format!("cannot watch the VMM: {e}")))?;
+        Ok(record)
+    }
+
+    /// Records how VM `id`'s VMM ended (called once per process).
+    fn vmm_ended(&self, id: &str, status: Option<std::process::ExitStatus>) {
+        let paths = self.paths(id);
+        let reported = vmm_process::reported_exit(&paths);
+        let how = match (&reported, status) {
+            (Some(report), _) => report.exit.clone(),
+            (None, Some(status)) => {
+                let tail = vmm_process::log_tail(&paths, 1);
+                format!("VMM {status}: {tail}")
+            }
+            (None, None) => "VMM ended".to_string(),
+        };
+        let clean = match status {
+            Some(status) => status.success(),
+            None => reported.as_ref().is_some_and(|report| report.clean),
+        };
+        self.cgroups.remove(id);
+        let _ = self.store.update_vm(id, |record| {
+            record.pid = None;
+            record.last_exit = Some(how.clone());
+            record.state = match record.state {
+                VmState::Deleting => VmState::Deleting,
+                VmState::Stopping => VmState::Stopped,
+                _ if clean => VmState::Stopped,
+                _ => VmState::Crashed,
+            };
+        });
+        if let Ok(Some(record)) = self.store.vm(id) {
+            tracing::info!(vm = id, state = record.state.name(), exit = %how, "VMM ended");
+            self.events.publish(Event::state(&record));
+        }
+        let (count, condvar) = &self.exits;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        condvar.notify_all();
+    }
+
+    /// Waits until VM `id` has no process, up to `limit`.
+    fn wait_until_ended(&self, id: &str, limit: Duration) -> Result<bool> {
+        let deadline = Instant::now() + limit;
+        let (count, condvar) = &self.exits;
+        let mut guard = count.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let record = self.record(id)?;
+            if record.pid.is_none() && !record.state.has_process() {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            guard = condvar
+                .wait_timeout(guard, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Stops VM `id`: SIGTERM lets the VMM stop the VM cleanly; after
+    /// `timeout` (or at once with `force`) SIGKILL ends it.
+    pub fn stop(&self, id: &str, force: bool, timeout: Duration) -> Result<VmRecord> {
+        let lock = self.lock(id);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(id)?;
+        if !matches!(
+            record.state,
+            VmState::Running | VmState::Paused | VmState::Stopping
+        ) {
+            return Err(ManagerError::Conflict(format!(
+                "VM {id} is {}; only a running or paused VM can be stopped",
+                record.state.name()
+            )));
+        }
+        self.set_state(id, VmState::Stopping, |_| {})?;
+        self.end_process(&record, force, timeout)?;
+        self.record(id)
+    }
+
+    fn end_process(&self, record: &VmRecord, force: bool, timeout: Duration) -> Result<()> {
+        let Some(pid) = record
+            .pid
+            .filter(|&pid| vmm_process::is_vm_process(pid, &record.id))
+        else {
+            // No process (it ended while nobody watched): record that.
+            self.cgroups.remove(&record.id);
+            self.store.update_vm(&record.id, |r| {
+                r.pid = None;
+                if r.state != VmState::Deleting {
+                    r.state = VmState::Stopped;
+                }
+            })?;
+            return Ok(());
+        };
+        if !force {
+            vmm_process::signal(pid, libc::SIGTERM);
+            if self.wait_until_ended(&record.id, timeout)? {
+                return Ok(());
+            }
+            tracing::warn!(vm = %record.id, "VMM did not stop within {timeout:?}; killing it");
+        }
+        vmm_process::signal(pid, libc::SIGKILL);
+        if !self.wait_until_ended(&record.id, Duration::from_secs(10))? {
+            return Err(ManagerError::Failed(format!(
+                "VMM {pid} of VM {} did not end after SIGKILL",
+                record.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<VmRecord> {
+        self.control_transition(id, VmState::Running, Request::Pause, VmState::Paused)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<VmRecord> {
+        self.control_transition(id, VmState::Paused, Request::Resume, VmState::Running)
+    }
+
+    fn control_transition(
+        &self,
+        id: &str,
+        from: VmState,
+        request: Request,
+        to: VmState,
+    ) -> Result<VmRecord> {
+        let lock = self.lock(id);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(id)?;
+        if record.state != from {
+            return Err(ManagerError::Conflict(format!(
+                "VM {id} is {}, not {}",
+                record.state.name(),
+                from.name()
+            )));
+        }
+        self.control(id, &request)?;
+        self.set_state(id, to, |_| {})
+    }
+
+    /// Sends a request to VM `id`'s VMM and returns its answer.
+    pub fn control(&self, id: &str, request: &Request) -> Result<serde_json::Value> {
+        let answer = vmm::control::request(&self.paths(id).control, request)
+            .map_err(|e| ManagerError::Failed(format!("VM {id}'s VMM does not answer: {e}")))?;
+        if answer["ok"] != true {
+            return Err(ManagerError::Failed(
+                answer["error"]
+                    .as_str()
+                    .unwrap_or("the VMM refused")
+                    .to_string(),
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// The VMM's own view: memory, devices, state. None without a process.
+    pub fn live_status(&self, id: &str) -> Option<serde_json::Value> {
+        let record = self.store.vm(id).ok()??;
+        if !record.state.has_process() {
+            return None;
+        }
+        vmm::control::request(&self.paths(id).control, &Request::Status)
+            .ok()
+            .filter(|answer| answer["ok"] == true)
+            .map(|mut answer| answer["status"].take())
+    }
+
+    /// Writes a snapshot of VM `id` into its snapshots directory as `name`.
+    pub fn snapshot(&self, id: &str, name: &str) -> Result<serde_json::Value> {
+        let lock = self.lock(id);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(id)?;
+        if !matches!(record.state, VmState::Running | VmState::Paused) {
+            return Err(ManagerError::Conflict(format!(
+                "VM {id} is {}; only a running or paused VM can be snapshotted",
+                record.state.name()
+            )));
+        }
+        let paths = self.paths(id);
+        if paths.snapshots.join(name).exists() {
+            return Err(ManagerError::Conflict(format!("snapshot {name} exists")));
+        }
+        // The path as the sandboxed VMM sees it: its jail is its root.
+        std::fs::create_dir_all(&paths.snapshots)
+            .and_then(|()| {
+                std::os::unix::fs::chown(&paths.snapshots, Some(record.uid), Some(record.uid))
+            })
+            .map_err(|e| {
+                ManagerError::Failed(format!("cannot prepare the snapshot directory: {e}"))
+            })?;
+        let mut answer = self.control(
+            id,
+            &Request::Snapshot {
+                path: Path::new("/snapshots").join(name),
+            },
+        )?;
+        Ok(answer["snapshot"].take())
+    }
+
+    /// Deletes VM `id`; a VM with a process needs `force`, which kills it.
+    pub fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let lock = self.lock(id);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(id)?;
+        if record.state.has_process() && !force {
+            return Err(ManagerError::Conflict(format!(
+                "VM {id} is {}; stop it first or delete with force",
+                record.state.name()
+            )));
+        }
+        let record = self.set_state(id, VmState::Deleting, |_| {})?;
+        self.finish_delete(&record)
+    }
+
+    fn finish_delete(&self, record: &VmRecord) -> Result<()> {
+        if let Some(pid) = record
+            .pid
+            .filter(|&pid| vmm_process::is_vm_process(pid, &record.id))
+            .or_else(|| vmm_process::find_process(&record.id))
+        {
+            vmm_process::signal(pid, libc::SIGKILL);
+            vmm_process::wait_for_exit(pid);
+        }
+        self.cgroups.remove(&record.id);
+        let dir = self.paths(&record.id).dir;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| {
+                ManagerError::Failed(format!("cannot remove {}: {e}", dir.display()))
+            })?;
+        }
+        self.store.delete_vm(&record.id)?;
+        let mut gone = record.clone();
+        gone.state = VmState::Deleting;
+        self.events.publish(Event::deleted(&gone));
+        Ok(())
+    }
+
+    /// After a daemon restart: adopts VMMs that still run, records those that
+    /// ended, finishes deletes.
+    fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        for record in self.store.vms()? {
+            let id = record.id.clone();
+            if record.state == VmState::Deleting {
+                tracing::info!(vm = %id, "finishing a delete the daemon was killed in");
+                if let Err(e) = self.finish_delete(&record) {
+                    tracing::error!(vm = %id, "cannot finish deleting: {e}");
+                }
+                continue;
+            }
+            let pid = record
+                .pid
+                .filter(|&pid| vmm_process::is_vm_process(pid, &id))
+                .or_else(|| vmm_process::find_process(&id));
+            let Some(pid) = pid else {
+                if record.state.has_process() {
+                    let report = vmm_process::reported_exit(&self.paths(&id));
+                    let clean = report.as_ref().is_some_and(|report| report.clean);
+                    let how = report.map(|report| report.exit).unwrap_or_else(|| {
+                        "the VMM ended while the daemon was down, without a report".into()
+                    });
+                    let state = match record.state {
+                        VmState::Stopping | VmState::Starting => VmState::Stopped,
+                        _ if clean => VmState::Stopped,
+                        _ => VmState::Crashed,
+                    };
+                    self.cgroups.remove(&id);
+                    self.set_state(&id, state, |r| {
+                        r.pid = None;
+                        r.last_exit = Some(how);
+                    })?;
+                }
+                continue;
+            };
+            // A VMM runs: adopt it, with the state it reports.
+            let status = self.wait_for_control(&id, Duration::from_secs(10));
+            let state = match status.as_ref().and_then(|s| s["state"].as_str()) {
+                Some("paused") => VmState::Paused,
+                Some(_) => VmState::Running,
+                None => {
+                    tracing::warn!(vm = %id, pid, "VMM does not answer; killing it");
+                    vmm_process::signal(pid, libc::SIGKILL);
+                    vmm_process::wait_for_exit(pid);
+                    self.cgroups.remove(&id);
+                    self.set_state(&id, VmState::Crashed, |r| {
+                        r.pid = None;
+                        r.last_exit = Some("VMM did not answer after a daemon restart".into());
+                    })?;
+                    continue;
+                }
+            };
+            let state = if record.state == VmState::Stopping {
+                VmState::Stopping
+            } else {
+                state
+            };
+            tracing::info!(vm = %id, pid, state = state.name(), "adopted a running VMM");
+            self.set_state(&id, state, |r| r.pid = Some(pid))?;
+            if state == VmState::Stopping {
+                vmm_process::signal(pid, libc::SIGTERM);
+            }
+            let manager = self.clone();
+            std::thread::Builder::new()
+                .name(format!("watch-{id}"))
+                .spawn(move || {
+                    vmm_process::wait_for_exit(pid);
+                    manager.vmm_ended(&id, None);
+                })?;
+        }
+        Ok(())
+    }
+
+    fn wait_for_control(&self, id: &str, limit: Duration) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        let path = self.paths(id).control;
+        loop {
+            if let Ok(mut answer) = vmm::control::request(&path, &Request::Status) {
+                if answer["ok"] == true {
+                    return Some(answer["status"].take());
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

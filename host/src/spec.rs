@@ -1,0 +1,327 @@
+//! What a client asks for when it defines a VM, and the checks that keep a
+//! bad or hostile spec from reaching a VMM.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use utoipa::ToSchema;
+
+/// The largest guest the daemon accepts, whatever the host has.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+const MIN_MEMORY_MIB: u64 = 16;
+
+/// A VM definition. Paths are host paths inside the daemon's allowed
+/// storage directories; with no kernel, the VM boots Bulkhead's embedded guest.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Unique within the project: lower-case letters, digits and '-', 1 to 63.
+    #[schema(example = "web-1")]
+    pub name: String,
+    /// An ELF vmlinux or bzImage; the embedded guest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "/var/lib/bulkhead/images/vmlinux")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "console=ttyS0 root=/dev/vda")]
+    pub cmdline: Option<String>,
+    #[serde(default = "default_cpus")]
+    #[schema(minimum = 1, maximum = 128, default = 1)]
+    pub cpus: u8,
+    #[serde(default = "default_memory_mib")]
+    #[schema(minimum = 16, default = 128)]
+    pub memory_mib: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// A raw disk image.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The host TAP device (created if missing), up to 15 characters.
+    #[schema(example = "tap-web1")]
+    pub tap: String,
+    /// A unicast MAC address; random when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "02:00:00:00:00:01")]
+    pub mac: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSpec {
+    /// The guest's context id (3 or more). Host programs connect to the
+    /// `vsock.sock` socket in the VM's directory.
+    #[schema(minimum = 3)]
+    pub cid: u32,
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    128
+}
+
+/// A spec that cannot run, and which field says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Whether `name` may name a VM, project or token: lower-case letters,
+/// digits and '-', 1 to 63, not starting with '-'.
+pub fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl VmSpec {
+    /// Checks everything that can be checked before a VMM runs: ranges,
+    /// names, and that each file exists, is a regular file, and lies inside
+    /// one of `allowed_dirs` (a tenant must not boot the host's own files).
+    pub fn validate(&self, allowed_dirs: &[PathBuf]) -> Result<(), SpecError> {
+        if !valid_name(&self.name) {
+            return Err(invalid(
+                "name",
+                "must be 1 to 63 lower-case letters, digits or '-', not starting with '-'",
+            ));
+        }
+        if self.cpus == 0 || self.cpus > vmm::arch::x86_64::mptable::MAX_CPUS {
+            return Err(invalid(
+                "cpus",
+                format!(
+                    "must be 1 to {}, not {}",
+                    vmm::arch::x86_64::mptable::MAX_CPUS,
+                    self.cpus
+                ),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}, not {}",
+                    self.memory_mib
+                ),
+            ));
+        }
+        if let Some(cmdline) = &self.cmdline {
+            if cmdline.len() > 2048 || cmdline.bytes().any(|b| b == 0 || b == b'\n') {
+                return Err(invalid("cmdline", "must be one line of at most 2048 bytes"));
+            }
+        }
+        if let Some(kernel) = &self.kernel {
+            check_file("kernel", kernel, allowed_dirs)?;
+        }
+        if let Some(initrd) = &self.initrd {
+            if self.kernel.is_none() {
+                return Err(invalid("initrd", "needs a kernel"));
+            }
+            check_file("initrd", initrd, allowed_dirs)?;
+        }
+        if self.disks.len() > 16 {
+            return Err(invalid("disks", "at most 16 disks"));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            check_file(&format!("disks[{i}].path"), &disk.path, allowed_dirs)?;
+        }
+        if self.nics.len() > 8 {
+            return Err(invalid("nics", "at most 8 interfaces"));
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            let tap_ok = (1..=15).contains(&nic.tap.len())
+                && nic
+                    .tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !tap_ok {
+                return Err(invalid(
+                    format!("nics[{i}].tap"),
+                    "must be 1 to 15 letters, digits, '-' or '_'",
+                ));
+            }
+            if self.nics[..i].iter().any(|other| other.tap == nic.tap) {
+                return Err(invalid(format!("nics[{i}].tap"), "used twice"));
+            }
+            if let Some(mac) = &nic.mac {
+                parse_mac(mac).map_err(|message| invalid(format!("nics[{i}].mac"), message))?;
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.cid < 3 || vsock.cid == u32::MAX {
+                return Err(invalid("vsock.cid", "must be 3 or more (0-2 are reserved)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_file(field: &str, path: &Path, allowed_dirs: &[PathBuf]) -> Result<(), SpecError> {
+    let text = path.to_string_lossy();
+    if !path.is_absolute() {
+        return Err(invalid(field, "must be an absolute path"));
+    }
+    // The VMM's option syntax separates items with commas.
+    if text.contains(',') || text.contains('\n') {
+        return Err(invalid(field, "must not contain ',' or a newline"));
+    }
+    // Resolve links and '..' before the containment check.
+    let real = path
+        .canonicalize()
+        .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    if !allowed_dirs.iter().any(|dir| real.starts_with(dir)) {
+        return Err(invalid(
+            field,
+            format!(
+                "{} is outside the daemon's storage directories",
+                path.display()
+            ),
+        ));
+    }
+    let metadata =
+        std::fs::metadata(&real).map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    if !metadata.is_file() {
+        return Err(invalid(
+            field,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|part| {
+            (part.len() == 2)
+                .then(|| u8::from_str_radix(part, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("'{text}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        serde_json::from_str(r#"{"name":"a"}"#).unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec = spec();
+        assert_eq!((spec.cpus, spec.memory_mib), (1, 128));
+        assert_eq!(spec.validate(&[]), Ok(()));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-spec-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let kernel = dir.join("kernel");
+        std::fs::write(&kernel, b"x").unwrap();
+        let allowed = [dir.canonicalize().unwrap()];
+        type Change = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("name", Box::new(|s| s.name = "Bad Name".into())),
+            ("name", Box::new(|s| s.name = String::new())),
+            ("cpus", Box::new(|s| s.cpus = 0)),
+            ("memory_mib", Box::new(|s| s.memory_mib = 1)),
+            ("memory_mib", Box::new(|s| s.memory_mib = u64::MAX)),
+            ("kernel", Box::new(|s| s.kernel = Some("relative".into()))),
+            (
+                "kernel",
+                Box::new(|s| s.kernel = Some("/etc/passwd".into())),
+            ),
+            ("initrd", Box::new(|s| s.initrd = Some("/x".into()))),
+            (
+                "disks[0].path",
+                Box::new(|s| {
+                    s.disks = vec![DiskSpec {
+                        path: "/nonexistent".into(),
+                        readonly: false,
+                    }]
+                }),
+            ),
+            (
+                "nics[0].tap",
+                Box::new(|s| {
+                    s.nics = vec![NicSpec {
+                        tap: "much-too-long-name".into(),
+                        mac: None,
+                    }]
+                }),
+            ),
+            (
+                "nics[0].mac",
+                Box::new(|s| {
+                    s.nics = vec![NicSpec {
+                        tap: "t0".into(),
+                        mac: Some("01:00:00:00:00:01".into()),
+                    }]
+                }),
+            ),
+            (
+                "vsock.cid",
+                Box::new(|s| s.vsock = Some(VsockSpec { cid: 2 })),
+            ),
+            ("cmdline", Box::new(|s| s.cmdline = Some("a\nb".into()))),
+        ];
+        for (field, change) in cases {
+            let mut spec = spec();
+            change(&mut spec);
+            let error = spec.validate(&allowed).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+        // Inside the allowed directory, through '..' too, is fine; a directory is not.
+        let mut ok = spec();
+        ok.kernel = Some(dir.join("sub/../kernel"));
+        assert_eq!(ok.validate(&allowed), Ok(()));
+        ok.kernel = Some(dir.join("sub"));
+        assert_eq!(ok.validate(&allowed).unwrap_err().field, "kernel");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(serde_json::from_str::<VmSpec>(r#"{"name":"a","cpu":2}"#).is_err());
+    }
+}
