@@ -2,6 +2,7 @@
 //! the default guest `bulkhead run` embeds, and one test guest per VM exit
 //! path and per instruction the VMM's emulator finishes.
 
+mod console_echo;
 mod default_guest;
 mod elf;
 mod memory_writer;
@@ -12,6 +13,7 @@ mod virtio_blk;
 mod virtio_net;
 mod virtio_vsock;
 
+pub use console_echo::{console_echo, CONSOLE_ECHO_READY};
 pub use default_guest::{default_guest, BANNER};
 pub use memory_writer::{memory_writer, MemoryWriter};
 pub use program::Result;

@@ -6,7 +6,7 @@ mod support;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
-use support::{count_above, status_field, Daemon};
+use support::{count_above, read_until, status_field, Daemon};
 
 #[test]
 fn a_vm_lives_its_whole_life_through_the_api() {
@@ -117,6 +117,37 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert!(entries.iter().any(|e| e["action"] == "DELETE /v1/vms/{id}"
         && e["status"] == 204
         && e["who"] == "local:uid=0"));
+}
+
+#[test]
+fn a_console_writer_types_and_every_reader_sees_the_guest_answer() {
+    use tokio::io::AsyncWriteExt;
+    let daemon = Daemon::start();
+    let id = daemon.start_vm("echo", &daemon.echo_guest());
+    let client = daemon.client(None);
+    let mut reader = daemon.block_on(client.console(&id, false)).unwrap();
+    // The backlog brings what the guest printed before anyone attached.
+    read_until(&daemon, &mut reader, guests::CONSOLE_ECHO_READY);
+    let mut writer = daemon.block_on(client.console(&id, true)).unwrap();
+    daemon
+        .block_on(writer.write_all(b"hello from the host"))
+        .unwrap();
+    read_until(&daemon, &mut reader, "hello from the host");
+    read_until(&daemon, &mut writer, "hello from the host");
+    // A reader's keystrokes go nowhere.
+    daemon.block_on(reader.write_all(b"ignored")).unwrap();
+    daemon.block_on(writer.write_all(b"-again")).unwrap();
+    let seen = read_until(&daemon, &mut reader, "-again");
+    assert!(!seen.contains("ignored"), "{seen:?}");
+    // A viewer may read but not write.
+    let viewer = daemon.token("default", "viewer");
+    let viewer_client = daemon.client(Some(&viewer));
+    assert!(daemon.block_on(viewer_client.console(&id, false)).is_ok());
+    let refused = daemon
+        .block_on(viewer_client.console(&id, true))
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains("403"), "{refused}");
 }
 
 #[test]
@@ -675,4 +706,94 @@ fn metrics_events_and_the_openapi_document() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../host/openapi.json"))
             .unwrap();
     assert_eq!(served.text, checked_in);
+}
+
+#[test]
+fn the_api_is_served_over_tls_with_tokens_required() {
+    let dir = std::env::temp_dir().join(format!("bh-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["bulkhead-host".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let daemon = Daemon::start_with(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ]);
+    let log = daemon.log();
+    let addr = log
+        .lines()
+        .find_map(|line| line.strip_prefix("bulkhead: serving on https://"))
+        .unwrap_or_else(|| panic!("no https address in {log}"))
+        .to_string();
+    let token = daemon.token("default", "viewer");
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let get = |token: Option<String>| {
+        let connector = connector.clone();
+        let addr = addr.clone();
+        daemon.block_on(async move {
+            use http_body_util::BodyExt;
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("bulkhead-host").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let mut request = hyper::Request::get("/v1/vms").header("host", "bulkhead-host");
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let response = sender
+                .send_request(
+                    request
+                        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    // Over TCP nobody is local: no token, no answer.
+    assert_eq!(get(None).0, StatusCode::UNAUTHORIZED);
+    assert_eq!(get(Some(token)), (StatusCode::OK, "[]".to_string()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn plain_http_is_refused_off_loopback() {
+    let dir = std::env::temp_dir().join(format!("bh-plain-{}", std::process::id()));
+    let output = std::process::Command::new(support::BIN)
+        .args(["serve", "--listen", "0.0.0.0:0", "--socket"])
+        .arg(dir.join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("needs --tls-cert and --tls-key"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,6 +18,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub images: PathBuf,
+    /// Extra `bulkhead serve` arguments.
+    pub extra: Vec<String>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -25,6 +27,10 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("bh-d{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -36,6 +42,7 @@ impl Daemon {
             state_dir: dir.join("state"),
             images,
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -56,6 +63,7 @@ impl Daemon {
             .arg(&self.state_dir)
             .arg("--allow-dir")
             .arg(&self.images)
+            .args(&self.extra)
             .env("BULKHEAD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -174,15 +182,28 @@ impl Daemon {
         path
     }
 
-    /// Defines and starts a counting VM; returns its id.
-    pub fn running_vm(&self, name: &str) -> String {
-        let kernel = self.counting_guest();
+    /// A guest that halts until the console types to it, then echoes.
+    pub fn echo_guest(&self) -> PathBuf {
+        let path = self.images.join("echo.elf");
+        if !path.exists() {
+            std::fs::write(&path, guests::console_echo().unwrap()).unwrap();
+        }
+        path
+    }
+
+    /// Defines and starts a VM running `kernel`; returns its id.
+    pub fn start_vm(&self, name: &str, kernel: &std::path::Path) -> String {
         let spec = serde_json::json!({"name": name, "kernel": kernel, "memory_mib": 32});
         let created = self.ok(Method::POST, "/v1/vms", Some(spec));
         let id = created["id"].as_str().unwrap().to_string();
         let started = self.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
         assert_eq!(started["state"], "running", "{started}");
         id
+    }
+
+    /// Defines and starts a counting VM; returns its id.
+    pub fn running_vm(&self, name: &str) -> String {
+        self.start_vm(name, &self.counting_guest())
     }
 
     pub fn vm(&self, id: &str) -> Value {
@@ -272,4 +293,26 @@ pub fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_default()
         .trim()
         .to_string()
+}
+
+/// Reads from a console stream until `text` appeared; returns all read.
+pub fn read_until<R: tokio::io::AsyncRead + Unpin>(
+    daemon: &Daemon,
+    console: &mut R,
+    text: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    daemon.block_on(async {
+        let mut seen = String::new();
+        let mut buffer = [0u8; 4096];
+        while !seen.contains(text) {
+            let n = tokio::time::timeout(Duration::from_secs(30), console.read(&mut buffer))
+                .await
+                .unwrap_or_else(|_| panic!("no {text:?} within 30 s; got {seen:?}"))
+                .unwrap();
+            assert!(n > 0, "console closed; got {seen:?}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+        seen
+    })
 }
