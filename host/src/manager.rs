@@ -10,7 +10,7 @@ use crate::events::{Event, EventBus};
 use crate::model::{random_hex, unix_now, VmRecord, VmState};
 use crate::spec::{SpecError, VmSpec};
 use crate::store::{Store, StoreError};
-use crate::vmm_process::{self, VmPaths};
+use crate::vmm_process::{self, Origin, VmPaths};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -148,7 +148,10 @@ impl Manager {
         Ok(record)
     }
 
-    pub fn start(self: &Arc<Self>, id: &str) -> Result<VmRecord> {
+    /// Starts VM `id`'s VMM: a boot, a restore of one of its snapshots, or
+    /// (returning while it waits, in `starting`) the destination of a live
+    /// migration.
+    pub fn start(self: &Arc<Self>, id: &str, origin: Origin) -> Result<VmRecord> {
         let lock = self.lock(id);
         let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
         let record = self.record(id)?;
@@ -160,8 +163,23 @@ impl Manager {
         }
         // The spec's files may have changed since it was defined.
         record.spec.validate(&self.config.allowed_dirs)?;
+        if let Origin::Restore(name) = &origin {
+            if !self
+                .paths(id)
+                .snapshots
+                .join(name)
+                .join("manifest.json")
+                .exists()
+            {
+                return Err(SpecError {
+                    field: "restore".into(),
+                    message: format!("VM {id} has no snapshot {name}"),
+                }
+                .into());
+            }
+        }
         self.set_state(id, VmState::Starting, |r| r.last_exit = None)?;
-        match self.launch(&record) {
+        match self.launch(&record, &origin) {
             Ok(record) => Ok(record),
             Err(e) => {
                 self.cgroups.remove(id);
@@ -174,7 +192,7 @@ impl Manager {
         }
     }
 
-    fn launch(self: &Arc<Self>, record: &VmRecord) -> Result<VmRecord> {
+    fn launch(self: &Arc<Self>, record: &VmRecord, origin: &Origin) -> Result<VmRecord> {
         let id = &record.id;
         let paths = self.paths(id);
         let cgroup = self
@@ -187,11 +205,15 @@ impl Manager {
             &paths,
             &record.spec,
             record.uid,
+            origin,
             cgroup.as_ref(),
         )
         .map_err(|e| ManagerError::Failed(format!("cannot start the VMM: {e}")))?;
         let pid = child.id();
         self.store.update_vm(id, |r| r.pid = Some(pid))?;
+        if matches!(origin, Origin::Incoming(_)) {
+            return self.await_migration(id, child, &paths);
+        }
         // Wait for the control socket to answer, or the process to end.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -235,6 +257,82 @@ impl Manager {
             })
             .map_err(|e| ManagerError::Failed(format!("cannot watch the VMM: {e}")))?;
         Ok(record)
+    }
+
+    /// Returns once the VMM listens for the migration; a thread then marks the
+    /// VM running when it arrives (or records the failure).
+    fn await_migration(
+        self: &Arc<Self>,
+        id: &str,
+        mut child: std::process::Child,
+        paths: &VmPaths,
+    ) -> Result<VmRecord> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let log = std::fs::read_to_string(&paths.log).unwrap_or_default();
+            if log.contains("waiting for a migration on") {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = vmm_process::log_tail(paths, 3);
+                return Err(ManagerError::Failed(format!(
+                    "the VMM ended before listening ({status}): {tail}"
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ManagerError::Failed("the VMM never listened".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let manager = self.clone();
+        let watched = id.to_string();
+        let control = paths.control.clone();
+        std::thread::Builder::new()
+            .name(format!("watch-{id}"))
+            .spawn(move || {
+                loop {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        manager.vmm_ended(&watched, Some(status));
+                        return;
+                    }
+                    let answered = vmm::control::request(&control, &Request::Status)
+                        .is_ok_and(|answer| answer["ok"] == true);
+                    if answered {
+                        let _ = manager.set_state(&watched, VmState::Running, |_| {});
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let status = child.wait().ok();
+                manager.vmm_ended(&watched, status);
+            })
+            .map_err(|e| ManagerError::Failed(format!("cannot watch the VMM: {e}")))?;
+        self.record(id)
+    }
+
+    /// Live-migrates VM `id` to a VMM waiting at `options.uri` (a VM started
+    /// with an incoming origin, here or on another host). On success this
+    /// VM's process ends and the VM is recorded as stopped ("migrated").
+    pub fn migrate(
+        &self,
+        id: &str,
+        options: vmm::migration::MigrateOptions,
+    ) -> Result<serde_json::Value> {
+        let lock = self.lock(id);
+        let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let record = self.record(id)?;
+        if !matches!(record.state, VmState::Running | VmState::Paused) {
+            return Err(ManagerError::Conflict(format!(
+                "VM {id} is {}; only a running or paused VM can migrate",
+                record.state.name()
+            )));
+        }
+        let mut answer = self.control(id, &Request::Migrate(options))?;
+        // The source VMM ends once the destination runs the guest.
+        self.wait_until_ended(id, Duration::from_secs(30))?;
+        Ok(answer["migration"].take())
     }
 
     /// Records how VM `id`'s VMM ended (called once per process).

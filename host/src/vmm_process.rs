@@ -45,10 +45,46 @@ impl VmPaths {
     }
 }
 
-/// The `bulkhead run` arguments for `spec`. Socket paths are relative: the
-/// VMM starts in its jail directory, which becomes its root.
-pub fn run_arguments(spec: &VmSpec, uid: u32) -> Vec<OsString> {
+/// How a VMM comes to life: booted from its spec, resumed from one of its
+/// snapshots, or received from a live migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    #[default]
+    Boot,
+    /// A snapshot name under the VM's `snapshots` directory.
+    Restore(String),
+    /// `tcp:HOST:PORT` to wait on.
+    Incoming(String),
+}
+
+/// The `bulkhead run` arguments for `spec`. Paths are relative: the VMM
+/// starts in its jail directory, which becomes its root.
+pub fn run_arguments(spec: &VmSpec, uid: u32, origin: &Origin) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["run".into()];
+    match origin {
+        Origin::Boot => boot_arguments(spec, &mut args),
+        Origin::Restore(name) => {
+            args.push("--restore".into());
+            args.push(format!("snapshots/{name}").into());
+        }
+        Origin::Incoming(uri) => {
+            args.push("--incoming".into());
+            args.push(uri.into());
+        }
+    }
+    for (flag, value) in [
+        ("--control", "control.sock".to_string()),
+        ("--console-socket", "console.sock".to_string()),
+        ("--sandbox", format!("uid={uid},gid={uid}")),
+        ("--output", "json".to_string()),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args
+}
+
+fn boot_arguments(spec: &VmSpec, args: &mut Vec<OsString>) {
     let mut push = |flag: &str, value: OsString| {
         args.push(flag.into());
         args.push(value);
@@ -85,11 +121,6 @@ pub fn run_arguments(spec: &VmSpec, uid: u32) -> Vec<OsString> {
             format!("cid={},socket=vsock.sock", vsock.cid).into(),
         );
     }
-    push("--control", "control.sock".into());
-    push("--console-socket", "console.sock".into());
-    push("--sandbox", format!("uid={uid},gid={uid}").into());
-    push("--output", "json".into());
-    args
 }
 
 /// Prepares the VM's directories and starts its VMM.
@@ -99,6 +130,7 @@ pub fn launch(
     paths: &VmPaths,
     spec: &VmSpec,
     uid: u32,
+    origin: &Origin,
     cgroup: Option<&VmCgroup>,
 ) -> std::io::Result<Child> {
     std::fs::create_dir_all(&paths.jail)?;
@@ -125,7 +157,7 @@ pub fn launch(
     };
     let mut command = Command::new(binary);
     command
-        .args(run_arguments(spec, uid))
+        .args(run_arguments(spec, uid, origin))
         .current_dir(&paths.jail)
         .env_clear()
         .env(VM_ID_ENV, id)
@@ -242,7 +274,7 @@ mod tests {
             "vsock": {"cid": 5}
         }))
         .unwrap();
-        let args: Vec<String> = run_arguments(&spec, 400_001)
+        let args: Vec<String> = run_arguments(&spec, 400_001, &Origin::Boot)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -256,5 +288,15 @@ mod tests {
         ] {
             assert!(joined.contains(expected), "{joined}");
         }
+        let restore = run_arguments(&spec, 1, &Origin::Restore("s1".into()));
+        let joined = restore
+            .join(std::ffi::OsStr::new(" "))
+            .into_string()
+            .unwrap();
+        assert!(
+            joined.starts_with("run --restore snapshots/s1 --control"),
+            "{joined}"
+        );
+        assert!(!joined.contains("--kernel"));
     }
 }

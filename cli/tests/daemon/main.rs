@@ -797,3 +797,85 @@ fn plain_http_is_refused_off_loopback() {
     assert!(text.contains("needs --tls-cert and --tls-key"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_vm_restores_from_its_snapshot_and_migrates_live_to_another_vm() {
+    let daemon = Daemon::start();
+    let source = daemon.running_vm("source");
+    let client = daemon.client(None);
+    let mut console = daemon.block_on(client.console(&source, false)).unwrap();
+    let before = count_above(&daemon, &mut console, -1);
+
+    // Snapshot, stop, restore: the count goes on from where it was saved.
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{source}/snapshot"),
+        Some(json!({"name": "saved"})),
+    );
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{source}/stop"),
+        Some(json!({"force": true})),
+    );
+    let missing = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{source}/start"),
+        Some(json!({"restore": "nope"})),
+    );
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST, "{}", missing.text);
+    assert_eq!(missing.body["error"]["field"], "restore");
+    let restored = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{source}/start"),
+        Some(json!({"restore": "saved"})),
+    );
+    assert_eq!(restored["state"], "running", "{restored}");
+    let mut console = daemon.block_on(client.console(&source, false)).unwrap();
+    let after_restore = count_above(&daemon, &mut console, before);
+    assert!(after_restore > before);
+
+    // A second VM waits for a migration; the first moves into it, running.
+    let destination = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "destination", "kernel": daemon.counting_guest(), "memory_mib": 32})),
+    );
+    let destination = destination["id"].as_str().unwrap().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let bad = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{destination}/start"),
+        Some(json!({"incoming": "unix:/tmp/x"})),
+    );
+    assert_eq!(bad.body["error"]["field"], "incoming", "{}", bad.text);
+    let waiting = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{destination}/start"),
+        Some(json!({"incoming": uri})),
+    );
+    assert_eq!(waiting["state"], "starting", "{waiting}");
+    let seen = count_above(&daemon, &mut console, after_restore);
+    let report = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{source}/migrate"),
+        Some(json!({"uri": uri, "verify_memory": true})),
+    );
+    assert!(report["downtime_ms"].as_f64().is_some(), "{report}");
+    let gone = daemon.wait_state(&source, "stopped");
+    assert!(
+        gone["last_exit"].as_str().unwrap().starts_with("migrated"),
+        "{gone}"
+    );
+    daemon.wait_state(&destination, "running");
+    let mut moved = daemon
+        .block_on(client.console(&destination, false))
+        .unwrap();
+    count_above(&daemon, &mut moved, seen);
+}

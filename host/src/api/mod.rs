@@ -330,6 +330,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/vms/{id}/pause", post(vms::pause))
         .route("/v1/vms/{id}/resume", post(vms::resume))
         .route("/v1/vms/{id}/snapshot", post(vms::snapshot))
+        .route("/v1/vms/{id}/migrate", post(vms::migrate))
         .route("/v1/vms/{id}/console", get(console::attach))
         .route("/v1/events", get(observe::events))
         .route(

@@ -27,7 +27,7 @@ impl Modify for BearerAuth {
     paths(
         super::vms::list, super::vms::create, super::vms::describe, super::vms::delete,
         super::vms::start, super::vms::stop, super::vms::pause, super::vms::resume,
-        super::vms::snapshot, super::console::attach,
+        super::vms::snapshot, super::vms::migrate, super::console::attach,
         super::admin::create_token, super::admin::list_tokens, super::admin::delete_token,
         super::admin::audit_log,
         super::observe::events, super::observe::metrics, super::observe::health,

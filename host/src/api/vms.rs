@@ -6,6 +6,7 @@ use super::{blocking, parse_json, require, ApiError, ApiState, AuditProject, Err
 use crate::auth::{Principal, Role};
 use crate::model::VmRecord;
 use crate::spec::{valid_name, VmSpec};
+use crate::vmm_process::Origin;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -196,19 +197,127 @@ fn record_json(record: VmRecord) -> serde_json::Value {
     serde_json::to_value(VmView { record, live: None }).unwrap_or_default()
 }
 
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Resume from this snapshot of the VM instead of booting.
+    #[serde(default)]
+    pub restore: Option<String>,
+    /// Wait at `tcp:HOST:PORT` for a live migration of this VM from another
+    /// VMM (`POST /v1/vms/{id}/migrate` on the source). The answer comes once
+    /// it listens, with the VM `starting`; it turns `running` when the guest
+    /// arrives.
+    #[serde(default)]
+    pub incoming: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT` where the destination waits.
+    pub uri: String,
+    /// Longest pause at switch-over, ms (default 300).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Cap on the stream, MiB/s.
+    #[serde(default)]
+    pub bandwidth_mib: Option<u64>,
+    /// Give up after this many seconds without converging (default 120).
+    #[serde(default)]
+    pub give_up_after_secs: Option<u64>,
+    /// Compare a checksum of all guest memory on both sides.
+    #[serde(default)]
+    pub verify_memory: bool,
+}
+
+/// Checks `tcp:HOST:PORT`; a sandboxed VMM reaches no Unix socket outside its own directory.
+fn check_tcp_uri(field: &str, uri: &str) -> Result<(), ApiError> {
+    let valid = uri
+        .strip_prefix("tcp:")
+        .and_then(|rest| rest.rsplit_once(':'))
+        .is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("{uri:?} is not tcp:HOST:PORT"),
+        ))
+    }
+}
+
 #[utoipa::path(post, path = "/v1/vms/{id}/start", tag = "vms",
     params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, description = "Running", body = VmView),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    request_body(content = Option<StartRequest>, description = "Optional: boot when empty"),
+    responses((status = 200, description = "Running (starting, for an incoming migration)", body = VmView),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody),
               (status = 422, description = "The VMM failed to start", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn start(
     State(state): State<Arc<ApiState>>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    act(state, principal, id, |state, id| {
-        Ok(record_json(state.manager.start(id)?))
+    let request: StartRequest = if body.is_empty() {
+        StartRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let origin = match (request.restore, request.incoming) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "restore",
+                "give restore or incoming, not both",
+            ))
+        }
+        (Some(name), None) => {
+            if !valid_name(&name) {
+                return Err(ApiError::invalid("restore", "not a snapshot name"));
+            }
+            Origin::Restore(name)
+        }
+        (None, Some(uri)) => {
+            check_tcp_uri("incoming", &uri)?;
+            Origin::Incoming(uri)
+        }
+        (None, None) => Origin::Boot,
+    };
+    act(state, principal, id, move |state, id| {
+        Ok(record_json(state.manager.start(id, origin)?))
+    })
+    .await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/migrate", tag = "vms",
+    params(("id" = String, Path, description = "VM id")),
+    request_body = MigrateRequest,
+    responses((status = 200, description = "Migrated: the VM runs at the destination; here it is stopped"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody),
+              (status = 422, description = "Failed; the VM runs on here", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn migrate(
+    State(state): State<Arc<ApiState>>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: MigrateRequest = parse_json(&body)?;
+    check_tcp_uri("uri", &request.uri)?;
+    let options = vmm::migration::MigrateOptions {
+        uri: request.uri,
+        downtime_ms: request.downtime_ms,
+        bandwidth_mib: request.bandwidth_mib,
+        give_up_after_s: request.give_up_after_secs,
+        verify_memory: request.verify_memory,
+        tls: None,
+    };
+    act(state, principal, id, move |state, id| {
+        Ok(state.manager.migrate(id, options)?)
     })
     .await
 }
