@@ -15,7 +15,7 @@ const MIN_MEMORY_MIB: u64 = 16;
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Unique within the project: lower-case letters, digits and '-', 1 to 63.
-    #[schema(example = "web-1")]
+    #[schema(example = "web-1", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
     /// An ELF vmlinux or bzImage; the embedded guest when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,7 +31,7 @@ pub struct VmSpec {
     #[schema(minimum = 1, maximum = 128, default = 1)]
     pub cpus: u8,
     #[serde(default = "default_memory_mib")]
-    #[schema(minimum = 16, default = 128)]
+    #[schema(minimum = 16, maximum = 1048576, default = 128)]
     pub memory_mib: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,

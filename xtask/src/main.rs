@@ -7,6 +7,7 @@
 //! - `test`: images, then `cargo fmt --check`, `cargo clippy -D warnings`,
 //!   the whole test suite and the fuzz targets. This is what `.ci/run` calls.
 
+mod api_fuzz;
 mod apt;
 mod cache;
 mod cpio;
@@ -24,7 +25,8 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   images [--output json]   build the guest images into target/images (cached)
   fuzz [SECONDS]           run every fuzz target for SECONDS each (default 30)
-  test                     images, fmt, clippy, every test and a bounded fuzz run (what CI runs)";
+  api-fuzz                 property tests of the host API from its OpenAPI document (schemathesis)
+  test                     images, fmt, clippy, every test, API property tests and a bounded fuzz run (what CI runs)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Some("images") => images::main(&args[1..]),
         Some("test") => test::main(&args[1..]),
         Some("fuzz") => fuzz::main(&args[1..]),
+        Some("api-fuzz") => api_fuzz::main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -52,6 +52,9 @@ pub fn main(args: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--release"]),
     )?;
 
+    step("host API property tests (schemathesis)");
+    crate::api_fuzz::run(&root)?;
+
     step("fuzz targets (bounded)");
     crate::fuzz::run(crate::fuzz::DEFAULT_SECONDS)?;
 

@@ -19,10 +19,12 @@ use utoipa::{IntoParams, ToSchema};
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What the token is for (shown in the audit log).
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
     pub role: Role,
     /// Defaults to the caller's project.
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub project: Option<String>,
 }
 

@@ -64,6 +64,7 @@ pub struct StopRequest {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// Name of the snapshot, unique per VM.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
 }
 
@@ -203,7 +204,7 @@ pub struct StartRequest {
     /// Resume from this snapshot of the VM instead of booting.
     #[serde(default)]
     pub restore: Option<String>,
-    /// Wait at `tcp:HOST:PORT` for a live migration of this VM from another
+    /// Wait at `tcp:IP:PORT` for a live migration of this VM from another
     /// VMM (`POST /v1/vms/{id}/migrate` on the source). The answer comes once
     /// it listens, with the VM `starting`; it turns `running` when the guest
     /// arrives.
@@ -214,7 +215,7 @@ pub struct StartRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// `tcp:HOST:PORT` where the destination waits.
+    /// `tcp:IP:PORT` where the destination waits.
     pub uri: String,
     /// Longest pause at switch-over, ms (default 300).
     #[serde(default)]
