@@ -339,13 +339,24 @@ impl Manager {
     fn vmm_ended(&self, id: &str, status: Option<std::process::ExitStatus>) {
         let paths = self.paths(id);
         let reported = vmm_process::reported_exit(&paths);
+        let stopping = self
+            .store
+            .vm(id)
+            .ok()
+            .flatten()
+            .is_some_and(|record| record.state == VmState::Stopping);
         let how = match (&reported, status) {
             (Some(report), _) => report.exit.clone(),
+            (None, _) if stopping => "stopped by the host (VMM killed)".to_string(),
             (None, Some(status)) => {
                 let tail = vmm_process::log_tail(&paths, 1);
-                format!("VMM {status}: {tail}")
+                if tail.is_empty() {
+                    format!("VMM {status}")
+                } else {
+                    format!("VMM {status}: {tail}")
+                }
             }
-            (None, None) => "VMM ended".to_string(),
+            (None, None) => "VMM ended without a report".to_string(),
         };
         let clean = match status {
             Some(status) => status.success(),

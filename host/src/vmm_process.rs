@@ -248,17 +248,19 @@ pub fn reported_exit(paths: &VmPaths) -> Option<ExitReport> {
     })
 }
 
-/// The last non-report lines of the VMM's log (why it failed to start).
+/// The VMM's last complaints (errors and warnings in its log), to say why it
+/// failed to start or ended.
 pub fn log_tail(paths: &VmPaths, lines: usize) -> String {
     let text = std::fs::read_to_string(&paths.log).unwrap_or_default();
     let mut tail: Vec<&str> = text
         .lines()
         .rev()
         .filter(|line| !line.starts_with('{'))
+        .filter(|line| line.contains("error") || line.contains("ERROR") || line.contains("WARN"))
         .take(lines)
         .collect();
     tail.reverse();
-    tail.join("\n")
+    tail.join("; ")
 }
 
 #[cfg(test)]
