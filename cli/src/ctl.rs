@@ -26,6 +26,8 @@ enum Action {
     Pause,
     /// Let a paused VM run again.
     Resume,
+    /// Press Ctrl-Alt-Del on the guest's keyboard (ask it to shut down).
+    CtrlAltDel,
     /// Write a snapshot of the VM to DIR (which must not exist); a running
     /// VM is paused while it is written, then goes on.
     Snapshot { dir: PathBuf },
@@ -61,6 +63,7 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         Action::Balloon { mib } => Request::Balloon { target_mib: mib },
         Action::Pause => Request::Pause,
         Action::Resume => Request::Resume,
+        Action::CtrlAltDel => Request::CtrlAltDel,
         // The VM resolves paths from its own working directory, not ours.
         Action::Snapshot { dir } => Request::Snapshot {
             path: std::path::absolute(&dir)

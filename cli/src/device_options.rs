@@ -146,7 +146,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
         }
         match (key, value) {
             ("tap", Some(value)) if !value.is_empty() => tap = Some(value.to_string()),
-            ("mac", Some(value)) => mac = Some(parse_mac(value)?),
+            ("mac", Some(value)) => mac = Some(vmm::config::parse_mac(value)?),
             _ => {
                 return Err(format!(
                     "unknown or malformed '{key}' (expected tap=NAME[,mac=MAC][,bps=N][,iops=N])"
@@ -159,24 +159,6 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
         mac,
         rate_limit,
     })
-}
-
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|part| {
-            (part.len() == 2)
-                .then(|| u8::from_str_radix(part, 16).ok())
-                .flatten()
-        })
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
-    if mac[0] & 1 != 0 {
-        return Err(format!("'{text}' is a multicast address"));
-    }
-    Ok(mac)
 }
 
 /// `uid=N,gid=N` for `--sandbox`.

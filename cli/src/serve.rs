@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// disks (besides <state-dir>/images). Repeat for more.
     #[arg(long, value_name = "DIR")]
     allow_dir: Vec<PathBuf>,
+    /// Requests served at once; more are answered 503 (retry) at once.
+    #[arg(long, value_name = "N", default_value_t = host::api::DEFAULT_MAX_REQUESTS)]
+    max_requests: usize,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<i32> {
@@ -39,6 +42,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<i32> {
         state_dir: args.state_dir,
         allowed_dirs: args.allow_dir,
         vmm_binary: std::env::current_exe()?,
+        max_requests: args.max_requests,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -42,13 +42,14 @@ enum VmAction {
     Start {
         vm: String,
     },
-    /// Stop the VM cleanly (the VMM stops it), killing it after --timeout.
+    /// Ask the guest to shut down (Ctrl-Alt-Del); after --timeout the VMM
+    /// stops the VM itself.
     Stop {
         vm: String,
         /// Kill the VMM at once.
         #[arg(long)]
         force: bool,
-        /// Seconds to wait before killing.
+        /// Seconds the guest gets to shut down.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },

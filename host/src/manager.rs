@@ -17,6 +17,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vmm::control::Request;
 
+/// How long a VMM may take to stop its VM when told to (SIGTERM).
+const HOST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a new VMM may take to answer on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -403,8 +405,9 @@ impl Manager {
         }
     }
 
-    /// Stops VM `id`: SIGTERM lets the VMM stop the VM cleanly; after
-    /// `timeout` (or at once with `force`) SIGKILL ends it.
+    /// Stops VM `id`: the guest is asked to shut down (Ctrl-Alt-Del) and given
+    /// `timeout`; then the VMM stops the VM itself (SIGTERM); then it is
+    /// killed. With `force` it is killed at once.
     pub fn stop(&self, id: &str, force: bool, timeout: Duration) -> Result<VmRecord> {
         let lock = self.lock(id);
         let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -439,11 +442,21 @@ impl Manager {
             return Ok(());
         };
         if !force {
-            vmm_process::signal(pid, libc::SIGTERM);
-            if self.wait_until_ended(&record.id, timeout)? {
+            // Ask the guest first: Ctrl-Alt-Del, which a guest shuts down or
+            // reboots on by itself (the VM ends either way).
+            let asked =
+                vmm::control::request(&self.paths(&record.id).control, &Request::CtrlAltDel)
+                    .is_ok_and(|answer| answer["ok"] == true);
+            if asked && self.wait_until_ended(&record.id, timeout)? {
                 return Ok(());
             }
-            tracing::warn!(vm = %record.id, "VMM did not stop within {timeout:?}; killing it");
+            // Then the VMM stops the VM itself, then it is killed.
+            tracing::info!(vm = %record.id, "the guest did not shut down within {timeout:?}; stopping it");
+            vmm_process::signal(pid, libc::SIGTERM);
+            if self.wait_until_ended(&record.id, HOST_STOP_TIMEOUT)? {
+                return Ok(());
+            }
+            tracing::warn!(vm = %record.id, "VMM did not stop; killing it");
         }
         vmm_process::signal(pid, libc::SIGKILL);
         if !self.wait_until_ended(&record.id, Duration::from_secs(10))? {

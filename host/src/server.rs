@@ -28,6 +28,8 @@ pub struct ServeConfig {
     /// always one.
     pub allowed_dirs: Vec<PathBuf>,
     pub vmm_binary: PathBuf,
+    /// Requests served at once; more are answered 503 at once.
+    pub max_requests: usize,
 }
 
 type Service = axum::routing::Router;
@@ -143,7 +145,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 )
             }))
             .load_shed()
-            .concurrency_limit(api::MAX_CONCURRENT_REQUESTS)
+            .concurrency_limit(config.max_requests.max(1))
             .service(router),
     );
 

@@ -174,7 +174,8 @@ impl VmSpec {
                 return Err(invalid(format!("nics[{i}].tap"), "used twice"));
             }
             if let Some(mac) = &nic.mac {
-                parse_mac(mac).map_err(|message| invalid(format!("nics[{i}].mac"), message))?;
+                vmm::config::parse_mac(mac)
+                    .map_err(|message| invalid(format!("nics[{i}].mac"), message))?;
             }
         }
         if let Some(vsock) = &self.vsock {
@@ -217,24 +218,6 @@ fn check_file(field: &str, path: &Path, allowed_dirs: &[PathBuf]) -> Result<(), 
         ));
     }
     Ok(())
-}
-
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|part| {
-            (part.len() == 2)
-                .then(|| u8::from_str_radix(part, 16).ok())
-                .flatten()
-        })
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
-    if mac[0] & 1 != 0 {
-        return Err(format!("'{text}' is a multicast address"));
-    }
-    Ok(mac)
 }
 
 #[cfg(test)]

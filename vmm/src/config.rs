@@ -196,6 +196,25 @@ impl VmConfig {
     }
 }
 
+/// A unicast MAC address written as `02:00:00:00:00:01`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|part| {
+            (part.len() == 2)
+                .then(|| u8::from_str_radix(part, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("'{text}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

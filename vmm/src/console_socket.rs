@@ -89,26 +89,9 @@ impl ConsoleHub {
         serial: Arc<Mutex<SerialPort>>,
         exit: Arc<ExitSignal>,
     ) {
-        while !exit.is_requested() {
-            let mut fds = [
-                libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: exit.event().as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: polls two descriptors that outlive the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            let Ok((stream, _)) = listener.accept() else {
-                continue;
-            };
+        crate::control::accept_until_exit(&listener, &exit, |stream| {
             let Ok(reader) = stream.try_clone() else {
-                continue;
+                return;
             };
             self.add_client(stream);
             let serial = serial.clone();
@@ -119,7 +102,7 @@ impl ConsoleHub {
             if let Err(e) = spawned {
                 tracing::warn!("console client gets no input thread: {e}");
             }
-        }
+        });
         let _ = std::fs::remove_file(&path);
     }
 }

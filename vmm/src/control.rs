@@ -32,6 +32,10 @@ pub enum Request {
     },
     Pause,
     Resume,
+    /// Presses Ctrl-Alt-Del on the guest's keyboard: the request to shut
+    /// down that a guest acts on by itself (Linux reboots, an init system
+    /// shuts down); the VM ends when the guest resets or powers off.
+    CtrlAltDel,
     /// Writes a snapshot to `path`, a directory that must not exist.
     Snapshot {
         path: PathBuf,
@@ -162,6 +166,10 @@ impl VmControl {
             Request::Balloon { target_mib } => Response::done(self.set_balloon_target(target_mib)),
             Request::Pause => Response::done(self.pause()),
             Request::Resume => Response::done(self.resume()),
+            Request::CtrlAltDel => {
+                crate::devices::lock(&self.core.keyboard).press_ctrl_alt_del();
+                Response::Done { ok: true }
+            }
             Request::Snapshot { path } => {
                 let started = std::time::Instant::now();
                 match self.snapshot(&path) {
@@ -223,7 +231,28 @@ pub fn serve(path: &Path, control: VmControl) -> Result<JoinHandle<()>, ControlE
 }
 
 fn accept_loop(listener: UnixListener, path: PathBuf, control: VmControl) {
-    while !control.exit().is_requested() {
+    accept_until_exit(&listener, control.exit(), |stream| {
+        // One thread per client: a status request is answered while a
+        // migration or snapshot runs.
+        let control = control.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || serve_client(stream, &control));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot serve a control client: {e}");
+        }
+    });
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Hands each client of a non-blocking `listener` to `on_client` until the
+/// VM exits.
+pub(crate) fn accept_until_exit(
+    listener: &UnixListener,
+    exit: &ExitSignal,
+    mut on_client: impl FnMut(UnixStream),
+) {
+    while !exit.is_requested() {
         let mut fds = [
             libc::pollfd {
                 fd: listener.as_raw_fd(),
@@ -231,7 +260,7 @@ fn accept_loop(listener: UnixListener, path: PathBuf, control: VmControl) {
                 revents: 0,
             },
             libc::pollfd {
-                fd: control.exit().event().as_raw_fd(),
+                fd: exit.event().as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -239,22 +268,11 @@ fn accept_loop(listener: UnixListener, path: PathBuf, control: VmControl) {
         // SAFETY: polls two descriptors that outlive the call.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         match listener.accept() {
-            // One thread per client: a status request is answered while a
-            // migration or snapshot runs.
-            Ok((stream, _)) => {
-                let control = control.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || serve_client(stream, &control));
-                if let Err(e) = spawned {
-                    tracing::warn!("cannot serve a control client: {e}");
-                }
-            }
+            Ok((stream, _)) => on_client(stream),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => tracing::warn!("control socket accept: {e}"),
+            Err(e) => tracing::warn!("accept on {listener:?}: {e}"),
         }
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 fn serve_client(stream: UnixStream, control: &VmControl) {

@@ -7,9 +7,9 @@ use crate::arch::x86_64::{acpi, boot, cpu, mptable, paging};
 use crate::config::{ConfigError, KernelSource, MachineConfig, VmConfig};
 use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
+use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
 use crate::devices::legacy::power::{AcpiSleepControl, PowerControl};
-use crate::devices::legacy::reset::{ResetLine, I8042};
 use crate::devices::legacy::serial::{SerialOutput, SerialPort};
 use crate::devices::pci::{pvpanic::PvPanic, HostBridge, PciConfigPorts, PciMmioWindow, PciRoot};
 use crate::devices::virtio::balloon::BalloonHandle;
@@ -155,6 +155,8 @@ pub(crate) struct VmCore {
     pub balloon: Option<BalloonHandle>,
     pub pci: Arc<Mutex<PciRoot>>,
     pub cmos: Arc<Mutex<Cmos>>,
+    /// The keyboard controller, for the host's Ctrl-Alt-Del.
+    pub keyboard: Arc<Mutex<I8042>>,
     /// Written to make the device thread look at a pause request.
     pub device_kick: Option<EventFd>,
     pub machine: MachineConfig,
@@ -177,6 +179,7 @@ struct Hardware {
     balloon: Option<BalloonHandle>,
     pci: Arc<Mutex<PciRoot>>,
     cmos: Arc<Mutex<Cmos>>,
+    keyboard: Arc<Mutex<I8042>>,
     post: Arc<PostCodes>,
     device_loop: Option<DeviceEventLoop>,
     device_kick: Option<EventFd>,
@@ -224,7 +227,12 @@ impl Hardware {
         };
         let serial = Arc::new(Mutex::new(serial));
         let cmos = Arc::new(Mutex::new(Cmos::default()));
-        let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos)?;
+        let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&keyboard_irq, layout::irq::KEYBOARD)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let keyboard = Arc::new(Mutex::new(I8042::new(exit.clone(), keyboard_irq)));
+        let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos, &keyboard)?;
         if let Some(saved) = saved {
             lock(&pci).restore(&saved.pci).map_err(VmError::State)?;
             lock(&cmos)
@@ -285,6 +293,7 @@ impl Hardware {
             balloon,
             pci,
             cmos,
+            keyboard,
             post,
             device_loop,
             device_kick,
@@ -310,6 +319,7 @@ impl Hardware {
                 balloon: self.balloon,
                 pci: self.pci,
                 cmos: self.cmos,
+                keyboard: self.keyboard,
                 device_kick: self.device_kick,
                 machine,
                 run_state: Mutex::new(RunState::Running),
@@ -715,11 +725,11 @@ fn platform_buses(
     post: &Arc<PostCodes>,
     serial: &Arc<Mutex<SerialPort>>,
     cmos: &Arc<Mutex<Cmos>>,
+    keyboard: &Arc<Mutex<I8042>>,
 ) -> Result<(Bus, Bus, Arc<Mutex<PciRoot>>), VmError> {
     let mut pio = Bus::default();
     pio.insert(u64::from(ports::COM1), 8, serial.clone())?;
-    let i8042 = I8042(vm_superio::I8042Device::new(ResetLine(exit.clone())));
-    pio.insert(u64::from(ports::I8042_DATA), 5, Arc::new(Mutex::new(i8042)))?;
+    pio.insert(u64::from(ports::I8042_DATA), 5, keyboard.clone())?;
     pio.insert(
         u64::from(ports::POST_CODE),
         1,

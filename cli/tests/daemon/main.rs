@@ -1,6 +1,9 @@
 //! The host daemon end to end: real VMMs (sandboxed, in cgroups) running the
 //! counting guest, driven through the REST API and the CLI.
 
+#[path = "../../../vmm/tests/common/mod.rs"]
+mod common;
+mod linux;
 mod support;
 
 use hyper::{Method, StatusCode};
@@ -78,13 +81,15 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     let delete = daemon.call(None, Method::DELETE, &format!("/v1/vms/{id}"), None);
     assert_eq!(delete.status, StatusCode::CONFLICT);
 
-    // Stop: the VMM ends and the record says so.
+    // Stop: this guest ignores the shutdown request, so after the timeout
+    // the VMM stops it; the record says so.
     let stopped = daemon.ok(
         Method::POST,
         &format!("/v1/vms/{id}/stop"),
-        Some(json!({"timeout_secs": 5})),
+        Some(json!({"timeout_secs": 1})),
     );
     assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert_eq!(stopped["last_exit"], "stopped by the host", "{stopped}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     assert!(daemon.vm(&id).get("live").is_none());
     // It starts again, and a forced stop kills it.
@@ -180,7 +185,7 @@ fn the_cli_drives_the_daemon_with_tables_and_json() {
     }
     let (ok, text) = daemon.cli(&["vm", "start", "cli-vm"]);
     assert!(!ok && text.contains("409"), "{text}");
-    let (ok, text) = daemon.cli(&["vm", "stop", "cli-vm"]);
+    let (ok, text) = daemon.cli(&["vm", "stop", "cli-vm", "--timeout", "1"]);
     assert!(ok, "{text}");
     let (ok, text) = daemon.cli(&["vm", "show", "cli-vm", "--output", "json"]);
     assert!(ok && text.contains("\"stopped\""), "{text}");
@@ -238,26 +243,15 @@ fn bad_requests_get_the_right_status_and_name_the_field() {
         );
     }
     // Not JSON at all.
-    let client = daemon.client(None);
     let raw = daemon.block_on(async {
-        use http_body_util::BodyExt;
-        let _ = &client;
         let stream = tokio::net::UnixStream::connect(&daemon.socket)
             .await
             .unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
         let request = hyper::Request::post("/v1/vms")
             .header("host", "x")
             .body(http_body_util::Full::new(axum_bytes("{\"name\":")))
             .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let status = response.status();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        support::collect(support::send(stream, request).await).await
     });
     assert_eq!(raw.0, StatusCode::BAD_REQUEST, "{}", raw.1);
 
@@ -526,7 +520,11 @@ fn a_killed_daemon_leaves_vms_running_and_its_successor_adopts_them() {
     assert_eq!(daemon.vm(&ended)["state"], "crashed");
     // The adopted VMMs are fully under control again.
     daemon.ok(Method::POST, &format!("/v1/vms/{paused}/resume"), None);
-    let stopped = daemon.ok(Method::POST, &format!("/v1/vms/{running}/stop"), None);
+    let stopped = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{running}/stop"),
+        Some(json!({"timeout_secs": 1})),
+    );
     assert_eq!(stopped["state"], "stopped");
     // SAFETY: signals a VMM of this test.
     unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
@@ -639,17 +637,12 @@ fn metrics_events_and_the_openapi_document() {
         let stream = tokio::net::UnixStream::connect(&daemon.socket)
             .await
             .unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
         let request = hyper::Request::get("/v1/events")
             .header("host", "x")
             .header("authorization", format!("Bearer {token}"))
             .body(http_body_util::Empty::<hyper::body::Bytes>::new())
             .unwrap();
-        sender.send_request(request).await.unwrap()
+        support::send(stream, request).await
     });
     assert_eq!(events.status(), StatusCode::OK);
     let id = daemon.running_vm("watched");
@@ -705,7 +698,10 @@ fn metrics_events_and_the_openapi_document() {
     let checked_in =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../host/openapi.json"))
             .unwrap();
-    assert_eq!(served.text, checked_in);
+    assert!(
+        served.text == checked_in,
+        "the served OpenAPI document differs from host/openapi.json"
+    );
 }
 
 #[test]
@@ -750,30 +746,17 @@ fn the_api_is_served_over_tls_with_tokens_required() {
         let connector = connector.clone();
         let addr = addr.clone();
         daemon.block_on(async move {
-            use http_body_util::BodyExt;
             let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("bulkhead-host").unwrap();
             let tls = connector.connect(name, tcp).await.unwrap();
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
             let mut request = hyper::Request::get("/v1/vms").header("host", "bulkhead-host");
             if let Some(token) = token {
                 request = request.header("authorization", format!("Bearer {token}"));
             }
-            let response = sender
-                .send_request(
-                    request
-                        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-                        .unwrap(),
-                )
-                .await
+            let request = request
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
                 .unwrap();
-            let status = response.status();
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            (status, String::from_utf8_lossy(&body).into_owned())
+            support::collect(support::send(tls, request).await).await
         })
     };
     // Over TCP nobody is local: no token, no answer.
@@ -878,4 +861,42 @@ fn a_vm_restores_from_its_snapshot_and_migrates_live_to_another_vm() {
         .block_on(client.console(&destination, false))
         .unwrap();
     count_above(&daemon, &mut moved, seen);
+}
+
+#[test]
+fn a_daemon_at_its_request_limit_answers_503_and_recovers() {
+    let daemon = Daemon::start_with(&["--max-requests", "1"]);
+    let id = daemon.running_vm("slow-to-stop");
+    // This guest ignores the shutdown request: the stop holds the only slot
+    // for its whole timeout.
+    let socket = daemon.socket.clone();
+    let path = format!("/v1/vms/{id}/stop");
+    let stop = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = host::client::Client {
+            endpoint: host::client::Endpoint::Unix(socket),
+            token: None,
+        };
+        runtime
+            .block_on(client.call(Method::POST, &path, Some(&json!({"timeout_secs": 3}))))
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = daemon.call(None, Method::GET, "/v1/vms", None);
+    assert_eq!(
+        busy.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        busy.text
+    );
+    assert_eq!(busy.body["error"]["code"], "overloaded");
+    let stopped = stop.join().unwrap();
+    assert_eq!(stopped.status, StatusCode::OK, "{}", stopped.text);
+    assert_eq!(
+        daemon.ok(Method::GET, "/v1/vms", None)[0]["state"],
+        "stopped"
+    );
 }

@@ -20,6 +20,8 @@ pub struct Daemon {
     pub images: PathBuf,
     /// Extra `bulkhead serve` arguments.
     pub extra: Vec<String>,
+    /// The network namespace the daemon (and so its VMMs) runs in.
+    pub netns: Option<String>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -43,6 +45,7 @@ impl Daemon {
             images,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: None,
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -52,9 +55,25 @@ impl Daemon {
         daemon
     }
 
+    /// A daemon inside network namespace `netns`: the TAPs its VMMs make are there.
+    pub fn start_in(netns: &str) -> Daemon {
+        let mut daemon = Self::start_with(&[]);
+        daemon.kill9();
+        daemon.netns = Some(netns.to_string());
+        daemon.spawn();
+        daemon
+    }
+
     /// Starts (or restarts) the daemon process on the same state.
     pub fn spawn(&mut self) {
-        let mut command = Command::new(BIN);
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, BIN]);
+                command
+            }
+            None => Command::new(BIN),
+        };
         command
             .arg("serve")
             .arg("--socket")
@@ -315,4 +334,34 @@ pub fn read_until<R: tokio::io::AsyncRead + Unpin>(
         }
         seen
     })
+}
+
+/// Sends one request over `io` (a socket of any kind) and returns the
+/// response as it arrives, its body still streaming.
+pub async fn send<IO, B>(
+    io: IO,
+    request: hyper::Request<B>,
+) -> hyper::Response<hyper::body::Incoming>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender.send_request(request).await.unwrap()
+}
+
+/// A response's status and its whole body as text.
+pub async fn collect(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> (hyper::StatusCode, String) {
+    use http_body_util::BodyExt;
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }

@@ -59,22 +59,7 @@ pub async fn create_token(
             "must be 1 to 63 lower-case letters, digits or '-'",
         ));
     }
-    let project = match (&principal.project, request.project) {
-        (Some(own), Some(asked)) if *own != asked => {
-            return Err(ApiError::forbidden(format!(
-                "the token belongs to project {own}, not {asked}"
-            )))
-        }
-        (Some(own), _) => own.clone(),
-        (None, Some(asked)) => asked,
-        (None, None) => super::vms::DEFAULT_PROJECT.to_string(),
-    };
-    if !valid_name(&project) {
-        return Err(ApiError::invalid(
-            "project",
-            "must be 1 to 63 lower-case letters, digits or '-'",
-        ));
-    }
+    let project = super::acting_project(&principal, request.project)?;
     let (record, token) = auth::new_token(&request.name, &project, request.role);
     let stored = record.clone();
     blocking(move || {

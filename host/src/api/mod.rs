@@ -23,8 +23,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use utoipa::ToSchema;
 
-/// Requests served at once; more get 503 at once rather than queueing.
-pub const MAX_CONCURRENT_REQUESTS: usize = 256;
+/// Requests served at once by default; more get 503 at once rather than
+/// queueing.
+pub const DEFAULT_MAX_REQUESTS: usize = 256;
 /// Largest request body.
 const MAX_BODY_BYTES: usize = 64 << 10;
 
@@ -182,6 +183,28 @@ pub fn require(principal: &Principal, role: Role) -> Result<(), ApiError> {
             role_name(principal.role)
         )))
     }
+}
+
+/// The project a call acts in: a token's own (naming another is refused),
+/// or for the host's administrator the one asked for, else `default`.
+pub fn acting_project(principal: &Principal, asked: Option<String>) -> Result<String, ApiError> {
+    let project = match (&principal.project, asked) {
+        (Some(own), Some(asked)) if *own != asked => {
+            return Err(ApiError::forbidden(format!(
+                "the token belongs to project {own}, not {asked}"
+            )))
+        }
+        (Some(own), _) => own.clone(),
+        (None, Some(asked)) => asked,
+        (None, None) => vms::DEFAULT_PROJECT.to_string(),
+    };
+    if !crate::spec::valid_name(&project) {
+        return Err(ApiError::invalid(
+            "project",
+            "must be 1 to 63 lower-case letters, digits or '-'",
+        ));
+    }
+    Ok(project)
 }
 
 fn role_name(role: Role) -> &'static str {

@@ -51,10 +51,11 @@ pub struct DeleteQuery {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopRequest {
-    /// Kill the VMM at once instead of stopping the VM cleanly.
+    /// Kill the VMM at once instead of asking the guest to shut down.
     #[serde(default)]
     pub force: bool,
-    /// Seconds to wait for a clean stop before killing (default 10, at most 600).
+    /// Seconds the guest gets to shut down after Ctrl-Alt-Del before the VMM
+    /// stops it (default 10, at most 600).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 600)]
     pub timeout_secs: Option<u64>,
@@ -133,22 +134,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(&principal, Role::Operator)?;
-    let project = match (&principal.project, query.project) {
-        (Some(own), Some(asked)) if *own != asked => {
-            return Err(ApiError::forbidden(format!(
-                "the token belongs to project {own}, not {asked}"
-            )))
-        }
-        (Some(own), _) => own.clone(),
-        (None, Some(asked)) => asked,
-        (None, None) => DEFAULT_PROJECT.to_string(),
-    };
-    if !valid_name(&project) {
-        return Err(ApiError::invalid(
-            "project",
-            "must be 1 to 63 lower-case letters, digits or '-'",
-        ));
-    }
+    let project = super::acting_project(&principal, query.project)?;
     let spec: VmSpec = parse_json(&body)?;
     let audit_project = project.clone();
     let record = blocking(move || Ok(state.manager.create(&project, spec)?)).await?;

@@ -72,6 +72,8 @@ pub mod ports {
 
 /// Interrupt lines on the IOAPIC / PIC.
 pub mod irq {
+    /// The i8042's keyboard line.
+    pub const KEYBOARD: u32 = 1;
     pub const COM1: u32 = 4;
     /// ISA lines free for virtio-mmio devices (edge-triggered, one per
     /// device), in the order they are handed out.
