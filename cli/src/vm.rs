@@ -10,9 +10,13 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// The daemon's Unix socket, or http://HOST:PORT.
+    /// The daemon's Unix socket, https://HOST:PORT (with --ca), or
+    /// http://HOST:PORT (loopback only).
     #[arg(long, env = "BULKHEAD_SOCKET", default_value = crate::serve::DEFAULT_SOCKET, global = true)]
     socket: String,
+    /// For https: the PEM CA certificate the daemon's certificate chains to.
+    #[arg(long, env = "BULKHEAD_CA", value_name = "PEM", global = true)]
+    ca: Option<PathBuf>,
     /// API token (root on the Unix socket needs none).
     #[arg(long, env = "BULKHEAD_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
@@ -172,7 +176,7 @@ fn nic_json(text: &str) -> anyhow::Result<Value> {
 
 fn client(args: &DaemonArgs) -> anyhow::Result<Client> {
     Ok(Client {
-        endpoint: Endpoint::parse(&args.socket)?,
+        endpoint: Endpoint::parse(&args.socket, args.ca.as_deref())?,
         token: args.token.clone(),
     })
 }

@@ -1,5 +1,6 @@
-//! The API client the CLI uses: HTTP/1.1 over the daemon's Unix socket or
-//! over TCP (`http://HOST:PORT` on loopback).
+//! The API client the CLI uses: HTTP/1.1 over the daemon's Unix socket, over
+//! TLS (`https://HOST:PORT`, trusting a given CA), or plain TCP
+//! (`http://HOST:PORT`, which the daemon serves only on loopback).
 
 use anyhow::{bail, Context};
 use axum::body::Bytes;
@@ -13,19 +14,64 @@ use std::path::PathBuf;
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
+    Tls {
+        /// HOST:PORT
+        addr: String,
+        /// The name (or IP) the daemon's certificate must carry.
+        server_name: String,
+        /// PEM file of the CA(s) to trust.
+        ca: PathBuf,
+    },
 }
 
 impl Endpoint {
-    /// `http://HOST:PORT` or a socket path.
-    pub fn parse(text: &str) -> anyhow::Result<Endpoint> {
+    /// A socket path, `http://HOST:PORT`, or `https://HOST:PORT` (with `ca`).
+    pub fn parse(text: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
         if let Some(rest) = text.strip_prefix("http://") {
             Ok(Endpoint::Tcp(rest.trim_end_matches('/').to_string()))
-        } else if text.starts_with("https://") {
-            bail!("the CLI speaks TLS to the daemon only through a local socket for now; use --socket")
+        } else if let Some(rest) = text.strip_prefix("https://") {
+            let addr = rest.trim_end_matches('/').to_string();
+            let Some(ca) = ca else {
+                bail!("{text}: https needs --ca PEM (the CA that signed the daemon's certificate)");
+            };
+            let host = match addr.rsplit_once(':') {
+                Some((host, port)) if port.parse::<u16>().is_ok() => host,
+                _ => bail!("{text}: expected https://HOST:PORT"),
+            };
+            Ok(Endpoint::Tls {
+                server_name: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                addr,
+                ca: ca.to_path_buf(),
+            })
         } else {
             Ok(Endpoint::Unix(PathBuf::from(text)))
         }
     }
+}
+
+fn tls_connector(ca: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    let file = std::fs::File::open(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        roots
+            .add(cert.with_context(|| format!("{} is not PEM", ca.display()))?)
+            .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in {}", ca.display());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +131,23 @@ impl Client {
                 )
                 .await
             }
+            Endpoint::Tls {
+                addr,
+                server_name,
+                ca,
+            } => {
+                let connector = tls_connector(ca)?;
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("cannot reach the daemon at {addr}"))?;
+                let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                    .with_context(|| format!("{server_name} is not a host name or address"))?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .with_context(|| format!("TLS with the daemon at {addr}"))?;
+                handshake(tls).await
+            }
         }
     }
 
@@ -96,7 +159,7 @@ impl Client {
     ) -> anyhow::Result<Request<Full<Bytes>>> {
         let host = match &self.endpoint {
             Endpoint::Unix(_) => "localhost".to_string(),
-            Endpoint::Tcp(addr) => addr.clone(),
+            Endpoint::Tcp(addr) | Endpoint::Tls { addr, .. } => addr.clone(),
         };
         let mut builder = Request::builder()
             .method(method)

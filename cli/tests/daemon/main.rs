@@ -439,6 +439,50 @@ fn a_token_sees_and_touches_only_its_own_project() {
     assert_eq!(daemon.vm(&id)["state"], "running");
     let own = daemon.call(Some(&beta), Method::GET, &format!("/v1/vms/{id}"), None);
     assert_eq!(own.status, StatusCode::OK);
+
+    // Alpha's event stream carries alpha's changes and none of beta's.
+    let events = daemon.block_on(async {
+        let stream = tokio::net::UnixStream::connect(&daemon.socket)
+            .await
+            .unwrap();
+        let request = hyper::Request::get("/v1/events")
+            .header("host", "x")
+            .header("authorization", format!("Bearer {alpha}"))
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .unwrap();
+        support::send(stream, request).await
+    });
+    let stopped = daemon.call(
+        Some(&beta),
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"force": true})),
+    );
+    assert_eq!(stopped.status, StatusCode::OK);
+    let mine = daemon.call(
+        Some(&alpha),
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "mine"})),
+    );
+    assert_eq!(mine.status, StatusCode::CREATED);
+    let mut body = events.into_body();
+    let seen = daemon.block_on(async {
+        use http_body_util::BodyExt;
+        let mut text = String::new();
+        while !text.contains("\"mine\"") {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("an event")
+                .unwrap()
+                .unwrap();
+            if let Some(data) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(data));
+            }
+        }
+        text
+    });
+    assert!(!seen.contains(&id) && !seen.contains("beta"), "{seen}");
 }
 
 #[test]
@@ -709,10 +753,11 @@ fn the_api_is_served_over_tls_with_tokens_required() {
     let dir = std::env::temp_dir().join(format!("bh-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["bulkhead-host".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["bulkhead-host".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
@@ -761,7 +806,39 @@ fn the_api_is_served_over_tls_with_tokens_required() {
     };
     // Over TCP nobody is local: no token, no answer.
     assert_eq!(get(None).0, StatusCode::UNAUTHORIZED);
-    assert_eq!(get(Some(token)), (StatusCode::OK, "[]".to_string()));
+    assert_eq!(get(Some(token.clone())), (StatusCode::OK, "[]".to_string()));
+
+    // The CLI over https, trusting the CA it is given.
+    let cli = |ca: &std::path::Path, token: Option<&str>| {
+        let mut command = std::process::Command::new(support::BIN);
+        command
+            .args(["vm", "ls", "--output", "json", "--ca"])
+            .arg(ca)
+            .env("BULKHEAD_SOCKET", format!("https://{addr}"));
+        if let Some(token) = token {
+            command.env("BULKHEAD_TOKEN", token);
+        }
+        let output = command.output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let (ok, text) = cli(&cert_path, Some(&token));
+    assert!(ok && text.trim() == "[]", "{text}");
+    let (ok, text) = cli(&cert_path, None);
+    assert!(!ok && text.contains("401"), "{text}");
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let other = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&other_key)
+        .unwrap();
+    let other_path = dir.join("other.pem");
+    std::fs::write(&other_path, other.pem()).unwrap();
+    let (ok, text) = cli(&other_path, Some(&token));
+    assert!(
+        !ok && text.contains("TLS"),
+        "a CA that did not sign the daemon's certificate: {text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

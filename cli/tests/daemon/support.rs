@@ -147,7 +147,22 @@ impl Daemon {
         let client = self.client(token);
         self.runtime
             .block_on(client.call(method, path, body.as_ref()))
-            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .unwrap_or_else(|e| {
+                let alive = std::fs::read_to_string(format!(
+                    "/proc/{}/stat",
+                    self.child.as_ref().map_or(0, |c| c.id())
+                ))
+                .unwrap_or_default();
+                panic!(
+                    "{path}: {e:?}\ndaemon: {alive}\nlog tail:\n{}",
+                    self.log()
+                        .lines()
+                        .rev()
+                        .take(15)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            })
     }
 
     /// A call as the host's administrator that must succeed.
