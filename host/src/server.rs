@@ -55,9 +55,27 @@ fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<tokio_rustls::T
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Whether a daemon answers at `path`. A connection alone proves nothing: a
+/// VMM forked by a daemon that was just killed holds the listening socket
+/// until its exec, and accepts connections nobody will answer.
+fn daemon_answers(path: &PathBuf) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(2)));
+    let request = b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request).is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 12];
+    stream.read_exact(&mut answer).is_ok() && answer.starts_with(b"HTTP/1.1 200")
+}
+
 fn bind_unix(path: &PathBuf) -> anyhow::Result<UnixListener> {
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if daemon_answers(path) {
             anyhow::bail!("{} is in use by another daemon", path.display());
         }
         std::fs::remove_file(path)
@@ -232,5 +250,27 @@ impl ServeRouter {
 
     fn router(&self) -> axum::Router {
         self.0.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_that_accepts_but_never_answers_is_taken_over() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        // What a VMM forked by a killed daemon holds until its exec.
+        let ghost = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(!daemon_answers(&path));
+        let listener = bind_unix(&path).unwrap();
+        drop(ghost);
+        // The new listener is the one at the path now.
+        let (_client, accepted) =
+            tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
+        assert!(accepted.is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -107,7 +107,12 @@ impl Daemon {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("daemon exited ({status}): {}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // Answering, not just accepting: a killed daemon's socket can
+            // still accept for a moment (a VMM it was forking holds it).
+            let health =
+                self.runtime
+                    .block_on(self.client(None).call(Method::GET, "/v1/health", None));
+            if health.is_ok_and(|answer| answer.status.is_success()) {
                 break;
             }
             assert!(
