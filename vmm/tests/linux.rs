@@ -170,25 +170,5 @@ fn project_bzimage_decompresses_and_starts_the_kernel() {
     );
 }
 
-/// The busybox initramfs needs guest user space, which cannot make system
-/// calls on kvm_pvm hosts (docs/host-kvm.md): there it is skipped. On
-/// hardware KVM its shell /init reports the CPUs and reboots.
-#[test]
-fn busybox_user_space_on_hardware_kvm() {
-    if vmm::host::KvmFlavour::detect() == vmm::host::KvmFlavour::Pvm {
-        eprintln!("skipped: guest user space cannot make system calls on kvm_pvm hosts");
-        return;
-    }
-    let (Some(kernel), Some(initrd)) = (image("vmlinux"), image("busybox.cpio.gz")) else {
-        return;
-    };
-    let mut config = linux_config(kernel, 2);
-    config.initrd = Some(initrd);
-    let (outcome, _) = run_until(&config, BOOT_LIMIT, |_| false, Duration::ZERO);
-    assert!(
-        outcome.output.contains("bulkhead-busybox: up") && outcome.output.contains("2 CPUs"),
-        "{}",
-        outcome.output
-    );
-    assert_eq!(outcome.report.exit, VmExit::Reset, "{}", outcome.output);
-}
+// Guest user space (busybox) is tested in the hardware-KVM lane:
+// cli/tests/hwkvm/ (`cargo xtask hwkvm`).

@@ -16,10 +16,6 @@ pub enum Entry<'a> {
         mode: u32,
         data: &'a [u8],
     },
-    Symlink {
-        path: &'a str,
-        target: &'a str,
-    },
     CharDevice {
         path: &'a str,
         mode: u32,
@@ -40,7 +36,6 @@ pub fn write_archive(out: &mut impl Write, entries: &[Entry]) -> std::io::Result
         let (path, mode, data, rdev): (&str, u32, &[u8], (u32, u32)) = match entry {
             Entry::Directory { path } => (path, S_IFDIR | 0o755, &[], (0, 0)),
             Entry::File { path, mode, data } => (path, S_IFREG | mode, data, (0, 0)),
-            Entry::Symlink { path, target } => (path, S_IFLNK | 0o777, target.as_bytes(), (0, 0)),
             Entry::CharDevice {
                 path,
                 mode,
@@ -51,6 +46,69 @@ pub fn write_archive(out: &mut impl Write, entries: &[Entry]) -> std::io::Result
         write_entry(out, inode, path, mode, data, rdev)?;
     }
     write_entry(out, 0, "TRAILER!!!", 0, &[], (0, 0))
+}
+
+/// Writes every file, directory and symlink under `root` (paths relative to
+/// it, sorted, so parents come first), then `extra` entries, then the
+/// trailer. Modes come from the files; owners and times are fixed.
+pub fn write_tree(
+    out: &mut impl Write,
+    root: &std::path::Path,
+    extra: &[Entry],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut paths = Vec::new();
+    collect_paths(root, root, &mut paths)?;
+    paths.sort();
+    let mut inode = 1;
+    for relative in &paths {
+        let full = root.join(relative);
+        let meta = std::fs::symlink_metadata(&full)?;
+        let name = relative.to_string_lossy();
+        let permissions = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&full)?;
+            let target = target.to_string_lossy();
+            write_entry(out, inode, &name, S_IFLNK | 0o777, target.as_bytes(), (0, 0))?;
+        } else if meta.is_dir() {
+            write_entry(out, inode, &name, S_IFDIR | permissions, &[], (0, 0))?;
+        } else {
+            let data = std::fs::read(&full)?;
+            write_entry(out, inode, &name, S_IFREG | permissions, &data, (0, 0))?;
+        }
+        inode += 1;
+    }
+    for (index, entry) in extra.iter().enumerate() {
+        let inode = inode + index as u32;
+        match entry {
+            Entry::Directory { path } => write_entry(out, inode, path, S_IFDIR | 0o755, &[], (0, 0))?,
+            Entry::File { path, mode, data } => write_entry(out, inode, path, S_IFREG | mode, data, (0, 0))?,
+            Entry::CharDevice {
+                path,
+                mode,
+                major,
+                minor,
+            } => write_entry(out, inode, path, S_IFCHR | mode, &[], (*major, *minor))?,
+        }
+    }
+    write_entry(out, 0, "TRAILER!!!", 0, &[], (0, 0))
+}
+
+fn collect_paths(
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    into: &mut Vec<std::path::PathBuf>,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let relative = path.strip_prefix(root).expect("below root").to_path_buf();
+        let is_dir = std::fs::symlink_metadata(&path)?.is_dir();
+        into.push(relative);
+        if is_dir {
+            collect_paths(root, &path, into)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_entry(
@@ -131,5 +189,28 @@ mod tests {
         assert!(text.contains("init\0"));
         assert!(text.ends_with("TRAILER!!!\0\0\0\0"));
         assert_eq!(out.len() % 4, 0);
+    }
+
+    #[test]
+    fn a_tree_keeps_modes_links_and_parents_first() {
+        let dir = std::env::temp_dir().join(format!("xtask-cpio-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/tool"), b"#!").unwrap();
+        std::os::unix::fs::symlink("tool", dir.join("bin/sh")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let mut out = Vec::new();
+        write_tree(&mut out, &dir, &[]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let text = String::from_utf8_lossy(&out);
+        let position = |name: &str| text.find(name).unwrap();
+        assert!(position("bin\0") < position("bin/sh\0"));
+        let tool = position("bin/tool\0");
+        assert_eq!(&text[tool - 110 + 14..tool - 110 + 22], "000081ED");
+        let sh = position("bin/sh\0");
+        assert_eq!(&text[sh - 110 + 14..sh - 110 + 22], "0000A1FF");
+        assert!(text.ends_with("TRAILER!!!\0\0\0\0"));
     }
 }

@@ -6,7 +6,8 @@
 //! | kernel.config           | the full config it was built with |
 //! | initramfs.cpio.gz       | `/init` = images/init/idle.c, a loop that never makes a system call |
 //! | rootfs.ext4             | ext4 (mkfs.ext4 -d) holding the same init as /sbin/init |
-//! | busybox.cpio.gz         | Debian's busybox-static with a shell /init (hosts with hardware KVM) |
+//! | busybox.cpio.gz, busybox-root.ext4 | user space of the test guests (busybox, images/userspace, bulkhead-guest-tool) for the project kernel |
+//! | stock-vmlinuz, stock-busybox.cpio.gz | Debian's stock linux-image-amd64 and the same user space with its modules |
 //! | cloud-vmlinux, cloud-vmlinuz | Debian's stock linux-image-cloud-amd64 (vmlinux extracted) |
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use flate2::{write::GzEncoder, Compression};
 use serde::Serialize;
 
 use crate::cpio::{write_archive, Entry};
-use crate::{apt, cache, kernel, process, workspace_root};
+use crate::{apt, cache, kernel, process, stock_kernel, workspace_root};
 
 /// Bumped when a recipe below changes in a way its inputs do not show.
 const RECIPE_VERSION: &[u8] = b"1";
@@ -95,16 +96,46 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
     published.insert("rootfs.ext4", (idle_dir.join("rootfs.ext4"), idle_from));
 
     let busybox_version = apt::installed_version("busybox-static").unwrap_or_default();
-    let busybox_dir = cache::entry(
-        "busybox",
-        &cache::key(&[RECIPE_VERSION, busybox_version.as_bytes(), BUSYBOX_INIT]),
-        build_busybox_initramfs,
-    )?;
+    let tool = build_guest_tool(&root)?;
+    let tool_bytes = fs::read(&tool)?;
+    let userspace_files = tree_digest(&root.join(USERSPACE_DIR))?;
+    let userspace_key = [
+        RECIPE_VERSION,
+        busybox_version.as_bytes(),
+        &tool_bytes,
+        userspace_files.as_bytes(),
+    ];
+    let userspace_dir = cache::entry("userspace", &cache::key(&userspace_key), |out| {
+        build_userspace_images(&root.join(USERSPACE_DIR), &tool, out)
+    })?;
+    let userspace_from = format!("busybox-static {busybox_version} + {USERSPACE_DIR} + guest-tool");
     published.insert(
         "busybox.cpio.gz",
+        (userspace_dir.join("busybox.cpio.gz"), userspace_from.clone()),
+    );
+    published.insert(
+        "busybox-root.ext4",
+        (userspace_dir.join("busybox-root.ext4"), userspace_from.clone()),
+    );
+
+    let (stock_package, stock_version) = stock_kernel::package()?;
+    let stock_dir = cache::entry(
+        "stock-kernel",
+        &stock_kernel_key(&stock_package, &stock_version),
+        |out| stock_kernel::build(&stock_package, out),
+    )?;
+    let stock_from = format!("{stock_package} {stock_version}");
+    published.insert("stock-vmlinuz", (stock_dir.join("vmlinuz"), stock_from.clone()));
+    let stock_initramfs_dir = cache::entry(
+        "stock-userspace",
+        &cache::key(&[&userspace_key.concat(), stock_from.as_bytes()]),
+        |out| build_stock_initramfs(&root.join(USERSPACE_DIR), &tool, &stock_dir, out),
+    )?;
+    published.insert(
+        "stock-busybox.cpio.gz",
         (
-            busybox_dir.join("busybox.cpio.gz"),
-            format!("busybox-static {busybox_version}"),
+            stock_initramfs_dir.join("stock-busybox.cpio.gz"),
+            format!("{userspace_from} + modules of {stock_from}"),
         ),
     );
 
@@ -212,43 +243,119 @@ fn build_idle_images(source: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// busybox's /init for hosts where guest user space runs: proves a shell, /proc
-/// and the CPUs, then reboots (the i8042 reset ends the VM; the project
-/// kernel has no ACPI to power off with).
-const BUSYBOX_INIT: &[u8] = b"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-echo \"bulkhead-busybox: up, kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs\"
-reboot -f
-";
+/// The cache key of the stock kernel's entry (the kernel and the modules kept).
+pub fn stock_kernel_key(package: &str, version: &str) -> String {
+    cache::key(&[
+        RECIPE_VERSION,
+        package.as_bytes(),
+        version.as_bytes(),
+        stock_kernel::GUEST_MODULES.join(",").as_bytes(),
+        stock_kernel::L1_MODULES.join(",").as_bytes(),
+    ])
+}
 
-fn build_busybox_initramfs(out: &Path) -> Result<()> {
-    let busybox = fs::read("/bin/busybox").context("read /bin/busybox (busybox-static)")?;
-    write_initramfs(
-        &out.join("busybox.cpio.gz"),
-        &[
-            Entry::Directory { path: "bin" },
-            Entry::File {
-                path: "bin/busybox",
-                mode: 0o755,
-                data: &busybox,
-            },
-            Entry::Symlink {
-                path: "bin/sh",
-                target: "busybox",
-            },
-            Entry::Directory { path: "dev" },
-            console_node(),
-            Entry::Directory { path: "proc" },
-            Entry::Directory { path: "sys" },
-            Entry::File {
-                path: "init",
-                mode: 0o755,
-                data: BUSYBOX_INIT,
-            },
-        ],
-    )
+/// The test guests' user space: scripts and configuration in this folder of
+/// the repository, busybox, and our guest tool.
+const USERSPACE_DIR: &str = "images/userspace";
+
+/// Builds `bulkhead-guest-tool` (static, like every binary of the
+/// workspace) and returns its path.
+fn build_guest_tool(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    process::run(
+        Command::new(cargo)
+            .current_dir(root)
+            .args(["build", "--quiet", "--release", "-p", "guest-tool"]),
+    )?;
+    Ok(root.join("target/x86_64-unknown-linux-gnu/release/bulkhead-guest-tool"))
+}
+
+/// A digest of every file under `dir` (path, mode and contents).
+fn tree_digest(dir: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut parts = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in fs::read_dir(&next)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let mode = fs::metadata(&path)?.permissions().mode();
+                let relative = path.strip_prefix(dir)?.to_string_lossy().into_owned();
+                parts.push((relative, mode, fs::read(&path)?));
+            }
+        }
+    }
+    parts.sort();
+    let flat: Vec<Vec<u8>> = parts
+        .into_iter()
+        .map(|(path, mode, data)| [path.as_bytes(), &mode.to_le_bytes(), &data].concat())
+        .collect();
+    let refs: Vec<&[u8]> = flat.iter().map(Vec::as_slice).collect();
+    Ok(cache::key(&refs))
+}
+
+/// Lays out the guests' root file system in `tree`: busybox with a link per
+/// applet, busybox init at /sbin/init, the guest tool, and the files of
+/// [`USERSPACE_DIR`].
+fn stage_userspace(source: &Path, tool: &Path, tree: &Path) -> Result<()> {
+    for dir in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run", "root", "mnt", "var/log"] {
+        fs::create_dir_all(tree.join(dir))?;
+    }
+    fs::copy("/bin/busybox", tree.join("bin/busybox")).context("copy /bin/busybox (busybox-static)")?;
+    let applets = process::output(Command::new("/bin/busybox").arg("--list"))?;
+    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet))?;
+    }
+    std::os::unix::fs::symlink("../bin/busybox", tree.join("sbin/init"))?;
+    fs::copy(tool, tree.join("bin/bulkhead-guest-tool"))?;
+    process::run(Command::new("cp").arg("-a").arg(format!("{}/.", source.display())).arg(tree))?;
+    Ok(())
+}
+
+/// The project kernel's user space, as an initramfs and as an ext4 root disk.
+fn build_userspace_images(source: &Path, tool: &Path, out: &Path) -> Result<()> {
+    let tree = out.join("tree");
+    stage_userspace(source, tool, &tree)?;
+    write_tree_initramfs(&out.join("busybox.cpio.gz"), &tree, Compression::best())?;
+    process::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "bulkhead-busybox", "-E", "root_owner=0:0"])
+            .arg("-d")
+            .arg(&tree)
+            .arg(out.join("busybox-root.ext4"))
+            .arg("64M"),
+    )?;
+    fs::remove_dir_all(&tree)?;
+    Ok(())
+}
+
+/// The stock kernel's initramfs: the same user space plus the modules its
+/// /init loads, in dependency order.
+fn build_stock_initramfs(source: &Path, tool: &Path, stock: &Path, out: &Path) -> Result<()> {
+    let tree = out.join("tree");
+    stage_userspace(source, tool, &tree)?;
+    let modules = tree.join("lib/modules");
+    fs::create_dir_all(&modules)?;
+    let order = stock_kernel::load_order(&stock.join("modules"), stock_kernel::GUEST_MODULES)?;
+    for name in &order {
+        fs::copy(
+            stock.join("modules").join(format!("{name}.ko")),
+            modules.join(format!("{name}.ko")),
+        )?;
+    }
+    fs::write(modules.join("load-order"), order.join("\n") + "\n")?;
+    write_tree_initramfs(&out.join("stock-busybox.cpio.gz"), &tree, Compression::fast())?;
+    fs::remove_dir_all(&tree)?;
+    Ok(())
+}
+
+fn write_tree_initramfs(path: &Path, tree: &Path, level: Compression) -> Result<()> {
+    let mut gz = GzEncoder::new(Vec::new(), level);
+    crate::cpio::write_tree(&mut gz, tree, &[console_node()])?;
+    fs::write(path, gz.finish()?)?;
+    Ok(())
 }
 
 fn console_node() -> Entry<'static> {

@@ -12,9 +12,11 @@ mod apt;
 mod cache;
 mod cpio;
 mod fuzz;
+mod hwkvm;
 mod images;
 mod kernel;
 mod process;
+mod stock_kernel;
 mod test;
 
 use std::path::PathBuf;
@@ -26,7 +28,9 @@ tasks:
   images [--output json]   build the guest images into target/images (cached)
   fuzz [SECONDS]           run every fuzz target for SECONDS each (default 30)
   api-fuzz                 property tests of the host API from its OpenAPI document (schemathesis)
-  test                     images, fmt, clippy, every test, API property tests and a bounded fuzz run (what CI runs)";
+  hwkvm [FILTER]...        the hardware-KVM lane: tests with guest user space (in an L1 VM under QEMU when this host's KVM is not hardware)
+  test [--lane all|host|hwkvm]
+                           images, fmt, clippy, every test, the hardware-KVM lane, API property tests and a bounded fuzz run (what CI runs)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         Some("test") => test::main(&args[1..]),
         Some("fuzz") => fuzz::main(&args[1..]),
         Some("api-fuzz") => api_fuzz::main(&args[1..]),
+        Some("hwkvm") => hwkvm::main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -7,9 +7,32 @@ use anyhow::{bail, Result};
 
 use crate::{images, process, workspace_root};
 
+/// Which tests run: this host's own (`host`: checks, unit and integration
+/// tests, API property tests, fuzzing), the hardware-KVM lane, or both.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    All,
+    Host,
+    HardwareKvm,
+}
+
+fn parse_lane(args: &[String]) -> Result<Lane> {
+    match args {
+        [] => Ok(Lane::All),
+        [flag, lane] if flag == "--lane" => match lane.as_str() {
+            "all" => Ok(Lane::All),
+            "host" => Ok(Lane::Host),
+            "hwkvm" => Ok(Lane::HardwareKvm),
+            other => bail!("unknown lane {other}: all, host or hwkvm"),
+        },
+        _ => bail!("usage: cargo xtask test [--lane all|host|hwkvm]"),
+    }
+}
+
 pub fn main(args: &[String]) -> Result<()> {
-    if !args.is_empty() {
-        bail!("usage: cargo xtask test");
+    let lane = parse_lane(args)?;
+    if lane == Lane::HardwareKvm {
+        return crate::hwkvm::run(&[]);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = workspace_root();
@@ -51,6 +74,11 @@ pub fn main(args: &[String]) -> Result<()> {
             .env("BULKHEAD_REQUIRE_IMAGES", "1")
             .args(["test", "--workspace", "--release"]),
     )?;
+
+    if lane == Lane::All {
+        step("hardware-KVM lane (tests with guest user space)");
+        crate::hwkvm::run(&[])?;
+    }
 
     step("host API property tests (schemathesis)");
     crate::api_fuzz::run(&root)?;

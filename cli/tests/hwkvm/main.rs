@@ -1,0 +1,573 @@
+//! Tests that need guest user space: the hardware-KVM lane.
+//!
+//! Each test is `#[ignore]`d in a plain `cargo test`: on a software KVM like
+//! `kvm_pvm` a guest's first system call faults (docs/host-kvm.md).
+//! `cargo xtask hwkvm` (part of `cargo xtask test`) runs them with
+//! `--include-ignored`, directly on a host with hardware KVM, else inside an
+//! L1 VM whose `kvm_amd` runs on QEMU's emulated SVM (xtask/src/hwkvm.rs).
+//!
+//! Guests boot a busybox user space (images/userspace) whose shell is on the
+//! serial console: the tests type commands into `bulkhead run`'s stdin and
+//! read the answers from its stdout.
+
+mod support;
+
+use support::{cmdline, Kernel, TempDir, Vm};
+use std::time::Duration;
+
+const EXIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// The console both ways on the project kernel: a shell answers, reboot from
+/// user space ends `bulkhead run` with status 0.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn project_kernel_shell_on_the_console_and_reboot() {
+    let dir = TempDir::new("hwkvm-shell");
+    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "2".into()], &dir.0);
+    assert_eq!(vm.sh("echo $((6 * 7))").trim(), "42");
+    let (status, output) = vm.shell("ls /nonexistent");
+    assert_ne!(status, 0, "{output}");
+    vm.type_text("reboot\n");
+    let (status, report) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", vm.describe());
+    assert_eq!(report["exit"], "guest reset", "{report}");
+    assert!(
+        vm.console().contains("bulkhead-guest: shutting down"),
+        "the guest's own shutdown did not run\n{}",
+        vm.describe()
+    );
+}
+
+/// A stock distribution kernel with ACPI and a plain command line: user
+/// space can write to the serial console (IRQ 4 works), and `poweroff`
+/// ends `bulkhead run` with status 0.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn stock_kernel_console_and_poweroff_with_acpi() {
+    let dir = TempDir::new("hwkvm-stock-acpi");
+    let mut vm = Vm::boot(Kernel::Stock, &[], &dir.0);
+    assert_eq!(vm.sh("echo $((6 * 7))").trim(), "42");
+    let serial = vm.sh("cat /proc/tty/driver/serial");
+    assert!(serial.contains("irq:4"), "{serial}");
+    vm.type_text("poweroff\n");
+    let (status, report) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", vm.describe());
+    assert_eq!(report["exit"], "guest powered off", "{report}");
+}
+
+/// Without ACPI (MP table) a stock kernel's power-off is a halt of every
+/// CPU: that too ends `bulkhead run` with status 0.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn stock_kernel_poweroff_without_acpi() {
+    let dir = TempDir::new("hwkvm-stock-noacpi");
+    let mut extra = cmdline("acpi=off");
+    extra.extend(["--cpus".into(), "2".into()]);
+    let mut vm = Vm::boot(Kernel::Stock, &extra, &dir.0);
+    vm.type_text("poweroff\n");
+    let (status, report) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", vm.describe());
+    assert!(
+        vm.console().contains("bulkhead-guest: shutting down"),
+        "{}",
+        vm.describe()
+    );
+    eprintln!("exit: {}", report["exit"]);
+}
+
+/// SMP: user space sees every vCPU and runs on each.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn smp_user_space_runs_on_every_cpu() {
+    let dir = TempDir::new("hwkvm-smp");
+    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "3".into()], &dir.0);
+    assert_eq!(vm.sh("nproc").trim(), "3");
+    for cpu in 0..3 {
+        // Field 39 of /proc/self/stat: the CPU the process last ran on.
+        let ran_on = vm.sh(&format!(
+            "taskset -c {cpu} sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; cut -d\" \" -f39 /proc/self/stat'"
+        ));
+        assert_eq!(ran_on.trim(), cpu.to_string(), "work pinned to CPU {cpu}");
+    }
+    vm.type_text("reboot -f\n");
+    let (status, _) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", vm.describe());
+}
+
+/// A guest kernel panic ends the VM with a non-zero status, reported
+/// through pvpanic.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn a_guest_panic_ends_the_vm_through_pvpanic() {
+    let dir = TempDir::new("hwkvm-panic");
+    let mut vm = Vm::boot(Kernel::Project, &[], &dir.0);
+    vm.type_text("echo c > /proc/sysrq-trigger\n");
+    let (status, report) = vm.wait_exit(EXIT_LIMIT);
+    assert_eq!(status.code(), Some(1), "{}", vm.describe());
+    assert_eq!(
+        report["exit"], "guest kernel panicked (reported through pvpanic)",
+        "{report}"
+    );
+}
+
+/// virtio-blk under user space: an ext4 root written with fsync is on the
+/// host after power-off (and fsck-clean), a read-only disk refuses writes
+/// with EROFS, discards and fstrim punch holes in the host files.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn virtio_blk_from_user_space() {
+    let dir = TempDir::new("hwkvm-blk");
+    let root = dir.join("root.ext4");
+    std::fs::copy(support::image("busybox-root.ext4"), &root).unwrap();
+    let scratch = dir.join("scratch.img");
+    std::fs::write(&scratch, vec![0xa5u8; 16 << 20]).unwrap();
+    let read_only = dir.join("read-only.img");
+    std::fs::write(&read_only, vec![0x5au8; 1 << 20]).unwrap();
+    let mut args = Kernel::Project.args();
+    args.truncate(2); // the kernel only: the root is the disk
+    args.extend(cmdline("root=/dev/vda rw rootfstype=ext4"));
+    for disk in [
+        format!("path={}", root.display()),
+        format!("path={}", scratch.display()),
+        format!("path={},readonly", read_only.display()),
+    ] {
+        args.extend(["--disk".into(), disk]);
+    }
+    let mut vm = Vm::start(&args, &dir.0);
+    vm.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
+    vm.wait_for("guest# ", support::COMMAND_LIMIT);
+
+    let mounts = vm.sh("cat /proc/mounts");
+    assert!(mounts.contains("/dev/root / ext4 rw"), "{mounts}");
+    vm.sh("echo written-by-the-guest > /root/note && dd if=/root/note of=/root/copy conv=fsync 2>/dev/null");
+
+    assert_eq!(vm.sh("blockdev --getro /dev/vdc").trim(), "1");
+    let (status, output) = vm.shell("dd if=/dev/zero of=/dev/vdc bs=4096 count=1");
+    assert_ne!(status, 0, "a write to the read-only disk succeeded: {output}");
+    assert!(output.contains("Read-only file system"), "{output}");
+    assert_eq!(std::fs::read(&read_only).unwrap(), vec![0x5au8; 1 << 20]);
+
+    let before = support::allocated_bytes(&scratch);
+    vm.sh("blkdiscard /dev/vdb");
+    let after = support::allocated_bytes(&scratch);
+    assert!(
+        before >= 16 << 20 && after <= 1 << 20,
+        "blkdiscard left {after} of {before} bytes allocated"
+    );
+
+    vm.sh("dd if=/dev/urandom of=/root/big bs=1M count=8 conv=fsync 2>/dev/null && rm /root/big && sync");
+    let before = support::allocated_bytes(&root);
+    let trimmed = vm.sh("fstrim -v /");
+    let after = support::allocated_bytes(&root);
+    assert!(
+        after + (6 << 20) <= before,
+        "fstrim ({trimmed}) freed {} bytes of the host file",
+        before.saturating_sub(after)
+    );
+
+    vm.type_text("reboot\n");
+    let (status, _) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", vm.describe());
+    let note = support::run(std::process::Command::new("debugfs").args(["-R", "cat /root/copy"]).arg(&root));
+    assert!(note.contains("written-by-the-guest"), "{note}");
+    support::run(std::process::Command::new("e2fsck").arg("-fn").arg(&root));
+}
+
+/// virtio-net under user space, in a network namespace of the test's own:
+/// the guest pings the host side of its TAP, moves TCP streams both ways with
+/// busybox nc, and a NIC with a bandwidth cap holds it.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn virtio_net_from_user_space() {
+    support::in_new_network_namespace(|| {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        const STREAM: usize = 8 << 20;
+        const CAP: u64 = 1 << 20;
+        let dir = TempDir::new("hwkvm-net");
+        let mut extra = vec![
+            "--net".to_string(),
+            "tap=bhfast0".into(),
+            "--net".into(),
+            format!("tap=bhslow0,bps={CAP}"),
+        ];
+        extra.extend(["--memory".into(), "256".into()]);
+        let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+        for (tap, subnet) in [("bhfast0", "10.77.1"), ("bhslow0", "10.77.2")] {
+            support::run(std::process::Command::new("ip").args(["addr", "add", &format!("{subnet}.1/24"), "dev", tap]));
+        }
+        vm.sh("ip addr add 10.77.1.2/24 dev eth0 && ip link set eth0 up && ip addr add 10.77.2.2/24 dev eth1 && ip link set eth1 up");
+        let ping = vm.sh("ping -c 3 -W 10 10.77.1.1");
+        assert!(ping.contains("3 packets received"), "{ping}");
+
+        // Guest → host.
+        let listener = TcpListener::bind("10.77.1.1:5001").unwrap();
+        let receiver = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).unwrap();
+            received.len()
+        });
+        vm.sh(&format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.1.1 5001", STREAM / 65536));
+        assert_eq!(receiver.join().unwrap(), STREAM);
+
+        // Host → guest.
+        vm.sh("(nc -l -p 5002 | wc -c > /tmp/received) & sleep 1");
+        let mut stream = TcpStream::connect("10.77.1.2:5002").unwrap();
+        stream.write_all(&vec![7u8; STREAM]).unwrap();
+        drop(stream);
+        let mut received = String::new();
+        for _ in 0..100 {
+            received = vm.sh("cat /tmp/received 2>/dev/null; true");
+            if !received.trim().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(received.trim(), STREAM.to_string());
+
+        // Through the capped NIC: at most the rate times the time, plus one
+        // burst (a second's worth).
+        let listener = TcpListener::bind("10.77.2.1:5003").unwrap();
+        let receiver = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let started = std::time::Instant::now();
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).unwrap();
+            (received.len() as u64, started.elapsed())
+        });
+        let capped = 4 * CAP;
+        vm.shell_with_limit(
+            &format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.2.1 5003", capped / 65536),
+            Duration::from_secs(120),
+        );
+        let (bytes, took) = receiver.join().unwrap();
+        assert_eq!(bytes, capped);
+        let allowed = CAP as f64 * took.as_secs_f64() + CAP as f64;
+        assert!(
+            bytes as f64 <= allowed * 1.05,
+            "{bytes} bytes in {took:?} through a NIC capped at {CAP} B/s"
+        );
+        eprintln!("capped NIC: {bytes} bytes in {took:?}");
+        vm.type_text("reboot -f\n");
+        let (status, _) = vm.wait_exit(EXIT_LIMIT);
+        assert!(status.success(), "{status}");
+    });
+}
+
+/// vsock under user space: the guest connects to a host listener, and
+/// accepts a host connection; data both ways.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn vsock_from_user_space() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = TempDir::new("hwkvm-vsock");
+    let socket = dir.join("vsock.sock");
+    let extra = vec!["--vsock".to_string(), format!("cid=3,socket={}", socket.display())];
+    let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+
+    let listener = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
+    let host = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        (&stream).write_all(format!("host got: {}", line).as_bytes()).unwrap();
+        line
+    });
+    let reply = vm.sh("bulkhead-guest-tool vsock-connect 5000 hello-from-guest");
+    assert_eq!(host.join().unwrap().trim(), "hello-from-guest");
+    assert!(reply.contains("vsock reply: host got: hello-from-guest"), "{reply}");
+
+    vm.type_text("bulkhead-guest-tool vsock-serve 6000 &\n");
+    vm.wait_for("vsock listening on 6000", support::COMMAND_LIMIT);
+    let stream = UnixStream::connect(&socket).unwrap();
+    (&stream).write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line}");
+    (&stream).write_all(b"hello-from-host\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "guest got: hello-from-host");
+    vm.wait_for("vsock served: hello-from-host", support::COMMAND_LIMIT);
+    vm.type_text("reboot -f\n");
+    let (status, _) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}");
+}
+
+/// The entropy device reads in user space; the balloon takes memory from
+/// the guest (MemTotal falls) and gives it back.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn rng_and_balloon_from_user_space() {
+    let dir = TempDir::new("hwkvm-rng-balloon");
+    let extra = vec![
+        "--rng".to_string(),
+        "--balloon".into(),
+        "--memory".into(),
+        "256".into(),
+    ];
+    let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+    assert!(vm.sh("cat /sys/class/misc/hw_random/rng_current").contains("virtio_rng"));
+    assert_eq!(vm.sh("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c").trim(), "64");
+
+    let mem_total_kib = |vm: &mut Vm| -> u64 {
+        vm.sh("grep MemTotal /proc/meminfo")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .expect("MemTotal")
+    };
+    let full = mem_total_kib(&mut vm);
+    vm.ctl(&["balloon", "64"]);
+    let mut now = full;
+    for _ in 0..100 {
+        now = mem_total_kib(&mut vm);
+        if full - now >= 60 << 10 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(full - now >= 60 << 10, "MemTotal {full} → {now} KiB after a 64 MiB balloon");
+    vm.ctl(&["balloon", "0"]);
+    for _ in 0..100 {
+        now = mem_total_kib(&mut vm);
+        if now == full {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(now, full, "the deflated balloon did not give the memory back");
+    vm.type_text("reboot -f\n");
+    let (status, _) = vm.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}");
+}
+
+/// The first count a new process printed continues the one before: after at
+/// most one line that may have been in flight when the old one stopped.
+fn assert_continues(before: &[u64], after: &[u64], what: &str) {
+    let last = *before.last().expect("counted before");
+    let first = *after.first().expect("counted after");
+    assert!(
+        first > last && first <= last + 2,
+        "{what}: counted to {last}, then went on at {first}"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "{what}: a gap or repeat in {after:?}"
+    );
+}
+
+fn wait_for_counts(vm: &mut Vm, at_least: usize) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let counts = support::counts(&vm.console());
+        if counts.len() >= at_least {
+            return counts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not count to {at_least}\n{}",
+            vm.describe()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Snapshot, restore, clone and live migration of a guest whose user space
+/// counts on the console and appends each number to a file on its ext4 root
+/// (fdatasync'd): the console goes on without a gap or repeat, and the file
+/// holds 1..N exactly and is fsck-clean at the end of each life.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn snapshot_restore_clone_and_migration_keep_counting() {
+    let dir = TempDir::new("hwkvm-counting");
+    let root = dir.join("root.ext4");
+    std::fs::copy(support::image("busybox-root.ext4"), &root).unwrap();
+    let mut args = Kernel::Project.args();
+    args.truncate(2);
+    args.extend(cmdline("root=/dev/vda rw rootfstype=ext4"));
+    args.extend(["--cpus".into(), "2".into(), "--memory".into(), "256".into()]);
+    args.extend(["--disk".into(), format!("path={}", root.display())]);
+    let life = |name: &str| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    };
+    let mut original = Vm::start(&args, &life("original"));
+    original.wait_for("guest# ", support::BOOT_LIMIT);
+    original.type_text("bulkhead-guest-tool count /root/count 100 &\n");
+    wait_for_counts(&mut original, 20);
+
+    // Snapshot of a paused VM: the disk stays as the snapshot saw it.
+    original.ctl(&["pause"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let snapshot = dir.join("snapshot");
+    original.ctl(&["snapshot", snapshot.to_str().unwrap()]);
+    let at_snapshot = support::counts(&original.console());
+    drop(original);
+    let root_at_snapshot = dir.join("root-at-snapshot.ext4");
+    std::fs::copy(&root, &root_at_snapshot).unwrap();
+
+    let restore_args = |life_dir: &std::path::Path| {
+        let _ = life_dir;
+        vec!["--restore".to_string(), snapshot.display().to_string()]
+    };
+    let restored_dir = life("restored");
+    let mut restored = Vm::start(&restore_args(&restored_dir), &restored_dir);
+    let after_restore = wait_for_counts(&mut restored, 20);
+    assert_continues(&at_snapshot, &after_restore, "restore");
+
+    // Live migration to another process on this host.
+    let migrated_dir = life("migrated");
+    let incoming = format!("unix:{}", migrated_dir.join("migration.sock").display());
+    let mut migrated = Vm::start(&["--incoming".into(), incoming.clone()], &migrated_dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !migrated_dir.join("migration.sock").exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", migrated.describe());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    restored.ctl(&["migrate", &incoming]);
+    let (status, _) = restored.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "the migrated source: {status}\n{}", restored.describe());
+    let before_migration = support::counts(&restored.console());
+    let after_migration = wait_for_counts(&mut migrated, 20);
+    assert_continues(&before_migration, &after_migration, "migration");
+
+    migrated.type_text("kill %1; sleep 1; reboot\n");
+    let (status, _) = migrated.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", migrated.describe());
+    let last = *support::counts(&migrated.console()).last().unwrap();
+    check_count_file(&root, last);
+
+    // A clone: the same snapshot again, on the disk as it was then.
+    std::fs::copy(&root_at_snapshot, &root).unwrap();
+    let clone_dir = life("clone");
+    let mut clone = Vm::start(&restore_args(&clone_dir), &clone_dir);
+    let clone_counts = wait_for_counts(&mut clone, 10);
+    assert_continues(&at_snapshot, &clone_counts, "clone");
+    assert_eq!(
+        clone_counts[0], after_restore[0],
+        "two restores of one snapshot went on differently"
+    );
+    clone.type_text("kill %1; sleep 1; reboot\n");
+    let (status, _) = clone.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", clone.describe());
+    let last = *support::counts(&clone.console()).last().unwrap();
+    check_count_file(&root, last);
+}
+
+/// The count file on the guest's disk holds 1..N with N at least `last_seen`,
+/// and the file system is clean.
+fn check_count_file(disk: &std::path::Path, last_seen: u64) {
+    support::run(std::process::Command::new("e2fsck").arg("-fn").arg(disk));
+    let text = support::run(
+        std::process::Command::new("debugfs")
+            .args(["-R", "cat /root/count"])
+            .arg(disk),
+    );
+    let numbers: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(!numbers.is_empty(), "no counts on disk: {text}");
+    for (index, n) in numbers.iter().enumerate() {
+        assert_eq!(*n, index as u64 + 1, "the count file has a gap or repeat at line {}", index + 1);
+    }
+    assert!(
+        *numbers.last().unwrap() >= last_seen,
+        "the disk has up to {}, the console showed {last_seen}",
+        numbers.last().unwrap()
+    );
+}
+
+/// The host daemon runs a Linux guest with user space: created and started
+/// through the CLI, a command typed through the console attach answers, and
+/// the graceful stop makes the guest shut itself down.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn the_daemon_runs_a_guest_with_user_space() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("hwkvm-daemon");
+    let socket = dir.join("api.sock");
+    let images = support::image("stock-vmlinuz").parent().unwrap().to_path_buf();
+    let mut daemon = Command::new(support::bulkhead_bin());
+    daemon
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--allow-dir")
+        .arg(&images)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    support::dies_with_test(&mut daemon);
+    let mut daemon = KillOnDrop(daemon.spawn().unwrap());
+    let daemon_log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    support::collect(daemon.0.stderr.take().unwrap(), daemon_log.clone());
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(support::bulkhead_bin());
+        command.env("BULKHEAD_SOCKET", &socket).args(args);
+        command
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cli(&["vm", "ls"]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon_log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    support::run(&mut cli(&[
+        "vm",
+        "create",
+        "linux",
+        "--kernel",
+        support::image("stock-vmlinuz").to_str().unwrap(),
+        "--initrd",
+        support::image("stock-busybox.cpio.gz").to_str().unwrap(),
+        "--memory",
+        "256",
+        "--start",
+    ]));
+
+    let mut console = cli(&["vm", "console", "linux", "--write"]);
+    console
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    support::dies_with_test(&mut console);
+    let mut console = KillOnDrop(console.spawn().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    support::collect(console.0.stdout.take().unwrap(), seen.clone());
+    let mut input = console.0.stdin.take().unwrap();
+    let wait_for = |text: &str, limit: Duration| {
+        let deadline = std::time::Instant::now() + limit;
+        while !seen.lock().unwrap().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the console did not show '{text}':\n{}\n--- daemon ---\n{}",
+                seen.lock().unwrap(),
+                daemon_log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("guest# ", support::BOOT_LIMIT);
+    input.write_all(b"echo typed-$((6 * 7))\n").unwrap();
+    wait_for("typed-42", support::COMMAND_LIMIT);
+
+    support::run(&mut cli(&["vm", "stop", "linux", "--timeout", "60"]));
+    wait_for("bulkhead-guest: shutting down", support::COMMAND_LIMIT);
+    let shown = support::run(&mut cli(&["vm", "show", "linux", "--output", "json"]));
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["state"], "stopped", "{shown}");
+    drop(input);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

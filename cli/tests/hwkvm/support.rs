@@ -1,0 +1,384 @@
+//! What the user-space tests share: the `bulkhead` binary, the guest images,
+//! temporary folders, and a VM whose serial console is a shell the test types
+//! into.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to boot to its shell (a stock kernel under
+/// nested KVM on an emulated L1 takes ~20 s).
+pub const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// How long one shell command may take.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+/// The `bulkhead` binary: `BULKHEAD_BIN` (inside L1), else the one cargo built.
+pub fn bulkhead_bin() -> PathBuf {
+    std::env::var_os("BULKHEAD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bulkhead")))
+}
+
+/// A guest image from `cargo xtask images`; these tests cannot run without.
+pub fn image(name: &str) -> PathBuf {
+    let dir = std::env::var_os("BULKHEAD_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images")
+        });
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask images`",
+        path.display()
+    );
+    path
+}
+
+/// A folder removed with everything in it when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("bulkhead-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a command; panics with its output when it fails.
+pub fn run(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{command:?} failed: {text}");
+    text
+}
+
+/// Which kernel a guest boots, with the busybox user space built for it.
+#[derive(Clone, Copy, Debug)]
+pub enum Kernel {
+    /// The project's kernel (drivers built in, no ACPI: MP table).
+    Project,
+    /// Debian's stock kernel (drivers as modules, ACPI).
+    Stock,
+}
+
+impl Kernel {
+    pub fn args(self) -> Vec<String> {
+        let (kernel, initrd) = match self {
+            Kernel::Project => ("vmlinux", "busybox.cpio.gz"),
+            Kernel::Stock => ("stock-vmlinuz", "stock-busybox.cpio.gz"),
+        };
+        vec![
+            "--kernel".into(),
+            image(kernel).display().to_string(),
+            "--initrd".into(),
+            image(initrd).display().to_string(),
+        ]
+    }
+}
+
+/// The default command line plus `extra`.
+pub fn cmdline(extra: &str) -> Vec<String> {
+    vec![
+        "--cmdline".into(),
+        format!("console=ttyS0 reboot=k panic=-1 {extra}"),
+    ]
+}
+
+/// Makes the process `command` starts die with the test that started it.
+pub fn dies_with_test(command: &mut Command) {
+    // SAFETY: prctl in the child before exec; no allocation.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Appends what `stream` produces to `into`.
+pub fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            into.lock().unwrap().push_str(&String::from_utf8_lossy(&line));
+            line.clear();
+        }
+    });
+}
+
+/// A `bulkhead run` process whose console (stdin/stdout) the test holds.
+pub struct Vm {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    console: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    pub control: PathBuf,
+    commands: usize,
+}
+
+impl Vm {
+    /// Starts `bulkhead run ARGS --control DIR/control.sock --output json`.
+    pub fn start(args: &[String], dir: &Path) -> Vm {
+        let control = dir.join("control.sock");
+        let mut command = Command::new(bulkhead_bin());
+        command
+            .arg("run")
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .args(["--output", "json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        dies_with_test(&mut command);
+        let mut child = command.spawn().expect("start bulkhead run");
+        let console = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().unwrap(), console.clone());
+        collect(child.stderr.take().unwrap(), stderr.clone());
+        Vm {
+            stdin: child.stdin.take(),
+            child,
+            console,
+            stderr,
+            control,
+            commands: 0,
+        }
+    }
+
+    /// Boots `kernel` with its busybox user space and waits for its shell.
+    pub fn boot(kernel: Kernel, extra: &[String], dir: &Path) -> Vm {
+        let mut args = kernel.args();
+        args.extend_from_slice(extra);
+        let mut vm = Vm::start(&args, dir);
+        vm.wait_for("bulkhead-guest: up", BOOT_LIMIT);
+        vm.wait_for("guest# ", COMMAND_LIMIT);
+        vm
+    }
+
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything the test knows about this VM, for a failure message.
+    pub fn describe(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- stderr ---\n{}",
+            self.console(),
+            self.stderr()
+        )
+    }
+
+    /// Waits until the console shows `text`; panics (with the console) if
+    /// the VM ends or `limit` passes first.
+    pub fn wait_for(&mut self, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.console().contains(text) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "bulkhead exited ({status}) before the console showed '{text}'\n{}",
+                    self.describe()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the console did not show '{text}' within {limit:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Types `text` on the console.
+    pub fn type_text(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("console input is open");
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Runs `command` in the guest's shell; returns its exit status and what
+    /// it printed (the typed line itself excluded).
+    pub fn shell(&mut self, command: &str) -> (i32, String) {
+        self.shell_with_limit(command, COMMAND_LIMIT)
+    }
+
+    pub fn shell_with_limit(&mut self, command: &str, limit: Duration) -> (i32, String) {
+        self.commands += 1;
+        let marker = format!("@@{}:", self.commands);
+        let start = self.console().len();
+        self.type_text(&format!("{command}; echo \"{marker}$?@@\"\n"));
+        let deadline = Instant::now() + limit;
+        loop {
+            let console = self.console();
+            let new = &console[start.min(console.len())..];
+            // The typed line echoes `@@N:$?@@`; only the answer has digits.
+            if let Some(found) = find_marker(new, &marker) {
+                let (status, end) = found;
+                let output = &new[..end];
+                // Drop the echoed command line.
+                let output = output.split_once('\n').map_or("", |(_, rest)| rest);
+                return (status, output.replace('\r', ""));
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("bulkhead exited ({status}) during `{command}`\n{}", self.describe());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{command}` did not finish within {limit:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `command`, which must succeed; returns its output.
+    pub fn sh(&mut self, command: &str) -> String {
+        let (status, output) = self.shell(command);
+        assert_eq!(
+            status,
+            0,
+            "`{command}` failed in the guest:\n{output}\n{}",
+            self.describe()
+        );
+        output
+    }
+
+    /// `bulkhead ctl CONTROL ARGS...`, which must succeed.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        run(Command::new(bulkhead_bin())
+            .arg("ctl")
+            .arg(&self.control)
+            .args(args))
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.ctl(&["status"])).expect("status is JSON")
+    }
+
+    /// Waits for the VMM to end by itself; returns its exit status and its
+    /// JSON report.
+    pub fn wait_exit(&mut self, limit: Duration) -> (ExitStatus, Value) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the VM did not end within {limit:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The reader threads see the pipes close right after the exit.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let report = loop {
+            let report = self
+                .stderr()
+                .lines()
+                .rev()
+                .find_map(|line| serde_json::from_str::<Value>(line).ok());
+            match report {
+                Some(report) => break report,
+                None if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                None => break Value::Null,
+            }
+        };
+        (status, report)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds `MARKER<digits>@@` in `text`: the status and where the marker starts.
+fn find_marker(text: &str, marker: &str) -> Option<(i32, usize)> {
+    let mut from = 0;
+    while let Some(offset) = text[from..].find(marker) {
+        let start = from + offset;
+        let rest = &text[start + marker.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !digits.is_empty() && rest[digits.len()..].starts_with("@@") {
+            return Some((digits.parse().ok()?, start));
+        }
+        from = start + marker.len();
+    }
+    None
+}
+
+#[test]
+fn markers_with_digits_are_answers_and_typed_ones_are_not() {
+    let text = "echo \"@@3:$?@@\"\r\n42\r\n@@3:0@@\r\n";
+    let (status, at) = find_marker(text, "@@3:").unwrap();
+    assert_eq!(status, 0);
+    assert_eq!(&text[..at], "echo \"@@3:$?@@\"\r\n42\r\n");
+    assert!(find_marker("@@3:$?@@", "@@3:").is_none());
+    assert_eq!(find_marker("x@@12:127@@", "@@12:").unwrap().0, 127);
+}
+
+/// Runs `f` on a thread of its own in a new network namespace (with its
+/// loopback up): TAPs, addresses and the processes it starts (which inherit
+/// the thread's namespace) stay there, and go with it.
+pub fn in_new_network_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare affects only this thread's network namespace.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        run(Command::new("ip").args(["link", "set", "lo", "up"]));
+        f()
+    });
+    match thread.join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// The numbers of the `count N` lines of `console`, in order.
+pub fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|line| line.trim_end_matches('\r').strip_prefix("count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// The host file's allocated bytes (holes excluded).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}

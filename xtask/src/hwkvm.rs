@@ -1,0 +1,422 @@
+//! The hardware-KVM lane: tests that need guest user space.
+//!
+//! Those tests are the `hwkvm` test binary of the `bulkhead` crate
+//! (`cli/tests/hwkvm/`); they are `#[ignore]`d in a plain `cargo test`
+//! because a guest's user space cannot run on a software KVM like this
+//! machine's `kvm_pvm` (docs/host-kvm.md). This lane runs them:
+//!
+//! - on a host whose KVM is hardware (kvm_intel / kvm_amd loaded), directly;
+//! - elsewhere inside an L1 VM: Debian's stock kernel under QEMU's software
+//!   emulation with `-cpu max` (AMD SVM with nested paging), whose `kvm_amd`
+//!   gives a hardware-model KVM. The L1 image (an uncompressed initramfs:
+//!   busybox, the kernel's KVM and TAP modules, the `bulkhead` binary, the test
+//!   binary, the guest images, and e2fsprogs with its libraries) is cached by
+//!   the hash of everything in it. L1 has no network device: everything the
+//!   tests do stays inside it.
+//!
+//! Each test's result line is passed through as libtest prints it; a failure,
+//! a missing summary, or L1 not finishing in time fails the lane.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{apt, cache, images, process, stock_kernel, workspace_root};
+
+/// Bumped when the L1 recipe changes in a way its inputs do not show.
+const L1_RECIPE_VERSION: &[u8] = b"1";
+/// QEMU for L1, and the e2fsprogs the tests check guest disks with.
+const PACKAGES: &[&str] = &["qemu-system-x86", "e2fsprogs"];
+/// Programs from the host copied into L1 with their shared libraries.
+const HOST_PROGRAMS: &[&str] = &["/sbin/e2fsck", "/sbin/debugfs"];
+/// The whole lane inside L1 must end within this.
+const L1_TIME_LIMIT: Duration = Duration::from_secs(40 * 60);
+/// L1's memory: guests of up to 512 MiB, a few at once, plus the images.
+const L1_MEMORY: &str = "6G";
+
+const L1_INIT: &str = r#"#!/bin/sh
+# L1's /init: a hardware-model KVM (kvm_amd on QEMU's emulated SVM), then the
+# user-space tests, then power off. Arguments after "--" on L1's command line
+# arrive here and filter the tests.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /run /dev/pts /sys/fs/cgroup /var/tmp
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t devpts devpts /dev/pts
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+for module in $(cat /lib/modules/load-order); do
+	insmod "/lib/modules/$module.ko" || echo "l1: insmod $module failed"
+done
+ip link set lo up
+echo "l1: up after $(cut -d' ' -f1 /proc/uptime) s; KVM: $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null | sed 's/Y/nested paging/')"
+cd /tmp
+BULKHEAD_BIN=/bulkhead/bulkhead BULKHEAD_IMAGES=/bulkhead/images BULKHEAD_REQUIRE_IMAGES=1 \
+	/bulkhead/hwkvm --include-ignored --test-threads=1 "$@"
+echo "l1: tests exited with $?"
+poweroff -f
+"#;
+
+pub fn main(args: &[String]) -> Result<()> {
+    let filters: Vec<String> = args.to_vec();
+    if filters.iter().any(|f| f.starts_with('-')) {
+        bail!("usage: cargo xtask hwkvm [TEST_NAME_FILTER]...");
+    }
+    run(&filters)
+}
+
+/// Whether this host's KVM is a hardware one (Intel VT-x or AMD SVM).
+pub fn host_has_hardware_kvm() -> bool {
+    Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists()
+}
+
+/// Runs the lane (only the tests whose names contain one of `filters`, if
+/// any are given).
+pub fn run(filters: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let root = workspace_root();
+    images::main(&[])?;
+    let test_binary = build_test_binary(&root)?;
+    let bulkhead = root.join("target/x86_64-unknown-linux-gnu/release/bulkhead");
+    let images_dir = images::images_dir();
+
+    if host_has_hardware_kvm() {
+        eprintln!("xtask: hwkvm: this host's KVM is hardware; running the lane directly");
+        let mut command = Command::new(&test_binary);
+        command
+            .env("BULKHEAD_BIN", &bulkhead)
+            .env("BULKHEAD_IMAGES", &images_dir)
+            .env("BULKHEAD_REQUIRE_IMAGES", "1")
+            .args(["--include-ignored", "--test-threads=1"])
+            .args(filters);
+        return process::run(&mut command);
+    }
+
+    apt::ensure_installed(PACKAGES)?;
+    let image_started = Instant::now();
+    let (l1_kernel, l1_initrd) = l1_image(&root, &bulkhead, &test_binary, &images_dir)?;
+    let image_secs = image_started.elapsed().as_secs_f64();
+    let outcome = boot_l1(&l1_kernel, &l1_initrd, filters)?;
+    eprintln!(
+        "xtask: hwkvm lane: {} passed, {} failed, {} ignored; L1 image {image_secs:.1} s, \
+         L1 boot {:.1} s, whole lane {:.1} s",
+        outcome.passed,
+        outcome.failed.len(),
+        outcome.ignored,
+        outcome.l1_boot_secs.unwrap_or(f64::NAN),
+        started.elapsed().as_secs_f64()
+    );
+    if !outcome.failed.is_empty() {
+        bail!("hwkvm lane: failed: {}", outcome.failed.join(", "));
+    }
+    if outcome.exit_status != Some(0) {
+        bail!(
+            "hwkvm lane: the test binary in L1 exited with {:?}",
+            outcome.exit_status
+        );
+    }
+    Ok(())
+}
+
+/// Builds the `hwkvm` test binary (and with it the `bulkhead` binary) and
+/// returns the test binary's path.
+fn build_test_binary(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = process::output(Command::new(&cargo).current_dir(root).args([
+        "test",
+        "--release",
+        "-p",
+        "bulkhead",
+        "--test",
+        "hwkvm",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    for line in output.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] == "compiler-artifact" && message["target"]["name"] == "hwkvm" {
+            if let Some(executable) = message["executable"].as_str() {
+                return Ok(PathBuf::from(executable));
+            }
+        }
+    }
+    bail!("cargo did not report the hwkvm test executable")
+}
+
+/// The L1 kernel and initramfs, built into the cache when their inputs changed.
+fn l1_image(
+    root: &Path,
+    bulkhead: &Path,
+    test_binary: &Path,
+    images_dir: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let (package, version) = stock_kernel::package()?;
+    let stock_dir = cache::entry(
+        "stock-kernel",
+        &images::stock_kernel_key(&package, &version),
+        |out| stock_kernel::build(&package, out),
+    )?;
+    let mut key_parts: Vec<Vec<u8>> = vec![
+        L1_RECIPE_VERSION.to_vec(),
+        package.into_bytes(),
+        version.into_bytes(),
+        L1_INIT.as_bytes().to_vec(),
+        cache::file_sha256(bulkhead)?.into_bytes(),
+        cache::file_sha256(test_binary)?.into_bytes(),
+        fs::read(images_dir.join("manifest.json"))?,
+        apt::installed_version("busybox-static")
+            .unwrap_or_default()
+            .into_bytes(),
+        apt::installed_version("e2fsprogs")
+            .unwrap_or_default()
+            .into_bytes(),
+    ];
+    key_parts.sort();
+    let refs: Vec<&[u8]> = key_parts.iter().map(Vec::as_slice).collect();
+    let l1_dir = cache::entry("l1", &cache::key(&refs), |out| {
+        build_l1_initramfs(root, bulkhead, test_binary, images_dir, &stock_dir, out)
+    })?;
+    Ok((stock_dir.join("vmlinuz"), l1_dir.join("l1.cpio")))
+}
+
+fn build_l1_initramfs(
+    _root: &Path,
+    bulkhead: &Path,
+    test_binary: &Path,
+    images_dir: &Path,
+    stock_dir: &Path,
+    out: &Path,
+) -> Result<()> {
+    let tree = out.join("tree");
+    for dir in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run", "bulkhead/images"] {
+        fs::create_dir_all(tree.join(dir))?;
+    }
+    fs::copy("/bin/busybox", tree.join("bin/busybox"))
+        .context("copy /bin/busybox (busybox-static)")?;
+    let applets = process::output(Command::new("/bin/busybox").arg("--list"))?;
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet))?;
+    }
+    write_executable(&tree.join("init"), L1_INIT.as_bytes())?;
+
+    let modules = tree.join("lib/modules");
+    fs::create_dir_all(&modules)?;
+    let order = stock_kernel::load_order(&stock_dir.join("modules"), stock_kernel::L1_MODULES)?;
+    for name in &order {
+        fs::copy(
+            stock_dir.join("modules").join(format!("{name}.ko")),
+            modules.join(format!("{name}.ko")),
+        )?;
+    }
+    fs::write(modules.join("load-order"), order.join("\n") + "\n")?;
+
+    fs::copy(bulkhead, tree.join("bulkhead/bulkhead"))?;
+    fs::copy(test_binary, tree.join("bulkhead/hwkvm"))?;
+    for entry in fs::read_dir(images_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        // The kvm_pvm lane's images stay out: L1 has no use for them.
+        if path.is_file() && !name.starts_with("cloud-") && !name.starts_with('.') {
+            fs::copy(&path, tree.join("bulkhead/images").join(&*name))?;
+        }
+    }
+    for program in HOST_PROGRAMS {
+        copy_with_libraries(Path::new(program), &tree)?;
+    }
+
+    let mut cpio = fs::File::create(out.join("l1.cpio"))?;
+    let mut buffered = std::io::BufWriter::new(&mut cpio);
+    crate::cpio::write_tree(&mut buffered, &tree, &[])?;
+    buffered.flush()?;
+    drop(buffered);
+    fs::remove_dir_all(&tree)?;
+    Ok(())
+}
+
+/// Copies a dynamically linked host program and the libraries `ldd` names
+/// into `tree` at the same paths.
+fn copy_with_libraries(program: &Path, tree: &Path) -> Result<()> {
+    let listing = process::output(Command::new("ldd").arg(program))?;
+    let mut files = vec![program.to_path_buf()];
+    for line in listing.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(path) = path {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in files {
+        let target = tree.join(file.strip_prefix("/")?);
+        fs::create_dir_all(target.parent().expect("a file has a parent"))?;
+        fs::copy(&file, &target).with_context(|| format!("copy {}", file.display()))?;
+    }
+    Ok(())
+}
+
+fn write_executable(path: &Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, data)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// What L1 printed about the tests.
+#[derive(Default, Debug)]
+pub struct Outcome {
+    pub passed: usize,
+    pub ignored: usize,
+    pub failed: Vec<String>,
+    pub summary_seen: bool,
+    pub exit_status: Option<i32>,
+    pub l1_boot_secs: Option<f64>,
+}
+
+impl Outcome {
+    /// Takes in one line of L1's console.
+    pub fn observe(&mut self, line: &str) {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("test ") {
+            if let Some((name, result)) = rest.rsplit_once(" ... ") {
+                match result.trim() {
+                    "ok" => self.passed += 1,
+                    "ignored" => self.ignored += 1,
+                    "FAILED" => self.failed.push(name.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        if line.starts_with("test result: ") {
+            self.summary_seen = true;
+        }
+        if let Some(code) = line.strip_prefix("l1: tests exited with ") {
+            self.exit_status = code.trim().parse().ok();
+        }
+        if let Some(rest) = line.strip_prefix("l1: up after ") {
+            self.l1_boot_secs = rest.split_whitespace().next().and_then(|s| s.parse().ok());
+        }
+    }
+}
+
+/// Boots L1, streams its console (kept in target/hwkvm/l1-console.log), and
+/// collects the test results.
+fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> {
+    let log_dir = workspace_root().join("target/hwkvm");
+    fs::create_dir_all(&log_dir)?;
+    let log_path = log_dir.join("l1-console.log");
+    let mut log = fs::File::create(&log_path)?;
+    let mut append = String::from("console=ttyS0 panic=-1 rdinit=/init quiet");
+    if !filters.is_empty() {
+        append.push_str(" -- ");
+        append.push_str(&filters.join(" "));
+    }
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", L1_MEMORY])
+        .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+        .args(["-nic", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    eprintln!(
+        "xtask: hwkvm: booting L1 (QEMU TCG, -cpu max, 2 vCPUs, {L1_MEMORY}); console log: {}",
+        log_path.display()
+    );
+    let mut child = command.spawn().context("cannot start qemu-system-x86_64")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (lines, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if lines
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + L1_TIME_LIMIT;
+    let mut outcome = Outcome::default();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "hwkvm: L1 did not finish within {} s (console log: {})",
+                L1_TIME_LIMIT.as_secs(),
+                log_path.display()
+            );
+        }
+        match receive.recv_timeout(deadline - now) {
+            Ok(line) => {
+                writeln!(log, "{line}")?;
+                println!("hwkvm| {}", line.trim_end_matches('\r'));
+                outcome.observe(&line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("hwkvm: QEMU exited with {status} (console log: {})", log_path.display());
+    }
+    if !outcome.summary_seen || outcome.exit_status.is_none() {
+        bail!(
+            "hwkvm: L1 ended without the tests' summary (console log: {})",
+            log_path.display()
+        );
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_read_from_libtest_lines() {
+        let mut outcome = Outcome::default();
+        for line in [
+            "l1: up after 6.93 s; KVM: nested paging",
+            "running 3 tests",
+            "test console::shell ... ok\r",
+            "test net::ping ... FAILED",
+            "test slow ... ignored",
+            "test result: FAILED. 1 passed; 1 failed; 1 ignored",
+            "l1: tests exited with 101",
+        ] {
+            outcome.observe(line);
+        }
+        assert_eq!(outcome.passed, 1);
+        assert_eq!(outcome.ignored, 1);
+        assert_eq!(outcome.failed, ["net::ping"]);
+        assert!(outcome.summary_seen);
+        assert_eq!(outcome.exit_status, Some(101));
+        assert_eq!(outcome.l1_boot_secs, Some(6.93));
+    }
+}
