@@ -52,7 +52,7 @@ pub fn console_echo() -> Result<Vec<u8>> {
             PIC1_DATA,
             PIC_VECTOR_BASE,
             0x04,
-            !(1u8 << COM1_IRQ),
+            !((1u8 << COM1_IRQ) | (1u8 << KEYBOARD_IRQ)),
         ),
         (PIC2_COMMAND, PIC2_DATA, PIC_VECTOR_BASE + 8, 0x02, 0xff),
     ] {

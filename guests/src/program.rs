@@ -23,7 +23,9 @@ const IDT_DESCRIPTOR: u64 = IDT_BASE - 16;
 
 const COM1: u16 = 0x3f8;
 const POWER_OFF_PORT: u16 = 0x604;
-const SLEEP_ENABLE: u16 = 1 << 13;
+/// PM1a control: SLP_EN (bit 13) with SLP_TYP 5 (bits 10-12), the S5
+/// (soft-off) sleep type the VMM's DSDT names.
+const SLEEP_S5: u16 = (1 << 13) | (5 << 10);
 /// Device 1b36:0011 as read from PCI config offset 0 (device id in the high half).
 const PVPANIC_PCI_ID: u64 = 0x0011_1b36;
 
@@ -134,11 +136,12 @@ impl Program {
         self.power_off()
     }
 
-    /// Asks the VMM to power off (PM1a control, SLP_EN); never returns.
+    /// Asks the VMM to power off (PM1a control, SLP_EN with the S5 sleep
+    /// type); never returns.
     pub fn power_off(&mut self) -> Result<()> {
         let mut forever = self.a.create_label();
         self.a.mov(dx, POWER_OFF_PORT as u32)?;
-        self.a.mov(ax, SLEEP_ENABLE as u32)?;
+        self.a.mov(ax, SLEEP_S5 as u32)?;
         self.a.out(dx, ax)?;
         self.a.set_label(&mut forever)?;
         self.a.hlt()?;

@@ -17,6 +17,7 @@ pub const TEST_GUESTS: &[&str] = &[
     "triple_fault",
     "panic",
     "spin",
+    "halt",
     "echo",
     "int3",
     "popcnt",
@@ -43,6 +44,7 @@ pub fn test_guest(name: &str) -> Option<Result<Vec<u8>>> {
         "triple_fault" => triple_fault,
         "panic" => panic,
         "spin" => spin,
+        "halt" => halt,
         "echo" => echo,
         "int3" => int3,
         "popcnt" => popcnt,
@@ -182,6 +184,19 @@ fn spin() -> Result<Vec<u8>> {
     p.print("spinning\r\n")?;
     p.a.set_label(&mut forever)?;
     p.a.pause()?;
+    p.a.jmp(forever)?;
+    p.finish()
+}
+
+/// Halts for good, as Linux ends a halt: interrupts off, LAPIC left
+/// software-disabled (as reset leaves it), `hlt`.
+fn halt() -> Result<Vec<u8>> {
+    let mut p = Program::new("halt")?;
+    let mut forever = p.a.create_label();
+    p.print("halting\r\n")?;
+    p.a.cli()?;
+    p.a.set_label(&mut forever)?;
+    p.a.hlt()?;
     p.a.jmp(forever)?;
     p.finish()
 }
