@@ -36,6 +36,14 @@ pub enum Request {
     /// down that a guest acts on by itself (Linux reboots, an init system
     /// shuts down); the VM ends when the guest resets or powers off.
     CtrlAltDel,
+    /// Presses the ACPI power button (PM1 PWRBTN_STS, and the SCI when the
+    /// guest enabled the event). The answer says whether the guest listens
+    /// to it (`armed`: an ACPI OS enabled PWRBTN_EN).
+    PowerButton,
+    /// Asks the guest to shut down the way it listens to: the ACPI power
+    /// button when the guest armed it, else Ctrl-Alt-Del on its keyboard.
+    /// The answer's `method` says which (`acpi_power_button`, `ctrl_alt_del`).
+    Shutdown,
     /// Writes a snapshot to `path`, a directory that must not exist.
     Snapshot {
         path: PathBuf,
@@ -75,6 +83,14 @@ pub enum Response {
         ok: bool,
         migration: MigrationReport,
     },
+    PowerButton {
+        ok: bool,
+        armed: bool,
+    },
+    Shutdown {
+        ok: bool,
+        method: ShutdownMethod,
+    },
     Done {
         ok: bool,
     },
@@ -98,6 +114,14 @@ impl Response {
             Err(e) => Response::error(e.to_string()),
         }
     }
+}
+
+/// How a [`Request::Shutdown`] asked the guest.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownMethod {
+    AcpiPowerButton,
+    CtrlAltDel,
 }
 
 /// What the host can do to a running VM.
@@ -141,6 +165,32 @@ impl VmControl {
         }
     }
 
+    /// Presses the ACPI power button; returns whether the guest listens to it.
+    pub fn press_power_button(&self) -> bool {
+        let mut pm1 = crate::devices::lock(&self.core.pm1);
+        pm1.press_power_button();
+        pm1.power_button_armed()
+    }
+
+    /// Whether an ACPI OS in the guest enabled the power button event.
+    pub fn power_button_armed(&self) -> bool {
+        crate::devices::lock(&self.core.pm1).power_button_armed()
+    }
+
+    /// Asks the guest to shut down: the ACPI power button if the guest
+    /// armed it, else Ctrl-Alt-Del on the keyboard.
+    pub fn shutdown(&self) -> ShutdownMethod {
+        {
+            let mut pm1 = crate::devices::lock(&self.core.pm1);
+            if pm1.power_button_armed() {
+                pm1.press_power_button();
+                return ShutdownMethod::AcpiPowerButton;
+            }
+        }
+        crate::devices::lock(&self.core.keyboard).press_ctrl_alt_del();
+        ShutdownMethod::CtrlAltDel
+    }
+
     pub fn pause(&self) -> Result<(), LifecycleError> {
         self.core.pause()
     }
@@ -170,6 +220,14 @@ impl VmControl {
                 crate::devices::lock(&self.core.keyboard).press_ctrl_alt_del();
                 Response::Done { ok: true }
             }
+            Request::PowerButton => Response::PowerButton {
+                ok: true,
+                armed: self.press_power_button(),
+            },
+            Request::Shutdown => Response::Shutdown {
+                ok: true,
+                method: self.shutdown(),
+            },
             Request::Snapshot { path } => {
                 let started = std::time::Instant::now();
                 match self.snapshot(&path) {
@@ -335,10 +393,44 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"command":"snapshot","path":"/s"}"#).unwrap(),
             Request::Snapshot { path: "/s".into() }
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"power_button"}"#).unwrap(),
+            Request::PowerButton
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"shutdown"}"#).unwrap(),
+            Request::Shutdown
+        );
         assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"command":"snapshot"}"#).is_err());
         assert!(
             serde_json::from_str::<Request>(r#"{"command":"balloon","target_mib":-1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn shutdown_and_power_button_answers() {
+        let answer = |response: Response| serde_json::to_string(&response).unwrap();
+        assert_eq!(
+            answer(Response::Shutdown {
+                ok: true,
+                method: ShutdownMethod::AcpiPowerButton
+            }),
+            r#"{"ok":true,"method":"acpi_power_button"}"#
+        );
+        assert_eq!(
+            answer(Response::Shutdown {
+                ok: true,
+                method: ShutdownMethod::CtrlAltDel
+            }),
+            r#"{"ok":true,"method":"ctrl_alt_del"}"#
+        );
+        assert_eq!(
+            answer(Response::PowerButton {
+                ok: true,
+                armed: false
+            }),
+            r#"{"ok":true,"armed":false}"#
         );
     }
 }

@@ -17,6 +17,9 @@ pub enum VmExit {
     TripleFault { vcpu: usize },
     /// Stopped from the host side (Ctrl-A x on the console, or a signal).
     Stopped,
+    /// Every vCPU halted with interrupts off and its local APIC disabled:
+    /// how Linux ends a halt, or a power-off it has no ACPI for.
+    Halted,
     /// Live-migrated away: the guest runs on in another process.
     Migrated,
     /// Something the VMM cannot continue from.
@@ -28,7 +31,7 @@ impl VmExit {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            VmExit::PowerOff | VmExit::Reset | VmExit::Stopped | VmExit::Migrated
+            VmExit::PowerOff | VmExit::Reset | VmExit::Halted | VmExit::Stopped | VmExit::Migrated
         )
     }
 }
@@ -42,6 +45,7 @@ impl std::fmt::Display for VmExit {
             VmExit::TripleFault { vcpu } => {
                 write!(f, "triple fault on vCPU {vcpu} (KVM_EXIT_SHUTDOWN)")
             }
+            VmExit::Halted => write!(f, "guest halted: every vCPU stopped with interrupts off"),
             VmExit::Stopped => write!(f, "stopped by the host"),
             VmExit::Migrated => write!(f, "migrated: the guest runs on at the destination"),
             VmExit::Fatal(reason) => write!(f, "{reason}"),
@@ -103,5 +107,6 @@ mod tests {
         assert_eq!(signal.event().read().unwrap(), 1);
         assert!(!VmExit::GuestPanic.is_clean());
         assert!(VmExit::Reset.is_clean());
+        assert!(VmExit::Halted.is_clean());
     }
 }

@@ -14,6 +14,7 @@
 
 use crate::arch::x86_64::state::{VcpuState, VmState};
 use crate::config::MachineConfig;
+use crate::devices::legacy::power::SavedPm1;
 use crate::devices::legacy::serial::SavedSerial;
 use crate::devices::pci::PciState;
 use crate::devices::virtio::mmio::TransportState;
@@ -49,6 +50,10 @@ pub struct SavedVm {
     pub cmos_index: u8,
     pub cmos_nvram: Vec<u8>,
     pub devices: Vec<TransportState>,
+    /// The ACPI PM1 block; absent in states saved before it existed (their
+    /// guests booted with the hardware-reduced FADT).
+    #[serde(default)]
+    pub pm1: Option<SavedPm1>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

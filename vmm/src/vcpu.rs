@@ -18,6 +18,46 @@ const INTERNAL_ERROR_EMULATION: u32 = 1;
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
 const SYSTEM_EVENT_CRASH: u32 = 3;
+/// How often every vCPU checks whether the guest halted it for good.
+const HALT_WATCH_PERIOD: Duration = Duration::from_millis(500);
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+/// The LAPIC's spurious interrupt vector register and its "APIC software
+/// enabled" bit.
+const LAPIC_SVR_OFFSET: usize = 0xf0;
+const LAPIC_SVR_ENABLED: u32 = 1 << 8;
+
+/// Whether a vCPU in this state never runs again: halted (KVM_MP_STATE_HALTED:
+/// not a vCPU waiting for INIT/SIPI, which is UNINITIALIZED or
+/// INIT_RECEIVED) with interrupts off and its local APIC software-disabled,
+/// as Linux leaves every CPU at the end of a halt or of a power-off without
+/// ACPI (`stop_this_cpu`). Only an NMI or INIT, which nothing sends once
+/// every vCPU is in this state, could wake it.
+pub fn halted_for_good(mp_state: u32, rflags: u64, lapic_svr: u32) -> bool {
+    mp_state == kvm_bindings::KVM_MP_STATE_HALTED
+        && rflags & RFLAGS_IF == 0
+        && lapic_svr & LAPIC_SVR_ENABLED == 0
+}
+
+/// Which vCPUs are halted for good; when all are, the guest has ended.
+pub struct HaltedVcpus(Mutex<Vec<bool>>);
+
+impl HaltedVcpus {
+    pub fn new(vcpus: usize) -> Self {
+        HaltedVcpus(Mutex::new(vec![false; vcpus]))
+    }
+
+    /// Records whether vCPU `id` is halted for good; returns whether every
+    /// vCPU now is.
+    pub fn mark(&self, id: usize, halted: bool) -> bool {
+        let mut marks = lock(&self.0);
+        if let Some(mark) = marks.get_mut(id) {
+            *mark = halted;
+        }
+        halted && marks.iter().all(|&m| m)
+    }
+}
+
 /// How long an application processor waits before asking KVM again whether
 /// it has been started (this host's KVM returns EAGAIN instead of blocking).
 const WAIT_FOR_SIPI_POLL: Duration = Duration::from_millis(1);
@@ -43,6 +83,8 @@ pub struct VcpuShared {
     /// Each vCPU's counters as of its last publication (a few times a
     /// second), for the host's monitoring while the VM runs.
     pub live_reports: Mutex<std::collections::BTreeMap<usize, VcpuReport>>,
+    /// vCPUs the guest halted for good (see [`halted_for_good`]).
+    pub halted: HaltedVcpus,
 }
 
 /// How often a running vCPU publishes its counters.
@@ -272,18 +314,21 @@ impl Vcpu {
 
     /// Runs until the VM is asked to stop; reports why this vCPU stopped it, if it did.
     pub fn run(mut self, shared: &VcpuShared, kick_signal: i32) -> VcpuReport {
-        // Lives as long as this loop; the signal it sends only interrupts KVM_RUN.
-        let period = match (self.rescue_hypercalls, self.sample_rip_every) {
-            (true, Some(sample)) => Some(sample.min(HYPERCALL_CHECK_PERIOD)),
-            (true, None) => Some(HYPERCALL_CHECK_PERIOD),
-            (false, sample) => sample,
-        };
-        let _watch_timer = period.and_then(|period| {
-            ThreadTimer::start(kick_signal, period)
-                .inspect_err(|e| tracing::warn!(vcpu = self.id, "no vCPU watch timer: {e}"))
-                .ok()
-        });
+        // Lives as long as this loop; the signal it sends only interrupts
+        // KVM_RUN (a halted vCPU sleeps inside it: only a signal gets it out).
+        let mut period = HALT_WATCH_PERIOD;
+        if self.rescue_hypercalls {
+            period = period.min(HYPERCALL_CHECK_PERIOD);
+        }
+        if let Some(sample) = self.sample_rip_every {
+            period = period.min(sample);
+        }
+        let _watch_timer = ThreadTimer::start(kick_signal, period)
+            .inspect_err(|e| tracing::warn!(vcpu = self.id, "no vCPU watch timer: {e}"))
+            .ok();
         let mut next_sample = Instant::now();
+        let mut next_halt_check = Instant::now() + HALT_WATCH_PERIOD;
+        let mut marked_halted = false;
         let mut last_return = Instant::now();
         let mut throttle_served = Instant::now();
         let mut next_publish = Instant::now();
@@ -311,12 +356,27 @@ impl Vcpu {
             } else {
                 throttle_served = returned;
             }
+            if marked_halted && result.is_ok() {
+                // It ran (it exited for I/O or another reason): woken.
+                marked_halted = false;
+                shared.halted.mark(self.id, false);
+            }
             let step = match result {
                 Ok(exit) => handle_exit(self.id, exit, shared, &mut self.report.exits),
                 Err(e) if e.errno() == libc::EINTR => {
                     self.report.exits.interrupted += 1;
                     if self.rescue_hypercalls {
                         self.rescue_hypercall(shared);
+                    }
+                    if returned >= next_halt_check {
+                        next_halt_check = returned + HALT_WATCH_PERIOD;
+                        let halted = self.halted_for_good();
+                        if halted || marked_halted {
+                            marked_halted = halted;
+                            if shared.halted.mark(self.id, halted) {
+                                shared.exit.request(VmExit::Halted);
+                            }
+                        }
                     }
                     if let Some(every) = self.sample_rip_every.filter(|_| returned >= next_sample) {
                         next_sample = returned + every;
@@ -360,6 +420,22 @@ impl Vcpu {
         self.report.emulated = self.emulator.counts().clone();
         self.report.final_rip = self.fd.get_regs().ok().map(|regs| regs.rip);
         self.report
+    }
+
+    /// Whether this vCPU, just out of KVM_RUN, is halted for good.
+    fn halted_for_good(&self) -> bool {
+        let Ok(mp_state) = self.fd.get_mp_state() else {
+            return false;
+        };
+        if mp_state.mp_state != kvm_bindings::KVM_MP_STATE_HALTED {
+            return false;
+        }
+        let (Ok(regs), Ok(lapic)) = (self.fd.get_regs(), self.fd.get_lapic()) else {
+            return false;
+        };
+        let svr = &lapic.regs[LAPIC_SVR_OFFSET..LAPIC_SVR_OFFSET + 4];
+        let svr = u32::from_le_bytes([svr[0] as u8, svr[1] as u8, svr[2] as u8, svr[3] as u8]);
+        halted_for_good(mp_state.mp_state, regs.rflags, svr)
     }
 
     fn publish(&mut self, shared: &VcpuShared) {
@@ -463,5 +539,53 @@ fn handle_exit(
             counts.other += 1;
             Step::Stop(VmExit::Fatal(format!("vCPU {vcpu}: unexpected KVM exit {other:?}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{
+        KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
+        KVM_MP_STATE_UNINITIALIZED,
+    };
+
+    /// RFLAGS with only the reserved bit 1: interrupts off.
+    const IF_OFF: u64 = 0x2;
+    const IF_ON: u64 = 0x2 | RFLAGS_IF;
+    /// The LAPIC's reset SVR (software-disabled), and Linux's enabled one.
+    const SVR_DISABLED: u32 = 0xff;
+    const SVR_ENABLED: u32 = 0x1ff;
+
+    #[test]
+    fn only_a_halt_with_interrupts_off_and_the_lapic_disabled_is_for_good() {
+        assert!(halted_for_good(KVM_MP_STATE_HALTED, IF_OFF, SVR_DISABLED));
+        // `sti; hlt`: an idle guest waiting for an interrupt.
+        assert!(!halted_for_good(KVM_MP_STATE_HALTED, IF_ON, SVR_DISABLED));
+        assert!(!halted_for_good(KVM_MP_STATE_HALTED, IF_ON, SVR_ENABLED));
+        // `cli; hlt` with the LAPIC on: its LVTs may still deliver an NMI.
+        assert!(!halted_for_good(KVM_MP_STATE_HALTED, IF_OFF, SVR_ENABLED));
+        // Running, or an application processor waiting for INIT/SIPI.
+        for state in [
+            KVM_MP_STATE_RUNNABLE,
+            KVM_MP_STATE_UNINITIALIZED,
+            KVM_MP_STATE_INIT_RECEIVED,
+        ] {
+            assert!(!halted_for_good(state, IF_OFF, SVR_DISABLED), "{state}");
+        }
+    }
+
+    #[test]
+    fn the_guest_ends_when_every_vcpu_is_halted_for_good() {
+        let halted = HaltedVcpus::new(3);
+        assert!(!halted.mark(0, true));
+        assert!(!halted.mark(2, true));
+        assert!(!halted.mark(1, false), "not halted: nothing ends");
+        // vCPU 0 ran again: its mark is cleared.
+        assert!(!halted.mark(0, false));
+        assert!(!halted.mark(1, true));
+        assert!(halted.mark(0, true));
+        // Out of range ids are ignored.
+        assert!(!halted.mark(7, false));
     }
 }

@@ -9,7 +9,7 @@ use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
-use crate::devices::legacy::power::{AcpiSleepControl, PowerControl};
+use crate::devices::legacy::power::{Pm1, SavedPm1, SciLine, PM1_BLOCK_LEN};
 use crate::devices::legacy::serial::{SerialOutput, SerialPort};
 use crate::devices::pci::{pvpanic::PvPanic, HostBridge, PciConfigPorts, PciMmioWindow, PciRoot};
 use crate::devices::virtio::balloon::BalloonHandle;
@@ -20,7 +20,7 @@ use crate::host::KvmFlavour;
 use crate::memory::GuestRam;
 use crate::pause::PauseGate;
 use crate::snapshot::SavedVm;
-use crate::vcpu::{Captures, Vcpu, VcpuReport, VcpuShared, VcpuThreads};
+use crate::vcpu::{Captures, HaltedVcpus, Vcpu, VcpuReport, VcpuShared, VcpuThreads};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
@@ -157,6 +157,8 @@ pub(crate) struct VmCore {
     pub cmos: Arc<Mutex<Cmos>>,
     /// The keyboard controller, for the host's Ctrl-Alt-Del.
     pub keyboard: Arc<Mutex<I8042>>,
+    /// The ACPI PM1 block, for the host's power button.
+    pub pm1: Arc<Mutex<Pm1>>,
     /// Written to make the device thread look at a pause request.
     pub device_kick: Option<EventFd>,
     pub machine: MachineConfig,
@@ -180,6 +182,7 @@ struct Hardware {
     pci: Arc<Mutex<PciRoot>>,
     cmos: Arc<Mutex<Cmos>>,
     keyboard: Arc<Mutex<I8042>>,
+    pm1: Arc<Mutex<Pm1>>,
     post: Arc<PostCodes>,
     device_loop: Option<DeviceEventLoop>,
     device_kick: Option<EventFd>,
@@ -212,6 +215,7 @@ impl Hardware {
         vm_fd
             .create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let vm_fd = Arc::new(vm_fd);
 
         let (virtio, balloon) = create_virtio_devices(machine, &vm_fd, &memory)?;
         let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
@@ -232,7 +236,14 @@ impl Hardware {
             .register_irqfd(&keyboard_irq, layout::irq::KEYBOARD)
             .map_err(kvm_err("KVM_IRQFD"))?;
         let keyboard = Arc::new(Mutex::new(I8042::new(exit.clone(), keyboard_irq)));
-        let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos, &keyboard)?;
+        // A new guest is given this block in its FADT.
+        let fresh = SavedPm1::default();
+        let pm1 = Arc::new(Mutex::new(Pm1::from_saved(
+            exit.clone(),
+            sci_line(vm_fd.clone()),
+            saved.map_or(Some(&fresh), |saved| saved.pm1.as_ref()),
+        )));
+        let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos, &keyboard, &pm1)?;
         if let Some(saved) = saved {
             lock(&pci).restore(&saved.pci).map_err(VmError::State)?;
             lock(&cmos)
@@ -271,7 +282,6 @@ impl Hardware {
             .get_msr_index_list()
             .map(|list| list.as_slice().to_vec())
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let vm_fd = Arc::new(vm_fd);
         let shared = Arc::new(VcpuShared {
             vm: vm_fd.clone(),
             memory,
@@ -280,6 +290,7 @@ impl Hardware {
             exit,
             pause,
             captures: Captures::new(usize::from(machine.cpus)),
+            halted: HaltedVcpus::new(usize::from(machine.cpus)),
             throttle_percent: std::sync::atomic::AtomicU32::new(0),
             live_reports: Default::default(),
             threads: VcpuThreads::default(),
@@ -294,6 +305,7 @@ impl Hardware {
             pci,
             cmos,
             keyboard,
+            pm1,
             post,
             device_loop,
             device_kick,
@@ -320,6 +332,7 @@ impl Hardware {
                 pci: self.pci,
                 cmos: self.cmos,
                 keyboard: self.keyboard,
+                pm1: self.pm1,
                 device_kick: self.device_kick,
                 machine,
                 run_state: Mutex::new(RunState::Running),
@@ -525,6 +538,9 @@ impl Vm {
             .vm
             .restore(&hardware.vm_fd)
             .map_err(|e| VmError::State(e.to_string()))?;
+        // KVM's saved irqchip does not hold who drives a line: raise the SCI
+        // again if an enabled event was pending.
+        lock(&hardware.pm1).drive_sci();
         Ok(hardware.into_vm(kvm, vcpus, machine.clone(), "restored", flavour))
     }
 
@@ -726,6 +742,7 @@ fn platform_buses(
     serial: &Arc<Mutex<SerialPort>>,
     cmos: &Arc<Mutex<Cmos>>,
     keyboard: &Arc<Mutex<I8042>>,
+    pm1: &Arc<Mutex<Pm1>>,
 ) -> Result<(Bus, Bus, Arc<Mutex<PciRoot>>), VmError> {
     let mut pio = Bus::default();
     pio.insert(u64::from(ports::COM1), 8, serial.clone())?;
@@ -735,17 +752,7 @@ fn platform_buses(
         1,
         Arc::new(Mutex::new(PostPort(post.clone()))),
     )?;
-    pio.insert(
-        u64::from(ports::PM1A_CONTROL),
-        2,
-        Arc::new(Mutex::new(PowerControl(exit.clone()))),
-    )?;
-
-    pio.insert(
-        u64::from(ports::ACPI_SLEEP_CONTROL),
-        1,
-        Arc::new(Mutex::new(AcpiSleepControl(exit.clone()))),
-    )?;
+    pio.insert(u64::from(ports::PM1A_EVENT), PM1_BLOCK_LEN, pm1.clone())?;
     pio.insert(u64::from(ports::CMOS), 2, cmos.clone())?;
 
     let mut root = PciRoot::default();
@@ -767,6 +774,16 @@ fn platform_buses(
     };
     mmio.insert(PCI_MMIO_START, PCI_MMIO_SIZE, Arc::new(Mutex::new(window)))?;
     Ok((pio, mmio, root))
+}
+
+/// The SCI as KVM sees it: a level on its GSI (the PIC's IRQ 9 and the
+/// IOAPIC's pin 9, identity-routed).
+fn sci_line(vm_fd: Arc<VmFd>) -> SciLine {
+    Box::new(move |level| {
+        if let Err(e) = vm_fd.set_irq_line(layout::irq::SCI, level) {
+            tracing::warn!(level, "KVM_IRQ_LINE for the ACPI SCI: {e}");
+        }
+    })
 }
 
 /// Signal used to knock vCPU threads out of KVM_RUN.

@@ -99,6 +99,54 @@ fn a_spinning_guest_is_stopped_by_the_host() {
     assert_eq!(outcome.report.exit, VmExit::Stopped);
 }
 
+#[test]
+fn a_guest_halted_for_good_ends_the_vm_cleanly() {
+    let image = guests::test_guest("halt").unwrap().unwrap();
+    let outcome = run_config(&config_for("halt", image), Duration::from_secs(10));
+    assert!(outcome.output.contains("halting"), "{}", outcome.output);
+    assert_eq!(outcome.report.exit, VmExit::Halted);
+    assert!(outcome.report.exit.is_clean());
+}
+
+#[test]
+fn a_vcpu_waiting_for_its_start_up_ipi_is_not_halted() {
+    // The boot CPU halts for good; the second never gets its INIT/SIPI.
+    let image = guests::test_guest("halt").unwrap().unwrap();
+    let mut config = config_for("halt", image);
+    config.cpus = 2;
+    let outcome = run_config(&config, Duration::from_millis(1500));
+    assert!(outcome.output.contains("halting"), "{}", outcome.output);
+    assert_eq!(outcome.report.exit, VmExit::Stopped);
+}
+
+/// The host's graceful shutdown: a guest without ACPI never arms the power
+/// button, so it gets Ctrl-Alt-Del (the echo guest powers off on it).
+#[test]
+fn shutdown_falls_back_to_ctrl_alt_del_when_the_power_button_is_not_armed() {
+    use vmm::control::ShutdownMethod;
+    let config = config_for("console_echo", guests::console_echo().unwrap());
+    let capture = common::Capture::default();
+    let vm = vmm::Vm::new(&config, Box::new(capture.clone())).expect("VM builds");
+    let running = vm.start().expect("VM starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !capture.text().contains(guests::CONSOLE_ECHO_READY) {
+        assert!(std::time::Instant::now() < deadline, "{}", capture.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let control = running.control();
+    assert!(!control.power_button_armed());
+    assert!(!control.press_power_button(), "pressed, nobody listens");
+    assert!(!running.exit_signal().is_requested());
+    assert_eq!(control.shutdown(), ShutdownMethod::CtrlAltDel);
+    let exit = running.exit_signal();
+    while !exit.is_requested() {
+        assert!(std::time::Instant::now() < deadline, "{}", capture.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = running.wait();
+    assert_eq!(report.exit, VmExit::PowerOff, "{}", capture.text());
+}
+
 /// Runs an instruction guest; on a kvm_pvm host the VMM must have finished
 /// the instruction (KVM's emulator gives up on it there).
 fn assert_instruction(name: &str, mnemonics: &[&str]) {

@@ -2,34 +2,42 @@
 //! kernels have no CONFIG_X86_MPPARSE) find their CPUs, the IOAPIC, and how
 //! to reset and power off.
 //!
-//! RSDP → XSDT → { FADT → DSDT, MADT }. The platform is "hardware-reduced"
-//! ACPI: no SCI, PM timer or GPE blocks, only a sleep control register
-//! (port 0x600) and a reset register (the i8042 command port).
+//! RSDP → XSDT → { FADT → DSDT, FACS; MADT }. The platform is a full ACPI
+//! PC (not "hardware-reduced", which makes Linux drop its legacy PIC and
+//! with it every ISA IRQ): an SCI on IRQ 9, the PM1a event and control
+//! blocks at ports 0x600-0x605 (`devices/legacy/power.rs`), a fixed-feature
+//! power button, a FACS, and a reset register (the i8042 command port). No
+//! PM timer and no GPE blocks (both optional).
 
 use crate::memory::GuestRam;
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{
-    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
-};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::layout::{ports, ACPI_MAX_SIZE, ACPI_START, APIC_START, IOAPIC_START};
+use super::layout::{irq, ports, ACPI_MAX_SIZE, ACPI_START, APIC_START, IOAPIC_START};
 
 const OEM_ID: [u8; 6] = *b"BLKHD ";
 const OEM_TABLE_ID: [u8; 8] = *b"BULKHEAD";
 const OEM_REVISION: u32 = 1;
 
 /// The sleep type the DSDT's \_S5 names; the VMM powers off when the guest
-/// writes it with SLP_EN to the sleep control register.
+/// writes it with SLP_EN to PM1a control.
 pub const S5_SLEEP_TYPE: u8 = 5;
-/// Sleep control register bits (ACPI 6.5, 4.8.3.7).
-pub const SLEEP_TYPE_SHIFT: u8 = 2;
-pub const SLEEP_ENABLE: u8 = 1 << 5;
+
+/// FADT IAPC_BOOT_ARCH bits (ACPI 6.5, 5.2.9.3).
+pub const BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
+pub const BOOT_ARCH_8042: u16 = 1 << 1;
+pub const BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+/// MADT flags: the PC's dual 8259s are present (ACPI 6.5, 5.2.12).
+pub const MADT_PCAT_COMPAT: u32 = 1 << 0;
+/// Interrupt source override flags: active high (01), level triggered (11).
+pub const MPS_ACTIVE_HIGH_LEVEL: u16 = 0x000d;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -48,16 +56,10 @@ pub fn write(mem: &GuestRam, cpus: u8) -> Result<GuestAddress, AcpiError> {
         bytes: Vec::new(),
     };
 
+    // First, so that it is 64-byte aligned as the FACS must be.
+    let facs = writer.place(&FACS::new());
     let dsdt = writer.place(&dsdt());
-    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
-        .dsdt_64(dsdt)
-        .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup);
-    fadt.reset_reg = io_port_register(ports::I8042_COMMAND);
-    fadt.reset_value = 0xfe;
-    fadt.sleep_control_reg = io_port_register(ports::ACPI_SLEEP_CONTROL);
-    fadt.sleep_status_reg = fadt.sleep_control_reg;
-    let fadt = writer.place(&fadt.finalize());
+    let fadt = writer.place(&fadt(dsdt, facs));
     let madt = writer.place(&madt(cpus));
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -77,15 +79,35 @@ pub fn write(mem: &GuestRam, cpus: u8) -> Result<GuestAddress, AcpiError> {
     Ok(GuestAddress(ACPI_START))
 }
 
-/// An 8-bit I/O port register.
-fn io_port_register(port: u16) -> GAS {
-    GAS::new(
-        AddressSpace::SystemIo,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        u64::from(port),
-    )
+/// The FADT of a full ACPI platform. ACPI is always enabled (SMI_CMD 0,
+/// SCI_EN reads 1); the PM1a blocks are named both in the ACPI 1.0 fields
+/// and the X_ GAS fields, with matching lengths (ACPICA warns otherwise).
+fn fadt(dsdt: u64, facs: u64) -> acpi_tables::fadt::FADT {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt)
+        .firmware_ctrl_64(facs)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        // Set: no sleep button. PwrButton stays clear: the power button is
+        // the fixed-feature one (PM1 PWRBTN_STS/EN).
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    fadt.sci_int = (irq::SCI as u16).into();
+    fadt.pm1a_evt_blk = u32::from(ports::PM1A_EVENT).into();
+    fadt.pm1_evt_len = 4;
+    fadt.x_pm1a_evt_blk = io_port_register(ports::PM1A_EVENT, 32, AccessSize::WordAccess);
+    fadt.pm1a_cnt_blk = u32::from(ports::PM1A_CONTROL).into();
+    fadt.pm1_cnt_len = 2;
+    fadt.x_pm1a_cnt_blk = io_port_register(ports::PM1A_CONTROL, 16, AccessSize::WordAccess);
+    fadt.iapc_boot_arch = (BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042 | BOOT_ARCH_NO_VGA).into();
+    fadt.reset_reg = io_port_register(ports::I8042_COMMAND, 8, AccessSize::ByteAccess);
+    fadt.reset_value = 0xfe;
+    fadt.finalize()
+}
+
+/// An I/O port register of `bits` bits.
+fn io_port_register(port: u16, bits: u8, access: AccessSize) -> GAS {
+    GAS::new(AddressSpace::SystemIo, bits, 0, access, u64::from(port))
 }
 
 /// Lays tables out one after another, 16-byte aligned.
@@ -121,19 +143,37 @@ fn dsdt() -> Sdt {
     dsdt
 }
 
-fn madt(cpus: u8) -> MADT {
-    let mut madt = MADT::new(
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-        LocalInterruptController::Address(APIC_START as u32),
-    );
+/// MADT structure type 2 (ACPI 6.5, 5.2.12.5): ISA IRQ `source` is GSI `gsi`.
+fn interrupt_source_override(source: u8, gsi: u32, flags: u16) -> [u8; 10] {
+    let mut entry = [0u8; 10];
+    entry[0] = 2; // type
+    entry[1] = 10; // length
+    entry[2] = 0; // bus: ISA
+    entry[3] = source;
+    entry[4..8].copy_from_slice(&gsi.to_le_bytes());
+    entry[8..10].copy_from_slice(&flags.to_le_bytes());
+    entry
+}
+
+fn madt(cpus: u8) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 44, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, APIC_START as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    let mut structures = Vec::new();
     for id in 0..cpus {
-        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+        ProcessorLocalApic::new(id, id, EnabledStatus::Enabled).to_aml_bytes(&mut structures);
     }
-    // ISA IRQs map to the IOAPIC pin of the same number (no overrides),
-    // matching KVM's default GSI routing and the MP table.
-    madt.add_structure(IoApic::new(cpus, IOAPIC_START as u32, 0));
+    // ISA IRQs map to the IOAPIC pin of the same number, matching KVM's
+    // default GSI routing and the MP table (the in-kernel PIT is on GSI 0:
+    // no IRQ 0 override). Only the SCI's polarity and trigger differ from
+    // the ISA default (edge, active high).
+    IoApic::new(cpus, IOAPIC_START as u32, 0).to_aml_bytes(&mut structures);
+    structures.extend_from_slice(&interrupt_source_override(
+        irq::SCI as u8,
+        irq::SCI,
+        MPS_ACTIVE_HIGH_LEVEL,
+    ));
+    madt.append_slice(&structures);
     madt
 }
 
@@ -159,47 +199,113 @@ mod tests {
         read(mem, address, len as usize)
     }
 
-    #[test]
-    fn tables_chain_from_the_rsdp_with_valid_checksums() {
+    fn u16_at(bytes: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap())
+    }
+
+    fn u32_at(bytes: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(bytes: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+    }
+
+    /// (address space, bit width, bit offset, access size, address) of the
+    /// generic address structure at `at`.
+    fn gas_at(bytes: &[u8], at: usize) -> (u8, u8, u8, u8, u64) {
+        let g = &bytes[at..at + 12];
+        (g[0], g[1], g[2], g[3], u64_at(g, 4))
+    }
+
+    /// The tables of a 3-CPU VM: (FADT, DSDT, FACS address and bytes, MADT).
+    fn tables() -> (Vec<u8>, Vec<u8>, u64, Vec<u8>, Vec<u8>) {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rsdp_address = write(&mem, 3).unwrap();
         let rsdp = read(&mem, rsdp_address.raw_value(), 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
 
-        let xsdt_address = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
-        let xsdt = table(&mem, xsdt_address);
+        let xsdt = table(&mem, u64_at(&rsdp, 24));
         assert_eq!(&xsdt[..4], b"XSDT");
         assert!(checksum_ok(&xsdt));
-        let entries: Vec<u64> = xsdt[36..]
-            .chunks(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let entries: Vec<u64> = xsdt[36..].chunks(8).map(|c| u64_at(c, 0)).collect();
         assert_eq!(entries.len(), 2);
 
         let fadt = table(&mem, entries[0]);
         assert_eq!(&fadt[..4], b"FACP");
         assert!(checksum_ok(&fadt));
-        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
-        assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
-        let dsdt_address = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
-        let dsdt = table(&mem, dsdt_address);
+        let dsdt = table(&mem, u64_at(&fadt, 140));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(checksum_ok(&dsdt));
-        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
-
+        let facs_address = u64_at(&fadt, 132);
+        let facs = table(&mem, facs_address);
         let madt = table(&mem, entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         assert!(checksum_ok(&madt));
-        // Three local APICs (type 0, 8 bytes) with IDs 0..3, then the IOAPIC (type 1).
+        (fadt, dsdt, facs_address, facs, madt)
+    }
+
+    #[test]
+    fn the_fadt_describes_a_full_acpi_platform() {
+        let (fadt, dsdt, facs_address, facs, _) = tables();
+        let flags = u32_at(&fadt, 112);
+        assert_eq!(flags & (1 << 20), 0, "not hardware-reduced");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_eq!(flags & (1 << 4), 0, "fixed-feature power button");
+        assert_ne!(flags & (1 << 5), 0, "no sleep button");
+        assert_eq!(u16_at(&fadt, 46), 9, "SCI_INT");
+        assert_eq!(u32_at(&fadt, 48), 0, "SMI_CMD: ACPI always enabled");
+        assert_eq!((fadt[52], fadt[53]), (0, 0), "ACPI_ENABLE/DISABLE");
+        // PM1a event block: legacy address and length, and the X_ GAS.
+        assert_eq!(u32_at(&fadt, 56), 0x600);
+        assert_eq!(fadt[88], 4, "PM1_EVT_LEN");
+        assert_eq!(gas_at(&fadt, 148), (1, 32, 0, 2, 0x600));
+        // PM1a control block.
+        assert_eq!(u32_at(&fadt, 64), 0x604);
+        assert_eq!(fadt[89], 2, "PM1_CNT_LEN");
+        assert_eq!(gas_at(&fadt, 172), (1, 16, 0, 2, 0x604));
+        // No PM1b, PM2, PM timer or GPE blocks: addresses and lengths zero.
+        for at in [60, 68, 72, 76, 80, 84] {
+            assert_eq!(u32_at(&fadt, at), 0, "legacy block at FADT offset {at}");
+        }
+        assert_eq!(&fadt[90..94], &[0, 0, 0, 0], "PM2/PM timer/GPE lengths");
+        for at in [160, 184, 196, 208, 220, 232, 244, 256] {
+            assert_eq!(gas_at(&fadt, at).4, 0, "X_ block at FADT offset {at}");
+        }
+        assert_eq!(u16_at(&fadt, 109), 0b111, "legacy devices, 8042, no VGA");
+        assert_eq!(gas_at(&fadt, 116), (1, 8, 0, 1, 0x64), "reset register");
+        assert_eq!(fadt[128], 0xfe, "reset value");
+        // The FACS: 64-byte aligned, as the FADT's X_FIRMWARE_CTRL says.
+        assert_eq!(u32_at(&fadt, 36), 0, "only the 64-bit FACS address");
+        assert_eq!(facs_address % 64, 0);
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(facs.len(), 64);
+        assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+    }
+
+    #[test]
+    fn the_madt_has_pcat_compat_cpus_the_ioapic_and_the_sci_override() {
+        let (_, _, _, _, madt) = tables();
+        assert_eq!(u64::from(u32_at(&madt, 36)), APIC_START);
+        assert_eq!(u32_at(&madt, 40), 1, "PCAT_COMPAT");
+        // Three local APICs (type 0, 8 bytes) with IDs 0..3.
         let structures = &madt[44..];
         for id in 0..3u8 {
             let entry = &structures[usize::from(id) * 8..][..8];
             assert_eq!((entry[0], entry[1], entry[3], entry[4]), (0, 8, id, 1));
         }
-        assert_eq!((structures[24], structures[26]), (1, 3));
-        let ioapic = u32::from_le_bytes(structures[28..32].try_into().unwrap());
-        assert_eq!(u64::from(ioapic), IOAPIC_START);
+        // The IOAPIC (type 1, 12 bytes): ID 3, GSI base 0.
+        let ioapic = &structures[24..36];
+        assert_eq!((ioapic[0], ioapic[1], ioapic[2]), (1, 12, 3));
+        assert_eq!(u64::from(u32_at(ioapic, 4)), IOAPIC_START);
+        assert_eq!(u32_at(ioapic, 8), 0);
+        // One override (type 2, 10 bytes): ISA IRQ 9 → GSI 9, level, active high.
+        let over = &structures[36..];
+        assert_eq!(over.len(), 10, "no other override (none for IRQ 0)");
+        assert_eq!((over[0], over[1], over[2], over[3]), (2, 10, 0, 9));
+        assert_eq!(u32_at(over, 4), 9);
+        assert_eq!(u16_at(over, 8), 0x000d);
     }
 
     #[test]

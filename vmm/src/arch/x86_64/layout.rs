@@ -59,12 +59,12 @@ pub mod ports {
     pub const POST_CODE: u16 = 0x80;
     /// COM1 16550 UART (IRQ 4).
     pub const COM1: u16 = 0x3f8;
+    /// ACPI PM1a event block (FADT): PM1_STS at 0x600, PM1_EN at 0x602,
+    /// 16 bits each.
+    pub const PM1A_EVENT: u16 = 0x600;
     /// ACPI PM1a control register (16-bit). A write with SLP_EN (bit 13)
-    /// set powers the machine off (only S5 is offered).
+    /// and SLP_TYP 5 (bits 10-12, the DSDT's \_S5) powers the machine off.
     pub const PM1A_CONTROL: u16 = 0x604;
-    /// ACPI hardware-reduced sleep control register (FADT), for guests that
-    /// use ACPI to power off.
-    pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
     /// PCI configuration mechanism #1.
     pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
     pub const PCI_CONFIG_DATA: u16 = 0xcfc;
@@ -75,13 +75,14 @@ pub mod irq {
     /// The i8042's keyboard line.
     pub const KEYBOARD: u32 = 1;
     pub const COM1: u32 = 4;
+    /// The ACPI SCI (FADT SCI_INT; level-triggered, active high, as the
+    /// MADT's interrupt source override says). Shared with the fourth
+    /// virtio-mmio device.
+    pub const SCI: u32 = 9;
     /// ISA lines free for virtio-mmio devices (edge-triggered, one per
     /// device), in the order they are handed out.
     pub const VIRTIO: &[u32] = &[5, 6, 7, 9, 10, 11, 14, 15, 12, 3];
 }
-
-/// Bit in PM1a control that requests the sleep state (power-off here).
-pub const PM1_SLP_EN: u16 = 1 << 13;
 
 /// pvpanic is a PCI device (1b36:0011) at 00:01.0 whose BAR0 is one byte of MMIO
 /// here; reading it returns the supported events, writing 1 reports a panic.
