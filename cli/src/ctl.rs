@@ -28,6 +28,12 @@ enum Action {
     Resume,
     /// Press Ctrl-Alt-Del on the guest's keyboard (ask it to shut down).
     CtrlAltDel,
+    /// Press the ACPI power button; the answer says whether the guest
+    /// listens to it (`armed`: its ACPI OS enabled the event).
+    PowerButton,
+    /// Ask the guest to shut down: the ACPI power button when the guest
+    /// armed it, else Ctrl-Alt-Del; the answer's `method` says which.
+    Shutdown,
     /// Write a snapshot of the VM to DIR (which must not exist); a running
     /// VM is paused while it is written, then goes on.
     Snapshot { dir: PathBuf },
@@ -64,6 +70,8 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         Action::Pause => Request::Pause,
         Action::Resume => Request::Resume,
         Action::CtrlAltDel => Request::CtrlAltDel,
+        Action::PowerButton => Request::PowerButton,
+        Action::Shutdown => Request::Shutdown,
         // The VM resolves paths from its own working directory, not ours.
         Action::Snapshot { dir } => Request::Snapshot {
             path: std::path::absolute(&dir)

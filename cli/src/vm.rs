@@ -46,8 +46,8 @@ enum VmAction {
     Start {
         vm: String,
     },
-    /// Ask the guest to shut down (Ctrl-Alt-Del); after --timeout the VMM
-    /// stops the VM itself.
+    /// Ask the guest to shut down (the ACPI power button when it listens to
+    /// it, else Ctrl-Alt-Del); after --timeout the VMM stops the VM itself.
     Stop {
         vm: String,
         /// Kill the VMM at once.

@@ -405,7 +405,8 @@ impl Manager {
         }
     }
 
-    /// Stops VM `id`: the guest is asked to shut down (Ctrl-Alt-Del) and given
+    /// Stops VM `id`: the guest is asked to shut down (the ACPI power button
+    /// if it listens to it, else Ctrl-Alt-Del) and given
     /// `timeout`; then the VMM stops the VM itself (SIGTERM); then it is
     /// killed. With `force` it is killed at once.
     pub fn stop(&self, id: &str, force: bool, timeout: Duration) -> Result<VmRecord> {
@@ -442,11 +443,15 @@ impl Manager {
             return Ok(());
         };
         if !force {
-            // Ask the guest first: Ctrl-Alt-Del, which a guest shuts down or
-            // reboots on by itself (the VM ends either way).
-            let asked =
-                vmm::control::request(&self.paths(&record.id).control, &Request::CtrlAltDel)
-                    .is_ok_and(|answer| answer["ok"] == true);
+            // Ask the guest first: the ACPI power button when the guest
+            // listens to it, else Ctrl-Alt-Del, which a guest shuts down or
+            // reboots on by itself (the VM ends either way). A VMM from
+            // before `shutdown` existed (adopted) gets Ctrl-Alt-Del.
+            let control = &self.paths(&record.id).control;
+            let ask = |request: &Request| {
+                vmm::control::request(control, request).is_ok_and(|answer| answer["ok"] == true)
+            };
+            let asked = ask(&Request::Shutdown) || ask(&Request::CtrlAltDel);
             if asked && self.wait_until_ended(&record.id, timeout)? {
                 return Ok(());
             }

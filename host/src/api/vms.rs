@@ -54,8 +54,9 @@ pub struct StopRequest {
     /// Kill the VMM at once instead of asking the guest to shut down.
     #[serde(default)]
     pub force: bool,
-    /// Seconds the guest gets to shut down after Ctrl-Alt-Del before the VMM
-    /// stops it (default 10, at most 600).
+    /// Seconds the guest gets to shut down after it is asked to (the ACPI
+    /// power button when the guest listens to it, else Ctrl-Alt-Del) before
+    /// the VMM stops it (default 10, at most 600).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 600)]
     pub timeout_secs: Option<u64>,
