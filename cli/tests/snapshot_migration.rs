@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmm::migration::protocol::VERSION;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -497,7 +498,11 @@ fn failed_migrations_leave_the_source_running() {
         stream.read_exact(&mut header).unwrap();
         let mut hello = vec![0u8; u32::from_le_bytes(header[1..].try_into().unwrap()) as usize];
         stream.read_exact(&mut hello).unwrap();
-        let why = b"bulkhead-migration version 1 offered, this Bulkhead takes version 2";
+        let why = format!(
+            "bulkhead-migration version {VERSION} offered, this Bulkhead takes version {}",
+            VERSION + 1
+        );
+        let why = why.as_bytes();
         stream.write_all(&[3]).unwrap();
         stream.write_all(&(why.len() as u32).to_le_bytes()).unwrap();
         stream.write_all(why).unwrap();
@@ -506,11 +511,11 @@ fn failed_migrations_leave_the_source_running() {
     let (ok, text) = source.ctl(&["migrate", &format!("unix:{}", fake.display())]);
     assert!(!ok);
     let hello = refuser.join().unwrap();
-    assert!(hello.contains("\"version\":1"), "{hello}");
+    assert!(hello.contains(&format!("\"version\":{VERSION}")), "{hello}");
     assert_unharmed(
         &source,
         &text,
-        "refused the migration: bulkhead-migration version 1 offered",
+        &format!("refused the migration: bulkhead-migration version {VERSION} offered"),
     );
 
     // Pre-copy: the destination is killed while memory is being copied.
@@ -697,7 +702,10 @@ fn damaged_snapshots_are_refused_with_the_reason() {
         let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
         std::fs::write(
             dir.join("manifest.json"),
-            manifest.replace("\"version\": 1", "\"version\": 7"),
+            manifest.replace(
+                &format!("\"version\": {}", vmm::snapshot::VERSION),
+                "\"version\": 7",
+            ),
         )
         .unwrap();
     });

@@ -125,7 +125,7 @@ impl VmCore {
                 .iter()
                 .map(|slot| lock(&slot.transport).save())
                 .collect(),
-            pm1: Some(lock(&self.pm1).save()),
+            pm1: lock(&self.pm1).save(),
         })
     }
 

@@ -30,7 +30,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 
 pub const FORMAT: &str = "bulkhead-snapshot";
 /// Bumped whenever the state file's meaning changes; other versions are refused.
-pub const VERSION: u32 = 1;
+/// 2: the full ACPI platform (PM1 block), virtio IRQs without 9 (the SCI's).
+pub const VERSION: u32 = 2;
 pub const MEMORY_FILE: &str = "memory";
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -50,10 +51,8 @@ pub struct SavedVm {
     pub cmos_index: u8,
     pub cmos_nvram: Vec<u8>,
     pub devices: Vec<TransportState>,
-    /// The ACPI PM1 block; absent in states saved before it existed (their
-    /// guests booted with the hardware-reduced FADT).
-    #[serde(default)]
-    pub pm1: Option<SavedPm1>,
+    /// The ACPI PM1 block (event and control registers).
+    pub pm1: SavedPm1,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::post::{monotonic_ns, PostCodes, PostPort};
-use crate::devices::legacy::power::{Pm1, SavedPm1, SciLine, PM1_BLOCK_LEN};
+use crate::devices::legacy::power::{Pm1, SciLine, PM1_BLOCK_LEN};
 use crate::devices::legacy::serial::{SerialOutput, SerialPort};
 use crate::devices::pci::{pvpanic::PvPanic, HostBridge, PciConfigPorts, PciMmioWindow, PciRoot};
 use crate::devices::virtio::balloon::BalloonHandle;
@@ -236,13 +236,10 @@ impl Hardware {
             .register_irqfd(&keyboard_irq, layout::irq::KEYBOARD)
             .map_err(kvm_err("KVM_IRQFD"))?;
         let keyboard = Arc::new(Mutex::new(I8042::new(exit.clone(), keyboard_irq)));
-        // A new guest is given this block in its FADT.
-        let fresh = SavedPm1::default();
-        let pm1 = Arc::new(Mutex::new(Pm1::from_saved(
-            exit.clone(),
-            sci_line(vm_fd.clone()),
-            saved.map_or(Some(&fresh), |saved| saved.pm1.as_ref()),
-        )));
+        let pm1 = Arc::new(Mutex::new(match saved {
+            Some(saved) => Pm1::from_saved(exit.clone(), sci_line(vm_fd.clone()), &saved.pm1),
+            None => Pm1::new(exit.clone(), sci_line(vm_fd.clone())),
+        }));
         let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos, &keyboard, &pm1)?;
         if let Some(saved) = saved {
             lock(&pci).restore(&saved.pci).map_err(VmError::State)?;

@@ -67,6 +67,29 @@ pub fn entry(name: &str, key: &str, build: impl FnOnce(&Path) -> Result<()>) -> 
     Ok(done)
 }
 
+/// Removes the entries named `name` other than the one with `key` (for
+/// large entries whose inputs change with every build).
+pub fn remove_others(name: &str, key: &str) -> Result<()> {
+    let images = root().join("images");
+    let keep = format!("{name}-{}", &key[..16]);
+    let Ok(entries) = fs::read_dir(&images) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let is_same_image = file_name
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        if is_same_image && file_name != keep {
+            fs::remove_dir_all(entry.path())
+                .with_context(|| format!("remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

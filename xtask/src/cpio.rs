@@ -69,7 +69,14 @@ pub fn write_tree(
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(&full)?;
             let target = target.to_string_lossy();
-            write_entry(out, inode, &name, S_IFLNK | 0o777, target.as_bytes(), (0, 0))?;
+            write_entry(
+                out,
+                inode,
+                &name,
+                S_IFLNK | 0o777,
+                target.as_bytes(),
+                (0, 0),
+            )?;
         } else if meta.is_dir() {
             write_entry(out, inode, &name, S_IFDIR | permissions, &[], (0, 0))?;
         } else {
@@ -81,8 +88,12 @@ pub fn write_tree(
     for (index, entry) in extra.iter().enumerate() {
         let inode = inode + index as u32;
         match entry {
-            Entry::Directory { path } => write_entry(out, inode, path, S_IFDIR | 0o755, &[], (0, 0))?,
-            Entry::File { path, mode, data } => write_entry(out, inode, path, S_IFREG | mode, data, (0, 0))?,
+            Entry::Directory { path } => {
+                write_entry(out, inode, path, S_IFDIR | 0o755, &[], (0, 0))?
+            }
+            Entry::File { path, mode, data } => {
+                write_entry(out, inode, path, S_IFREG | mode, data, (0, 0))?
+            }
             Entry::CharDevice {
                 path,
                 mode,

@@ -111,11 +111,17 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
     let userspace_from = format!("busybox-static {busybox_version} + {USERSPACE_DIR} + guest-tool");
     published.insert(
         "busybox.cpio.gz",
-        (userspace_dir.join("busybox.cpio.gz"), userspace_from.clone()),
+        (
+            userspace_dir.join("busybox.cpio.gz"),
+            userspace_from.clone(),
+        ),
     );
     published.insert(
         "busybox-root.ext4",
-        (userspace_dir.join("busybox-root.ext4"), userspace_from.clone()),
+        (
+            userspace_dir.join("busybox-root.ext4"),
+            userspace_from.clone(),
+        ),
     );
 
     let (stock_package, stock_version) = stock_kernel::package()?;
@@ -125,7 +131,10 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
         |out| stock_kernel::build(&stock_package, out),
     )?;
     let stock_from = format!("{stock_package} {stock_version}");
-    published.insert("stock-vmlinuz", (stock_dir.join("vmlinuz"), stock_from.clone()));
+    published.insert(
+        "stock-vmlinuz",
+        (stock_dir.join("vmlinuz"), stock_from.clone()),
+    );
     let stock_initramfs_dir = cache::entry(
         "stock-userspace",
         &cache::key(&[&userspace_key.concat(), stock_from.as_bytes()]),
@@ -262,11 +271,13 @@ const USERSPACE_DIR: &str = "images/userspace";
 /// workspace) and returns its path.
 fn build_guest_tool(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    process::run(
-        Command::new(cargo)
-            .current_dir(root)
-            .args(["build", "--quiet", "--release", "-p", "guest-tool"]),
-    )?;
+    process::run(Command::new(cargo).current_dir(root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "guest-tool",
+    ]))?;
     Ok(root.join("target/x86_64-unknown-linux-gnu/release/bulkhead-guest-tool"))
 }
 
@@ -300,17 +311,29 @@ fn tree_digest(dir: &Path) -> Result<String> {
 /// applet, busybox init at /sbin/init, the guest tool, and the files of
 /// [`USERSPACE_DIR`].
 fn stage_userspace(source: &Path, tool: &Path, tree: &Path) -> Result<()> {
-    for dir in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run", "root", "mnt", "var/log"] {
+    for dir in [
+        "bin", "sbin", "dev", "proc", "sys", "tmp", "run", "root", "mnt", "var/log",
+    ] {
         fs::create_dir_all(tree.join(dir))?;
     }
-    fs::copy("/bin/busybox", tree.join("bin/busybox")).context("copy /bin/busybox (busybox-static)")?;
+    fs::copy("/bin/busybox", tree.join("bin/busybox"))
+        .context("copy /bin/busybox (busybox-static)")?;
     let applets = process::output(Command::new("/bin/busybox").arg("--list"))?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet))?;
     }
     std::os::unix::fs::symlink("../bin/busybox", tree.join("sbin/init"))?;
     fs::copy(tool, tree.join("bin/bulkhead-guest-tool"))?;
-    process::run(Command::new("cp").arg("-a").arg(format!("{}/.", source.display())).arg(tree))?;
+    process::run(
+        Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", source.display()))
+            .arg(tree),
+    )?;
     Ok(())
 }
 
@@ -346,7 +369,11 @@ fn build_stock_initramfs(source: &Path, tool: &Path, stock: &Path, out: &Path) -
         )?;
     }
     fs::write(modules.join("load-order"), order.join("\n") + "\n")?;
-    write_tree_initramfs(&out.join("stock-busybox.cpio.gz"), &tree, Compression::fast())?;
+    write_tree_initramfs(
+        &out.join("stock-busybox.cpio.gz"),
+        &tree,
+        Compression::fast(),
+    )?;
     fs::remove_dir_all(&tree)?;
     Ok(())
 }

@@ -12,8 +12,8 @@
 
 mod support;
 
-use support::{cmdline, Kernel, TempDir, Vm};
 use std::time::Duration;
+use support::{cmdline, Kernel, TempDir, Vm};
 
 const EXIT_LIMIT: Duration = Duration::from_secs(60);
 
@@ -121,8 +121,9 @@ fn virtio_blk_from_user_space() {
     std::fs::copy(support::image("busybox-root.ext4"), &root).unwrap();
     let scratch = dir.join("scratch.img");
     std::fs::write(&scratch, vec![0xa5u8; 16 << 20]).unwrap();
-    let read_only = dir.join("read-only.img");
-    std::fs::write(&read_only, vec![0x5au8; 1 << 20]).unwrap();
+    let read_only = dir.join("read-only.ext4");
+    std::fs::copy(support::image("busybox-root.ext4"), &read_only).unwrap();
+    let read_only_before = std::fs::read(&read_only).unwrap();
     let mut args = Kernel::Project.args();
     args.truncate(2); // the kernel only: the root is the disk
     args.extend(cmdline("root=/dev/vda rw rootfstype=ext4"));
@@ -135,17 +136,27 @@ fn virtio_blk_from_user_space() {
     }
     let mut vm = Vm::start(&args, &dir.0);
     vm.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
-    vm.wait_for("guest# ", support::COMMAND_LIMIT);
+    vm.wait_for_shell();
 
     let mounts = vm.sh("cat /proc/mounts");
     assert!(mounts.contains("/dev/root / ext4 rw"), "{mounts}");
     vm.sh("echo written-by-the-guest > /root/note && dd if=/root/note of=/root/copy conv=fsync 2>/dev/null");
 
     assert_eq!(vm.sh("blockdev --getro /dev/vdc").trim(), "1");
+    // Linux refuses writes to a read-only block device with EPERM, and
+    // mounts its file system read-only: writing there gives EROFS.
     let (status, output) = vm.shell("dd if=/dev/zero of=/dev/vdc bs=4096 count=1");
-    assert_ne!(status, 0, "a write to the read-only disk succeeded: {output}");
+    assert_ne!(
+        status, 0,
+        "a write to the read-only disk succeeded: {output}"
+    );
+    assert!(output.contains("Operation not permitted"), "{output}");
+    vm.sh("mount -t ext4 /dev/vdc /mnt");
+    assert!(vm.sh("cat /proc/mounts").contains("/dev/vdc /mnt ext4 ro"));
+    let (status, output) = vm.shell("touch /mnt/new-file");
+    assert_ne!(status, 0, "{output}");
     assert!(output.contains("Read-only file system"), "{output}");
-    assert_eq!(std::fs::read(&read_only).unwrap(), vec![0x5au8; 1 << 20]);
+    vm.sh("umount /mnt");
 
     let before = support::allocated_bytes(&scratch);
     vm.sh("blkdiscard /dev/vdb");
@@ -168,7 +179,15 @@ fn virtio_blk_from_user_space() {
     vm.type_text("reboot\n");
     let (status, _) = vm.wait_exit(EXIT_LIMIT);
     assert!(status.success(), "{status}\n{}", vm.describe());
-    let note = support::run(std::process::Command::new("debugfs").args(["-R", "cat /root/copy"]).arg(&root));
+    assert!(
+        std::fs::read(&read_only).unwrap() == read_only_before,
+        "the read-only disk changed"
+    );
+    let note = support::run(
+        std::process::Command::new("debugfs")
+            .args(["-R", "cat /root/copy"])
+            .arg(&root),
+    );
     assert!(note.contains("written-by-the-guest"), "{note}");
     support::run(std::process::Command::new("e2fsck").arg("-fn").arg(&root));
 }
@@ -194,7 +213,13 @@ fn virtio_net_from_user_space() {
         extra.extend(["--memory".into(), "256".into()]);
         let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
         for (tap, subnet) in [("bhfast0", "10.77.1"), ("bhslow0", "10.77.2")] {
-            support::run(std::process::Command::new("ip").args(["addr", "add", &format!("{subnet}.1/24"), "dev", tap]));
+            support::run(std::process::Command::new("ip").args([
+                "addr",
+                "add",
+                &format!("{subnet}.1/24"),
+                "dev",
+                tap,
+            ]));
         }
         vm.sh("ip addr add 10.77.1.2/24 dev eth0 && ip link set eth0 up && ip addr add 10.77.2.2/24 dev eth1 && ip link set eth1 up");
         let ping = vm.sh("ping -c 3 -W 10 10.77.1.1");
@@ -208,11 +233,14 @@ fn virtio_net_from_user_space() {
             stream.read_to_end(&mut received).unwrap();
             received.len()
         });
-        vm.sh(&format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.1.1 5001", STREAM / 65536));
+        vm.sh(&format!(
+            "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.1.1 5001",
+            STREAM / 65536
+        ));
         assert_eq!(receiver.join().unwrap(), STREAM);
 
         // Host → guest.
-        vm.sh("(nc -l -p 5002 | wc -c > /tmp/received) & sleep 1");
+        vm.sh("(nc -l -p 5002 < /dev/null | wc -c > /tmp/partial; mv /tmp/partial /tmp/received) & sleep 1");
         let mut stream = TcpStream::connect("10.77.1.2:5002").unwrap();
         stream.write_all(&vec![7u8; STREAM]).unwrap();
         drop(stream);
@@ -238,7 +266,10 @@ fn virtio_net_from_user_space() {
         });
         let capped = 4 * CAP;
         vm.shell_with_limit(
-            &format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.2.1 5003", capped / 65536),
+            &format!(
+                "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.2.1 5003",
+                capped / 65536
+            ),
             Duration::from_secs(120),
         );
         let (bytes, took) = receiver.join().unwrap();
@@ -264,7 +295,10 @@ fn vsock_from_user_space() {
     use std::os::unix::net::{UnixListener, UnixStream};
     let dir = TempDir::new("hwkvm-vsock");
     let socket = dir.join("vsock.sock");
-    let extra = vec!["--vsock".to_string(), format!("cid=3,socket={}", socket.display())];
+    let extra = vec![
+        "--vsock".to_string(),
+        format!("cid=3,socket={}", socket.display()),
+    ];
     let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
 
     let listener = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
@@ -272,12 +306,17 @@ fn vsock_from_user_space() {
         let (stream, _) = listener.accept().unwrap();
         let mut line = String::new();
         BufReader::new(&stream).read_line(&mut line).unwrap();
-        (&stream).write_all(format!("host got: {}", line).as_bytes()).unwrap();
+        (&stream)
+            .write_all(format!("host got: {}", line).as_bytes())
+            .unwrap();
         line
     });
     let reply = vm.sh("bulkhead-guest-tool vsock-connect 5000 hello-from-guest");
     assert_eq!(host.join().unwrap().trim(), "hello-from-guest");
-    assert!(reply.contains("vsock reply: host got: hello-from-guest"), "{reply}");
+    assert!(
+        reply.contains("vsock reply: host got: hello-from-guest"),
+        "{reply}"
+    );
 
     vm.type_text("bulkhead-guest-tool vsock-serve 6000 &\n");
     vm.wait_for("vsock listening on 6000", support::COMMAND_LIMIT);
@@ -310,8 +349,14 @@ fn rng_and_balloon_from_user_space() {
         "256".into(),
     ];
     let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
-    assert!(vm.sh("cat /sys/class/misc/hw_random/rng_current").contains("virtio_rng"));
-    assert_eq!(vm.sh("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c").trim(), "64");
+    assert!(vm
+        .sh("cat /sys/class/misc/hw_random/rng_current")
+        .contains("virtio_rng"));
+    assert_eq!(
+        vm.sh("dd if=/dev/hwrng bs=64 count=1 2>/dev/null | wc -c")
+            .trim(),
+        "64"
+    );
 
     let mem_total_kib = |vm: &mut Vm| -> u64 {
         vm.sh("grep MemTotal /proc/meminfo")
@@ -330,7 +375,10 @@ fn rng_and_balloon_from_user_space() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(full - now >= 60 << 10, "MemTotal {full} → {now} KiB after a 64 MiB balloon");
+    assert!(
+        full - now >= 60 << 10,
+        "MemTotal {full} → {now} KiB after a 64 MiB balloon"
+    );
     vm.ctl(&["balloon", "0"]);
     for _ in 0..100 {
         now = mem_total_kib(&mut vm);
@@ -339,7 +387,10 @@ fn rng_and_balloon_from_user_space() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(now, full, "the deflated balloon did not give the memory back");
+    assert_eq!(
+        now, full,
+        "the deflated balloon did not give the memory back"
+    );
     vm.type_text("reboot -f\n");
     let (status, _) = vm.wait_exit(EXIT_LIMIT);
     assert!(status.success(), "{status}");
@@ -397,7 +448,8 @@ fn snapshot_restore_clone_and_migration_keep_counting() {
         path
     };
     let mut original = Vm::start(&args, &life("original"));
-    original.wait_for("guest# ", support::BOOT_LIMIT);
+    original.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
+    original.wait_for_shell();
     original.type_text("bulkhead-guest-tool count /root/count 100 &\n");
     wait_for_counts(&mut original, 20);
 
@@ -426,12 +478,20 @@ fn snapshot_restore_clone_and_migration_keep_counting() {
     let mut migrated = Vm::start(&["--incoming".into(), incoming.clone()], &migrated_dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !migrated_dir.join("migration.sock").exists() {
-        assert!(std::time::Instant::now() < deadline, "{}", migrated.describe());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            migrated.describe()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     restored.ctl(&["migrate", &incoming]);
     let (status, _) = restored.wait_exit(EXIT_LIMIT);
-    assert!(status.success(), "the migrated source: {status}\n{}", restored.describe());
+    assert!(
+        status.success(),
+        "the migrated source: {status}\n{}",
+        restored.describe()
+    );
     let before_migration = support::counts(&restored.console());
     let after_migration = wait_for_counts(&mut migrated, 20);
     assert_continues(&before_migration, &after_migration, "migration");
@@ -471,7 +531,12 @@ fn check_count_file(disk: &std::path::Path, last_seen: u64) {
     let numbers: Vec<u64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert!(!numbers.is_empty(), "no counts on disk: {text}");
     for (index, n) in numbers.iter().enumerate() {
-        assert_eq!(*n, index as u64 + 1, "the count file has a gap or repeat at line {}", index + 1);
+        assert_eq!(
+            *n,
+            index as u64 + 1,
+            "the count file has a gap or repeat at line {}",
+            index + 1
+        );
     }
     assert!(
         *numbers.last().unwrap() >= last_seen,
@@ -490,7 +555,10 @@ fn the_daemon_runs_a_guest_with_user_space() {
     use std::process::{Command, Stdio};
     let dir = TempDir::new("hwkvm-daemon");
     let socket = dir.join("api.sock");
-    let images = support::image("stock-vmlinuz").parent().unwrap().to_path_buf();
+    let images = support::image("stock-vmlinuz")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let mut daemon = Command::new(support::bulkhead_bin());
     daemon
         .arg("serve")
@@ -505,15 +573,27 @@ fn the_daemon_runs_a_guest_with_user_space() {
     support::dies_with_test(&mut daemon);
     let mut daemon = KillOnDrop(daemon.spawn().unwrap());
     let daemon_log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    support::collect(daemon.0.stderr.take().unwrap(), daemon_log.clone());
+    support::collect(
+        daemon.0.stderr.take().unwrap(),
+        daemon_log.clone(),
+        "daemon| ",
+    );
     let cli = |args: &[&str]| {
         let mut command = Command::new(support::bulkhead_bin());
         command.env("BULKHEAD_SOCKET", &socket).args(args);
         command
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cli(&["vm", "ls"]).output().map(|o| !o.status.success()).unwrap_or(true) {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon_log.lock().unwrap());
+    while cli(&["vm", "ls"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon_log.lock().unwrap()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     support::run(&mut cli(&[
@@ -537,7 +617,7 @@ fn the_daemon_runs_a_guest_with_user_space() {
     support::dies_with_test(&mut console);
     let mut console = KillOnDrop(console.spawn().unwrap());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    support::collect(console.0.stdout.take().unwrap(), seen.clone());
+    support::collect(console.0.stdout.take().unwrap(), seen.clone(), "console| ");
     let mut input = console.0.stdin.take().unwrap();
     let wait_for = |text: &str, limit: Duration| {
         let deadline = std::time::Instant::now() + limit;

@@ -3,7 +3,7 @@
 //! into.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -27,9 +27,7 @@ pub fn bulkhead_bin() -> PathBuf {
 pub fn image(name: &str) -> PathBuf {
     let dir = std::env::var_os("BULKHEAD_IMAGES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"));
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -115,14 +113,29 @@ pub fn dies_with_test(command: &mut Command) {
     }
 }
 
-/// Appends what `stream` produces to `into`.
-pub fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+/// Appends what `stream` produces to `into`, and echoes it line by line
+/// with `prefix` (libtest keeps that output for a failed test, and shows it
+/// live with `--nocapture`).
+pub fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>, prefix: &'static str) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            into.lock().unwrap().push_str(&String::from_utf8_lossy(&line));
-            line.clear();
+        let mut chunk = [0u8; 4096];
+        let mut pending = String::new();
+        loop {
+            let n = match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let text = String::from_utf8_lossy(&chunk[..n]);
+            into.lock().unwrap().push_str(&text);
+            pending.push_str(&text);
+            while let Some(end) = pending.find('\n') {
+                eprintln!("{prefix}{}", pending[..end].trim_end_matches('\r'));
+                pending.drain(..=end);
+            }
+        }
+        if !pending.is_empty() {
+            eprintln!("{prefix}{pending}");
         }
     });
 }
@@ -155,8 +168,8 @@ impl Vm {
         let mut child = command.spawn().expect("start bulkhead run");
         let console = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), console.clone());
-        collect(child.stderr.take().unwrap(), stderr.clone());
+        collect(child.stdout.take().unwrap(), console.clone(), "console| ");
+        collect(child.stderr.take().unwrap(), stderr.clone(), "vmm| ");
         Vm {
             stdin: child.stdin.take(),
             child,
@@ -173,8 +186,17 @@ impl Vm {
         args.extend_from_slice(extra);
         let mut vm = Vm::start(&args, dir);
         vm.wait_for("bulkhead-guest: up", BOOT_LIMIT);
-        vm.wait_for("guest# ", COMMAND_LIMIT);
+        vm.wait_for_shell();
         vm
+    }
+
+    /// Waits for the shell's prompt, then turns the terminal's echo off:
+    /// busybox's line editing then reads plain lines (no echoed input, no
+    /// cursor-position queries, no wrapping), so what comes back is only the
+    /// commands' output.
+    pub fn wait_for_shell(&mut self) {
+        self.wait_for("guest# ", COMMAND_LIMIT);
+        self.sh("stty -echo");
     }
 
     pub fn console(&self) -> String {
@@ -241,15 +263,14 @@ impl Vm {
             let console = self.console();
             let new = &console[start.min(console.len())..];
             // The typed line echoes `@@N:$?@@`; only the answer has digits.
-            if let Some(found) = find_marker(new, &marker) {
-                let (status, end) = found;
-                let output = &new[..end];
-                // Drop the echoed command line.
-                let output = output.split_once('\n').map_or("", |(_, rest)| rest);
-                return (status, output.replace('\r', ""));
+            if let Some((status, end)) = find_marker(new, &marker) {
+                return (status, command_output(&new[..end]));
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("bulkhead exited ({status}) during `{command}`\n{}", self.describe());
+                panic!(
+                    "bulkhead exited ({status}) during `{command}`\n{}",
+                    self.describe()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -309,9 +330,7 @@ impl Vm {
                 .find_map(|line| serde_json::from_str::<Value>(line).ok());
             match report {
                 Some(report) => break report,
-                None if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 None => break Value::Null,
             }
         };
@@ -324,6 +343,22 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a command printed: the console between typing it and its marker,
+/// without carriage returns, prompts, and (until `stty -echo`) the echoed
+/// command line.
+fn command_output(text: &str) -> String {
+    let text = text.replace('\r', "");
+    let mut output = text.as_str();
+    while let Some(rest) = output.strip_prefix("guest# ") {
+        output = rest;
+    }
+    // With echo still on, the typed line comes back first.
+    if let Some(at) = output.find("; echo \"@@") {
+        output = output[at..].split_once('\n').map_or("", |(_, rest)| rest);
+    }
+    output.to_string()
 }
 
 /// Finds `MARKER<digits>@@` in `text`: the status and where the marker starts.
@@ -351,6 +386,16 @@ fn markers_with_digits_are_answers_and_typed_ones_are_not() {
     assert_eq!(find_marker("x@@12:127@@", "@@12:").unwrap().0, 127);
 }
 
+#[test]
+fn command_output_drops_prompts_and_the_echoed_line() {
+    assert_eq!(command_output("guest# 42\r\n"), "42\n");
+    assert_eq!(
+        command_output("guest# \x1b[6nstty -echo; echo \"@@1:$?@@\"\r\n"),
+        ""
+    );
+    assert_eq!(command_output("a\nb\n"), "a\nb\n");
+}
+
 /// Runs `f` on a thread of its own in a new network namespace (with its
 /// loopback up): TAPs, addresses and the processes it starts (which inherit
 /// the thread's namespace) stay there, and go with it.
@@ -358,7 +403,12 @@ pub fn in_new_network_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send 
     let thread = std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread's network namespace.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         run(Command::new("ip").args(["link", "set", "lo", "up"]));
         f()
     });

@@ -15,7 +15,8 @@ use std::io::{Read, Write};
 
 pub const FORMAT: &str = "bulkhead-migration";
 /// Bumped whenever a frame's meaning changes; a destination refuses others.
-pub const VERSION: u32 = 1;
+/// 2: the full ACPI platform (PM1 block in the state), virtio IRQs without 9.
+pub const VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
 pub const MAX_FRAME: u32 = 64 << 20;
 

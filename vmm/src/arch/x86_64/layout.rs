@@ -80,8 +80,9 @@ pub mod irq {
     /// virtio-mmio device.
     pub const SCI: u32 = 9;
     /// ISA lines free for virtio-mmio devices (edge-triggered, one per
-    /// device), in the order they are handed out.
-    pub const VIRTIO: &[u32] = &[5, 6, 7, 9, 10, 11, 14, 15, 12, 3];
+    /// device), in the order they are handed out. Not 9: the SCI is level
+    /// triggered and must not share its line with an edge-triggered device.
+    pub const VIRTIO: &[u32] = &[5, 6, 7, 10, 11, 14, 15, 12, 3];
 }
 
 /// pvpanic is a PCI device (1b36:0011) at 00:01.0 whose BAR0 is one byte of MMIO

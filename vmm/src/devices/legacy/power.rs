@@ -33,11 +33,6 @@ pub const SLP_EN: u16 = 1 << 13;
 /// are write-only, SCI_EN always reads 1 (there is no legacy mode).
 const CNT_STORED: u16 = (1 << 1) | SLP_TYP_MASK;
 
-/// The hardware-reduced sleep control register older Bulkhead versions
-/// offered at port 0x600 (8 bits: SLP_TYP in bits 2-4, SLP_EN bit 5).
-const HW_REDUCED_SLP_TYP_SHIFT: u8 = 2;
-const HW_REDUCED_SLP_EN: u8 = 1 << 5;
-
 /// What snapshots and migration carry of the PM1 block.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedPm1 {
@@ -57,10 +52,6 @@ pub struct Pm1 {
     sci_level: bool,
     sci: SciLine,
     exit: Arc<ExitSignal>,
-    /// A guest restored from a state saved before this block existed booted
-    /// with the hardware-reduced FADT: it powers off through the old sleep
-    /// control register (a byte at offset 0), or with SLP_EN alone in PM1_CNT.
-    hardware_reduced_guest: bool,
 }
 
 impl Pm1 {
@@ -72,24 +63,16 @@ impl Pm1 {
             sci_level: false,
             sci,
             exit,
-            hardware_reduced_guest: false,
         }
     }
 
-    /// The block in the state `saved` describes; `None` is a state saved by
-    /// a version without it, whose guest knows the hardware-reduced platform.
-    /// The SCI line is driven by [`Pm1::drive_sci`] once KVM's interrupt
-    /// controllers are restored.
-    pub fn from_saved(exit: Arc<ExitSignal>, sci: SciLine, saved: Option<&SavedPm1>) -> Self {
+    /// The block in the state `saved` describes. The SCI line is driven by
+    /// [`Pm1::drive_sci`] once KVM's interrupt controllers are restored.
+    pub fn from_saved(exit: Arc<ExitSignal>, sci: SciLine, saved: &SavedPm1) -> Self {
         let mut pm1 = Pm1::new(exit, sci);
-        match saved {
-            Some(saved) => {
-                pm1.status = saved.status;
-                pm1.enable = saved.enable;
-                pm1.control = saved.control & CNT_STORED;
-            }
-            None => pm1.hardware_reduced_guest = true,
-        }
+        pm1.status = saved.status;
+        pm1.enable = saved.enable;
+        pm1.control = saved.control & CNT_STORED;
         pm1
     }
 
@@ -145,7 +128,7 @@ impl Pm1 {
             return;
         }
         let sleep_type = (self.control & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
-        if sleep_type == u16::from(S5_SLEEP_TYPE) || self.hardware_reduced_guest {
+        if sleep_type == u16::from(S5_SLEEP_TYPE) {
             self.exit.request(VmExit::PowerOff);
         } else {
             // Only \_S5 is offered; a guest entering another state wakes at
@@ -168,13 +151,6 @@ impl BusDevice for Pm1 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if self.hardware_reduced_guest && offset == 0 && data.len() == 1 {
-            let sleep_type = (data[0] >> HW_REDUCED_SLP_TYP_SHIFT) & 0x7;
-            if data[0] & HW_REDUCED_SLP_EN != 0 && sleep_type == S5_SLEEP_TYPE {
-                self.exit.request(VmExit::PowerOff);
-            }
-            return;
-        }
         // Each 16-bit register gets the bytes of the write that fall in it.
         let mut values = [0u16; 3];
         let mut masks = [0u16; 3];
@@ -307,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn saved_state_round_trips_and_old_states_keep_the_old_power_off() {
+    fn saved_state_round_trips() {
         let (mut pm1, _, _) = pm1();
         write16(&mut pm1, 2, PWRBTN);
         pm1.press_power_button();
@@ -319,27 +295,13 @@ mod tests {
         let mut restored = Pm1::from_saved(
             exit.clone(),
             Box::new(move |level| sink.lock().unwrap().push(level)),
-            Some(&saved),
+            &saved,
         );
         assert_eq!(restored.save(), saved);
         restored.drive_sci();
         assert_eq!(*levels.lock().unwrap(), [true]);
-        // The hardware-reduced byte register no longer exists for new guests.
+        // The hardware-reduced byte register of version 1 is gone.
         restored.write(0, &[(S5_SLEEP_TYPE << 2) | (1 << 5)]);
         assert!(!exit.is_requested());
-
-        let mut old = Pm1::from_saved(exit.clone(), Box::new(|_| {}), None);
-        old.write(0, &[(3 << 2) | (1 << 5)]);
-        assert!(!exit.is_requested());
-        old.write(0, &[(S5_SLEEP_TYPE << 2) | (1 << 5)]);
-        assert!(exit.is_requested());
-    }
-
-    #[test]
-    fn old_guests_power_off_with_slp_en_alone() {
-        let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut old = Pm1::from_saved(exit.clone(), Box::new(|_| {}), None);
-        write16(&mut old, 4, SLP_EN);
-        assert!(exit.is_requested());
     }
 }
