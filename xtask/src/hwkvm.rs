@@ -32,8 +32,21 @@ use crate::{apt, cache, images, process, stock_kernel, workspace_root};
 const L1_RECIPE_VERSION: &[u8] = b"1";
 /// QEMU for L1, and the e2fsprogs the tests check guest disks with.
 const PACKAGES: &[&str] = &["qemu-system-x86", "e2fsprogs"];
-/// Programs from the host copied into L1 with their shared libraries.
-const HOST_PROGRAMS: &[&str] = &["/sbin/e2fsck", "/sbin/debugfs"];
+/// Programs from the host copied into L1 with their shared libraries:
+/// e2fsprogs to check guest disks, QEMU as the reference VMM of the figures.
+const HOST_PROGRAMS: &[&str] = &[
+    "/sbin/e2fsck",
+    "/sbin/debugfs",
+    "/usr/bin/qemu-system-x86_64",
+];
+/// QEMU's firmware (BIOS, option ROMs), copied with it.
+const HOST_DIRECTORIES: &[&str] = &[
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/usr/lib/ipxe/qemu",
+];
+/// The figures test is a benchmark: `cargo xtask hwkvm figures --nocapture`.
+const SKIPPED_BY_DEFAULT: &[&str] = &["--skip", "figures"];
 /// The whole lane inside L1 must end within this.
 const L1_TIME_LIMIT: Duration = Duration::from_secs(40 * 60);
 /// L1's memory: guests of up to 512 MiB, a few at once, plus the images.
@@ -92,6 +105,12 @@ pub fn host_has_hardware_kvm() -> bool {
 /// name filters, `--nocapture`).
 pub fn run(filters: &[String]) -> Result<()> {
     let started = Instant::now();
+    let default_filters: Vec<String> = SKIPPED_BY_DEFAULT.iter().map(|s| s.to_string()).collect();
+    let filters = if filters.is_empty() {
+        &default_filters
+    } else {
+        filters
+    };
     let root = workspace_root();
     images::main(&[])?;
     let test_binary = build_test_binary(&root)?;
@@ -190,6 +209,9 @@ fn l1_image(
         apt::installed_version("e2fsprogs")
             .unwrap_or_default()
             .into_bytes(),
+        apt::installed_version("qemu-system-x86")
+            .unwrap_or_default()
+            .into_bytes(),
     ];
     key_parts.sort();
     let refs: Vec<&[u8]> = key_parts.iter().map(Vec::as_slice).collect();
@@ -258,6 +280,9 @@ fn build_l1_initramfs(
     }
     for program in HOST_PROGRAMS {
         copy_with_libraries(Path::new(program), &tree)?;
+    }
+    for dir in HOST_DIRECTORIES {
+        process::run(Command::new("cp").args(["-a", "--parents", dir]).arg(&tree))?;
     }
 
     let mut cpio = fs::File::create(out.join("l1.cpio"))?;

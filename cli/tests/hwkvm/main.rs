@@ -651,3 +651,191 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The lane's figures, side by side in one L1 (absolute times under
+/// emulation mean little; the ratios do). Not part of the lane's run:
+/// `cargo xtask hwkvm figures --nocapture`.
+#[test]
+#[ignore = "a benchmark: cargo xtask hwkvm figures --nocapture"]
+fn figures() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    fn median(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    }
+    let dir = TempDir::new("hwkvm-figures");
+
+    // Boot to the user-space shell's first words: Bulkhead and QEMU-KVM with
+    // the same stock kernel and initramfs, 1 vCPU, 256 MiB.
+    let boot_bulkhead = || {
+        let started = Instant::now();
+        let mut args = Kernel::Stock.args();
+        args.extend(["--memory".into(), "256".into()]);
+        let mut vm = Vm::start(&args, &dir.0);
+        vm.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
+        started.elapsed().as_secs_f64()
+    };
+    let qemu = std::path::Path::new("/usr/bin/qemu-system-x86_64");
+    let boot_qemu = || {
+        let started = Instant::now();
+        let mut command = Command::new(qemu);
+        command
+            .args(["-accel", "kvm", "-cpu", "host", "-m", "256", "-smp", "1"])
+            .args([
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(support::image("stock-vmlinuz"))
+            .arg("-initrd")
+            .arg(support::image("stock-busybox.cpio.gz"))
+            .args(["-append", "console=ttyS0 reboot=k panic=-1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        support::dies_with_test(&mut command);
+        let mut child = command.spawn().expect("qemu-system-x86_64");
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("bulkhead-guest: up") {
+            let n = stdout.read(&mut buffer).unwrap();
+            assert!(n > 0, "QEMU ended: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buffer[..n]);
+        }
+        let took = started.elapsed().as_secs_f64();
+        let _ = child.kill();
+        let _ = child.wait();
+        took
+    };
+    let bulkhead_boot = median((0..3).map(|_| boot_bulkhead()).collect());
+    let qemu_boot = if qemu.exists() {
+        Some(median((0..3).map(|_| boot_qemu()).collect()))
+    } else {
+        None
+    };
+
+    // The embedded guest: process start to exit.
+    let embedded = median(
+        (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                support::run(Command::new(support::bulkhead_bin()).arg("run"));
+                started.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+
+    // TCP guest → host over a TAP vs host loopback, and sequential disk
+    // writes in the guest (raw virtio-blk) vs the same file from the host.
+    let (guest_tcp, loopback_tcp, guest_disk, host_disk) =
+        support::in_new_network_namespace(move || {
+            const BYTES: usize = 64 << 20;
+            let dir = TempDir::new("hwkvm-figures-io");
+            let disk = dir.join("disk.img");
+            std::fs::write(&disk, vec![0u8; BYTES + (1 << 20)]).unwrap();
+            let extra = vec![
+                "--net".to_string(),
+                "tap=bhbench0".into(),
+                "--disk".into(),
+                format!("path={}", disk.display()),
+                "--memory".into(),
+                "256".into(),
+            ];
+            let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+            support::run(Command::new("ip").args([
+                "addr",
+                "add",
+                "10.78.0.1/24",
+                "dev",
+                "bhbench0",
+            ]));
+            vm.sh("ip addr add 10.78.0.2/24 dev eth0 && ip link set eth0 up");
+            let receive = |address: &str| {
+                let listener = std::net::TcpListener::bind(address).unwrap();
+                std::thread::spawn(move || {
+                    let (mut stream, _) = listener.accept().unwrap();
+                    let started = Instant::now();
+                    let mut buffer = vec![0u8; 1 << 20];
+                    let mut total = 0;
+                    loop {
+                        let n = stream.read(&mut buffer).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        total += n;
+                    }
+                    total as f64 / started.elapsed().as_secs_f64() / 1e6
+                })
+            };
+            let receiver = receive("10.78.0.1:5100");
+            vm.shell_with_limit(
+                &format!(
+                    "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.78.0.1 5100",
+                    BYTES / 65536
+                ),
+                Duration::from_secs(300),
+            );
+            let guest_tcp = receiver.join().unwrap();
+            let receiver = receive("127.0.0.1:5101");
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:5101").unwrap();
+            let chunk = vec![0u8; 65536];
+            for _ in 0..BYTES / 65536 {
+                stream.write_all(&chunk).unwrap();
+            }
+            drop(stream);
+            let loopback_tcp = receiver.join().unwrap();
+
+            let rate = |output: &str| -> f64 {
+                // busybox dd: "N bytes (...) copied, S seconds, R MB/s"
+                let seconds: f64 = output
+                    .split(", ")
+                    .find_map(|part| part.strip_suffix(" seconds").and_then(|s| s.parse().ok()))
+                    .unwrap_or_else(|| panic!("no time in dd's output: {output}"));
+                BYTES as f64 / seconds / 1e6
+            };
+            let guest_disk = rate(&vm.sh(&format!(
+                "dd if=/dev/zero of=/dev/vda bs=1M count={} conv=fsync 2>&1",
+                BYTES >> 20
+            )));
+            vm.type_text("reboot -f\n");
+            let _ = vm.wait_exit(EXIT_LIMIT);
+            let host_disk = rate(&support::run(Command::new("dd").args([
+                "if=/dev/zero",
+                &format!("of={}", disk.display()),
+                "bs=1M",
+                &format!("count={}", BYTES >> 20),
+                "conv=fsync,notrunc",
+            ])));
+            (guest_tcp, loopback_tcp, guest_disk, host_disk)
+        });
+
+    println!("figures (inside the lane's KVM; ratios matter):");
+    match qemu_boot {
+        Some(qemu_boot) => println!(
+            "  boot to user space, stock kernel, 1 vCPU, 256 MiB (median of 3): bulkhead {bulkhead_boot:.2} s, qemu-kvm {qemu_boot:.2} s (ratio {:.2})",
+            bulkhead_boot / qemu_boot
+        ),
+        None => println!(
+            "  boot to user space, stock kernel (median of 3): bulkhead {bulkhead_boot:.2} s (no QEMU here)"
+        ),
+    }
+    println!(
+        "  embedded guest, process start to exit (median of 5): {:.1} ms",
+        embedded * 1e3
+    );
+    println!(
+        "  TCP guest → host: {guest_tcp:.0} MB/s; host loopback: {loopback_tcp:.0} MB/s (ratio {:.2})",
+        guest_tcp / loopback_tcp
+    );
+    println!(
+        "  sequential write, 64 MiB, fsync: guest (virtio-blk, raw file) {guest_disk:.0} MB/s; host, same file {host_disk:.0} MB/s (ratio {:.2})",
+        guest_disk / host_disk
+    );
+}
