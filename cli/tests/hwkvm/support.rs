@@ -301,10 +301,6 @@ impl Vm {
             .args(args))
     }
 
-    pub fn status(&self) -> Value {
-        serde_json::from_str(&self.ctl(&["status"])).expect("status is JSON")
-    }
-
     /// Waits for the VMM to end by itself; returns its exit status and its
     /// JSON report.
     pub fn wait_exit(&mut self, limit: Duration) -> (ExitStatus, Value) {
