@@ -31,9 +31,11 @@ fn main() -> ExitCode {
         ["touch-memory", mib, seconds] => {
             parse(mib).and_then(|m| parse(seconds).and_then(|s| touch_memory(m, s)))
         }
-        _ => Err("usage: bulkhead-guest-tool count FILE [PERIOD_MS] | vsock-connect PORT MESSAGE \
+        _ => Err(
+            "usage: bulkhead-guest-tool count FILE [PERIOD_MS] | vsock-connect PORT MESSAGE \
                   | vsock-serve PORT | touch-memory MIB SECONDS"
-            .into()),
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,7 +112,10 @@ fn vsock_connect(port: u32, message: &str) -> Result<()> {
         )
     };
     if rc != 0 {
-        return Err(format!("vsock connect to port {port}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "vsock connect to port {port}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let mut stream = std::fs::File::from(socket);
     stream
@@ -137,11 +142,20 @@ fn vsock_serve(port: u32) -> Result<()> {
     };
     // SAFETY: listen(2) on a socket we own.
     if rc != 0 || unsafe { libc::listen(socket.as_raw_fd(), 1) } != 0 {
-        return Err(format!("vsock listen on port {port}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "vsock listen on port {port}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     println!("vsock listening on {port}");
     // SAFETY: accept(2) on a listening socket we own; no peer address wanted.
-    let fd = unsafe { libc::accept(socket.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+    let fd = unsafe {
+        libc::accept(
+            socket.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
     if fd < 0 {
         return Err(format!("vsock accept: {}", std::io::Error::last_os_error()));
     }
@@ -175,4 +189,3 @@ fn touch_memory(mib: usize, seconds: u64) -> Result<()> {
     println!("touched {mib} MiB {rounds} times ({sum})");
     Ok(())
 }
-

@@ -137,6 +137,23 @@ fn dsdt() -> Sdt {
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
+    // COM1 where an ACPI kernel looks for serial ports (8250_pnp): its
+    // ports and its ISA interrupt.
+    let com1_ports = aml::IO::new(ports::COM1, ports::COM1, 1, 8);
+    let com1_interrupt = aml::Interrupt::new(true, true, false, false, irq::COM1);
+    let com1_resources = aml::ResourceTemplate::new(vec![&com1_ports, &com1_interrupt]);
+    aml::Scope::new(
+        "\\_SB_".into(),
+        vec![&aml::Device::new(
+            "COM1".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+                &aml::Name::new("_UID".into(), &aml::ONE),
+                &aml::Name::new("_CRS".into(), &com1_resources),
+            ],
+        )],
+    )
+    .to_aml_bytes(&mut body);
     for byte in body {
         dsdt.append(byte);
     }
@@ -282,6 +299,15 @@ mod tests {
         assert_eq!(&facs[..4], b"FACS");
         assert_eq!(facs.len(), 64);
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        // COM1: _HID PNP0501 (EISA id 0x0105d041), I/O 0x3f8 (8 ports) and
+        // the edge-triggered, active-high interrupt 4.
+        let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"COM1"));
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        assert!(contains(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        assert!(contains(&[
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00
+        ]));
     }
 
     #[test]
