@@ -113,7 +113,8 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
     }
     if let Some(status) = answer.get("status") {
         println!("{}", serde_json::to_string_pretty(status)?);
-    } else if answer.get("snapshot").is_some() || answer.get("migration").is_some() {
+    } else if answer.as_object().is_some_and(|fields| fields.len() > 1) {
+        // Snapshot, migration, shutdown and power-button answers say more than ok.
         println!("{}", serde_json::to_string_pretty(&answer)?);
     }
     Ok(0)

@@ -446,7 +446,15 @@ impl Vm {
         };
         boot::write_cmdline(memory, &cmdline)?;
         mptable::write(memory, config.cpus)?;
-        let acpi_rsdp = acpi::write(memory, config.cpus)?;
+        let mmio_devices: Vec<acpi::MmioDevice> = hardware
+            .virtio
+            .iter()
+            .map(|slot| acpi::MmioDevice {
+                base: slot.base,
+                irq: slot.irq,
+            })
+            .collect();
+        let acpi_rsdp = acpi::write(memory, config.cpus, &mmio_devices)?;
         boot::write_boot_info(
             memory,
             &kernel,
@@ -590,7 +598,8 @@ pub(crate) struct VirtioSlot {
 }
 
 impl VirtioSlot {
-    /// How Linux learns of the device (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    /// How a kernel without ACPI learns of the device
+    /// (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); ACPI kernels find it in the DSDT.
     fn cmdline_option(&self) -> String {
         format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
     }

@@ -47,6 +47,10 @@ const HOST_DIRECTORIES: &[&str] = &[
 ];
 /// The figures test is a benchmark: `cargo xtask hwkvm figures --nocapture`.
 const SKIPPED_BY_DEFAULT: &[&str] = &["--skip", "figures"];
+/// The test binaries the lane runs with `--include-ignored`: the user-space
+/// tests, and the tiny-guest tests, whose instruction checks (`lzcnt`,
+/// `tzcnt`) only mean something where the CPU runs guest code.
+const TEST_BINARIES: &[(&str, &str)] = &[("bulkhead", "hwkvm"), ("vmm", "tiny_guests")];
 /// The whole lane inside L1 must end within this.
 const L1_TIME_LIMIT: Duration = Duration::from_secs(40 * 60);
 /// L1's memory: guests of up to 512 MiB, a few at once, plus the images.
@@ -84,9 +88,13 @@ done
 ip link set lo up
 echo "l1: up after $(cut -d' ' -f1 /proc/uptime) s; KVM: $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null | sed 's/Y/nested paging/')"
 cd /tmp
-BULKHEAD_BIN=/bulkhead/bulkhead BULKHEAD_IMAGES=/bulkhead/images BULKHEAD_REQUIRE_IMAGES=1 \
-	/bulkhead/hwkvm --include-ignored --test-threads=1 "$@"
-echo "l1: tests exited with $?"
+export BULKHEAD_BIN=/bulkhead/bulkhead BULKHEAD_IMAGES=/bulkhead/images BULKHEAD_REQUIRE_IMAGES=1
+status=0
+for binary in /bulkhead/tests/*; do
+	echo "l1: running ${binary##*/}"
+	"$binary" --include-ignored --test-threads=1 "$@" || status=1
+done
+echo "l1: tests exited with $status"
 poweroff -f
 "#;
 
@@ -113,25 +121,28 @@ pub fn run(filters: &[String]) -> Result<()> {
     };
     let root = workspace_root();
     images::main(&[])?;
-    let test_binary = build_test_binary(&root)?;
+    let test_binaries = build_test_binaries(&root)?;
     let bulkhead = root.join("target/x86_64-unknown-linux-gnu/release/bulkhead");
     let images_dir = images::images_dir();
 
     if host_has_hardware_kvm() {
         eprintln!("xtask: hwkvm: this host's KVM is hardware; running the lane directly");
-        let mut command = Command::new(&test_binary);
-        command
-            .env("BULKHEAD_BIN", &bulkhead)
-            .env("BULKHEAD_IMAGES", &images_dir)
-            .env("BULKHEAD_REQUIRE_IMAGES", "1")
-            .args(["--include-ignored", "--test-threads=1"])
-            .args(filters);
-        return process::run(&mut command);
+        for binary in &test_binaries {
+            let mut command = Command::new(binary);
+            command
+                .env("BULKHEAD_BIN", &bulkhead)
+                .env("BULKHEAD_IMAGES", &images_dir)
+                .env("BULKHEAD_REQUIRE_IMAGES", "1")
+                .args(["--include-ignored", "--test-threads=1"])
+                .args(filters);
+            process::run(&mut command)?;
+        }
+        return Ok(());
     }
 
     apt::ensure_installed(PACKAGES)?;
     let image_started = Instant::now();
-    let (l1_kernel, l1_initrd) = l1_image(&root, &bulkhead, &test_binary, &images_dir)?;
+    let (l1_kernel, l1_initrd) = l1_image(&bulkhead, &test_binaries, &images_dir)?;
     let image_secs = image_started.elapsed().as_secs_f64();
     let outcome = boot_l1(&l1_kernel, &l1_initrd, filters)?;
     eprintln!(
@@ -155,38 +166,45 @@ pub fn run(filters: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the `hwkvm` test binary (and with it the `bulkhead` binary) and
-/// returns the test binary's path.
-fn build_test_binary(root: &Path) -> Result<PathBuf> {
+/// Builds the lane's test binaries (and with them the `bulkhead` binary);
+/// returns their paths, each named after its test target.
+fn build_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = process::output(Command::new(&cargo).current_dir(root).args([
-        "test",
-        "--release",
-        "-p",
-        "bulkhead",
-        "--test",
-        "hwkvm",
-        "--no-run",
-        "--message-format=json",
-    ]))?;
-    for line in output.lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if message["reason"] == "compiler-artifact" && message["target"]["name"] == "hwkvm" {
-            if let Some(executable) = message["executable"].as_str() {
-                return Ok(PathBuf::from(executable));
-            }
-        }
+    let mut command = Command::new(&cargo);
+    command
+        .current_dir(root)
+        .args(["test", "--release", "--no-run", "--message-format=json"]);
+    for (package, test) in TEST_BINARIES {
+        command.args(["-p", package, "--test", test]);
     }
-    bail!("cargo did not report the hwkvm test executable")
+    // Cargo's progress goes to the terminal; its messages are read here.
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot start cargo test --no-run")?;
+    if !output.status.success() {
+        bail!(
+            "building the lane's test binaries failed ({})",
+            output.status
+        );
+    }
+    let mut found = Vec::new();
+    for (_, test) in TEST_BINARIES {
+        let executable = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == *test)
+            .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+            .with_context(|| format!("cargo did not report the {test} test executable"))?;
+        found.push(executable);
+    }
+    Ok(found)
 }
 
 /// The L1 kernel and initramfs, built into the cache when their inputs changed.
 fn l1_image(
-    root: &Path,
     bulkhead: &Path,
-    test_binary: &Path,
+    test_binaries: &[PathBuf],
     images_dir: &Path,
 ) -> Result<(PathBuf, PathBuf)> {
     let (package, version) = stock_kernel::package()?;
@@ -201,7 +219,12 @@ fn l1_image(
         version.into_bytes(),
         L1_INIT.as_bytes().to_vec(),
         cache::file_sha256(bulkhead)?.into_bytes(),
-        cache::file_sha256(test_binary)?.into_bytes(),
+        test_binaries
+            .iter()
+            .map(|binary| cache::file_sha256(binary))
+            .collect::<Result<Vec<_>>>()?
+            .concat()
+            .into_bytes(),
         fs::read(images_dir.join("manifest.json"))?,
         apt::installed_version("busybox-static")
             .unwrap_or_default()
@@ -219,15 +242,14 @@ fn l1_image(
     // Every change of the code makes a new L1 image (~150 MiB): keep one.
     cache::remove_others("l1", &key)?;
     let l1_dir = cache::entry("l1", &key, |out| {
-        build_l1_initramfs(root, bulkhead, test_binary, images_dir, &stock_dir, out)
+        build_l1_initramfs(bulkhead, test_binaries, images_dir, &stock_dir, out)
     })?;
     Ok((stock_dir.join("vmlinuz"), l1_dir.join("l1.cpio")))
 }
 
 fn build_l1_initramfs(
-    _root: &Path,
     bulkhead: &Path,
-    test_binary: &Path,
+    test_binaries: &[PathBuf],
     images_dir: &Path,
     stock_dir: &Path,
     out: &Path,
@@ -242,6 +264,7 @@ fn build_l1_initramfs(
         "tmp",
         "run",
         "bulkhead/images",
+        "bulkhead/tests",
     ] {
         fs::create_dir_all(tree.join(dir))?;
     }
@@ -269,7 +292,9 @@ fn build_l1_initramfs(
     fs::write(modules.join("load-order"), order.join("\n") + "\n")?;
 
     fs::copy(bulkhead, tree.join("bulkhead/bulkhead"))?;
-    fs::copy(test_binary, tree.join("bulkhead/hwkvm"))?;
+    for ((_, test), binary) in TEST_BINARIES.iter().zip(test_binaries) {
+        fs::copy(binary, tree.join("bulkhead/tests").join(test))?;
+    }
     for entry in fs::read_dir(images_dir)? {
         let path = entry?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -282,7 +307,10 @@ fn build_l1_initramfs(
         copy_with_libraries(Path::new(program), &tree)?;
     }
     for dir in HOST_DIRECTORIES {
-        process::run(Command::new("cp").args(["-a", "--parents", dir]).arg(&tree))?;
+        let target = tree.join(dir.trim_start_matches('/'));
+        let parent = target.parent().expect("a folder below the root");
+        fs::create_dir_all(parent)?;
+        process::run(Command::new("cp").args(["-a", dir]).arg(parent))?;
     }
 
     let mut cpio = fs::File::create(out.join("l1.cpio"))?;

@@ -54,7 +54,9 @@ fn stock_kernel_console_and_poweroff_with_acpi() {
     assert!(pnp.contains("PNP0501"), "{pnp}");
     let interrupts = vm.sh("cat /proc/interrupts");
     assert!(
-        interrupts.contains("IO-APIC    4-edge      ttyS0"),
+        interrupts
+            .lines()
+            .any(|line| line.contains("4-edge") && line.ends_with("ttyS0")),
         "{interrupts}"
     );
     assert!(interrupts.contains("acpi"), "no SCI: {interrupts}");

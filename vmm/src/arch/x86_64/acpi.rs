@@ -47,10 +47,25 @@ pub enum AcpiError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
+/// A virtio-mmio device as the DSDT describes it (`LNRO0005`, which Linux's
+/// virtio_mmio driver matches): distribution kernels are built without
+/// `virtio_mmio.device=` command-line support and find the devices only here.
+pub struct MmioDevice {
+    pub base: u64,
+    pub irq: u32,
+}
+
+/// Each virtio-mmio device's register window.
+const MMIO_DEVICE_SIZE: u32 = 0x1000;
+
 /// Builds the tables for `cpus` CPUs (APIC IDs 0..cpus; the IOAPIC takes
 /// the next ID, as in the MP table) and writes them at [`ACPI_START`].
 /// Returns the RSDP's address, for the zero page and PVH start info.
-pub fn write(mem: &GuestRam, cpus: u8) -> Result<GuestAddress, AcpiError> {
+pub fn write(
+    mem: &GuestRam,
+    cpus: u8,
+    mmio_devices: &[MmioDevice],
+) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter {
         next: ACPI_START + 64, // RSDP first, 36 bytes, padded
         bytes: Vec::new(),
@@ -58,7 +73,7 @@ pub fn write(mem: &GuestRam, cpus: u8) -> Result<GuestAddress, AcpiError> {
 
     // First, so that it is 64-byte aligned as the FACS must be.
     let facs = writer.place(&FACS::new());
-    let dsdt = writer.place(&dsdt());
+    let dsdt = writer.place(&dsdt(mmio_devices));
     let fadt = writer.place(&fadt(dsdt, facs));
     let madt = writer.place(&madt(cpus));
 
@@ -127,9 +142,10 @@ impl TableWriter {
     }
 }
 
-/// The DSDT only names the S5 sleep type; devices are found by legacy
-/// probing (UART), the PCI bus, and the kernel command line (virtio-mmio).
-fn dsdt() -> Sdt {
+/// The DSDT: the S5 sleep type, COM1 where an ACPI kernel looks for serial
+/// ports (8250_pnp), and every virtio-mmio device (`LNRO0005`). The PCI bus is
+/// found by probing.
+fn dsdt(mmio_devices: &[MmioDevice]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     aml::Name::new(
@@ -137,23 +153,62 @@ fn dsdt() -> Sdt {
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
-    // COM1 where an ACPI kernel looks for serial ports (8250_pnp): its
-    // ports and its ISA interrupt.
+
     let com1_ports = aml::IO::new(ports::COM1, ports::COM1, 1, 8);
     let com1_interrupt = aml::Interrupt::new(true, true, false, false, irq::COM1);
     let com1_resources = aml::ResourceTemplate::new(vec![&com1_ports, &com1_interrupt]);
-    aml::Scope::new(
-        "\\_SB_".into(),
-        vec![&aml::Device::new(
-            "COM1".into(),
-            vec![
-                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-                &aml::Name::new("_UID".into(), &aml::ONE),
-                &aml::Name::new("_CRS".into(), &com1_resources),
-            ],
-        )],
-    )
-    .to_aml_bytes(&mut body);
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_names = [
+        aml::Name::new("_HID".into(), &com1_hid),
+        aml::Name::new("_UID".into(), &aml::ONE),
+        aml::Name::new("_CRS".into(), &com1_resources),
+    ];
+    let com1 = aml::Device::new(
+        "COM1".into(),
+        com1_names.iter().map(|n| n as &dyn Aml).collect(),
+    );
+
+    // Each virtio-mmio window and its edge-triggered, active-high ISA line.
+    let windows: Vec<(aml::Memory32Fixed, aml::Interrupt, u8)> = mmio_devices
+        .iter()
+        .zip(0u8..)
+        .map(|(device, index)| {
+            (
+                aml::Memory32Fixed::new(true, device.base as u32, MMIO_DEVICE_SIZE),
+                aml::Interrupt::new(true, true, false, false, device.irq),
+                index,
+            )
+        })
+        .collect();
+    let resources: Vec<aml::ResourceTemplate> = windows
+        .iter()
+        .map(|(window, interrupt, _)| aml::ResourceTemplate::new(vec![window, interrupt]))
+        .collect();
+    let hid: &'static str = "LNRO0005";
+    let names: Vec<[aml::Name; 3]> = windows
+        .iter()
+        .zip(&resources)
+        .map(|((_, _, index), resources)| {
+            [
+                aml::Name::new("_HID".into(), &hid),
+                aml::Name::new("_UID".into(), index),
+                aml::Name::new("_CRS".into(), resources),
+            ]
+        })
+        .collect();
+    let devices: Vec<aml::Device> = names
+        .iter()
+        .zip(0u8..)
+        .map(|(names, index)| {
+            aml::Device::new(
+                format!("VR{index:02X}").as_str().into(),
+                names.iter().map(|n| n as &dyn Aml).collect(),
+            )
+        })
+        .collect();
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
+    aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut body);
     for byte in body {
         dsdt.append(byte);
     }
@@ -238,7 +293,17 @@ mod tests {
     /// The tables of a 3-CPU VM: (FADT, DSDT, FACS address and bytes, MADT).
     fn tables() -> (Vec<u8>, Vec<u8>, u64, Vec<u8>, Vec<u8>) {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp_address = write(&mem, 3).unwrap();
+        let devices = [
+            MmioDevice {
+                base: 0xd000_0000,
+                irq: 5,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                irq: 6,
+            },
+        ];
+        let rsdp_address = write(&mem, 3, &devices).unwrap();
         let rsdp = read(&mem, rsdp_address.raw_value(), 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
@@ -308,6 +373,19 @@ mod tests {
         assert!(contains(&[
             0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00
         ]));
+        // Two virtio-mmio devices: LNRO0005, a 4 KiB read-write window at
+        // their base, their own edge-triggered line.
+        assert!(contains(b"VR00") && contains(b"VR01") && !contains(b"VR02"));
+        assert!(contains(b"\x0dLNRO0005\0"));
+        for (base, irq) in [(0xd000_0000u32, 5u8), (0xd000_1000, 6)] {
+            let mut window = vec![0x86, 0x09, 0x00, 0x01];
+            window.extend(base.to_le_bytes());
+            window.extend(0x1000u32.to_le_bytes());
+            assert!(contains(&window), "window at {base:#x}");
+            assert!(contains(&[
+                0x89, 0x06, 0x00, 0x03, 0x01, irq, 0x00, 0x00, 0x00
+            ]));
+        }
     }
 
     #[test]
@@ -337,6 +415,14 @@ mod tests {
     #[test]
     fn the_most_cpus_fit() {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        write(&mem, super::super::mptable::MAX_CPUS).unwrap();
+        let devices: Vec<MmioDevice> = irq::VIRTIO
+            .iter()
+            .zip(0..)
+            .map(|(&irq, index)| MmioDevice {
+                base: 0xd000_0000 + index * 0x1000,
+                irq,
+            })
+            .collect();
+        write(&mem, super::super::mptable::MAX_CPUS, &devices).unwrap();
     }
 }
