@@ -28,6 +28,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_rng",
     "virtio_balloon",
     "pvpanic_pci",
+    // ext4 asks for crc32c at mount time (a soft dependency `depends=`
+    // does not name).
+    "crc32c_generic",
     "ext4",
     "button",
     "evdev",
