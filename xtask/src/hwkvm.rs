@@ -225,8 +225,8 @@ fn l1_image(
     )?;
     let mut key_parts: Vec<Vec<u8>> = vec![
         L1_RECIPE_VERSION.to_vec(),
-        package.into_bytes(),
-        version.into_bytes(),
+        // Names the package, its version and the modules kept.
+        images::stock_kernel_key(&package, &version).into_bytes(),
         L1_INIT.as_bytes().to_vec(),
         cache::file_sha256(bulkhead)?.into_bytes(),
         test_binaries

@@ -125,11 +125,11 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
     );
 
     let (stock_package, stock_version) = stock_kernel::package()?;
-    let stock_dir = cache::entry(
-        "stock-kernel",
-        &stock_kernel_key(&stock_package, &stock_version),
-        |out| stock_kernel::build(&stock_package, out),
-    )?;
+    // Names the package, its version and the modules kept.
+    let stock_key = stock_kernel_key(&stock_package, &stock_version);
+    let stock_dir = cache::entry("stock-kernel", &stock_key, |out| {
+        stock_kernel::build(&stock_package, out)
+    })?;
     let stock_from = format!("{stock_package} {stock_version}");
     published.insert(
         "stock-vmlinuz",
@@ -137,7 +137,7 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
     );
     let stock_initramfs_dir = cache::entry(
         "stock-userspace",
-        &cache::key(&[&userspace_key.concat(), stock_from.as_bytes()]),
+        &cache::key(&[&userspace_key.concat(), stock_key.as_bytes()]),
         |out| build_stock_initramfs(&root.join(USERSPACE_DIR), &tool, &stock_dir, out),
     )?;
     published.insert(
