@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::process;
 
@@ -37,6 +37,38 @@ pub fn installed_version(package: &str) -> Option<String> {
     .ok()?;
     let version = out.strip_prefix("install ok installed ")?;
     Some(version.trim().to_string())
+}
+
+/// The kernel package a meta-package (`linux-image-amd64`,
+/// `linux-image-cloud-amd64`) points at now, and its version; the package
+/// lists are refreshed once if the look-up fails.
+pub fn kernel_package_of(meta_package: &str) -> Result<(String, String)> {
+    let lookup = || -> Result<(String, String)> {
+        let depends = process::output(Command::new("apt-cache").args(["depends", meta_package]))?;
+        let package = depends
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("Depends: "))
+            .find(|dep| dep.starts_with("linux-image-"))
+            .with_context(|| format!("{meta_package} depends on no linux-image package"))?
+            .trim()
+            .to_string();
+        let show = process::output(Command::new("apt-cache").args([
+            "show",
+            "--no-all-versions",
+            &package,
+        ]))?;
+        let version = show
+            .lines()
+            .find_map(|line| line.strip_prefix("Version: "))
+            .with_context(|| format!("apt-cache shows no version of {package}"))?
+            .trim()
+            .to_string();
+        Ok((package, version))
+    };
+    lookup().or_else(|_| {
+        update()?;
+        lookup()
+    })
 }
 
 /// Runs apt-get as root (directly, or through sudo).

@@ -278,16 +278,7 @@ fn build_l1_initramfs(
     ] {
         fs::create_dir_all(tree.join(dir))?;
     }
-    fs::copy("/bin/busybox", tree.join("bin/busybox"))
-        .context("copy /bin/busybox (busybox-static)")?;
-    let applets = process::output(Command::new("/bin/busybox").arg("--list"))?;
-    for applet in applets
-        .lines()
-        .map(str::trim)
-        .filter(|a| !a.is_empty() && *a != "busybox")
-    {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet))?;
-    }
+    images::install_busybox(&tree)?;
     write_executable(&tree.join("init"), L1_INIT.as_bytes())?;
 
     let modules = tree.join("lib/modules");

@@ -148,7 +148,7 @@ fn build_all() -> Result<BTreeMap<String, ManifestEntry>> {
         ),
     );
 
-    let (cloud_package, cloud_version) = cloud_kernel_package()?;
+    let (cloud_package, cloud_version) = apt::kernel_package_of(CLOUD_META_PACKAGE)?;
     let cloud_dir = cache::entry(
         "cloud-kernel",
         &cache::key(&[
@@ -316,6 +316,22 @@ fn stage_userspace(source: &Path, tool: &Path, tree: &Path) -> Result<()> {
     ] {
         fs::create_dir_all(tree.join(dir))?;
     }
+    install_busybox(tree)?;
+    std::os::unix::fs::symlink("../bin/busybox", tree.join("sbin/init"))?;
+    fs::copy(tool, tree.join("bin/bulkhead-guest-tool"))?;
+    process::run(
+        Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", source.display()))
+            .arg(tree),
+    )?;
+    Ok(())
+}
+
+/// Debian's static busybox at `tree/bin/busybox`, with a link per applet
+/// beside it.
+pub fn install_busybox(tree: &Path) -> Result<()> {
+    fs::create_dir_all(tree.join("bin"))?;
     fs::copy("/bin/busybox", tree.join("bin/busybox"))
         .context("copy /bin/busybox (busybox-static)")?;
     let applets = process::output(Command::new("/bin/busybox").arg("--list"))?;
@@ -326,14 +342,6 @@ fn stage_userspace(source: &Path, tool: &Path, tree: &Path) -> Result<()> {
     {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet))?;
     }
-    std::os::unix::fs::symlink("../bin/busybox", tree.join("sbin/init"))?;
-    fs::copy(tool, tree.join("bin/bulkhead-guest-tool"))?;
-    process::run(
-        Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", source.display()))
-            .arg(tree),
-    )?;
     Ok(())
 }
 
@@ -406,37 +414,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
     Ok(())
-}
-
-/// The package the cloud meta-package points at now, and its version.
-fn cloud_kernel_package() -> Result<(String, String)> {
-    let lookup = || -> Result<(String, String)> {
-        let depends =
-            process::output(Command::new("apt-cache").args(["depends", CLOUD_META_PACKAGE]))?;
-        let package = depends
-            .lines()
-            .filter_map(|line| line.trim().strip_prefix("Depends: "))
-            .find(|dep| dep.starts_with("linux-image-"))
-            .with_context(|| format!("{CLOUD_META_PACKAGE} depends on no linux-image package"))?
-            .trim()
-            .to_string();
-        let show = process::output(Command::new("apt-cache").args([
-            "show",
-            "--no-all-versions",
-            &package,
-        ]))?;
-        let version = show
-            .lines()
-            .find_map(|line| line.strip_prefix("Version: "))
-            .with_context(|| format!("apt-cache shows no version of {package}"))?
-            .trim()
-            .to_string();
-        Ok((package, version))
-    };
-    lookup().or_else(|_| {
-        apt::update()?;
-        lookup()
-    })
 }
 
 /// Downloads the stock kernel package (apt-get download: no install) and

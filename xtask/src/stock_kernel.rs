@@ -42,32 +42,7 @@ pub const L1_MODULES: &[&str] = &["kvm_amd", "tun"];
 
 /// The package `linux-image-amd64` points at now, and its version.
 pub fn package() -> Result<(String, String)> {
-    let lookup = || -> Result<(String, String)> {
-        let depends = process::output(Command::new("apt-cache").args(["depends", META_PACKAGE]))?;
-        let package = depends
-            .lines()
-            .filter_map(|line| line.trim().strip_prefix("Depends: "))
-            .find(|dep| dep.starts_with("linux-image-"))
-            .with_context(|| format!("{META_PACKAGE} depends on no linux-image package"))?
-            .trim()
-            .to_string();
-        let show = process::output(Command::new("apt-cache").args([
-            "show",
-            "--no-all-versions",
-            &package,
-        ]))?;
-        let version = show
-            .lines()
-            .find_map(|line| line.strip_prefix("Version: "))
-            .with_context(|| format!("apt-cache shows no version of {package}"))?
-            .trim()
-            .to_string();
-        Ok((package, version))
-    };
-    lookup().or_else(|_| {
-        apt::update()?;
-        lookup()
-    })
+    apt::kernel_package_of(META_PACKAGE)
 }
 
 /// Fills `out` with `vmlinuz` and `modules/NAME.ko` for the closure of
