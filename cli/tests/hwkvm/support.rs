@@ -116,7 +116,11 @@ pub fn dies_with_test(command: &mut Command) {
 /// Appends what `stream` produces to `into`, and echoes it line by line
 /// with `prefix` (libtest keeps that output for a failed test, and shows it
 /// live with `--nocapture`).
-pub fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>, prefix: &'static str) {
+pub fn collect(
+    stream: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+    prefix: &'static str,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut chunk = [0u8; 4096];
@@ -148,6 +152,8 @@ pub struct Vm {
     stderr: Arc<Mutex<String>>,
     pub control: PathBuf,
     commands: usize,
+    /// The threads reading stdout and stderr; they end when the VMM does.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -168,9 +174,12 @@ impl Vm {
         let mut child = command.spawn().expect("start bulkhead run");
         let console = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), console.clone(), "console| ");
-        collect(child.stderr.take().unwrap(), stderr.clone(), "vmm| ");
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), console.clone(), "console| "),
+            collect(child.stderr.take().unwrap(), stderr.clone(), "vmm| "),
+        ];
         Vm {
+            readers,
             stdin: child.stdin.take(),
             child,
             console,
@@ -316,20 +325,17 @@ impl Vm {
             );
             std::thread::sleep(Duration::from_millis(100));
         };
-        // The reader threads see the pipes close right after the exit.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let report = loop {
-            let report = self
-                .stderr()
-                .lines()
-                .rev()
-                .find_map(|line| serde_json::from_str::<Value>(line).ok());
-            match report {
-                Some(report) => break report,
-                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                None => break Value::Null,
-            }
-        };
+        // The pipes close with the process: once the readers are done, the
+        // console and the report are complete.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let report = self
+            .stderr()
+            .lines()
+            .rev()
+            .find_map(|line| serde_json::from_str::<Value>(line).ok())
+            .unwrap_or(Value::Null);
         (status, report)
     }
 }
