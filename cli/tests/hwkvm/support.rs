@@ -59,14 +59,101 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs a command; panics with its output when it fails.
+/// How long a host command a test runs may take (a snapshot or migration of
+/// a small guest, fsck of a small disk).
+pub const HOST_COMMAND_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs a command; panics with its output when it fails or takes longer
+/// than [`HOST_COMMAND_LIMIT`] (a hang becomes a failure naming it).
 pub fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
+    run_with_limit(command, HOST_COMMAND_LIMIT, || String::new())
+}
+
+/// Runs a command; when it fails or outlives `limit`, panics with its
+/// output and what `diagnose` says.
+pub fn run_with_limit(
+    command: &mut Command,
+    limit: Duration,
+    diagnose: impl Fn() -> String,
+) -> String {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    dies_with_test(command);
+    let mut child = command
+        .spawn()
         .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{command:?} failed: {text}");
+    let output = Arc::new(Mutex::new(String::new()));
+    let readers = [
+        quiet_collect(child.stdout.take().unwrap(), output.clone()),
+        quiet_collect(child.stderr.take().unwrap(), output.clone()),
+    ];
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{command:?} did not finish within {limit:?}: {}\n{}",
+                output.lock().unwrap(),
+                diagnose()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for reader in readers {
+        let _ = reader.join();
+    }
+    let text = output.lock().unwrap().clone();
+    assert!(
+        status.success(),
+        "{command:?} failed: {text}\n{}",
+        diagnose()
+    );
+    text
+}
+
+fn quiet_collect(
+    mut stream: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stream.read_to_end(&mut text);
+        into.lock()
+            .unwrap()
+            .push_str(&String::from_utf8_lossy(&text));
+    })
+}
+
+/// What each thread of process `pid` is doing (name, state, kernel wait
+/// channel and stack where readable): for a failure message about a hang.
+pub fn threads_of(pid: u32) -> String {
+    let mut text = format!("--- threads of {pid} ---\n");
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return text + "(gone)\n";
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        text.push_str(&format!(
+            "{} {} state {state} wchan {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("stack")
+        ));
+    }
     text
 }
 
@@ -141,7 +228,7 @@ pub fn collect(
         if !pending.is_empty() {
             eprintln!("{prefix}{pending}");
         }
-    });
+    })
 }
 
 /// A `bulkhead run` process whose console (stdin/stdout) the test holds.
@@ -302,12 +389,18 @@ impl Vm {
         output
     }
 
-    /// `bulkhead ctl CONTROL ARGS...`, which must succeed.
+    /// `bulkhead ctl CONTROL ARGS...`, which must succeed within
+    /// [`HOST_COMMAND_LIMIT`]; a failure shows the VMM's threads and console.
     pub fn ctl(&self, args: &[&str]) -> String {
-        run(Command::new(bulkhead_bin())
-            .arg("ctl")
-            .arg(&self.control)
-            .args(args))
+        let pid = self.child.id();
+        run_with_limit(
+            Command::new(bulkhead_bin())
+                .arg("ctl")
+                .arg(&self.control)
+                .args(args),
+            HOST_COMMAND_LIMIT,
+            || format!("{}\n{}", threads_of(pid), self.describe()),
+        )
     }
 
     /// Waits for the VMM to end by itself; returns its exit status and its
@@ -327,8 +420,9 @@ impl Vm {
         };
         // The pipes close with the process: once the readers are done, the
         // console and the report are complete.
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
         let report = self
             .stderr()
@@ -343,7 +437,12 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Reaped if it ends in time; a VMM stuck in the kernel is left
+        // rather than hanging the test.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
