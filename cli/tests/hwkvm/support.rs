@@ -66,7 +66,7 @@ pub const HOST_COMMAND_LIMIT: Duration = Duration::from_secs(120);
 /// Runs a command; panics with its output when it fails or takes longer
 /// than [`HOST_COMMAND_LIMIT`] (a hang becomes a failure naming it).
 pub fn run(command: &mut Command) -> String {
-    run_with_limit(command, HOST_COMMAND_LIMIT, || String::new())
+    run_with_limit(command, HOST_COMMAND_LIMIT, String::new)
 }
 
 /// Runs a command; when it fails or outlives `limit`, panics with its
