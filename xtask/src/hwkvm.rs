@@ -54,13 +54,40 @@ const SKIPPED_BY_DEFAULT: &[&str] = &["--skip", "figures"];
 /// problem"), the likely cause: the lane's emulator, not a KVM. It runs in
 /// the host lane (finished by the VMM on kvm_pvm) and directly on hardware
 /// KVM.
-const SKIPPED_IN_L1: &[&str] = &["--skip", "xsave_family_including_a_page_crossing_area"];
+///
+/// And the tiny guest whose second vCPU never gets its start-up IPI: it hung
+/// L1 once (nothing printed, no soft lockup reported). It runs in the host
+/// lane on kvm_pvm.
+const SKIPPED_IN_L1: &[&str] = &[
+    "--skip",
+    "xsave_family_including_a_page_crossing_area",
+    "--skip",
+    "a_vcpu_waiting_for_its_start_up_ipi_is_not_halted",
+];
 /// The test binaries the lane runs with `--include-ignored`: the user-space
 /// tests, and the tiny-guest tests, whose instruction checks (`lzcnt`,
 /// `tzcnt`) only mean something where the CPU runs guest code.
 const TEST_BINARIES: &[(&str, &str)] = &[("bulkhead", "hwkvm"), ("vmm", "tiny_guests")];
 /// The whole lane inside L1 must end within this (it takes 3–5 minutes).
 const L1_TIME_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// L1 prints each test's name and result; no line for this long means L1
+/// has locked up. Seen (about one lane run in three, with guests of two
+/// vCPUs): both of L1's CPUs stuck inside kvm_amd, soft lockups reported or
+/// not; cause not found, presumed to be QEMU TCG's emulation of nested SVM.
+/// The longest test takes about a minute.
+const L1_STALL_LIMIT: Duration = Duration::from_secs(4 * 60);
+
+/// L1 stopped making progress (the lane is booted again once).
+#[derive(Debug)]
+struct L1Stalled(String);
+
+impl std::fmt::Display for L1Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for L1Stalled {}
 /// L1's memory: guests of up to 512 MiB, a few at once, plus the images.
 const L1_MEMORY: &str = "6G";
 
@@ -154,7 +181,16 @@ pub fn run(filters: &[String]) -> Result<()> {
     if defaults {
         filters.extend(SKIPPED_IN_L1.iter().map(|s| s.to_string()));
     }
-    let outcome = boot_l1(&l1_kernel, &l1_initrd, &filters)?;
+    // L1 itself sometimes locks up (QEMU TCG's nested SVM: see
+    // L1_STALL_LIMIT); that, and only that, is retried once, loudly. A
+    // failed test is never retried.
+    let outcome = match boot_l1(&l1_kernel, &l1_initrd, &filters) {
+        Err(error) if error.downcast_ref::<L1Stalled>().is_some() => {
+            eprintln!("xtask: hwkvm: {error:#}; booting L1 again, once");
+            boot_l1(&l1_kernel, &l1_initrd, &filters)?
+        }
+        other => other?,
+    };
     eprintln!(
         "xtask: hwkvm lane: {} passed, {} failed, {} ignored; L1 image {image_secs:.1} s, \
          L1 boot {:.1} s, whole lane {:.1} s",
@@ -450,19 +486,25 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
     });
     let deadline = Instant::now() + L1_TIME_LIMIT;
     let mut outcome = Outcome::default();
+    let mut last_line = Instant::now();
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        if now >= deadline || now >= last_line + L1_STALL_LIMIT {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "hwkvm: L1 did not finish within {} s (console log: {})",
-                L1_TIME_LIMIT.as_secs(),
+            let why = if now >= deadline {
+                format!("did not finish within {} s", L1_TIME_LIMIT.as_secs())
+            } else {
+                format!("printed nothing for {} s", L1_STALL_LIMIT.as_secs())
+            };
+            return Err(anyhow::Error::new(L1Stalled(format!(
+                "hwkvm: L1 {why} (console log: {})",
                 log_path.display()
-            );
+            ))));
         }
-        match receive.recv_timeout(deadline - now) {
+        match receive.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
             Ok(line) => {
+                last_line = Instant::now();
                 writeln!(log, "{line}")?;
                 println!("hwkvm| {}", line.trim_end_matches('\r'));
                 outcome.observe(&line);
