@@ -421,27 +421,8 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 /// `scripts/extract-vmlinux`: decompressing a bzImage in KVM's emulator takes
 /// minutes on kvm_pvm hosts, the ELF boots directly.
 fn build_cloud_kernel(tree: &Path, package: &str, out: &Path) -> Result<()> {
-    let download = out.join("download");
-    fs::create_dir_all(&download)?;
-    process::run(
-        Command::new("apt-get")
-            .current_dir(&download)
-            .args(["download", "-q", package]),
-    )?;
-    let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("apt-get download {package} left no .deb"))?;
-    let unpacked = out.join("unpacked");
-    process::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
-    let vmlinuz = fs::read_dir(unpacked.join("boot"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
-    fs::copy(&vmlinuz, out.join("vmlinuz"))?;
+    let unpacked = stock_kernel::download_kernel_package(package, out)?;
+    let vmlinuz = out.join("vmlinuz");
     let vmlinux =
         process::output_bytes(Command::new(tree.join("scripts/extract-vmlinux")).arg(&vmlinuz))?;
     if !vmlinux.starts_with(b"\x7fELF") {
@@ -451,7 +432,6 @@ fn build_cloud_kernel(tree: &Path, package: &str, out: &Path) -> Result<()> {
         );
     }
     fs::write(out.join("vmlinux"), vmlinux)?;
-    fs::remove_dir_all(&download)?;
     fs::remove_dir_all(&unpacked)?;
     Ok(())
 }

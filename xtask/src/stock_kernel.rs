@@ -48,6 +48,22 @@ pub fn package() -> Result<(String, String)> {
 /// Fills `out` with `vmlinuz` and `modules/NAME.ko` for the closure of
 /// [`GUEST_MODULES`] and [`L1_MODULES`].
 pub fn build(package: &str, out: &Path) -> Result<()> {
+    let unpacked = download_kernel_package(package, out)?;
+    let available = index_modules(&unpacked.join("lib/modules"))?;
+    let modules = out.join("modules");
+    fs::create_dir_all(&modules)?;
+    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(L1_MODULES).copied().collect();
+    for name in closure(&available, &wanted)? {
+        fs::copy(&available[&name].path, modules.join(format!("{name}.ko")))?;
+    }
+    fs::remove_dir_all(&unpacked)?;
+    Ok(())
+}
+
+/// Downloads a kernel package (`apt-get download`: nothing installed),
+/// unpacks it into `out/unpacked` (returned; the caller removes it) and
+/// copies its bzImage to `out/vmlinuz`.
+pub fn download_kernel_package(package: &str, out: &Path) -> Result<PathBuf> {
     let download = out.join("download");
     fs::create_dir_all(&download)?;
     process::run(
@@ -61,6 +77,7 @@ pub fn build(package: &str, out: &Path) -> Result<()> {
         .with_context(|| format!("apt-get download {package} left no .deb"))?;
     let unpacked = out.join("unpacked");
     process::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    fs::remove_dir_all(&download)?;
     let vmlinuz = fs::read_dir(unpacked.join("boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
@@ -69,17 +86,7 @@ pub fn build(package: &str, out: &Path) -> Result<()> {
         })
         .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
     fs::copy(&vmlinuz, out.join("vmlinuz"))?;
-
-    let available = index_modules(&unpacked.join("lib/modules"))?;
-    let modules = out.join("modules");
-    fs::create_dir_all(&modules)?;
-    let wanted: Vec<&str> = GUEST_MODULES.iter().chain(L1_MODULES).copied().collect();
-    for name in closure(&available, &wanted)? {
-        fs::copy(&available[&name].path, modules.join(format!("{name}.ko")))?;
-    }
-    fs::remove_dir_all(&download)?;
-    fs::remove_dir_all(&unpacked)?;
-    Ok(())
+    Ok(unpacked)
 }
 
 /// A module file and the modules it depends on.
