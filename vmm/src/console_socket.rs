@@ -2,29 +2,103 @@
 //! for VMs that run without a terminal, such as those the host daemon starts.
 //!
 //! Every client receives the recent output (a backlog) and then everything the
-//! guest prints; whatever a client sends is typed into the UART. A client that
-//! does not keep up is disconnected rather than allowed to stall the vCPU that
-//! writes the UART. Which client may type is the daemon's decision, not ours.
+//! guest prints; whatever a client sends is typed into the UART. Each client
+//! has its own bounded queue and sending thread: a client that falls more than
+//! [`CLIENT_QUEUE_BYTES`] behind is disconnected rather than allowed to stall
+//! the vCPU that writes the UART. Which client may type is the daemon's decision, not ours.
 
 use crate::devices::legacy::serial::SerialPort;
 use crate::devices::lock;
 use crate::exit::ExitSignal;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How much recent output a new client is sent first.
 pub const BACKLOG_BYTES: usize = 64 << 10;
 
+/// How much output may wait for one client before it counts as too slow.
+/// Generous, because the guest prints a byte per exit and a busy host may
+/// not schedule the client's reader for a while; bounded, because a client
+/// that stops reading must not grow the VMM without limit.
+pub const CLIENT_QUEUE_BYTES: usize = 1 << 20;
+
 #[derive(Default)]
 struct Clients {
-    streams: Vec<UnixStream>,
+    queues: Vec<Arc<ClientQueue>>,
     backlog: VecDeque<u8>,
+}
+
+impl Drop for Clients {
+    /// The VM is gone: every client gets what is queued, then end of stream.
+    fn drop(&mut self) {
+        for queue in &self.queues {
+            queue.finish();
+        }
+    }
+}
+
+/// Output waiting for one client, sent by that client's own thread, so the
+/// vCPU that writes the UART only ever copies bytes into memory.
+struct ClientQueue {
+    stream: UnixStream,
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    finished: bool,
+}
+
+impl ClientQueue {
+    /// Queues `bytes`; false (and the client cut off) if it fell too far behind.
+    fn push(&self, bytes: &[u8]) -> bool {
+        let mut pending = lock(&self.pending);
+        if pending.bytes.len() + bytes.len() > CLIENT_QUEUE_BYTES {
+            pending.finished = true;
+            pending.bytes.clear();
+            // Unblocks a send in progress; the client sees its stream end.
+            let _ = self.stream.shutdown(Shutdown::Both);
+            self.ready.notify_one();
+            return false;
+        }
+        pending.bytes.extend_from_slice(bytes);
+        self.ready.notify_one();
+        true
+    }
+
+    fn finish(&self) {
+        lock(&self.pending).finished = true;
+        self.ready.notify_one();
+    }
+
+    /// The client's sending thread: blocks on the socket, never on the guest.
+    fn send_until_finished(&self) {
+        let mut stream = &self.stream;
+        loop {
+            let (bytes, finished) = {
+                let mut pending = lock(&self.pending);
+                while pending.bytes.is_empty() && !pending.finished {
+                    pending = self
+                        .ready
+                        .wait(pending)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                (std::mem::take(&mut pending.bytes), pending.finished)
+            };
+            if stream.write_all(&bytes).is_err() || finished {
+                let _ = self.stream.shutdown(Shutdown::Write);
+                return;
+            }
+        }
+    }
 }
 
 /// The console's fan-out: a writer for the UART and the clients it feeds.
@@ -49,18 +123,29 @@ impl ConsoleHub {
         backlog.extend(bytes);
         let excess = backlog.len().saturating_sub(BACKLOG_BYTES);
         backlog.drain(..excess);
-        clients
-            .streams
-            .retain(|stream| send_all_now(stream, bytes).is_ok());
+        clients.queues.retain(|queue| queue.push(bytes));
     }
 
     fn add_client(&self, stream: UnixStream) {
         let mut clients = lock(&self.clients);
-        let (front, back) = clients.backlog.as_slices();
-        // The backlog goes out with the lock held, so no output can slip in
+        let queue = Arc::new(ClientQueue {
+            stream,
+            pending: Mutex::new(Pending::default()),
+            ready: Condvar::new(),
+        });
+        // The backlog is queued with the lock held, so no output can slip in
         // between it and the live stream.
-        if send_all_now(&stream, front).is_ok() && send_all_now(&stream, back).is_ok() {
-            clients.streams.push(stream);
+        let (front, back) = clients.backlog.as_slices();
+        if !(queue.push(front) && queue.push(back)) {
+            return;
+        }
+        let sender = queue.clone();
+        let spawned = std::thread::Builder::new()
+            .name("console-output".into())
+            .spawn(move || sender.send_until_finished());
+        match spawned {
+            Ok(_) => clients.queues.push(queue),
+            Err(e) => tracing::warn!("console client gets no output thread: {e}"),
         }
     }
 
@@ -117,29 +202,6 @@ impl Write for HubWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-/// Sends without blocking; a short send counts as failure (the client is
-/// too slow and is dropped).
-fn send_all_now(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
-    if bytes.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: sends from a valid buffer on a valid socket; MSG_NOSIGNAL keeps a
-    // closed peer from raising SIGPIPE.
-    let sent = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if sent == bytes.len() as isize {
-        Ok(())
-    } else {
-        Err(std::io::Error::other("console client too slow or gone"))
     }
 }
 
@@ -205,6 +267,30 @@ mod tests {
         for _ in 0..64 {
             writer.write_all(&[b'x'; 64 << 10]).unwrap();
         }
-        assert!(lock(&hub.clients).streams.is_empty());
+        assert!(lock(&hub.clients).queues.is_empty());
+    }
+
+    #[test]
+    fn a_client_busy_elsewhere_gets_every_byte_of_a_burst_of_single_byte_writes() {
+        // The guest prints a byte per exit. Sent one `send` each, a burst of a
+        // few hundred overflowed a socket whose reader was briefly not
+        // scheduled, and the console went silent mid-line.
+        let hub = ConsoleHub::new();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        hub.add_client(ours);
+        let mut writer = hub.writer();
+        let burst: Vec<u8> = (0..256 << 10).map(|i| b'a' + (i % 26) as u8).collect();
+        for byte in &burst {
+            writer.write_all(std::slice::from_ref(byte)).unwrap();
+        }
+        drop(writer);
+        drop(hub);
+        let mut got = Vec::new();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        theirs.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), burst.len());
+        assert!(got == burst);
     }
 }
