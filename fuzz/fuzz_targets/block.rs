@@ -21,6 +21,6 @@ fn disk() -> &'static DiskConfig {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let mut block = Block::new(disk(), "vda").unwrap();
+    let mut block = Block::new(disk(), Block::open_file(disk()).unwrap(), "vda").unwrap();
     fuzz_device(&mut block, input);
 });

@@ -22,7 +22,8 @@ fn device() -> &'static Mutex<Net> {
             mac: None,
             rate_limit: Default::default(),
         };
-        Mutex::new(Net::new(&config, "eth0").unwrap())
+        let tap = vmm::devices::virtio::net::tap::Tap::open(&config.tap).unwrap();
+        Mutex::new(Net::new(&config, tap, "eth0").unwrap())
     })
 }
 

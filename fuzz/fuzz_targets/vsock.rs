@@ -12,7 +12,8 @@ fn device() -> &'static Mutex<Vsock> {
     VSOCK.get_or_init(|| {
         let socket =
             std::env::temp_dir().join(format!("bulkhead-fuzz-vsock-{}", std::process::id()));
-        Mutex::new(Vsock::new(&VsockConfig { cid: 3, socket }).unwrap())
+        let config = VsockConfig { cid: 3, socket };
+        Mutex::new(Vsock::new(&config, Vsock::bind(&config).unwrap()).unwrap())
     })
 }
 

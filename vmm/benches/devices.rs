@@ -359,16 +359,13 @@ fn per_chain(
 
 fn per_chain_costs(disk: &Path) {
     println!("  VMM cost per descriptor chain, queues driven from the host side:");
-    let mut block = Block::new(
-        &DiskConfig {
-            path: disk.to_path_buf(),
-            read_only: false,
-            id: None,
-            rate_limit: Default::default(),
-        },
-        "vda",
-    )
-    .unwrap();
+    let config = DiskConfig {
+        path: disk.to_path_buf(),
+        read_only: false,
+        id: None,
+        rate_limit: Default::default(),
+    };
+    let mut block = Block::new(&config, Block::open_file(&config).unwrap(), "vda").unwrap();
     let header = DATA;
     let ns = per_chain(&mut block, 0, 100_000, |q| {
         q.memory
@@ -387,7 +384,9 @@ fn per_chain_costs(disk: &Path) {
     println!("    rng, 64 bytes                           {ns:8.0} ns");
     // The TAP lives in a namespace this thread creates; it disappears with it.
     let net = in_own_network_namespace(|| {
-        let mut net = Net::new(&tap("bench2"), "eth0").ok()?;
+        let config = tap("bench2");
+        let attached = vmm::devices::virtio::net::tap::Tap::open(&config.tap).ok()?;
+        let mut net = Net::new(&config, attached, "eth0").ok()?;
         Some(per_chain(&mut net, 1, 100_000, |q| {
             q.offer_chain(&[(DATA, 12 + 64, false)]);
         }))

@@ -4,6 +4,7 @@
 //! [`RunningVm::wait`] returns how it ended.
 
 pub mod arch;
+pub mod backing;
 pub mod config;
 pub mod console_socket;
 pub mod control;

@@ -4,6 +4,7 @@ use crate::arch::x86_64::layout::{
     self, ports, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_BAR_ADDRESS,
 };
 use crate::arch::x86_64::{acpi, boot, cpu, mptable, paging};
+use crate::backing::DeviceBackings;
 use crate::config::{ConfigError, KernelSource, MachineConfig, VmConfig};
 use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
@@ -111,6 +112,17 @@ pub enum VmError {
     State(String),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Backing(#[from] crate::backing::BackingError),
+}
+
+/// Everything on the host a new VM is built on, open before it is built.
+pub struct Backings {
+    pub kvm: Kvm,
+    /// The kernel image; None for a [`KernelSource::Bytes`] kernel.
+    pub kernel: Option<File>,
+    pub initrd: Option<File>,
+    pub devices: DeviceBackings,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -194,6 +206,7 @@ impl Hardware {
     fn create(
         kvm: &Kvm,
         machine: &MachineConfig,
+        backings: DeviceBackings,
         memory: GuestRam,
         serial_output: SerialOutput,
         saved: Option<&SavedVm>,
@@ -217,7 +230,7 @@ impl Hardware {
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let vm_fd = Arc::new(vm_fd);
 
-        let (virtio, balloon) = create_virtio_devices(machine, &vm_fd, &memory)?;
+        let (virtio, balloon) = create_virtio_devices(machine, backings, &vm_fd, &memory)?;
         let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
         let post = Arc::new(PostCodes::default());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -398,7 +411,42 @@ impl Vm {
     /// kernel, writes the boot tables and sets up devices and vCPUs.
     pub fn new(config: &VmConfig, serial_output: SerialOutput) -> Result<Vm, VmError> {
         config.validate(crate::host::total_memory_bytes())?;
-        let kvm = open_kvm(&config.kvm_device)?;
+        let backings = Backings {
+            kvm: open_kvm(&config.kvm_device)?,
+            kernel: match &config.kernel {
+                KernelSource::File(path) => {
+                    Some(File::open(path).map_err(|e| VmError::KernelFile {
+                        path: path.display().to_string(),
+                        source: e,
+                    })?)
+                }
+                KernelSource::Bytes { .. } => None,
+            },
+            initrd: match &config.initrd {
+                Some(path) => Some(File::open(path).map_err(|source| VmError::InitrdFile {
+                    path: path.display().to_string(),
+                    source,
+                })?),
+                None => None,
+            },
+            devices: DeviceBackings::open(&config.machine(""))?,
+        };
+        Vm::build(config, backings, serial_output)
+    }
+
+    /// Creates the VM on host resources opened already (by the daemon).
+    pub fn build(
+        config: &VmConfig,
+        backings: Backings,
+        serial_output: SerialOutput,
+    ) -> Result<Vm, VmError> {
+        config.validate(crate::host::total_memory_bytes())?;
+        let Backings {
+            kvm,
+            kernel: kernel_file,
+            initrd: initrd_file,
+            devices,
+        } = backings;
         let flavour = KvmFlavour::detect();
         let memory =
             GuestRam::from_ranges(&boot::ram_regions(config.memory_bytes())).map_err(|source| {
@@ -420,8 +468,14 @@ impl Vm {
                 cmdline.push_str(extra);
             }
         }
-        let hardware =
-            Hardware::create(&kvm, &config.machine(&cmdline), memory, serial_output, None)?;
+        let hardware = Hardware::create(
+            &kvm,
+            &config.machine(&cmdline),
+            devices,
+            memory,
+            serial_output,
+            None,
+        )?;
         for slot in &hardware.virtio {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
@@ -429,14 +483,13 @@ impl Vm {
             cmdline.push_str(&slot.cmdline_option());
         }
         let memory = &hardware.shared.memory;
-        let kernel = load_kernel(memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => {
-                let name = path.display().to_string();
-                let mut file = File::open(path).map_err(|source| VmError::InitrdFile {
-                    path: name.clone(),
-                    source,
-                })?;
+        let kernel = load_kernel(memory, &config.kernel, kernel_file)?;
+        let initrd = match initrd_file {
+            Some(mut file) => {
+                let name = config
+                    .initrd
+                    .as_ref()
+                    .map_or("initrd".into(), |path| path.display().to_string());
                 Some(
                     boot::load_initrd(memory, &kernel, &mut file)
                         .map_err(|source| VmError::Initrd { path: name, source })?,
@@ -492,6 +545,10 @@ impl Vm {
 
     /// Rebuilds a VM from a snapshot read by [`crate::snapshot::read`], its
     /// memory mapped from the snapshot's file.
+    ///
+    /// The devices' host files are those the snapshot names, opened with
+    /// this process's rights (`bulkhead run --restore`); a VMM the daemon
+    /// starts restores onto its own machine with [`Vm::restore_onto`].
     pub fn restore(
         snapshot: &crate::snapshot::LoadedSnapshot,
         options: &RestoreOptions,
@@ -499,19 +556,58 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let machine = &snapshot.saved.machine;
         check_machine(machine)?;
+        let kvm = open_kvm(&options.kvm_device)?;
+        let devices = DeviceBackings::open(machine)?;
         let memory = snapshot.map_memory(&boot::ram_regions(machine.memory_bytes()))?;
-        Vm::from_saved(&snapshot.saved, memory, options, serial_output)
+        Vm::from_saved(
+            &snapshot.saved,
+            machine,
+            kvm,
+            devices,
+            memory,
+            options,
+            serial_output,
+        )
+    }
+
+    /// Rebuilds a VM from a snapshot onto `machine` (this host's record of
+    /// it) and its open `devices`: the snapshot gives guest state only.
+    pub fn restore_onto(
+        snapshot: &crate::snapshot::LoadedSnapshot,
+        machine: &MachineConfig,
+        kvm: Kvm,
+        devices: DeviceBackings,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Vm, VmError> {
+        let saved = &snapshot.saved.machine;
+        crate::backing::check_same_shape("the snapshot", saved, machine)?;
+        let machine = crate::backing::rebuilt_machine(saved, machine);
+        check_machine(&machine)?;
+        let memory = snapshot.map_memory(&boot::ram_regions(machine.memory_bytes()))?;
+        Vm::from_saved(
+            &snapshot.saved,
+            &machine,
+            kvm,
+            devices,
+            memory,
+            options,
+            serial_output,
+        )
     }
 
     /// Builds a VM around guest RAM that already holds a guest, in the
     /// state `saved` describes (a restore or the end of a migration).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_saved(
         saved: &SavedVm,
+        machine: &MachineConfig,
+        kvm: Kvm,
+        devices: DeviceBackings,
         memory: GuestRam,
         options: &RestoreOptions,
         serial_output: SerialOutput,
     ) -> Result<Vm, VmError> {
-        let machine = &saved.machine;
         check_machine(machine)?;
         if saved.vcpus.len() != usize::from(machine.cpus) {
             return Err(VmError::State(format!(
@@ -520,9 +616,9 @@ impl Vm {
                 machine.cpus
             )));
         }
-        let kvm = open_kvm(&options.kvm_device)?;
         let flavour = KvmFlavour::detect();
-        let hardware = Hardware::create(&kvm, machine, memory, serial_output, Some(saved))?;
+        let hardware =
+            Hardware::create(&kvm, machine, devices, memory, serial_output, Some(saved))?;
         let mut vcpus = Vec::with_capacity(saved.vcpus.len());
         for (id, state) in saved.vcpus.iter().enumerate() {
             let fd = hardware
@@ -609,27 +705,39 @@ impl VirtioSlot {
 /// with an irqfd for its interrupt and ioeventfds for its queues.
 fn create_virtio_devices(
     config: &MachineConfig,
+    backings: DeviceBackings,
     vm_fd: &VmFd,
     memory: &GuestRam,
 ) -> Result<(Vec<VirtioSlot>, Option<BalloonHandle>), VmError> {
+    let DeviceBackings { disks, taps, vsock } = backings;
+    if disks.len() != config.disks.len()
+        || taps.len() != config.nets.len()
+        || vsock.is_some() != config.vsock.is_some()
+    {
+        return Err(VmError::State(
+            "the devices' host backings do not match the machine".into(),
+        ));
+    }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for (index, disk) in config.disks.iter().enumerate() {
+    for (index, (disk, file)) in config.disks.iter().zip(disks).enumerate() {
         devices.push(Box::new(virtio::block::Block::new(
             disk,
+            file,
             &disk_name(index),
         )?));
     }
-    for (index, net) in config.nets.iter().enumerate() {
+    for (index, (net, tap)) in config.nets.iter().zip(taps).enumerate() {
         devices.push(Box::new(virtio::net::Net::new(
             net,
+            tap,
             &format!("eth{index}"),
         )?));
     }
     if config.rng {
         devices.push(Box::new(virtio::rng::Rng::new()));
     }
-    if let Some(vsock) = &config.vsock {
-        devices.push(Box::new(virtio::vsock::Vsock::new(vsock)?));
+    if let (Some(vsock), Some(listener)) = (&config.vsock, vsock) {
+        devices.push(Box::new(virtio::vsock::Vsock::new(vsock, listener)?));
     }
     let mut balloon_handle = None;
     if let Some(balloon_config) = &config.balloon {
@@ -703,7 +811,7 @@ pub fn disk_name(index: usize) -> String {
     format!("vd{}", String::from_utf8(suffix).unwrap_or_default())
 }
 
-fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     let name = path.display().to_string();
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
         VmError::OpenKvm {
@@ -724,18 +832,22 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     }
 }
 
-fn load_kernel(memory: &GuestRam, source: &KernelSource) -> Result<boot::LoadedKernel, VmError> {
+fn load_kernel(
+    memory: &GuestRam,
+    source: &KernelSource,
+    file: Option<File>,
+) -> Result<boot::LoadedKernel, VmError> {
     let path = source.name();
-    let result = match source {
-        KernelSource::File(file) => {
-            let mut image = File::open(file).map_err(|e| VmError::KernelFile {
-                path: path.clone(),
-                source: e,
-            })?;
-            boot::load_kernel(memory, &mut image)
-        }
-        KernelSource::Bytes { image, .. } => {
+    let result = match (source, file) {
+        (_, Some(mut image)) => boot::load_kernel(memory, &mut image),
+        (KernelSource::Bytes { image, .. }, None) => {
             boot::load_kernel(memory, &mut Cursor::new(&image[..]))
+        }
+        (KernelSource::File(_), None) => {
+            return Err(VmError::KernelFile {
+                path,
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
         }
     };
     result.map_err(|source| VmError::Kernel { path, source })

@@ -6,10 +6,13 @@ use super::protocol::{
 use super::transport::{Listener, TlsServer};
 use super::MigrationError;
 use crate::arch::x86_64::boot;
+use crate::backing::DeviceBackings;
+use crate::config::MachineConfig;
 use crate::devices::legacy::post::monotonic_ns;
 use crate::devices::legacy::serial::SerialOutput;
 use crate::memory::GuestRam;
 use crate::vm::{RestoreOptions, RunningVm, Vm};
+use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 
 /// A destination bound to its address, waiting for a source.
@@ -24,6 +27,26 @@ pub fn accept(uri: &str, tls: Option<TlsServer>) -> Result<Incoming, MigrationEr
         listener: Listener::bind(uri)?,
         tls,
     })
+}
+
+/// Waits on a listener someone else bound (the daemon, for the VMMs it starts).
+pub fn accept_on(listener: Listener, tls: Option<TlsServer>) -> Incoming {
+    Incoming { listener, tls }
+}
+
+/// What the arriving VM is built on.
+enum Target {
+    /// The machine the source describes, its host files opened here with
+    /// this process's rights (`bulkhead run --incoming`: a user's own VMs).
+    AsDescribed,
+    /// This host's record of the machine and its open backings (a VMM the
+    /// daemon started): the source sends guest state only, and a machine of
+    /// another shape is refused.
+    Local {
+        machine: MachineConfig,
+        kvm: Kvm,
+        devices: DeviceBackings,
+    },
 }
 
 /// A migrated VM, built and ready, whose source still waits for the word.
@@ -44,9 +67,37 @@ impl Incoming {
         self.listener.uri()
     }
 
-    /// Waits for one source and receives its VM: memory, then state.
+    /// Waits for one source and receives its VM: memory, then state. The
+    /// devices are those the source describes.
     pub fn receive(
         self,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Arrived, MigrationError> {
+        self.receive_into(Target::AsDescribed, options, serial_output)
+    }
+
+    /// Waits for one source and receives its guest onto `machine` (this
+    /// host's record) and its open `devices`.
+    pub fn receive_onto(
+        self,
+        machine: MachineConfig,
+        kvm: Kvm,
+        devices: DeviceBackings,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Arrived, MigrationError> {
+        let target = Target::Local {
+            machine,
+            kvm,
+            devices,
+        };
+        self.receive_into(target, options, serial_output)
+    }
+
+    fn receive_into(
+        self,
+        target: Target,
         options: &RestoreOptions,
         serial_output: SerialOutput,
     ) -> Result<Arrived, MigrationError> {
@@ -81,8 +132,15 @@ impl Incoming {
                 "refused the source: {why}"
             )));
         }
-        let memory = match crate::vm::check_machine(&hello.machine)
-            .map_err(|e| e.to_string())
+        let fits = match &target {
+            Target::Local { machine, .. } => {
+                crate::backing::check_same_shape("the migration stream", &hello.machine, machine)
+                    .map_err(|e| e.to_string())
+            }
+            Target::AsDescribed => Ok(()),
+        };
+        let memory = match fits
+            .and_then(|()| crate::vm::check_machine(&hello.machine).map_err(|e| e.to_string()))
             .and_then(|()| {
                 GuestRam::from_ranges(&boot::ram_regions(hello.machine.memory_bytes()))
                     .map_err(|e| e.to_string())
@@ -160,7 +218,40 @@ impl Incoming {
         for region in vm_memory::GuestMemoryBackend::iter(&memory) {
             vm_memory::mmap::MmapRegion::bitmap(region).reset();
         }
-        match Vm::from_saved(&last.saved, memory, options, serial_output) {
+        let built = match target {
+            Target::Local {
+                machine,
+                kvm,
+                devices,
+            } => {
+                let machine = crate::backing::rebuilt_machine(&last.saved.machine, &machine);
+                Vm::from_saved(
+                    &last.saved,
+                    &machine,
+                    kvm,
+                    devices,
+                    memory,
+                    options,
+                    serial_output,
+                )
+            }
+            Target::AsDescribed => {
+                let machine = &last.saved.machine;
+                crate::vm::open_kvm(&options.kvm_device).and_then(|kvm| {
+                    let devices = DeviceBackings::open(machine)?;
+                    Vm::from_saved(
+                        &last.saved,
+                        machine,
+                        kvm,
+                        devices,
+                        memory,
+                        options,
+                        serial_output,
+                    )
+                })
+            }
+        };
+        match built {
             Ok(vm) => Ok(Arrived {
                 vm,
                 stream,

@@ -90,16 +90,22 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(config: &DiskConfig, name: &str) -> Result<Block, BlockError> {
-        let path = config.path.display().to_string();
-        let file = OpenOptions::new()
+    /// Opens `config`'s file with the rights of this process (`bulkhead run`);
+    /// a daemon-started VMM gets the file open instead.
+    pub fn open_file(config: &DiskConfig) -> Result<File, BlockError> {
+        OpenOptions::new()
             .read(true)
             .write(!config.read_only)
             .open(&config.path)
             .map_err(|source| BlockError::Open {
-                path: path.clone(),
+                path: config.path.display().to_string(),
                 source,
-            })?;
+            })
+    }
+
+    /// `config`'s disk on `file`, opened for writing unless the disk is read-only.
+    pub fn new(config: &DiskConfig, file: File, name: &str) -> Result<Block, BlockError> {
+        let path = config.path.display().to_string();
         let len = file
             .metadata()
             .map_err(|source| BlockError::Open {
@@ -563,7 +569,7 @@ mod tests {
             id: Some("test-disk".into()),
             rate_limit,
         };
-        let mut block = Block::new(&config, "vda").unwrap();
+        let mut block = Block::new(&config, Block::open_file(&config).unwrap(), "vda").unwrap();
         let q = TestQueue::new();
         let interrupt =
             Interrupt::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());

@@ -227,19 +227,25 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    pub fn new(config: &VsockConfig) -> Result<Vsock, VsockError> {
-        if config.cid < 3 || config.cid > u64::from(u32::MAX) {
-            return Err(VsockError::Cid(config.cid));
-        }
-        let name = config.socket.display().to_string();
+    /// Binds the host side of `config`'s socket (`bulkhead run`; the daemon
+    /// binds it for the VMMs it starts).
+    pub fn bind(config: &VsockConfig) -> Result<UnixListener, VsockError> {
         if config.socket.exists() && UnixStream::connect(&config.socket).is_err() {
             // Left by a VMM that died.
             let _ = std::fs::remove_file(&config.socket);
         }
-        let listener = UnixListener::bind(&config.socket).map_err(|source| VsockError::Listen {
-            path: name.clone(),
+        UnixListener::bind(&config.socket).map_err(|source| VsockError::Listen {
+            path: config.socket.display().to_string(),
             source,
-        })?;
+        })
+    }
+
+    /// `config`'s device, serving host programs that connect to `listener`.
+    pub fn new(config: &VsockConfig, listener: UnixListener) -> Result<Vsock, VsockError> {
+        if config.cid < 3 || config.cid > u64::from(u32::MAX) {
+            return Err(VsockError::Cid(config.cid));
+        }
+        let name = config.socket.display().to_string();
         // Edge-triggered like the streams: every event is drained at once,
         // so the device thread never spins on a pending connection.
         listener
@@ -1002,11 +1008,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bulkhead-vsock-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("v.sock");
-        let mut vsock = Vsock::new(&VsockConfig {
+        let config = VsockConfig {
             cid: GUEST_CID,
             socket: path.clone(),
-        })
-        .unwrap();
+        };
+        let mut vsock = Vsock::new(&config, Vsock::bind(&config).unwrap()).unwrap();
         let rx = TestQueue::new();
         let tx = TestQueue::at(rx.memory.clone(), TX_BASE);
         vsock

@@ -107,8 +107,9 @@ fn is_throttled(limiter: &Option<RateLimiter>) -> bool {
 }
 
 impl Net {
-    pub fn new(config: &NetConfig, name: &str) -> Result<Net, TapError> {
-        let tap = Tap::open(&config.tap)?;
+    /// `config`'s interface on `tap`, attached already ([`Tap::open`] or
+    /// [`Tap::from_descriptor`]).
+    pub fn new(config: &NetConfig, tap: Tap, name: &str) -> Result<Net, TapError> {
         let limiter = || -> Result<Option<RateLimiter>, TapError> {
             if config.rate_limit.is_unlimited() {
                 return Ok(None);

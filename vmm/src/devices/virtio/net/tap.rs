@@ -22,6 +22,8 @@ pub enum TapError {
     Timer { name: String, source: io::Error },
     #[error("cannot bring TAP {name} up: {source}")]
     LinkUp { name: String, source: io::Error },
+    #[error("the descriptor passed for TAP {name} is not that TAP: {why}")]
+    NotThatTap { name: String, why: String },
 }
 
 pub struct Tap {
@@ -83,6 +85,50 @@ impl Tap {
                 source,
             });
         }
+        let tap = Tap::with_header(file, name)?;
+        tap.link_up()?;
+        Ok(tap)
+    }
+
+    /// A TAP attached by someone else (the daemon), passed as a descriptor:
+    /// checked to be attached to the TAP named `name` and to carry virtio-net
+    /// headers. Needs no privilege.
+    pub fn from_descriptor(file: File, name: &str) -> Result<Tap, TapError> {
+        let not_that = |why: String| TapError::NotThatTap {
+            name: name.to_string(),
+            why,
+        };
+        let mut request = ifreq_for("");
+        // SAFETY: TUNGETIFF writes one ifreq we own; any other kind of file refuses it.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut request) } < 0 {
+            return Err(not_that(format!(
+                "not an attached TAP ({})",
+                io::Error::last_os_error()
+            )));
+        }
+        let attached: Vec<u8> = request
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        if attached != name.as_bytes() {
+            return Err(not_that(format!(
+                "it is attached to '{}'",
+                String::from_utf8_lossy(&attached)
+            )));
+        }
+        // SAFETY: `ifru_flags` is the member TUNGETIFF fills.
+        let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
+        if flags & libc::IFF_TAP == 0 || flags & libc::IFF_VNET_HDR == 0 {
+            return Err(not_that(
+                "it is not a TAP with virtio-net headers (IFF_TAP | IFF_VNET_HDR)".into(),
+            ));
+        }
+        Tap::with_header(file, name)
+    }
+
+    fn with_header(file: File, name: &str) -> Result<Tap, TapError> {
         let header_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int we own.
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &header_len) } < 0 {
@@ -91,12 +137,15 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
-        let tap = Tap {
+        Ok(Tap {
             file,
             name: name.to_string(),
-        };
-        tap.link_up()?;
-        Ok(tap)
+        })
+    }
+
+    /// The attached descriptor, to hand to another process.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn name(&self) -> &str {

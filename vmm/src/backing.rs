@@ -1,0 +1,322 @@
+//! What a machine's devices stand on in the host, already open: disk files,
+//! attached TAPs, the vsock listener.
+//!
+//! `bulkhead run` opens them from the paths in its machine, with the rights
+//! of whoever runs it ([`DeviceBackings::open`]). A VMM the daemon starts
+//! opens no host path: the daemon resolves, opens and locks each one and
+//! passes the descriptors ([`crate::launch`]); [`DeviceBackings::from_descriptors`]
+//! checks that each is the kind of thing the machine says it is.
+//!
+//! A restored or migrated-in VM is rebuilt on the backings of the machine its
+//! own host describes, never on paths found in a snapshot or a stream: see
+//! [`check_same_shape`].
+
+use crate::config::MachineConfig;
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("descriptor for {what}: {why}")]
+    Descriptor { what: String, why: String },
+    #[error("the machine in {from} does not fit the machine of this VM: {why}")]
+    Shape { from: &'static str, why: String },
+}
+
+/// The open host side of every device of one machine, in the machine's order.
+#[derive(Debug, Default)]
+pub struct DeviceBackings {
+    pub disks: Vec<File>,
+    pub taps: Vec<Tap>,
+    pub vsock: Option<UnixListener>,
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap").field("name", &self.name()).finish()
+    }
+}
+
+impl DeviceBackings {
+    /// Opens (and for TAPs creates, for vsock binds) what `machine` names.
+    pub fn open(machine: &MachineConfig) -> Result<DeviceBackings, BackingError> {
+        Ok(DeviceBackings {
+            disks: machine
+                .disks
+                .iter()
+                .map(Block::open_file)
+                .collect::<Result<_, _>>()?,
+            taps: machine
+                .nets
+                .iter()
+                .map(|net| Tap::open(&net.tap))
+                .collect::<Result<_, _>>()?,
+            vsock: machine.vsock.as_ref().map(Vsock::bind).transpose()?,
+        })
+    }
+
+    /// Takes descriptors passed by the daemon, one per disk, TAP and vsock
+    /// socket of `machine` in that order, checking each one's kind.
+    pub fn from_descriptors(
+        machine: &MachineConfig,
+        descriptors: &mut impl Iterator<Item = OwnedFd>,
+    ) -> Result<DeviceBackings, BackingError> {
+        let mut next = |what: String| {
+            descriptors.next().ok_or_else(|| BackingError::Descriptor {
+                what,
+                why: "missing".into(),
+            })
+        };
+        let mut disks = Vec::with_capacity(machine.disks.len());
+        for (index, disk) in machine.disks.iter().enumerate() {
+            let what = format!("disk {index} ({})", disk.path.display());
+            let file = File::from(next(what.clone())?);
+            check_disk_file(&file, disk.read_only)
+                .map_err(|why| BackingError::Descriptor { what, why })?;
+            disks.push(file);
+        }
+        let mut taps = Vec::with_capacity(machine.nets.len());
+        for net in &machine.nets {
+            let file = File::from(next(format!("TAP {}", net.tap))?);
+            taps.push(Tap::from_descriptor(file, &net.tap)?);
+        }
+        let vsock = match &machine.vsock {
+            Some(_) => {
+                let what = "the vsock socket".to_string();
+                let fd = next(what.clone())?;
+                let listener = UnixListener::from(fd);
+                listener
+                    .local_addr()
+                    .map_err(|e| BackingError::Descriptor {
+                        what,
+                        why: format!("not a listening Unix socket ({e})"),
+                    })?;
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok(DeviceBackings { disks, taps, vsock })
+    }
+}
+
+/// A disk must be a regular file or a block device, and writable unless read-only.
+fn check_disk_file(file: &File, read_only: bool) -> Result<(), String> {
+    let kind = file
+        .metadata()
+        .map_err(|e| format!("cannot stat it ({e})"))?
+        .file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err("not a regular file or a block device".into());
+    }
+    // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(file), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(format!("F_GETFL: {}", std::io::Error::last_os_error()));
+    }
+    if !read_only && flags & libc::O_ACCMODE != libc::O_RDWR {
+        return Err("a writable disk must be open for reading and writing".into());
+    }
+    Ok(())
+}
+
+/// Whether `saved` (from a snapshot or a migration stream) describes the same
+/// machine as `ours` (from this host's record) in everything the guest's
+/// state depends on: vCPUs, memory, and the devices in their order. Host
+/// paths, TAP names and rate limits are this host's business and may differ.
+pub fn check_same_shape(
+    from: &'static str,
+    saved: &MachineConfig,
+    ours: &MachineConfig,
+) -> Result<(), BackingError> {
+    let shape = |why: String| BackingError::Shape { from, why };
+    if saved.cpus != ours.cpus {
+        return Err(shape(format!(
+            "{} vCPUs there, {} here",
+            saved.cpus, ours.cpus
+        )));
+    }
+    if saved.memory_mib != ours.memory_mib {
+        return Err(shape(format!(
+            "{} MiB of memory there, {} here",
+            saved.memory_mib, ours.memory_mib
+        )));
+    }
+    if saved.disks.len() != ours.disks.len() {
+        return Err(shape(format!(
+            "{} disks there, {} here",
+            saved.disks.len(),
+            ours.disks.len()
+        )));
+    }
+    for (index, (theirs, mine)) in saved.disks.iter().zip(&ours.disks).enumerate() {
+        if theirs.read_only != mine.read_only {
+            return Err(shape(format!("disk {index} differs in being read-only")));
+        }
+    }
+    if saved.nets.len() != ours.nets.len() {
+        return Err(shape(format!(
+            "{} network interfaces there, {} here",
+            saved.nets.len(),
+            ours.nets.len()
+        )));
+    }
+    if saved.rng != ours.rng {
+        return Err(shape("an entropy device on one side only".into()));
+    }
+    if saved.balloon.is_some() != ours.balloon.is_some() {
+        return Err(shape("a balloon on one side only".into()));
+    }
+    match (&saved.vsock, &ours.vsock) {
+        (None, None) => {}
+        (Some(theirs), Some(mine)) if theirs.cid == mine.cid => {}
+        (Some(theirs), Some(mine)) => {
+            return Err(shape(format!(
+                "vsock CID {} there, {} here",
+                theirs.cid, mine.cid
+            )))
+        }
+        _ => return Err(shape("a vsock device on one side only".into())),
+    }
+    Ok(())
+}
+
+/// The machine to rebuild: `ours` (devices, host paths), with what only the
+/// guest's past decided taken from `saved` (the command line it booted with,
+/// the MACs it knows its interfaces by).
+pub fn rebuilt_machine(saved: &MachineConfig, ours: &MachineConfig) -> MachineConfig {
+    let mut machine = ours.clone();
+    machine.cmdline = saved.cmdline.clone();
+    machine.kernel = saved.kernel.clone();
+    for (mine, theirs) in machine.nets.iter_mut().zip(&saved.nets) {
+        mine.mac = theirs.mac;
+    }
+    machine
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, NetConfig, RateLimit, VsockConfig};
+
+    fn machine() -> MachineConfig {
+        MachineConfig {
+            kernel: "vmlinux".into(),
+            cmdline: "console=ttyS0".into(),
+            cpus: 2,
+            memory_mib: 256,
+            disks: vec![DiskConfig {
+                path: "/srv/a.img".into(),
+                read_only: false,
+                id: None,
+                rate_limit: RateLimit::default(),
+            }],
+            nets: vec![NetConfig {
+                tap: "tap0".into(),
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                rate_limit: RateLimit::default(),
+            }],
+            rng: true,
+            balloon: None,
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: "vsock.sock".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn host_paths_and_tap_names_may_differ() {
+        let ours = machine();
+        let mut saved = machine();
+        saved.disks[0].path = "/etc/shadow".into();
+        saved.nets[0].tap = "other".into();
+        saved.vsock.as_mut().unwrap().socket = "/etc/passwd".into();
+        check_same_shape("the snapshot", &saved, &ours).unwrap();
+        let rebuilt = rebuilt_machine(&saved, &ours);
+        assert_eq!(rebuilt.disks[0].path, ours.disks[0].path);
+        assert_eq!(rebuilt.nets[0].tap, "tap0");
+        assert_eq!(rebuilt.vsock.unwrap().socket, ours.vsock.unwrap().socket);
+    }
+
+    #[test]
+    fn the_guest_keeps_its_command_line_and_macs() {
+        let ours = machine();
+        let mut saved = machine();
+        saved.cmdline = "booted with this".into();
+        saved.nets[0].mac = Some([2, 9, 9, 9, 9, 9]);
+        let rebuilt = rebuilt_machine(&saved, &ours);
+        assert_eq!(rebuilt.cmdline, "booted with this");
+        assert_eq!(rebuilt.nets[0].mac, Some([2, 9, 9, 9, 9, 9]));
+    }
+
+    #[test]
+    fn each_difference_the_guest_would_notice_is_refused_naming_it() {
+        let cases: Vec<(&str, fn(&mut MachineConfig))> = vec![
+            ("vCPUs", |m| m.cpus = 1),
+            ("memory", |m| m.memory_mib = 512),
+            ("disks", |m| m.disks.clear()),
+            ("read-only", |m| m.disks[0].read_only = true),
+            ("network", |m| m.nets.clear()),
+            ("entropy", |m| m.rng = false),
+            ("balloon", |m| m.balloon = Some(Default::default())),
+            ("CID", |m| m.vsock.as_mut().unwrap().cid = 4),
+            ("vsock device", |m| m.vsock = None),
+        ];
+        for (word, change) in cases {
+            let mut saved = machine();
+            change(&mut saved);
+            let error = check_same_shape("the snapshot", &saved, &machine()).unwrap_err();
+            assert!(error.to_string().contains(word), "{word}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_descriptor_of_the_wrong_kind_is_refused() {
+        let mut m = machine();
+        m.nets.clear();
+        m.vsock = None;
+        // A directory is no disk.
+        let dir = File::open("/").unwrap();
+        let error = DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(dir)))
+            .unwrap_err();
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        // A writable disk passed read-only.
+        let file = tempfile_in_tmp();
+        let read_only = File::open(&file).unwrap();
+        let error =
+            DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(read_only)))
+                .unwrap_err();
+        assert!(error.to_string().contains("reading and writing"), "{error}");
+        // Too few.
+        let error = DeviceBackings::from_descriptors(&m, &mut std::iter::empty()).unwrap_err();
+        assert!(error.to_string().contains("missing"), "{error}");
+        // A plain file is not a TAP.
+        let mut m = machine();
+        m.disks.clear();
+        m.vsock = None;
+        let error = DeviceBackings::from_descriptors(
+            &m,
+            &mut std::iter::once(OwnedFd::from(File::open(&file).unwrap())),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("not an attached TAP"), "{error}");
+        let _ = std::fs::remove_file(file);
+    }
+
+    fn tempfile_in_tmp() -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("bulkhead-backing-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        path
+    }
+}
