@@ -99,12 +99,24 @@ pub struct RunArgs {
     /// Test aid: once sandboxed, make a system call the filter forbids.
     #[arg(long, hide = true, requires = "sandbox")]
     sandbox_selftest: bool,
+    /// Take the machine and every host resource from the daemon: a launch
+    /// plan with open descriptors on this inherited Unix socket. The VMM
+    /// then opens no host path and confines itself before it reads a
+    /// snapshot or a migration stream.
+    #[arg(long, value_name = "FD", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "vsock", "rng", "prefault", "no_host_options", "restore", "incoming",
+        "control", "console_socket", "sandbox", "kvm_device"])]
+    launch_fd: Option<i32>,
     /// How to print the end-of-run report (on stderr; stdout is the console).
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if let Some(fd) = args.launch_fd {
+        return run_launched(fd, &args);
+    }
     if args.sandbox.is_some() {
         // A mount namespace can only be entered while there is one thread.
         vmm::sandbox::isolate_mounts()?;
@@ -156,6 +168,149 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let services = serve_sockets(&vm, console.as_ref(), &args)?;
     let running = vm.start().context("cannot start the VM")?;
     supervise(running, services, stop_signals, &args)
+}
+
+/// A VMM started by the daemon: everything from the launch plan and its
+/// descriptors, confined before anything a tenant or peer wrote is read.
+fn run_launched(fd: i32, args: &RunArgs) -> anyhow::Result<i32> {
+    use vmm::launch::LaunchOrigin;
+    // A mount namespace can only be entered while there is one thread.
+    vmm::sandbox::isolate_mounts()?;
+    let stop_signals = crate::console::block_stop_signals();
+    let (plan, descriptors) =
+        vmm::launch::receive_from_fd(fd).context("cannot take the launch plan")?;
+    let mut descriptors = descriptors.into_iter();
+    let mut next = || descriptors.next().context("a descriptor is missing");
+    let kvm = vmm::vm::kvm_from_descriptor(next()?).context("the KVM descriptor")?;
+    let boot = plan.origin == LaunchOrigin::Boot;
+    let kernel = match boot && plan.boot.kernel {
+        true => Some(std::fs::File::from(next()?)),
+        false => None,
+    };
+    let initrd = match boot && plan.boot.initrd {
+        true => Some(std::fs::File::from(next()?)),
+        false => None,
+    };
+    let devices = vmm::backing::DeviceBackings::from_descriptors(&plan.machine, &mut descriptors)
+        .context("cannot take the devices' host resources")?;
+    let listener = match plan.origin {
+        LaunchOrigin::Incoming => Some(
+            vmm::migration::Listener::from_descriptor(
+                descriptors
+                    .next()
+                    .context("the migration listener is missing")?,
+            )
+            .context("the migration listener")?,
+        ),
+        _ => None,
+    };
+    vmm::sandbox::confine(plan.sandbox)?;
+
+    let console = vmm::console_socket::ConsoleHub::new();
+    let options = vmm::vm::RestoreOptions {
+        kvm_device: "/dev/kvm".into(),
+        sample_rip_every: args.sample_rip_ms.map(std::time::Duration::from_millis),
+    };
+    let vm = match &plan.origin {
+        LaunchOrigin::Boot => {
+            let config = launched_boot_config(&plan, args);
+            let backings = vmm::vm::Backings {
+                kvm,
+                kernel,
+                initrd,
+                devices,
+            };
+            Vm::build(&config, backings, console.writer()).context("cannot create the VM")?
+        }
+        LaunchOrigin::Restore { snapshot } => {
+            let dir = std::path::Path::new("snapshots").join(snapshot);
+            let read = vmm::snapshot::read(&dir).context("cannot restore")?;
+            Vm::restore_onto(
+                &read,
+                &plan.machine,
+                kvm,
+                devices,
+                &options,
+                console.writer(),
+            )
+            .with_context(|| format!("cannot restore snapshot {snapshot}"))?
+        }
+        LaunchOrigin::Incoming => {
+            let listener = listener.context("the migration listener is missing")?;
+            let incoming = vmm::migration::accept_on(listener, None);
+            eprintln!("bulkhead: waiting for a migration on {}", incoming.uri());
+            let arrived = incoming
+                .receive_onto(
+                    plan.machine.clone(),
+                    kvm,
+                    devices,
+                    &options,
+                    console.writer(),
+                )
+                .context("incoming migration failed")?;
+            eprintln!("bulkhead: migration received, resuming");
+            let services = serve_launched_sockets(&arrived.vm, &console, &plan)?;
+            let running = arrived.start().context("incoming migration failed")?;
+            return supervise_launched(running, services, stop_signals, args);
+        }
+    };
+    tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
+    let services = serve_launched_sockets(&vm, &console, &plan)?;
+    let running = vm.start().context("cannot start the VM")?;
+    supervise_launched(running, services, stop_signals, args)
+}
+
+fn launched_boot_config(plan: &vmm::launch::LaunchPlan, args: &RunArgs) -> VmConfig {
+    let machine = &plan.machine;
+    let kernel = match plan.boot.kernel {
+        true => KernelSource::File(machine.kernel.clone().into()),
+        false => KernelSource::Bytes {
+            name: "embedded guest".into(),
+            image: DEFAULT_GUEST.into(),
+        },
+    };
+    let mut config = VmConfig::new(kernel);
+    config.initrd = plan.boot.initrd.then(|| "initrd".into());
+    config.cmdline = machine.cmdline.clone();
+    config.cpus = machine.cpus;
+    config.memory_mib = machine.memory_mib;
+    config.disks = machine.disks.clone();
+    config.nets = machine.nets.clone();
+    config.rng = machine.rng;
+    config.balloon = machine.balloon.clone();
+    config.vsock = machine.vsock.clone();
+    config.prefault_memory = plan.boot.prefault_memory;
+    config.host_cmdline_options = plan.boot.host_cmdline_options;
+    config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
+    config
+}
+
+/// The control and console sockets, bound inside the confined VMM's root.
+fn serve_launched_sockets(
+    vm: &Vm,
+    console: &vmm::console_socket::ConsoleHub,
+    plan: &vmm::launch::LaunchPlan,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let control = vmm::control::serve(&plan.control, vm.control())?;
+    let console = console
+        .serve(&plan.console, vm.serial(), vm.exit_signal())
+        .context("cannot serve the console")?;
+    Ok(vec![control, console])
+}
+
+fn supervise_launched(
+    running: vmm::RunningVm,
+    services: Vec<std::thread::JoinHandle<()>>,
+    stop_signals: libc::sigset_t,
+    args: &RunArgs,
+) -> anyhow::Result<i32> {
+    crate::console::spawn_signal_waiter(stop_signals, running.exit_signal());
+    let report = running.wait();
+    for thread in services {
+        let _ = thread.join();
+    }
+    print_report(&report, args.output)?;
+    Ok(if report.exit.is_clean() { 0 } else { 1 })
 }
 
 /// Binds the control and console sockets, then (with --sandbox) confines the

@@ -18,6 +18,7 @@ pub mod client;
 pub mod events;
 pub mod manager;
 pub mod model;
+pub mod resources;
 pub mod server;
 pub mod spec;
 pub mod store;

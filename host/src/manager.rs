@@ -135,6 +135,7 @@ impl Manager {
 
     pub fn create(&self, project: &str, spec: VmSpec) -> Result<VmRecord> {
         spec.validate(&self.config.allowed_dirs)?;
+        self.check_disks_are_the_projects(project, None, &spec)?;
         let record = VmRecord {
             id: random_hex(8),
             project: project.to_string(),
@@ -148,6 +149,49 @@ impl Manager {
         self.store.create_vm(&record)?;
         self.events.publish(Event::state(&record));
         Ok(record)
+    }
+
+    /// A disk belongs to the project whose VM names it first: another
+    /// project's VM may not name the same file (by any path).
+    fn check_disks_are_the_projects(
+        &self,
+        project: &str,
+        this_vm: Option<&str>,
+        spec: &VmSpec,
+    ) -> Result<()> {
+        use crate::resources::{identity, open_beneath, Access};
+        let dirs = &self.config.allowed_dirs;
+        let identify = |field: &str, path: &std::path::Path| {
+            open_beneath(field, path, dirs, Access::Read)
+                .ok()
+                .and_then(|file| identity(&file).ok())
+        };
+        let others: Vec<VmRecord> = self
+            .list()?
+            .into_iter()
+            .filter(|r| r.project != project && Some(r.id.as_str()) != this_vm)
+            .collect();
+        for (index, disk) in spec.disks.iter().enumerate() {
+            let field = format!("disks[{index}].path");
+            let Some(ours) = identify(&field, &disk.path) else {
+                continue;
+            };
+            let taken = others.iter().any(|other| {
+                other
+                    .spec
+                    .disks
+                    .iter()
+                    .any(|theirs| identify(&field, &theirs.path) == Some(ours))
+            });
+            if taken {
+                return Err(SpecError {
+                    field,
+                    message: format!("{} belongs to another project", disk.path.display()),
+                }
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// Starts VM `id`'s VMM: a boot, a restore of one of its snapshots, or
@@ -165,6 +209,7 @@ impl Manager {
         }
         // The spec's files may have changed since it was defined.
         record.spec.validate(&self.config.allowed_dirs)?;
+        self.check_disks_are_the_projects(&record.project, Some(id), &record.spec)?;
         if let Origin::Restore(name) = &origin {
             if !self
                 .paths(id)
@@ -201,16 +246,22 @@ impl Manager {
             .cgroups
             .create(id, record.spec.cpus, record.spec.memory_mib)
             .map_err(|e| ManagerError::Failed(format!("cannot set up the VM's cgroup: {e}")))?;
-        let mut child = vmm_process::launch(
-            &self.config.vmm_binary,
-            id,
-            &paths,
+        vmm_process::prepare_directories(&paths, record.uid)
+            .map_err(|e| ManagerError::Failed(format!("cannot prepare the VM's directory: {e}")))?;
+        let launch = vmm_process::prepare(
             &record.spec,
             record.uid,
             origin,
-            cgroup.as_ref(),
+            &paths,
+            &self.config.allowed_dirs,
         )
-        .map_err(|e| ManagerError::Failed(format!("cannot start the VMM: {e}")))?;
+        .map_err(|e| match e {
+            crate::resources::ResourceError::Io { .. } => ManagerError::Failed(e.to_string()),
+            other => ManagerError::from(resource_spec_error(other)),
+        })?;
+        let mut child =
+            vmm_process::launch(&self.config.vmm_binary, id, &paths, launch, cgroup.as_ref())
+                .map_err(|e| ManagerError::Failed(format!("cannot start the VMM: {e}")))?;
         let pid = child.id();
         self.store.update_vm(id, |r| r.pid = Some(pid))?;
         if matches!(origin, Origin::Incoming(_)) {
@@ -269,24 +320,14 @@ impl Manager {
         mut child: std::process::Child,
         paths: &VmPaths,
     ) -> Result<VmRecord> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let log = std::fs::read_to_string(&paths.log).unwrap_or_default();
-            if log.contains("waiting for a migration on") {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let tail = vmm_process::log_tail(paths, 3);
-                return Err(ManagerError::Failed(format!(
-                    "the VMM ended before listening ({status}): {tail}"
-                )));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(ManagerError::Failed("the VMM never listened".into()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // The daemon bound the listener itself: the VMM is reachable as soon
+        // as it exists. A VMM that cannot take its plan ends at once.
+        std::thread::sleep(Duration::from_millis(50));
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = vmm_process::log_tail(paths, 3);
+            return Err(ManagerError::Failed(format!(
+                "the VMM ended before listening ({status}): {tail}"
+            )));
         }
         let manager = self.clone();
         let watched = id.to_string();
@@ -687,5 +728,22 @@ impl Manager {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A resource the spec names that cannot be used, as the spec field it is.
+fn resource_spec_error(error: crate::resources::ResourceError) -> SpecError {
+    use crate::resources::ResourceError;
+    let field = match &error {
+        ResourceError::Outside { field, .. }
+        | ResourceError::Open { field, .. }
+        | ResourceError::NotAFile { field, .. }
+        | ResourceError::InUse { field, .. } => field.clone(),
+        ResourceError::Tap(_) => "nics".into(),
+        ResourceError::Io { .. } => "spec".into(),
+    };
+    SpecError {
+        field,
+        message: error.to_string(),
     }
 }

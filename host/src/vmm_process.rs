@@ -3,8 +3,9 @@
 //! the daemon), how the daemon finds it again, and how it ended.
 
 use crate::cgroup::VmCgroup;
+use crate::resources::{open_beneath, Access, ResourceError};
 use crate::spec::VmSpec;
-use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,82 +58,213 @@ pub enum Origin {
     Incoming(String),
 }
 
-/// The `bulkhead run` arguments for `spec`. Paths are relative: the VMM
-/// starts in its jail directory, which becomes its root.
-pub fn run_arguments(spec: &VmSpec, uid: u32, origin: &Origin) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into()];
-    match origin {
-        Origin::Boot => boot_arguments(spec, &mut args),
-        Origin::Restore(name) => {
-            args.push("--restore".into());
-            args.push(format!("snapshots/{name}").into());
-        }
-        Origin::Incoming(uri) => {
-            args.push("--incoming".into());
-            args.push(uri.into());
-        }
+/// The machine the daemon records for `spec`, as its VMM receives it: host
+/// paths are for information, the VMM gets their files open.
+pub fn machine(spec: &VmSpec) -> vmm::config::MachineConfig {
+    use vmm::config::{DiskConfig, NetConfig, VsockConfig};
+    let cmdline = match (&spec.cmdline, &spec.kernel) {
+        (Some(cmdline), _) => cmdline.clone(),
+        (None, Some(_)) => vmm::config::DEFAULT_LINUX_CMDLINE.to_string(),
+        // The embedded guest reads no command line.
+        (None, None) => String::new(),
+    };
+    vmm::config::MachineConfig {
+        kernel: spec
+            .kernel
+            .as_ref()
+            .map_or("embedded guest".into(), |k| k.display().to_string()),
+        cmdline,
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        disks: spec
+            .disks
+            .iter()
+            .map(|disk| DiskConfig {
+                path: disk.path.clone(),
+                read_only: disk.readonly,
+                id: None,
+                rate_limit: Default::default(),
+            })
+            .collect(),
+        nets: spec
+            .nics
+            .iter()
+            .map(|nic| NetConfig {
+                tap: nic.tap.clone(),
+                mac: nic
+                    .mac
+                    .as_deref()
+                    .and_then(|mac| vmm::config::parse_mac(mac).ok()),
+                rate_limit: Default::default(),
+            })
+            .collect(),
+        rng: false,
+        balloon: None,
+        vsock: spec.vsock.as_ref().map(|vsock| VsockConfig {
+            cid: u64::from(vsock.cid),
+            socket: "vsock.sock".into(),
+        }),
     }
-    for (flag, value) in [
-        ("--control", "control.sock".to_string()),
-        ("--console-socket", "console.sock".to_string()),
-        ("--sandbox", format!("uid={uid},gid={uid}")),
-        ("--output", "json".to_string()),
-    ] {
-        args.push(flag.into());
-        args.push(value.into());
-    }
-    args
 }
 
-fn boot_arguments(spec: &VmSpec, args: &mut Vec<OsString>) {
-    let mut push = |flag: &str, value: OsString| {
-        args.push(flag.into());
-        args.push(value);
+/// What a VMM is started with: its plan and the descriptors that go with it.
+pub struct Launch {
+    pub plan: vmm::launch::LaunchPlan,
+    pub descriptors: Vec<OwnedFd>,
+}
+
+/// Resolves, opens and locks everything `spec` needs for `origin`, in the
+/// order [`vmm::launch`] defines. Nothing is left behind on failure: the
+/// descriptors close, the locks go with them.
+pub fn prepare(
+    spec: &VmSpec,
+    uid: u32,
+    origin: &Origin,
+    paths: &VmPaths,
+    allowed_dirs: &[PathBuf],
+) -> Result<Launch, ResourceError> {
+    use vmm::launch::{BootPlan, LaunchOrigin, LaunchPlan};
+    let machine = machine(spec);
+    let launch_origin = match origin {
+        Origin::Boot => LaunchOrigin::Boot,
+        Origin::Restore(name) => LaunchOrigin::Restore {
+            snapshot: name.clone(),
+        },
+        Origin::Incoming(_) => LaunchOrigin::Incoming,
     };
-    if let Some(kernel) = &spec.kernel {
-        push("--kernel", kernel.into());
-    }
-    if let Some(initrd) = &spec.initrd {
-        push("--initrd", initrd.into());
-    }
-    if let Some(cmdline) = &spec.cmdline {
-        push("--cmdline", cmdline.into());
-    }
-    push("--cpus", spec.cpus.to_string().into());
-    push("--memory", spec.memory_mib.to_string().into());
-    for disk in &spec.disks {
-        let mut value = OsString::from("path=");
-        value.push(&disk.path);
-        if disk.readonly {
-            value.push(",readonly");
+    let boot = launch_origin == LaunchOrigin::Boot;
+    let mut descriptors: Vec<OwnedFd> = Vec::new();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|source| ResourceError::Io {
+            what: "/dev/kvm".into(),
+            source,
+        })?;
+    descriptors.push(kvm.into());
+    if boot {
+        if let Some(kernel) = &spec.kernel {
+            descriptors.push(open_beneath("kernel", kernel, allowed_dirs, Access::Read)?.into());
         }
-        push("--disk", value);
+        if let Some(initrd) = &spec.initrd {
+            descriptors.push(open_beneath("initrd", initrd, allowed_dirs, Access::Read)?.into());
+        }
+    }
+    for (index, disk) in spec.disks.iter().enumerate() {
+        let access = match disk.readonly {
+            true => Access::SharedDisk,
+            false => Access::ExclusiveDisk,
+        };
+        let field = format!("disks[{index}].path");
+        descriptors.push(open_beneath(&field, &disk.path, allowed_dirs, access)?.into());
     }
     for nic in &spec.nics {
-        let mut value = format!("tap={}", nic.tap);
-        if let Some(mac) = &nic.mac {
-            value.push_str(&format!(",mac={mac}"));
-        }
-        push("--net", value.into());
+        let tap = vmm::devices::virtio::net::tap::Tap::open(&nic.tap)?;
+        let file = tap.file().try_clone().map_err(|source| ResourceError::Io {
+            what: format!("TAP {}", nic.tap),
+            source,
+        })?;
+        descriptors.push(file.into());
     }
-    if let Some(vsock) = &spec.vsock {
-        push(
-            "--vsock",
-            format!("cid={},socket=vsock.sock", vsock.cid).into(),
-        );
+    if spec.vsock.is_some() {
+        let listener = crate::resources::bind_socket(&paths.vsock)?;
+        descriptors.push(listener.into());
     }
+    if let Origin::Incoming(uri) = origin {
+        let address = uri.strip_prefix("tcp:").unwrap_or(uri);
+        let listener =
+            std::net::TcpListener::bind(address).map_err(|source| ResourceError::Io {
+                what: format!("cannot listen on {uri}"),
+                source,
+            })?;
+        descriptors.push(listener.into());
+    }
+    let plan = LaunchPlan {
+        version: vmm::launch::VERSION,
+        machine,
+        boot: BootPlan {
+            kernel: spec.kernel.is_some(),
+            initrd: spec.initrd.is_some(),
+            host_cmdline_options: true,
+            prefault_memory: false,
+        },
+        origin: launch_origin,
+        sandbox: vmm::sandbox::SandboxConfig { uid, gid: uid },
+        control: "control.sock".into(),
+        console: "console.sock".into(),
+    };
+    Ok(Launch { plan, descriptors })
 }
 
-/// Prepares the VM's directories and starts its VMM.
+/// The descriptor number the VMM finds its launch socket at.
+const LAUNCH_FD: i32 = 3;
+
+/// Prepares the VM's directories and starts its VMM with `launch`.
 pub fn launch(
     binary: &Path,
     id: &str,
     paths: &VmPaths,
-    spec: &VmSpec,
-    uid: u32,
-    origin: &Origin,
+    launch: Launch,
     cgroup: Option<&VmCgroup>,
 ) -> std::io::Result<Child> {
+    let (ours, theirs) = std::os::unix::net::UnixDatagram::pair()?;
+    let raw: Vec<i32> = launch.descriptors.iter().map(|fd| fd.as_raw_fd()).collect();
+    // Queued in the socket before the VMM exists; it reads it first thing.
+    vmm::launch::send(&ours, &launch.plan, &raw).map_err(std::io::Error::other)?;
+    drop(ours);
+    drop(launch.descriptors);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)?;
+    let cgroup_files = match cgroup {
+        Some(cgroup) => cgroup.procs_files()?,
+        None => Vec::new(),
+    };
+    let mut command = Command::new(binary);
+    command
+        .args([
+            "run",
+            "--launch-fd",
+            &LAUNCH_FD.to_string(),
+            "--output",
+            "json",
+        ])
+        .current_dir(&paths.jail)
+        .env_clear()
+        .env(VM_ID_ENV, id)
+        .env("BULKHEAD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    let launch_socket = theirs.as_raw_fd();
+    // SAFETY: between fork and exec the child only makes system calls
+    // (setsid, dup2, close_range, write) on descriptors opened before the
+    // fork; nothing allocates.
+    unsafe {
+        command.pre_exec(move || {
+            // Its own session: the daemon's terminal and process group
+            // signals do not reach it, and it outlives the daemon.
+            libc::setsid();
+            crate::cgroup::join_from_child(&cgroup_files)?;
+            // The launch socket at its agreed number, without close-on-exec.
+            if libc::dup2(launch_socket, LAUNCH_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Nothing else the daemon holds reaches the VMM.
+            libc::syscall(libc::SYS_close_range, LAUNCH_FD + 1, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let child = command.spawn();
+    drop(theirs);
+    child
+}
+
+/// Makes VM `id`'s directories ready for a new VMM: the jail, owned by the
+/// VM's uid, no stale sockets, the previous log kept beside.
+pub fn prepare_directories(paths: &VmPaths, uid: u32) -> std::io::Result<()> {
     std::fs::create_dir_all(&paths.jail)?;
     std::os::unix::fs::chown(&paths.jail, Some(uid), Some(uid))?;
     std::fs::set_permissions(
@@ -147,35 +279,7 @@ pub fn launch(
     if paths.log.exists() {
         std::fs::rename(&paths.log, paths.log.with_extension("log.1"))?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.log)?;
-    let cgroup_files = match cgroup {
-        Some(cgroup) => cgroup.procs_files()?,
-        None => Vec::new(),
-    };
-    let mut command = Command::new(binary);
-    command
-        .args(run_arguments(spec, uid, origin))
-        .current_dir(&paths.jail)
-        .env_clear()
-        .env(VM_ID_ENV, id)
-        .env("BULKHEAD_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    // SAFETY: between fork and exec the child only makes system calls
-    // (setsid, write) on descriptors opened before the fork; nothing allocates.
-    unsafe {
-        command.pre_exec(move || {
-            // Its own session: the daemon's terminal and process group
-            // signals do not reach it, and it outlives the daemon.
-            libc::setsid();
-            crate::cgroup::join_from_child(&cgroup_files)
-        });
-    }
-    command.spawn()
+    Ok(())
 }
 
 /// The VMM process of VM `id`, found by the mark in its environment.
@@ -268,7 +372,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arguments_carry_the_whole_spec_and_the_sandbox() {
+    fn the_machine_carries_the_whole_spec() {
         let spec: VmSpec = serde_json::from_value(serde_json::json!({
             "name": "a", "kernel": "/k", "cpus": 2, "memory_mib": 64,
             "disks": [{"path": "/d", "readonly": true}],
@@ -276,29 +380,23 @@ mod tests {
             "vsock": {"cid": 5}
         }))
         .unwrap();
-        let args: Vec<String> = run_arguments(&spec, 400_001, &Origin::Boot)
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
-        let joined = args.join(" ");
-        for expected in [
-            "run --kernel /k --cpus 2 --memory 64",
-            "--disk path=/d,readonly",
-            "--net tap=t0,mac=02:00:00:00:00:01",
-            "--vsock cid=5,socket=vsock.sock",
-            "--sandbox uid=400001,gid=400001",
-        ] {
-            assert!(joined.contains(expected), "{joined}");
-        }
-        let restore = run_arguments(&spec, 1, &Origin::Restore("s1".into()));
-        let joined = restore
-            .join(std::ffi::OsStr::new(" "))
-            .into_string()
-            .unwrap();
-        assert!(
-            joined.starts_with("run --restore snapshots/s1 --control"),
-            "{joined}"
-        );
-        assert!(!joined.contains("--kernel"));
+        let machine = machine(&spec);
+        assert_eq!((machine.cpus, machine.memory_mib), (2, 64));
+        assert_eq!(machine.kernel, "/k");
+        assert_eq!(machine.cmdline, vmm::config::DEFAULT_LINUX_CMDLINE);
+        assert_eq!(machine.disks[0].path, PathBuf::from("/d"));
+        assert!(machine.disks[0].read_only);
+        assert_eq!(machine.nets[0].tap, "t0");
+        assert_eq!(machine.nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+        let vsock = machine.vsock.unwrap();
+        assert_eq!(vsock.cid, 5);
+        // Relative: inside the VMM's own directory.
+        assert_eq!(vsock.socket, PathBuf::from("vsock.sock"));
+        let embedded: VmSpec = serde_json::from_value(serde_json::json!({"name": "e"})).unwrap();
+        assert_eq!(machine_of(&embedded).cmdline, "");
+    }
+
+    fn machine_of(spec: &VmSpec) -> vmm::config::MachineConfig {
+        machine(spec)
     }
 }

@@ -262,7 +262,8 @@ mod tests {
 
     #[test]
     fn each_difference_the_guest_would_notice_is_refused_naming_it() {
-        let cases: Vec<(&str, fn(&mut MachineConfig))> = vec![
+        type Change = fn(&mut MachineConfig);
+        let cases: Vec<(&str, Change)> = vec![
             ("vCPUs", |m| m.cpus = 1),
             ("memory", |m| m.memory_mib = 512),
             ("disks", |m| m.disks.clear()),

@@ -13,8 +13,10 @@ pub enum KvmFlavour {
 }
 
 impl KvmFlavour {
+    /// This host's KVM, looked at once (a sandboxed VMM cannot look later).
     pub fn detect() -> Self {
-        Self::detect_in(Path::new("/sys/module"))
+        static DETECTED: std::sync::OnceLock<KvmFlavour> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| Self::detect_in(Path::new("/sys/module")))
     }
 
     fn detect_in(sys_module: &Path) -> Self {
@@ -62,9 +64,13 @@ impl KvmFlavour {
 }
 
 /// Total RAM of the host in bytes, from /proc/meminfo.
+/// The host's memory, read once (a sandboxed VMM cannot read it later).
 pub fn total_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_mem_total(&meminfo)
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(|| {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        parse_mem_total(&meminfo)
+    })
 }
 
 fn parse_mem_total(meminfo: &str) -> Option<u64> {

@@ -11,6 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod launch;
 pub mod lifecycle;
 pub mod memory;
 pub mod memory_usage;

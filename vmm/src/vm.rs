@@ -811,6 +811,23 @@ pub fn disk_name(index: usize) -> String {
     format!("vd{}", String::from_utf8(suffix).unwrap_or_default())
 }
 
+/// The KVM device passed as a descriptor (by the daemon).
+pub fn kvm_from_descriptor(fd: std::os::fd::OwnedFd) -> Result<Kvm, VmError> {
+    use std::os::fd::IntoRawFd;
+    let name = "the KVM descriptor".to_string();
+    // KVM_GET_API_VERSION on anything but /dev/kvm fails or answers otherwise.
+    // SAFETY: `fd` is owned by us; Kvm takes it over, and a file that is not
+    // KVM only ever sees the API-version ioctl before it is refused.
+    let kvm = unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
+    match kvm.get_api_version() {
+        KVM_API_VERSION => Ok(kvm),
+        version => Err(VmError::NotKvm {
+            path: name,
+            version,
+        }),
+    }
+}
+
 pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
     let name = path.display().to_string();
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {

@@ -42,11 +42,13 @@ enum Target {
     /// This host's record of the machine and its open backings (a VMM the
     /// daemon started): the source sends guest state only, and a machine of
     /// another shape is refused.
-    Local {
-        machine: MachineConfig,
-        kvm: Kvm,
-        devices: DeviceBackings,
-    },
+    Local(Box<LocalMachine>),
+}
+
+struct LocalMachine {
+    machine: MachineConfig,
+    kvm: Kvm,
+    devices: DeviceBackings,
 }
 
 /// A migrated VM, built and ready, whose source still waits for the word.
@@ -87,11 +89,11 @@ impl Incoming {
         options: &RestoreOptions,
         serial_output: SerialOutput,
     ) -> Result<Arrived, MigrationError> {
-        let target = Target::Local {
+        let target = Target::Local(Box::new(LocalMachine {
             machine,
             kvm,
             devices,
-        };
+        }));
         self.receive_into(target, options, serial_output)
     }
 
@@ -133,7 +135,8 @@ impl Incoming {
             )));
         }
         let fits = match &target {
-            Target::Local { machine, .. } => {
+            Target::Local(local) => {
+                let machine = &local.machine;
                 crate::backing::check_same_shape("the migration stream", &hello.machine, machine)
                     .map_err(|e| e.to_string())
             }
@@ -219,11 +222,12 @@ impl Incoming {
             vm_memory::mmap::MmapRegion::bitmap(region).reset();
         }
         let built = match target {
-            Target::Local {
-                machine,
-                kvm,
-                devices,
-            } => {
+            Target::Local(local) => {
+                let LocalMachine {
+                    machine,
+                    kvm,
+                    devices,
+                } = *local;
                 let machine = crate::backing::rebuilt_machine(&last.saved.machine, &machine);
                 Vm::from_saved(
                     &last.saved,

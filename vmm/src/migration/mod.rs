@@ -16,8 +16,8 @@ mod transport;
 
 pub mod destination;
 
-pub use destination::{accept, Incoming};
-pub use transport::{Endpoint, TlsClient, TlsServer};
+pub use destination::{accept, accept_on, Incoming};
+pub use transport::{Endpoint, Listener, TlsClient, TlsServer};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

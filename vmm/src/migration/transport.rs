@@ -181,6 +181,42 @@ impl Listener {
         })
     }
 
+    /// A listening socket bound by someone else (the daemon, which owns the
+    /// host's addresses) and passed as a descriptor.
+    pub fn from_descriptor(fd: std::os::fd::OwnedFd) -> Result<Listener, MigrationError> {
+        use std::os::fd::AsRawFd;
+        let option = |name: libc::c_int| -> std::io::Result<libc::c_int> {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `value`, which we own.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    name,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(value)
+        };
+        let refuse = |why: String| MigrationError::Incoming(format!("the passed listener {why}"));
+        let listening =
+            option(libc::SO_ACCEPTCONN).map_err(|e| refuse(format!("is no socket: {e}")))?;
+        if listening != 1 {
+            return Err(refuse("is not listening".into()));
+        }
+        match option(libc::SO_DOMAIN).map_err(|e| refuse(e.to_string()))? {
+            libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp(TcpListener::from(fd))),
+            // The daemon removes its socket file; this side knows no path.
+            libc::AF_UNIX => Ok(Listener::Unix(UnixListener::from(fd), PathBuf::new())),
+            other => Err(refuse(format!("has address family {other}"))),
+        }
+    }
+
     /// The bound address (`tcp:127.0.0.1:PORT` for port 0 binds).
     pub fn uri(&self) -> String {
         match self {
@@ -220,7 +256,9 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
+            if !path.as_os_str().is_empty() {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ pub mod seccomp;
 use std::ffi::CString;
 use std::path::PathBuf;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SandboxConfig {
     pub uid: u32,
     pub gid: u32,
@@ -88,6 +88,8 @@ pub fn confine(config: SandboxConfig) -> Result<(), SandboxError> {
     // What later reads /proc must open it now.
     crate::memory_usage::prepare();
     crate::migration::protocol::boot_id();
+    crate::host::KvmFlavour::detect();
+    crate::host::total_memory_bytes();
 
     let dir: PathBuf = std::env::current_dir().map_err(|source| SandboxError::Os {
         step: "current directory",

@@ -1,0 +1,339 @@
+//! How the daemon hands a VMM its machine: one datagram on a Unix socket the
+//! VMM inherits (`bulkhead run --launch-fd N`), carrying a typed
+//! [`LaunchPlan`] as JSON and, attached (`SCM_RIGHTS`), every host resource
+//! the VM needs, already resolved, opened and locked by the daemon.
+//!
+//! The VMM started this way opens no host path. It takes the descriptors,
+//! checks each is the kind the plan says ([`crate::backing`]), confines
+//! itself, and only then reads what a tenant or a peer controls: a snapshot
+//! in its own directory, or a migration stream on the listener it was given.
+//!
+//! Descriptors come in this order, each present only when the plan needs it:
+//! KVM, kernel, initrd, the machine's disks, its TAPs, its vsock listener,
+//! the migration listener.
+
+use crate::config::MachineConfig;
+use crate::sandbox::SandboxConfig;
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Raised when a field is added that an older VMM must not ignore.
+pub const VERSION: u32 = 1;
+/// A plan is a few KiB; anything near this is not one.
+pub const MAX_PLAN_BYTES: usize = 64 << 10;
+/// KVM, kernel, initrd, migration listener, and every device a machine can have.
+pub const MAX_DESCRIPTORS: usize = 4 + crate::arch::x86_64::layout::irq::VIRTIO.len();
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("launch socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("launch plan: {0}")]
+    Plan(String),
+    #[error("launch plan version {got}; this VMM takes version {VERSION}")]
+    Version { got: u32 },
+    #[error("launch plan needs {needed} descriptors, {got} came with it")]
+    Descriptors { needed: usize, got: usize },
+}
+
+/// Everything a VMM needs to know that is not in its descriptors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchPlan {
+    pub version: u32,
+    /// The machine as the daemon records it. For a boot, `cmdline` is the
+    /// user's (the VMM appends host and device options); for a restore or a
+    /// migration, the devices the guest's state is rebuilt onto.
+    pub machine: MachineConfig,
+    pub boot: BootPlan,
+    pub origin: LaunchOrigin,
+    /// Who the VMM becomes before it reads anything hostile.
+    pub sandbox: SandboxConfig,
+    /// Where the VMM serves its control and console sockets, relative to its
+    /// directory (which becomes its root).
+    pub control: PathBuf,
+    pub console: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootPlan {
+    /// A kernel descriptor comes with the plan; otherwise the VMM boots its embedded guest.
+    pub kernel: bool,
+    pub initrd: bool,
+    /// Append the options this host's KVM needs to the command line.
+    pub host_cmdline_options: bool,
+    pub prefault_memory: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LaunchOrigin {
+    Boot,
+    /// A snapshot in the VMM's own `snapshots` directory, read after confinement.
+    Restore {
+        snapshot: String,
+    },
+    /// A live migration arriving on the listener passed last.
+    Incoming,
+}
+
+impl LaunchPlan {
+    /// How many descriptors come with this plan, in the module's order.
+    pub fn descriptor_count(&self) -> usize {
+        let boot = matches!(self.origin, LaunchOrigin::Boot);
+        1 + usize::from(boot && self.boot.kernel)
+            + usize::from(boot && self.boot.initrd)
+            + self.machine.disks.len()
+            + self.machine.nets.len()
+            + usize::from(self.machine.vsock.is_some())
+            + usize::from(self.origin == LaunchOrigin::Incoming)
+    }
+
+    fn check(&self) -> Result<(), LaunchError> {
+        if self.version != VERSION {
+            return Err(LaunchError::Version { got: self.version });
+        }
+        if let LaunchOrigin::Restore { snapshot } = &self.origin {
+            if !is_plain_name(snapshot) {
+                return Err(LaunchError::Plan(format!(
+                    "snapshot name '{snapshot}' is not a plain file name"
+                )));
+            }
+        }
+        for (what, path) in [("control", &self.control), ("console", &self.console)] {
+            if !path.to_str().is_some_and(is_plain_name) {
+                return Err(LaunchError::Plan(format!(
+                    "{what} socket '{}' is not a plain file name",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
+/// Sends `plan` with `descriptors` (in the module's order) on `socket`.
+pub fn send(
+    socket: &UnixDatagram,
+    plan: &LaunchPlan,
+    descriptors: &[RawFd],
+) -> Result<(), LaunchError> {
+    let needed = plan.descriptor_count();
+    if descriptors.len() != needed {
+        return Err(LaunchError::Descriptors {
+            needed,
+            got: descriptors.len(),
+        });
+    }
+    let bytes = serde_json::to_vec(plan).map_err(|e| LaunchError::Plan(e.to_string()))?;
+    if bytes.len() > MAX_PLAN_BYTES {
+        return Err(LaunchError::Plan(format!(
+            "{} bytes, more than {MAX_PLAN_BYTES}",
+            bytes.len()
+        )));
+    }
+    socket
+        .send_with_fds(&[&bytes[..]], descriptors)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    Ok(())
+}
+
+/// Receives the plan and its descriptors from inherited descriptor `fd`,
+/// which is closed afterwards.
+pub fn receive_from_fd(fd: RawFd) -> Result<(LaunchPlan, Vec<OwnedFd>), LaunchError> {
+    // SAFETY: F_GETFD only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(LaunchError::Plan(format!(
+            "descriptor {fd} is not open: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is open (checked above) and was handed to this process to
+    // own; nothing else in it uses that number.
+    let socket = unsafe { UnixDatagram::from_raw_fd(fd) };
+    receive(&socket)
+}
+
+/// Receives one plan and its descriptors.
+pub fn receive(socket: &UnixDatagram) -> Result<(LaunchPlan, Vec<OwnedFd>), LaunchError> {
+    let mut buffer = vec![0u8; MAX_PLAN_BYTES + 1];
+    let mut raw = [-1 as RawFd; MAX_DESCRIPTORS];
+    let mut iovec = [libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    }];
+    // SAFETY: the iovec points at `buffer`, which lives until the call returns
+    // and may hold any bytes.
+    let (length, count) = unsafe { socket.recv_with_fds(&mut iovec, &mut raw) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: recv_with_fds returned `count` new descriptors, owned by us.
+    let descriptors: Vec<OwnedFd> = raw[..count]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if length > MAX_PLAN_BYTES {
+        return Err(LaunchError::Plan(format!(
+            "more than {MAX_PLAN_BYTES} bytes"
+        )));
+    }
+    let plan: LaunchPlan =
+        serde_json::from_slice(&buffer[..length]).map_err(|e| LaunchError::Plan(e.to_string()))?;
+    plan.check()?;
+    let needed = plan.descriptor_count();
+    if descriptors.len() != needed {
+        return Err(LaunchError::Descriptors {
+            needed,
+            got: descriptors.len(),
+        });
+    }
+    for fd in &descriptors {
+        // Received descriptors are not close-on-exec; ours never exec, but
+        // nothing should outlive this process by accident.
+        // SAFETY: F_SETFD on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((plan, descriptors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    fn plan() -> LaunchPlan {
+        LaunchPlan {
+            version: VERSION,
+            machine: MachineConfig {
+                kernel: "vmlinux".into(),
+                cmdline: "console=ttyS0".into(),
+                cpus: 1,
+                memory_mib: 128,
+                disks: vec![],
+                nets: vec![],
+                rng: false,
+                balloon: None,
+                vsock: None,
+            },
+            boot: BootPlan {
+                kernel: true,
+                ..BootPlan::default()
+            },
+            origin: LaunchOrigin::Boot,
+            sandbox: SandboxConfig {
+                uid: 1000,
+                gid: 1000,
+            },
+            control: "control.sock".into(),
+            console: "console.sock".into(),
+        }
+    }
+
+    fn file_with(text: &str) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!(
+            "bulkhead-launch-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_plan_and_its_descriptors_arrive_together_and_in_order() {
+        let (daemon, vmm) = UnixDatagram::pair().unwrap();
+        let kvm = file_with("kvm");
+        let kernel = file_with("kernel!");
+        send(&daemon, &plan(), &[kvm.as_raw_fd(), kernel.as_raw_fd()]).unwrap();
+        let (got, descriptors) = receive(&vmm).unwrap();
+        assert_eq!(got, plan());
+        let mut texts = Vec::new();
+        for fd in descriptors {
+            let mut file = std::fs::File::from(fd);
+            file.rewind().unwrap();
+            let mut text = String::new();
+            file.read_to_string(&mut text).unwrap();
+            texts.push(text);
+        }
+        assert_eq!(texts, ["kvm", "kernel!"]);
+    }
+
+    #[test]
+    fn a_plan_with_too_few_descriptors_is_refused_by_the_receiver() {
+        let (daemon, vmm) = UnixDatagram::pair().unwrap();
+        let kvm = file_with("kvm");
+        // Sent around `send`'s own check.
+        let bytes = serde_json::to_vec(&plan()).unwrap();
+        daemon
+            .send_with_fds(&[&bytes[..]], &[kvm.as_raw_fd()])
+            .unwrap();
+        let error = receive(&vmm).unwrap_err();
+        assert!(
+            matches!(error, LaunchError::Descriptors { needed: 2, got: 1 }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_or_socket_name_that_leaves_the_directory_is_refused() {
+        for bad in ["../outside", "/etc/passwd", "a/b", "..", ""] {
+            let mut restore = plan();
+            restore.origin = LaunchOrigin::Restore {
+                snapshot: bad.into(),
+            };
+            assert!(restore.check().is_err(), "snapshot {bad:?}");
+            let mut control = plan();
+            control.control = bad.into();
+            assert!(control.check().is_err(), "control {bad:?}");
+        }
+        assert!(plan().check().is_ok());
+    }
+
+    #[test]
+    fn another_version_and_garbage_are_refused_with_the_reason() {
+        let (daemon, vmm) = UnixDatagram::pair().unwrap();
+        let mut newer = plan();
+        newer.version = VERSION + 1;
+        daemon.send(&serde_json::to_vec(&newer).unwrap()).unwrap();
+        assert!(matches!(
+            receive(&vmm).unwrap_err(),
+            LaunchError::Version { got } if got == VERSION + 1
+        ));
+        daemon
+            .send(b"{\"version\": 1, \"path\": \"/etc\"}")
+            .unwrap();
+        assert!(matches!(receive(&vmm).unwrap_err(), LaunchError::Plan(_)));
+        daemon.send(&vec![b' '; MAX_PLAN_BYTES + 10]).unwrap();
+        let error = receive(&vmm).unwrap_err();
+        assert!(error.to_string().contains("more than"), "{error}");
+    }
+
+    #[test]
+    fn descriptors_count_by_origin() {
+        let mut p = plan();
+        p.boot.initrd = true;
+        assert_eq!(p.descriptor_count(), 3);
+        // A restore loads no kernel.
+        p.origin = LaunchOrigin::Restore {
+            snapshot: "s".into(),
+        };
+        assert_eq!(p.descriptor_count(), 1);
+        p.origin = LaunchOrigin::Incoming;
+        assert_eq!(p.descriptor_count(), 2);
+    }
+}
