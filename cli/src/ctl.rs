@@ -38,7 +38,7 @@ enum Action {
     /// VM is paused while it is written, then goes on.
     Snapshot { dir: PathBuf },
     /// Live-migrate the VM to a `bulkhead run --incoming URI` process
-    /// (URI: tcp:HOST:PORT or unix:PATH). This VM ends when the destination
+    /// (URI: tcp:IP:PORT or unix:PATH). This VM ends when the destination
     /// runs it; if anything fails it runs on here and the error says why.
     Migrate {
         uri: String,

@@ -70,7 +70,7 @@ pub struct RunArgs {
         "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
         "vsock", "rng", "prefault", "no_host_options"])]
     restore: Option<PathBuf>,
-    /// Wait for a live migration at URI (tcp:HOST:PORT or unix:PATH) and run
+    /// Wait for a live migration at URI (tcp:IP:PORT or unix:PATH) and run
     /// the VM that arrives (`bulkhead ctl PATH migrate URI` on the source).
     #[arg(long, value_name = "URI", conflicts_with_all = [
         "restore", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",

@@ -159,12 +159,10 @@ impl Manager {
         this_vm: Option<&str>,
         spec: &VmSpec,
     ) -> Result<()> {
-        use crate::resources::{identity, open_beneath, Access};
-        let dirs = &self.config.allowed_dirs;
-        let identify = |field: &str, path: &std::path::Path| {
-            open_beneath(field, path, dirs, Access::Read)
-                .ok()
-                .and_then(|file| identity(&file).ok())
+        use std::os::unix::fs::MetadataExt;
+        // By any path: links and '..' followed, only to compare identities.
+        let identify = |_: &str, path: &std::path::Path| {
+            std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
         };
         let others: Vec<VmRecord> = self
             .list()?

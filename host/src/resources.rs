@@ -170,14 +170,6 @@ fn open_directory(dir: &Path) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The identity of an open file (device and inode), to tell whether two
-/// paths name one disk.
-pub fn identity(file: &File) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let metadata = file.metadata()?;
-    Ok((metadata.dev(), metadata.ino()))
-}
-
 /// Binds a Unix listener at `path`, replacing a leftover socket file, made
 /// reachable only by root (the daemon and the host's own programs).
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ResourceError> {

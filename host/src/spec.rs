@@ -196,10 +196,20 @@ fn check_file(field: &str, path: &Path, allowed_dirs: &[PathBuf]) -> Result<(), 
     if text.contains(',') || text.contains('\n') {
         return Err(invalid(field, "must not contain ',' or a newline"));
     }
-    // Resolve links and '..' before the containment check.
     let real = path
         .canonicalize()
         .map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    // The daemon opens it without following links (see `resources`): say so now.
+    if real != path {
+        return Err(invalid(
+            field,
+            format!(
+                "{} must name the file itself, without symbolic links, '.' or '..' (it is {})",
+                path.display(),
+                real.display()
+            ),
+        ));
+    }
     if !allowed_dirs.iter().any(|dir| real.starts_with(dir)) {
         return Err(invalid(
             field,
@@ -294,10 +304,17 @@ mod tests {
             let error = spec.validate(&allowed).unwrap_err();
             assert_eq!(error.field, field, "{error}");
         }
-        // Inside the allowed directory, through '..' too, is fine; a directory is not.
+        // Inside the allowed directory is fine; through '..' or a link it
+        // is not (the daemon opens files without following either); a
+        // directory is not a file.
         let mut ok = spec();
-        ok.kernel = Some(dir.join("sub/../kernel"));
         assert_eq!(ok.validate(&allowed), Ok(()));
+        ok.kernel = Some(dir.join("sub/../kernel"));
+        let error = ok.validate(&allowed).unwrap_err();
+        assert!(error.message.contains("without symbolic links"), "{error}");
+        std::os::unix::fs::symlink(dir.join("kernel"), dir.join("link")).unwrap();
+        ok.kernel = Some(dir.join("link"));
+        assert_eq!(ok.validate(&allowed).unwrap_err().field, "kernel");
         ok.kernel = Some(dir.join("sub"));
         assert_eq!(ok.validate(&allowed).unwrap_err().field, "kernel");
         let _ = std::fs::remove_dir_all(&dir);

@@ -54,7 +54,7 @@ pub enum Origin {
     Boot,
     /// A snapshot name under the VM's `snapshots` directory.
     Restore(String),
-    /// `tcp:HOST:PORT` to wait on.
+    /// `tcp:IP:PORT` to wait on.
     Incoming(String),
 }
 

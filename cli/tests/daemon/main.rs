@@ -1,6 +1,7 @@
 //! The host daemon end to end: real VMMs (sandboxed, in cgroups) running the
 //! counting guest, driven through the REST API and the CLI.
 
+mod boundary;
 #[path = "../../../vmm/tests/common/mod.rs"]
 mod common;
 mod linux;

@@ -69,7 +69,7 @@ pub struct MigrationReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("bad migration URI {0:?}: expected tcp:HOST:PORT or unix:PATH")]
+    #[error("bad migration URI {0:?}: expected tcp:IP:PORT (an address, not a name) or unix:PATH")]
     Uri(String),
     #[error("cannot reach {uri}: {source}")]
     Connect { uri: String, source: std::io::Error },

@@ -1,0 +1,419 @@
+//! The VMM boundary, attacked as a tenant would: each test is one attack that
+//! once worked, and fails if it works again. What a VMM holds is read from
+//! `/proc/PID/fd`, who it is from `/proc/PID/status`.
+
+use crate::support::{count_above, status_field, Daemon, BIN};
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The files a process holds open.
+fn open_files(pid: u32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn holds(pid: u32, path: &Path) -> bool {
+    open_files(pid).iter().any(|held| held == path)
+}
+
+/// A 1 MiB disk image with a recognisable first sector.
+fn disk(path: &Path, mark: &str) -> PathBuf {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[..mark.len()].copy_from_slice(mark.as_bytes());
+    std::fs::write(path, bytes).unwrap();
+    path.canonicalize().unwrap()
+}
+
+fn assert_confined(daemon: &Daemon, id: &str, pid: u32) {
+    let uid = daemon.vm(id)["uid"].as_u64().unwrap().to_string();
+    let uids: Vec<String> = status_field(pid, "Uid")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(uids, [uid.clone(), uid.clone(), uid.clone(), uid]);
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A VMM the test runs itself, outside the daemon: the "peer" of a migration,
+/// which may describe any machine it likes.
+struct Peer {
+    child: std::process::Child,
+    control: PathBuf,
+}
+
+impl Peer {
+    fn start(dir: &Path, kernel: &Path, disk: Option<&Path>) -> Peer {
+        let control = dir.join(format!("peer-{}.sock", std::process::id()));
+        let mut command = Command::new(BIN);
+        command
+            .args(["run", "--memory", "32", "--kernel"])
+            .arg(kernel)
+            .arg("--control")
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(disk) = disk {
+            command
+                .arg("--disk")
+                .arg(format!("path={}", disk.display()));
+        }
+        let child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !control.exists() {
+            assert!(Instant::now() < deadline, "the peer never served control");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Peer { child, control }
+    }
+
+    fn migrate(&self, uri: &str) -> (bool, String) {
+        let output = Command::new(BIN)
+            .arg("ctl")
+            .arg(&self.control)
+            .args(["migrate", uri])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_incoming_vmm_is_confined_before_a_peer_speaks_and_builds_its_own_machine() {
+    let daemon = Daemon::start();
+    let kernel = daemon.counting_guest();
+    let ours = disk(&daemon.images.join("ours.img"), "ours");
+    let outside = disk(&daemon.dir.join("outside/victim.img"), "victim");
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "dest", "kernel": kernel, "memory_mib": 32,
+                    "disks": [{"path": ours}]})),
+    );
+    let id = created["id"].as_str().unwrap().to_string();
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let waiting = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"incoming": uri})),
+    );
+    assert_eq!(waiting["state"], "starting", "{waiting}");
+    let pid = daemon.pid(&id);
+    // Nobody has connected yet, and it is already who it will be.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_field(pid, "Seccomp") != "2" {
+        assert!(
+            Instant::now() < deadline,
+            "the waiting VMM never confined itself"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_confined(&daemon, &id, pid);
+    assert!(holds(pid, &ours), "{:?}", open_files(pid));
+
+    // A peer whose machine names a disk outside every storage directory.
+    let mut peer = Peer::start(&daemon.dir, &kernel, Some(&outside));
+    let (migrated, text) = peer.migrate(&uri);
+    assert!(migrated, "{text}");
+    let running = daemon.wait_state(&id, "running");
+    let pid = running["pid"].as_u64().unwrap() as u32;
+    assert!(holds(pid, &ours), "{:?}", open_files(pid));
+    assert!(!holds(pid, &outside), "{:?}", open_files(pid));
+    assert_eq!(&std::fs::read(&outside).unwrap()[..6], b"victim");
+    let client = daemon.client(None);
+    let mut console = daemon.block_on(client.console(&id, false)).unwrap();
+    count_above(&daemon, &mut console, -1);
+    drop(peer);
+
+    // A peer of another shape (no disk) is refused, and survives it.
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"force": true})),
+    );
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"incoming": uri})),
+    );
+    let mut peer = Peer::start(&daemon.dir, &kernel, None);
+    let (migrated, text) = peer.migrate(&uri);
+    assert!(!migrated, "{text}");
+    assert!(text.contains("disks"), "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        peer.running(),
+        "a refused migration must leave the source running"
+    );
+}
+
+#[test]
+fn a_restore_rebuilds_the_daemons_machine_whatever_the_snapshot_says() {
+    let daemon = Daemon::start();
+    let ours = disk(&daemon.images.join("ours.img"), "ours");
+    let outside = disk(&daemon.dir.join("outside/victim.img"), "victim");
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            json!({"name": "vm", "kernel": daemon.counting_guest(), "memory_mib": 32,
+                    "disks": [{"path": ours}], "vsock": {"cid": 7}}),
+        ),
+    );
+    let id = created["id"].as_str().unwrap().to_string();
+    daemon.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/snapshot"),
+        Some(json!({"name": "s"})),
+    );
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"force": true})),
+    );
+
+    // The VM (its uid owns the directory) rewrites its snapshot: its disk is
+    // now a host file outside, its vsock socket a file to be replaced.
+    let victim_socket = daemon.dir.join("outside/not-a-socket");
+    std::fs::write(&victim_socket, b"keep me").unwrap();
+    let snapshot = daemon.state_dir.join(format!("vms/{id}/jail/snapshots/s"));
+    let state_path = snapshot.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    state["machine"]["disks"][0]["path"] = json!(outside);
+    state["machine"]["vsock"]["socket"] = json!(victim_socket);
+    let rewritten = serde_json::to_vec(&state).unwrap();
+    std::fs::write(&state_path, &rewritten).unwrap();
+    let manifest_path = snapshot.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    for file in manifest["files"].as_array_mut().unwrap() {
+        if file["name"] == "state.json" {
+            file["crc32"] = json!(crc32fast::hash(&rewritten));
+            file["bytes"] = json!(rewritten.len());
+        }
+    }
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+
+    let restored = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"restore": "s"})),
+    );
+    assert_eq!(restored["state"], "running", "{restored}");
+    let pid = daemon.pid(&id);
+    assert_confined(&daemon, &id, pid);
+    assert!(holds(pid, &ours), "{:?}", open_files(pid));
+    assert!(!holds(pid, &outside), "{:?}", open_files(pid));
+    assert_eq!(std::fs::read(&victim_socket).unwrap(), b"keep me");
+    assert_eq!(&std::fs::read(&outside).unwrap()[..6], b"victim");
+
+    // A snapshot of another shape is refused with the reason.
+    state["machine"]["rng"] = json!(true);
+    let reshaped = serde_json::to_vec(&state).unwrap();
+    std::fs::write(&state_path, &reshaped).unwrap();
+    for file in manifest["files"].as_array_mut().unwrap() {
+        if file["name"] == "state.json" {
+            file["crc32"] = json!(crc32fast::hash(&reshaped));
+            file["bytes"] = json!(reshaped.len());
+        }
+    }
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"force": true})),
+    );
+    let refused = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"restore": "s"})),
+    );
+    assert!(!refused.status.is_success(), "{}", refused.text);
+    assert!(
+        refused.text.contains("does not fit") && refused.text.contains("entropy"),
+        "{}",
+        refused.text
+    );
+}
+
+#[test]
+fn a_link_swapped_under_a_disk_never_reaches_a_vmm() {
+    let daemon = Daemon::start();
+    let path = daemon.images.join("swap.img");
+    let inside = disk(&daemon.images.join("real.img"), "real");
+    let outside = disk(&daemon.dir.join("outside/victim.img"), "victim");
+    std::fs::copy(&inside, &path).unwrap();
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            json!({"name": "swap", "kernel": daemon.counting_guest(), "memory_mib": 32,
+                    "disks": [{"path": path}]}),
+        ),
+    );
+    let id = created["id"].as_str().unwrap().to_string();
+
+    // Flips `path` between a regular file and a link to the outside file.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, path, outside, inside) =
+            (stop.clone(), path.clone(), outside.clone(), inside.clone());
+        std::thread::spawn(move || {
+            let staged_link = path.with_extension("link");
+            let staged_file = path.with_extension("file");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::remove_file(&staged_link);
+                std::os::unix::fs::symlink(&outside, &staged_link).unwrap();
+                std::fs::rename(&staged_link, &path).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+                let _ = std::fs::remove_file(&staged_file);
+                std::fs::hard_link(&inside, &staged_file).unwrap();
+                std::fs::rename(&staged_file, &path).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let rounds = 60;
+    let (mut started, mut refused) = (0, 0);
+    for _ in 0..rounds {
+        let answer = daemon.call(None, Method::POST, &format!("/v1/vms/{id}/start"), None);
+        if answer.status.is_success() {
+            started += 1;
+            let pid = daemon.pid(&id);
+            assert!(
+                !holds(pid, &outside),
+                "round {started}: {:?}",
+                open_files(pid)
+            );
+            daemon.ok(
+                Method::POST,
+                &format!("/v1/vms/{id}/stop"),
+                Some(json!({"force": true})),
+            );
+        } else {
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text);
+            refused += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    eprintln!("{rounds} starts under a swapping link: {started} started, {refused} refused");
+    assert_eq!(started + refused, rounds);
+    assert_eq!(&std::fs::read(&outside).unwrap()[..6], b"victim");
+}
+
+#[test]
+fn a_disk_belongs_to_its_project_and_has_one_writer() {
+    let daemon = Daemon::start();
+    let alpha = daemon.token("alpha", "operator");
+    let beta = daemon.token("beta", "operator");
+    let kernel = daemon.counting_guest();
+    let shared = disk(&daemon.images.join("alpha.img"), "alpha");
+    let spec = |name: &str, readonly: bool| {
+        json!({"name": name, "kernel": kernel, "memory_mib": 32,
+               "disks": [{"path": shared, "readonly": readonly}]})
+    };
+    let first = daemon.call(
+        Some(&alpha),
+        Method::POST,
+        "/v1/vms",
+        Some(spec("a1", false)),
+    );
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    let first = first.body["id"].as_str().unwrap().to_string();
+    let started = daemon.call(
+        Some(&alpha),
+        Method::POST,
+        &format!("/v1/vms/{first}/start"),
+        None,
+    );
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
+
+    // Another project cannot name it, by its path or by another name.
+    let hard_link = daemon.images.join("also-alpha.img");
+    std::fs::hard_link(&shared, &hard_link).unwrap();
+    for path in [shared.clone(), hard_link] {
+        let mut theirs = spec("b1", false);
+        theirs["disks"][0]["path"] = json!(path);
+        let refused = daemon.call(Some(&beta), Method::POST, "/v1/vms", Some(theirs));
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text);
+        assert_eq!(
+            refused.body["error"]["field"], "disks[0].path",
+            "{}",
+            refused.text
+        );
+        assert!(refused.text.contains("another project"), "{}", refused.text);
+    }
+
+    // In its own project, a second VM cannot open it while the first writes it.
+    let mut waiting = Vec::new();
+    for (name, readonly) in [("a2", false), ("a3", true)] {
+        let second = daemon.call(
+            Some(&alpha),
+            Method::POST,
+            "/v1/vms",
+            Some(spec(name, readonly)),
+        );
+        assert_eq!(second.status, StatusCode::CREATED, "{}", second.text);
+        let second = second.body["id"].as_str().unwrap().to_string();
+        let refused = daemon.call(
+            Some(&alpha),
+            Method::POST,
+            &format!("/v1/vms/{second}/start"),
+            None,
+        );
+        assert!(!refused.status.is_success(), "{}", refused.text);
+        assert!(refused.text.contains("in use"), "{}", refused.text);
+        assert_eq!(daemon.vm(&second)["state"], "stopped");
+        waiting.push(second);
+    }
+    // Once the writer stops, the disk is free again.
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{first}/stop"),
+        Some(json!({"force": true})),
+    );
+    let a3 = &waiting[1];
+    let started = daemon.call(
+        Some(&alpha),
+        Method::POST,
+        &format!("/v1/vms/{a3}/start"),
+        None,
+    );
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
+}
