@@ -143,7 +143,7 @@ fn an_incoming_vmm_is_confined_before_a_peer_speaks_and_builds_its_own_machine()
     assert!(holds(pid, &ours), "{:?}", open_files(pid));
 
     // A peer whose machine names a disk outside every storage directory.
-    let mut peer = Peer::start(&daemon.dir, &kernel, Some(&outside));
+    let peer = Peer::start(&daemon.dir, &kernel, Some(&outside));
     let (migrated, text) = peer.migrate(&uri);
     assert!(migrated, "{text}");
     let running = daemon.wait_state(&id, "running");
