@@ -370,7 +370,18 @@ impl Manager {
                 record.state.name()
             )));
         }
-        let mut answer = self.control(id, &Request::Migrate(options))?;
+        let uri = options.uri.clone();
+        let mut answer = match self.control(id, &Request::Migrate(options)) {
+            Ok(answer) => answer,
+            Err(e) => {
+                // The operator's log says why; the client learns only that it
+                // failed, not what answered at an address it chose.
+                tracing::warn!(vm = id, uri, "migration failed: {e}");
+                return Err(ManagerError::Failed(format!(
+                    "the migration to {uri} did not complete; VM {id} keeps running here"
+                )));
+            }
+        };
         // The source VMM ends once the destination runs the guest.
         self.wait_until_ended(id, Duration::from_secs(30))?;
         Ok(answer["migration"].take())

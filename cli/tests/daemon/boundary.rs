@@ -417,3 +417,56 @@ fn a_disk_belongs_to_its_project_and_has_one_writer() {
     );
     assert_eq!(started.status, StatusCode::OK, "{}", started.text);
 }
+
+#[test]
+fn a_failed_migration_reveals_nothing_and_leaves_the_source_running() {
+    let daemon = Daemon::start();
+    let source = daemon.running_vm("source");
+    let pid = daemon.pid(&source);
+    // Something that is not a Bulkhead destination answers at the address.
+    let impostor = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = impostor.local_addr().unwrap().port();
+    let banner = std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut stream, _)) = impostor.accept() {
+            let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2 secret-banner\r\n");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let failed = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{source}/migrate"),
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    banner.join().unwrap();
+    assert!(!failed.status.is_success(), "{}", failed.text);
+    assert!(
+        failed.text.contains("keeps running here"),
+        "{}",
+        failed.text
+    );
+    for revealing in ["SSH", "secret-banner", "HELLO", "frame", "refused"] {
+        assert!(
+            !failed.text.contains(revealing),
+            "{revealing}: {}",
+            failed.text
+        );
+    }
+    // A name instead of an address is refused before anything is tried.
+    let named = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{source}/migrate"),
+        Some(json!({"uri": format!("tcp:localhost:{port}")})),
+    );
+    assert_eq!(named.status, StatusCode::BAD_REQUEST, "{}", named.text);
+    assert_eq!(named.body["error"]["field"], "uri", "{}", named.text);
+    // Same process, still running.
+    let vm = daemon.vm(&source);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(daemon.pid(&source), pid);
+    let client = daemon.client(None);
+    let mut console = daemon.block_on(client.console(&source, false)).unwrap();
+    count_above(&daemon, &mut console, -1);
+}

@@ -25,19 +25,68 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |source| StateError { what, source }
 }
 
+/// Reads one KVM structure, refusing a blob of any other size: kvm-bindings
+/// alone pads a short one with zeros, and a snapshot or a migration peer
+/// may send anything (a truncated register blob would restore as RIP 0).
+fn exact<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let bytes: Vec<u8> = Vec::deserialize(deserializer)?;
+    from_exact_bytes(&bytes)
+}
+
+fn from_exact_bytes<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+    bytes: &[u8],
+) -> Result<T, E> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != size {
+        let name = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("?");
+        return Err(E::custom(format!(
+            "{name} is {} bytes, it must be {size}",
+            bytes.len()
+        )));
+    }
+    T::deserialize(serde::de::value::BytesDeserializer::<E>::new(bytes))
+}
+
+/// [`exact`] for each element of a list.
+fn exact_each<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let blobs: Vec<Vec<u8>> = Vec::deserialize(deserializer)?;
+    blobs.iter().map(|bytes| from_exact_bytes(bytes)).collect()
+}
+
 /// Everything KVM holds for one vCPU.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
+    #[serde(deserialize_with = "exact_each")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    #[serde(deserialize_with = "exact")]
     pub regs: kvm_regs,
+    #[serde(deserialize_with = "exact")]
     pub sregs: kvm_sregs,
     /// FPU, SSE and AVX state (the legacy FPU area is part of it).
+    #[serde(deserialize_with = "exact")]
     pub xsave: kvm_xsave,
+    #[serde(deserialize_with = "exact")]
     pub xcrs: kvm_xcrs,
+    #[serde(deserialize_with = "exact")]
     pub lapic: kvm_lapic_state,
+    #[serde(deserialize_with = "exact_each")]
     pub msrs: Vec<kvm_msr_entry>,
+    #[serde(deserialize_with = "exact")]
     pub events: kvm_vcpu_events,
+    #[serde(deserialize_with = "exact")]
     pub mp_state: kvm_mp_state,
+    #[serde(deserialize_with = "exact")]
     pub debug_regs: kvm_debugregs,
 }
 
@@ -137,10 +186,15 @@ impl VcpuState {
 /// KVM's in-kernel devices and clock: the PICs, the IOAPIC, the PIT and kvmclock.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
+    #[serde(deserialize_with = "exact")]
     pub pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "exact")]
     pub pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "exact")]
     pub ioapic: kvm_irqchip,
+    #[serde(deserialize_with = "exact")]
     pub pit: kvm_pit_state2,
+    #[serde(deserialize_with = "exact")]
     pub clock: kvm_clock_data,
 }
 
@@ -178,5 +232,67 @@ impl VmState {
         };
         vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vcpu_json() -> serde_json::Value {
+        let state = VcpuState {
+            cpuid: vec![kvm_cpuid_entry2::default()],
+            regs: kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![kvm_msr_entry::default()],
+            events: Default::default(),
+            mp_state: Default::default(),
+            debug_regs: Default::default(),
+        };
+        serde_json::to_value(&state).unwrap()
+    }
+
+    #[test]
+    fn a_whole_state_reads_back() {
+        let state: VcpuState = serde_json::from_value(vcpu_json()).unwrap();
+        assert_eq!(state.regs.rip, 0x1234);
+    }
+
+    #[test]
+    fn a_blob_of_the_wrong_size_is_refused_naming_it() {
+        for (field, nested) in [
+            ("regs", false),
+            ("sregs", false),
+            ("lapic", false),
+            ("cpuid", true),
+            ("msrs", true),
+        ] {
+            for change in [-1i32, 1] {
+                let mut json = vcpu_json();
+                let blob = match nested {
+                    true => &mut json[field][0],
+                    false => &mut json[field],
+                };
+                let bytes = blob.as_array_mut().unwrap();
+                if change < 0 {
+                    bytes.pop();
+                } else {
+                    bytes.push(0.into());
+                }
+                let error = serde_json::from_value::<VcpuState>(json)
+                    .err()
+                    .unwrap_or_else(|| panic!("{field} {change:+} bytes was taken"));
+                assert!(
+                    error.to_string().contains("bytes, it must be"),
+                    "{field}: {error}"
+                );
+            }
+        }
     }
 }
