@@ -400,6 +400,8 @@ pub struct Outcome {
     pub summary_seen: bool,
     pub exit_status: Option<i32>,
     pub l1_boot_secs: Option<f64>,
+    /// L1's kernel said one of its CPUs locked up (it then panics).
+    pub l1_locked_up: bool,
     /// A test whose result has not been printed yet (a message may have
     /// come between its name and its result).
     pending: Option<String>,
@@ -428,6 +430,9 @@ impl Outcome {
         if line.starts_with("test result: ") {
             self.summary_seen = true;
         }
+        if line.contains("watchdog: BUG: soft lockup") {
+            self.l1_locked_up = true;
+        }
         if let Some(code) = line.strip_prefix("l1: tests exited with ") {
             self.exit_status = code.trim().parse().ok();
         }
@@ -443,6 +448,10 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
     let log_dir = workspace_root().join("target/hwkvm");
     fs::create_dir_all(&log_dir)?;
     let log_path = log_dir.join("l1-console.log");
+    // A first L1 that locked up keeps its log for whoever reads the second's.
+    if log_path.exists() {
+        fs::rename(&log_path, log_dir.join("l1-console.previous.log"))?;
+    }
     let mut log = fs::File::create(&log_path)?;
     // loglevel=1: L1's kernel messages (kvm_amd warns of every unhandled
     // MSR) would interleave with the test results.
@@ -521,10 +530,17 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
         );
     }
     if !outcome.summary_seen || outcome.exit_status.is_none() {
-        bail!(
+        let why = format!(
             "hwkvm: L1 ended without the tests' summary (console log: {})",
             log_path.display()
         );
+        // softlockup_panic: L1's own kernel locked up, not a test's verdict.
+        if outcome.l1_locked_up {
+            return Err(anyhow::Error::new(L1Stalled(format!(
+                "{why}: L1's kernel reported a soft lockup"
+            ))));
+        }
+        bail!(why);
     }
     Ok(outcome)
 }
@@ -555,5 +571,16 @@ mod tests {
         assert!(outcome.summary_seen);
         assert_eq!(outcome.exit_status, Some(101));
         assert_eq!(outcome.l1_boot_secs, Some(6.93));
+        assert!(!outcome.l1_locked_up);
+    }
+
+    #[test]
+    fn a_soft_lockup_of_l1_is_seen_even_inside_a_test_line() {
+        let mut outcome = Outcome::default();
+        outcome.observe(
+            "test smp ... [   52.676058] watchdog: BUG: soft lockup - CPU#1 stuck for 27s! [vcpu0:164]",
+        );
+        assert!(outcome.l1_locked_up);
+        assert!(outcome.failed.is_empty());
     }
 }

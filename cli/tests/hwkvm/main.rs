@@ -91,9 +91,11 @@ fn stock_kernel_poweroff_without_acpi() {
 #[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
 fn smp_user_space_runs_on_every_cpu() {
     let dir = TempDir::new("hwkvm-smp");
-    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "3".into()], &dir.0);
-    assert_eq!(vm.sh("nproc").trim(), "3");
-    for cpu in 0..3 {
+    // Two, as many as L1 has: a nested guest with more vCPUs than L1 has
+    // CPUs made L1's kvm_amd lock up under QEMU TCG.
+    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "2".into()], &dir.0);
+    assert_eq!(vm.sh("nproc").trim(), "2");
+    for cpu in 0..2 {
         // Field 39 of /proc/self/stat: the CPU the process last ran on.
         let ran_on = vm.sh(&format!(
             "taskset -c {cpu} sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; cut -d\" \" -f39 /proc/self/stat'"
