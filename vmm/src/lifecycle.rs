@@ -126,6 +126,7 @@ impl VmCore {
                 .map(|slot| lock(&slot.transport).save())
                 .collect(),
             pm1: lock(&self.pm1).save(),
+            i8042: Some(lock(&self.keyboard).save()),
         })
     }
 

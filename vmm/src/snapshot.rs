@@ -53,6 +53,10 @@ pub struct SavedVm {
     pub devices: Vec<TransportState>,
     /// The ACPI PM1 block (event and control registers).
     pub pm1: SavedPm1,
+    /// The keyboard controller. Absent in snapshots before it was saved:
+    /// those restore with a controller as at power-on.
+    #[serde(default)]
+    pub i8042: Option<crate::devices::legacy::i8042::SavedI8042>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]

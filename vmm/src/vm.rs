@@ -248,7 +248,13 @@ impl Hardware {
         vm_fd
             .register_irqfd(&keyboard_irq, layout::irq::KEYBOARD)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let keyboard = Arc::new(Mutex::new(I8042::new(exit.clone(), keyboard_irq)));
+        let keyboard = match saved.and_then(|saved| saved.i8042.as_ref()) {
+            Some(state) => {
+                I8042::from_saved(exit.clone(), keyboard_irq, state).map_err(VmError::State)?
+            }
+            None => I8042::new(exit.clone(), keyboard_irq),
+        };
+        let keyboard = Arc::new(Mutex::new(keyboard));
         let pm1 = Arc::new(Mutex::new(match saved {
             Some(saved) => Pm1::from_saved(exit.clone(), sci_line(vm_fd.clone()), &saved.pm1),
             None => Pm1::new(exit.clone(), sci_line(vm_fd.clone())),

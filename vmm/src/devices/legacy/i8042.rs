@@ -71,6 +71,21 @@ const CTRL_ALT_DEL_SET2: &[u8] = &[
 const DATA: u64 = 0;
 const COMMAND: u64 = 4;
 
+/// What a snapshot or migration keeps of the controller.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedI8042 {
+    pub ctr: u8,
+    pub status: u8,
+    /// Bytes the guest has not read yet (at most a few dozen).
+    pub output: Vec<u8>,
+    pub controller_argument: Option<u8>,
+    pub keyboard_argument: Option<u8>,
+}
+
+/// More than the controller ever queues; a longer saved buffer is hostile.
+const MAX_SAVED_OUTPUT: usize = 64;
+
 pub struct I8042 {
     exit: Arc<ExitSignal>,
     /// IRQ 1, raised for each byte the keyboard puts in the output buffer.
@@ -94,6 +109,38 @@ impl I8042 {
             output: VecDeque::new(),
             controller_argument: None,
             keyboard_argument: None,
+        }
+    }
+
+    /// A controller in the `saved` state, checked as hostile input.
+    pub fn from_saved(
+        exit: Arc<ExitSignal>,
+        irq: EventFd,
+        saved: &SavedI8042,
+    ) -> Result<Self, String> {
+        if saved.output.len() > MAX_SAVED_OUTPUT {
+            return Err(format!(
+                "the i8042 state holds {} output bytes, at most {MAX_SAVED_OUTPUT} fit",
+                saved.output.len()
+            ));
+        }
+        let mut i8042 = I8042::new(exit, irq);
+        i8042.ctr = saved.ctr;
+        // The status bits the controller derives are derived again.
+        i8042.status = (saved.status & !STATUS_OUTPUT_FULL) | STATUS_UNLOCKED;
+        i8042.output = saved.output.iter().copied().collect();
+        i8042.controller_argument = saved.controller_argument;
+        i8042.keyboard_argument = saved.keyboard_argument;
+        Ok(i8042)
+    }
+
+    pub fn save(&self) -> SavedI8042 {
+        SavedI8042 {
+            ctr: self.ctr,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            controller_argument: self.controller_argument,
+            keyboard_argument: self.keyboard_argument,
         }
     }
 
@@ -259,6 +306,60 @@ mod tests {
             bytes.push(read(device, DATA));
         }
         bytes
+    }
+
+    #[test]
+    fn a_saved_controller_comes_back_as_it_was() {
+        let (mut i8042, _) = device();
+        // The guest turns translation off and has a command half-written.
+        i8042.write(COMMAND, &[CMD_WRITE_CTR]);
+        i8042.write(DATA, &[CTR_KEYBOARD_INTERRUPT | CTR_SYSTEM_FLAG]);
+        i8042.write(COMMAND, &[CMD_READ_CTR]);
+        i8042.write(COMMAND, &[CMD_WRITE_CTR]);
+        let saved = i8042.save();
+        let mut restored = I8042::from_saved(
+            Arc::new(ExitSignal::new().unwrap()),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(restored.save(), saved);
+        // The unread reply is still there, the pending command still waits.
+        assert_eq!(
+            drain(&mut restored),
+            [CTR_KEYBOARD_INTERRUPT | CTR_SYSTEM_FLAG]
+        );
+        restored.write(DATA, &[CTR_TRANSLATE]);
+        restored.write(COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(drain(&mut restored), [CTR_TRANSLATE]);
+        // Without translation, Ctrl-Alt-Del comes in set 2, as before the save.
+        let mut fresh = I8042::from_saved(
+            Arc::new(ExitSignal::new().unwrap()),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            &SavedI8042 {
+                ctr: CTR_KEYBOARD_INTERRUPT,
+                ..saved.clone()
+            },
+        )
+        .unwrap();
+        drain(&mut fresh);
+        fresh.press_ctrl_alt_del();
+        assert_eq!(drain(&mut fresh), CTRL_ALT_DEL_SET2);
+    }
+
+    #[test]
+    fn a_saved_output_buffer_longer_than_the_controller_keeps_is_refused() {
+        let (i8042, _) = device();
+        let mut saved = i8042.save();
+        saved.output = vec![0; MAX_SAVED_OUTPUT + 1];
+        let error = I8042::from_saved(
+            Arc::new(ExitSignal::new().unwrap()),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            &saved,
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("output bytes"), "{error}");
     }
 
     #[test]
