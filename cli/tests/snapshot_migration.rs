@@ -764,3 +764,82 @@ fn a_destination_refuses_another_protocol_version() {
     assert!(output.is_empty());
     assert!(stderr.contains("refused the source"), "{stderr}");
 }
+
+/// The snapshot of format version 2 that every later Bulkhead must restore:
+/// written once (by `write_the_snapshot_fixture`), checked in, never rewritten.
+/// Memory is gzipped (the guest's 4 MiB are mostly zeros).
+const FIXTURE_V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/snapshot-v2");
+
+#[test]
+#[ignore = "writes the checked-in fixture of a new format version; run by hand once"]
+fn write_the_snapshot_fixture() {
+    let fixture = PathBuf::from(FIXTURE_V2);
+    assert!(
+        !fixture.exists(),
+        "{} exists: a fixture is never rewritten",
+        fixture.display()
+    );
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: 64,
+        ..Default::default()
+    });
+    let source = Vmm::boot(&guest, 4);
+    source.wait_for_count(5);
+    let snapshot = unique("fixture");
+    source.ctl_ok(&["snapshot", snapshot.to_str().unwrap()]);
+    let printed = counts(&source.kill(), false);
+    std::fs::create_dir_all(&fixture).unwrap();
+    for name in ["state.json", "manifest.json"] {
+        std::fs::copy(snapshot.join(name), fixture.join(name)).unwrap();
+    }
+    let memory = std::fs::read(snapshot.join("memory")).unwrap();
+    let mut gzip = flate2::write::GzEncoder::new(
+        std::fs::File::create(fixture.join("memory.gz")).unwrap(),
+        flate2::Compression::best(),
+    );
+    std::io::Write::write_all(&mut gzip, &memory).unwrap();
+    gzip.finish().unwrap();
+    // What the guest had printed by then: the restored one goes on from there.
+    std::fs::write(
+        fixture.join("printed-before.json"),
+        serde_json::to_string(&printed).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_checked_in_snapshot_of_format_version_2_restores() {
+    let fixture = PathBuf::from(FIXTURE_V2);
+    let snapshot = unique("fixture-v2");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for name in ["state.json", "manifest.json"] {
+        std::fs::copy(fixture.join(name), snapshot.join(name)).unwrap();
+    }
+    let mut memory = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(fixture.join("memory.gz")).unwrap())
+        .read_to_end(&mut memory)
+        .unwrap();
+    std::fs::write(snapshot.join("memory"), memory).unwrap();
+    let printed: Vec<u64> = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("printed-before.json")).unwrap(),
+    )
+    .unwrap();
+
+    let restored = Vmm::start(&[
+        "--restore".as_ref(),
+        snapshot.as_os_str(),
+        "--verify-memory".as_ref(),
+    ]);
+    restored.wait_for_count(1);
+    let first = restored.count().unwrap();
+    restored.wait_for_count(first + 5);
+    let after = counts(&restored.kill(), true);
+    assert_consecutive(&after, "the restored fixture");
+    // It goes on from where the guest was when the fixture was written.
+    let last_printed = *printed.last().unwrap();
+    assert!(
+        after[0] >= last_printed && after[0] <= last_printed + 2,
+        "resumed at {}, the fixture's guest had printed up to {last_printed}",
+        after[0]
+    );
+}

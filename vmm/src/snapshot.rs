@@ -29,9 +29,22 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 pub const FORMAT: &str = "bulkhead-snapshot";
-/// Bumped whenever the state file's meaning changes; other versions are refused.
+/// The format this Bulkhead writes.
+///
+/// Compatibility rules: a snapshot of any version from [`MIN_READABLE_VERSION`]
+/// to [`VERSION`] restores. A field added to the state carries a serde default
+/// (a missing field means "as at power-on", as `i8042` does) and does not
+/// change the version. The version is bumped when a field changes meaning;
+/// [`MIN_READABLE_VERSION`] is raised only when the old meaning cannot be
+/// read any more, which breaks every older snapshot and is said in the
+/// release notes. `cli/tests/fixtures/` holds a snapshot of each readable
+/// version, written once by the Bulkhead of its time, that every later one
+/// must restore.
+///
 /// 2: the full ACPI platform (PM1 block), virtio IRQs without 9 (the SCI's).
 pub const VERSION: u32 = 2;
+/// The oldest format this Bulkhead restores (1 had another interrupt layout).
+pub const MIN_READABLE_VERSION: u32 = 2;
 pub const MEMORY_FILE: &str = "memory";
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -313,11 +326,12 @@ pub fn read(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
             format!("format {:?}, expected {FORMAT:?}", manifest.format),
         ));
     }
-    if manifest.version != VERSION {
+    if !(MIN_READABLE_VERSION..=VERSION).contains(&manifest.version) {
         return Err(invalid(
             &manifest_path,
             format!(
-                "snapshot format version {}, this Bulkhead reads version {VERSION}",
+                "snapshot format version {}, this Bulkhead reads versions \
+                 {MIN_READABLE_VERSION} to {VERSION}",
                 manifest.version
             ),
         ));

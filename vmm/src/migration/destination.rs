@@ -121,12 +121,14 @@ impl Incoming {
                 return Err(e.into());
             }
         };
-        if hello.format != protocol::FORMAT || hello.version != protocol::VERSION {
+        let accepted = protocol::MIN_ACCEPTED_VERSION..=protocol::VERSION;
+        if hello.format != protocol::FORMAT || !accepted.contains(&hello.version) {
             let why = format!(
-                "{} version {} offered, this Bulkhead takes {} version {}",
+                "{} version {} offered, this Bulkhead takes {} versions {} to {}",
                 hello.format,
                 hello.version,
                 protocol::FORMAT,
+                protocol::MIN_ACCEPTED_VERSION,
                 protocol::VERSION
             );
             refuse(stream.as_mut(), Tag::Refuse, &why);

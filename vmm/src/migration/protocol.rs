@@ -14,9 +14,13 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::io::{Read, Write};
 
 pub const FORMAT: &str = "bulkhead-migration";
-/// Bumped whenever a frame's meaning changes; a destination refuses others.
+/// The version this Bulkhead speaks. A destination takes any source from
+/// [`MIN_ACCEPTED_VERSION`] to [`VERSION`] (the state follows the snapshot's
+/// rules: added fields have defaults); it is bumped when a frame changes meaning.
 /// 2: the full ACPI platform (PM1 block in the state), virtio IRQs without 9.
 pub const VERSION: u32 = 2;
+/// The oldest source a destination accepts.
+pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
 pub const MAX_FRAME: u32 = 64 << 20;
 
