@@ -250,6 +250,32 @@ mod tests {
     }
 
     #[test]
+    fn machines_without_the_optional_devices_fit_each_other() {
+        let mut bare = machine();
+        bare.vsock = None;
+        bare.balloon = None;
+        check_same_shape("the snapshot", &bare, &bare.clone()).unwrap();
+    }
+
+    #[test]
+    fn a_read_only_disk_may_come_read_only_and_a_writable_one_read_write() {
+        let mut m = machine();
+        m.nets.clear();
+        m.vsock = None;
+        let file = tempfile_in_tmp("modes");
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(rw))).unwrap();
+        m.disks[0].read_only = true;
+        let ro = File::open(&file).unwrap();
+        DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(ro))).unwrap();
+        let _ = std::fs::remove_file(file);
+    }
+
+    #[test]
     fn the_guest_keeps_its_command_line_and_macs() {
         let ours = machine();
         let mut saved = machine();
@@ -293,7 +319,7 @@ mod tests {
             .unwrap_err();
         assert!(error.to_string().contains("not a regular file"), "{error}");
         // A writable disk passed read-only.
-        let file = tempfile_in_tmp();
+        let file = tempfile_in_tmp("kinds");
         let read_only = File::open(&file).unwrap();
         let error =
             DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(read_only)))
@@ -315,8 +341,9 @@ mod tests {
         let _ = std::fs::remove_file(file);
     }
 
-    fn tempfile_in_tmp() -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("bulkhead-backing-{}", std::process::id()));
+    fn tempfile_in_tmp(name: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("bulkhead-backing-{}-{name}", std::process::id()));
         std::fs::write(&path, [0u8; 512]).unwrap();
         path
     }

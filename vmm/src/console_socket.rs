@@ -271,6 +271,37 @@ mod tests {
     }
 
     #[test]
+    fn a_client_reads_the_live_stream_while_the_vm_runs() {
+        let hub = ConsoleHub::new();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        hub.add_client(ours);
+        let mut writer = hub.writer();
+        writer.write_all(b"now").unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = [0u8; 3];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"now");
+        // The hub and its writer are still alive: nothing waited for the end.
+        drop(writer);
+    }
+
+    #[test]
+    fn a_client_may_fall_exactly_the_queue_behind_and_not_a_byte_more() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let queue = ClientQueue {
+            stream: ours,
+            pending: Mutex::new(Pending::default()),
+            ready: Condvar::new(),
+        };
+        assert!(queue.push(&vec![b'x'; CLIENT_QUEUE_BYTES - 1]));
+        assert!(queue.push(b"y"));
+        assert!(!queue.push(b"z"));
+        assert!(lock(&queue.pending).finished);
+    }
+
+    #[test]
     fn a_client_busy_elsewhere_gets_every_byte_of_a_burst_of_single_byte_writes() {
         // The guest prints a byte per exit. Sent one `send` each, a burst of a
         // few hundred overflowed a socket whose reader was briefly not
