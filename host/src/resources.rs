@@ -106,7 +106,6 @@ pub fn open_beneath(
         let error = std::io::Error::last_os_error();
         let why = match error.raw_os_error() {
             Some(libc::ELOOP) => "a symbolic link is on the way (links are not followed)".into(),
-            Some(libc::EXDEV) => "it leads outside the directory".into(),
             _ => error.to_string(),
         };
         return Err(ResourceError::Open {
@@ -283,9 +282,13 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         std::fs::create_dir(allowed.0.join("d")).unwrap();
         let roots = [allowed.0.clone()];
-        for name in ["fifo", "d"] {
-            let error = open_beneath("disk", &allowed.0.join(name), &roots, Access::ExclusiveDisk)
-                .unwrap_err();
+        // Read-only: opening a FIFO for reading would wait for a writer.
+        for (name, access) in [
+            ("fifo", Access::Read),
+            ("fifo", Access::ExclusiveDisk),
+            ("d", Access::Read),
+        ] {
+            let error = open_beneath("disk", &allowed.0.join(name), &roots, access).unwrap_err();
             assert!(
                 matches!(
                     error,
@@ -294,6 +297,35 @@ mod tests {
                 "{name}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn a_writable_disk_opens_for_writing_and_a_read_only_one_does_not() {
+        use std::io::Write;
+        let (allowed, _outside) = dirs("modes");
+        let path = allowed.0.join("disk.img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let roots = [allowed.0.clone()];
+        let mut writable = open_beneath("disks[0]", &path, &roots, Access::ExclusiveDisk).unwrap();
+        writable.write_all(b"written").unwrap();
+        drop(writable);
+        let mut read_only = open_beneath("disks[0]", &path, &roots, Access::SharedDisk).unwrap();
+        assert!(read_only.write_all(b"x").is_err());
+        assert_eq!(&std::fs::read(&path).unwrap()[..7], b"written");
+    }
+
+    #[test]
+    fn a_socket_replaces_a_leftover_socket_but_no_other_file() {
+        let (allowed, _outside) = dirs("sockets");
+        let path = allowed.0.join("vsock.sock");
+        let first = bind_socket(&path).unwrap();
+        drop(first);
+        // The file of a socket nobody listens on any more.
+        let _second = bind_socket(&path).unwrap();
+        let file = allowed.0.join("a-file");
+        std::fs::write(&file, b"keep").unwrap();
+        assert!(bind_socket(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
     }
 
     #[test]
