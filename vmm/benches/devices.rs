@@ -82,12 +82,9 @@ fn run_guest(config: &VmConfig) -> (Duration, vmm::VmReport) {
 /// vanish with it; threads it starts share it).
 fn in_own_network_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        // SAFETY: unshare on this thread only.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "needs root"
-        );
+        // SAFETY: unshare on this thread only; it takes flags only.
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(unshared, 0, "needs root");
         f()
     })
     .join()

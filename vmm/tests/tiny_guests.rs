@@ -308,11 +308,8 @@ fn virtio_blk_serves_a_tiny_guest_driver() {
 fn virtio_net_carries_a_tiny_guest_frames_to_the_tap() {
     let outcome = std::thread::spawn(|| {
         // SAFETY: unshare on this thread only; the VM's threads inherit it.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "needs root"
-        );
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(unshared, 0, "needs root");
         let workload = guests::NetWorkload {
             frames: 64,
             frame_bytes: 60,
@@ -457,11 +454,8 @@ fn virtio_net_delivers_frames_from_the_tap_to_a_tiny_guest() {
     use std::sync::Arc;
     let outcome = std::thread::spawn(|| {
         // SAFETY: unshare on this thread only; the VM's threads inherit it.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "needs root"
-        );
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(unshared, 0, "needs root");
         let mut config = config_for("virtio_net", guests::net_receive_workload(200).unwrap());
         config.nets.push(vmm::config::NetConfig {
             tap: "tinynet1".into(),

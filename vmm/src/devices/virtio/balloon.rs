@@ -583,16 +583,14 @@ mod tests {
         let host = memory.get_host_address(GuestAddress(addr)).unwrap();
         let mut vector = vec![0u8; pages as usize];
         // SAFETY: the range is inside the test's guest memory; one byte per page.
-        assert_eq!(
-            unsafe {
-                libc::mincore(
-                    host.cast(),
-                    (pages * PAGE_SIZE) as usize,
-                    vector.as_mut_ptr(),
-                )
-            },
-            0
-        );
+        let rc = unsafe {
+            libc::mincore(
+                host.cast(),
+                (pages * PAGE_SIZE) as usize,
+                vector.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
         vector.iter().filter(|&&b| b & 1 != 0).count() as u64
     }
 
