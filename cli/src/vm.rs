@@ -97,7 +97,7 @@ struct CreateArgs {
     /// Memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
-    /// path=FILE[,readonly]; repeat for more.
+    /// path=FILE[,readonly|ro]; repeat for more.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
     /// tap=NAME[,mac=MAC]; repeat for more.
@@ -140,6 +140,14 @@ enum TokenAction {
     },
 }
 
+/// The file a path given here names, as the daemon wants it: absolute, with
+/// links and `..` resolved here, in the user's own view (the daemon follows
+/// neither). A path that does not exist is sent as given, for the daemon to refuse.
+fn host_path(path: impl AsRef<std::path::Path>) -> std::io::Result<std::path::PathBuf> {
+    let path = path.as_ref();
+    path.canonicalize().or_else(|_| std::path::absolute(path))
+}
+
 /// `key=value,flag` items of --disk and --net.
 fn items(text: &str) -> Vec<(&str, Option<&str>)> {
     text.split(',')
@@ -154,9 +162,9 @@ fn disk_json(text: &str) -> anyhow::Result<Value> {
     let mut disk = json!({});
     for (key, value) in items(text) {
         match (key, value) {
-            ("path", Some(path)) => disk["path"] = json!(std::path::absolute(path)?),
-            ("readonly", None) => disk["readonly"] = json!(true),
-            _ => bail!("--disk: unknown item '{key}' (expected path=FILE[,readonly])"),
+            ("path", Some(path)) => disk["path"] = json!(host_path(path)?),
+            ("readonly" | "ro", None) => disk["readonly"] = json!(true),
+            _ => bail!("--disk: unknown item '{key}' (expected path=FILE[,readonly|ro])"),
         }
     }
     Ok(disk)
@@ -253,10 +261,10 @@ pub fn vm(args: VmArgs) -> anyhow::Result<i32> {
                     "name": create.name, "cpus": create.cpus, "memory_mib": create.memory,
                 });
                 if let Some(kernel) = &create.kernel {
-                    spec["kernel"] = json!(std::path::absolute(kernel)?);
+                    spec["kernel"] = json!(host_path(kernel)?);
                 }
                 if let Some(initrd) = &create.initrd {
-                    spec["initrd"] = json!(std::path::absolute(initrd)?);
+                    spec["initrd"] = json!(host_path(initrd)?);
                 }
                 if let Some(cmdline) = &create.cmdline {
                     spec["cmdline"] = json!(cmdline);
@@ -426,4 +434,32 @@ pub fn token(args: TokenArgs) -> anyhow::Result<i32> {
         }
         Ok(0)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_takes_readonly_or_ro_and_nothing_else() {
+        for text in ["path=/srv/d.img,readonly", "path=/srv/d.img,ro"] {
+            assert_eq!(disk_json(text).unwrap()["readonly"], true, "{text}");
+        }
+        assert!(disk_json("path=/srv/d.img,rw").is_err());
+    }
+
+    #[test]
+    fn paths_are_sent_as_the_files_they_name() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-vm-cli-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let file = dir.join("disk.img");
+        std::fs::write(&file, b"x").unwrap();
+        std::os::unix::fs::symlink(&file, dir.join("link")).unwrap();
+        let real = file.canonicalize().unwrap();
+        assert_eq!(host_path(dir.join("link")).unwrap(), real);
+        assert_eq!(host_path(dir.join("sub/../disk.img")).unwrap(), real);
+        // A missing file goes as given, made absolute, for the daemon to refuse.
+        assert_eq!(host_path(dir.join("missing")).unwrap(), dir.join("missing"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
