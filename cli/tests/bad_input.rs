@@ -197,9 +197,12 @@ fn waiting_for_a_migration_on_a_bad_address() {
         &line,
         &[
             "bad migration URI \"ftp:somewhere\"",
-            "tcp:HOST:PORT or unix:PATH",
+            "tcp:IP:PORT (an address, not a name) or unix:PATH",
         ],
     );
+    // A name is never looked up.
+    let line = run_fails(&["--incoming", "tcp:localhost:4444"]);
+    assert_names(&line, &["bad migration URI \"tcp:localhost:4444\""]);
     let line = run_fails(&["--incoming", "unix:/nonexistent/migration.sock"]);
     assert_names(
         &line,
