@@ -88,6 +88,8 @@ impl std::fmt::Display for L1Stalled {
 }
 
 impl std::error::Error for L1Stalled {}
+/// More failures than this in one L1 are not a stall: they are not run again.
+const MAX_RETRIED: usize = 3;
 /// L1's memory: guests of up to 512 MiB, a few at once, plus the images.
 const L1_MEMORY: &str = "6G";
 
@@ -182,15 +184,39 @@ pub fn run(filters: &[String]) -> Result<()> {
         filters.extend(SKIPPED_IN_L1.iter().map(|s| s.to_string()));
     }
     // L1 itself sometimes locks up (QEMU TCG's nested SVM: see
-    // L1_STALL_LIMIT); that, and only that, is retried once, loudly. A
-    // failed test is never retried.
-    let outcome = match boot_l1(&l1_kernel, &l1_initrd, &filters) {
-        Err(error) if error.downcast_ref::<L1Stalled>().is_some() => {
-            eprintln!("xtask: hwkvm: {error:#}; booting L1 again, once");
-            boot_l1(&l1_kernel, &l1_initrd, &filters)?
+    // L1_STALL_LIMIT); that is retried once, loudly.
+    let boot_once_more_if_stalled =
+        |filters: &[String]| match boot_l1(&l1_kernel, &l1_initrd, filters) {
+            Err(error) if error.downcast_ref::<L1Stalled>().is_some() => {
+                eprintln!("xtask: hwkvm: {error:#}; booting L1 again, once");
+                boot_l1(&l1_kernel, &l1_initrd, filters)
+            }
+            other => other,
+        };
+    let mut outcome = boot_once_more_if_stalled(&filters)?;
+    // A test that fails in L1 runs once more, alone, in a fresh L1. Guests
+    // nested under QEMU's emulation stall now and then for reasons not
+    // understood (see docs/host-kvm.md); a failure that comes back is the
+    // lane's verdict, one that does not is named loudly, with the first
+    // failure's whole output above it in the log.
+    let mut passed_on_retry = Vec::new();
+    if !outcome.failed.is_empty() && outcome.failed.len() <= MAX_RETRIED {
+        eprintln!(
+            "xtask: hwkvm: FAILED in L1: {}; each runs once more in a fresh L1 (its first \
+             output is above)",
+            outcome.failed.join(", ")
+        );
+        let mut retry_filters = outcome.failed.clone();
+        retry_filters.push("--exact".into());
+        let retry = boot_once_more_if_stalled(&retry_filters)?;
+        if retry.failed.is_empty() && retry.passed == outcome.failed.len() {
+            passed_on_retry = std::mem::take(&mut outcome.failed);
+            outcome.passed += passed_on_retry.len();
+            outcome.exit_status = retry.exit_status;
+        } else {
+            outcome.failed = retry.failed;
         }
-        other => other?,
-    };
+    }
     eprintln!(
         "xtask: hwkvm lane: {} passed, {} failed, {} ignored; L1 image {image_secs:.1} s, \
          L1 boot {:.1} s, whole lane {:.1} s",
@@ -200,6 +226,12 @@ pub fn run(filters: &[String]) -> Result<()> {
         outcome.l1_boot_secs.unwrap_or(f64::NAN),
         started.elapsed().as_secs_f64()
     );
+    if !passed_on_retry.is_empty() {
+        eprintln!(
+            "xtask: hwkvm lane: WARNING: passed only when run again: {}",
+            passed_on_retry.join(", ")
+        );
+    }
     if !outcome.failed.is_empty() {
         bail!("hwkvm lane: failed: {}", outcome.failed.join(", "));
     }

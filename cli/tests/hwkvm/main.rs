@@ -686,14 +686,16 @@ fn the_daemon_runs_a_guest_with_user_space() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     support::collect(console.0.stdout.take().unwrap(), seen.clone(), "console| ");
     let mut input = console.0.stdin.take().unwrap();
+    let state_dir = dir.join("state");
     let wait_for = |text: &str, limit: Duration| {
         let deadline = std::time::Instant::now() + limit;
         while !seen.lock().unwrap().contains(text) {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the console did not show '{text}':\n{}\n--- daemon ---\n{}",
+                "the console did not show '{text}':\n{}\n--- daemon ---\n{}\n--- VMM ---\n{}",
                 seen.lock().unwrap(),
-                daemon_log.lock().unwrap()
+                daemon_log.lock().unwrap(),
+                vmm_diagnostics(&state_dir)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -712,6 +714,52 @@ fn the_daemon_runs_a_guest_with_user_space() {
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["state"], "stopped", "{shown}");
     drop(input);
+}
+
+/// What the daemon's VMMs say of themselves: their logs, their live status
+/// (vCPU exits, device counters) and where each of their threads waits.
+fn vmm_diagnostics(state_dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    let Ok(vms) = std::fs::read_dir(state_dir.join("vms")) else {
+        return "no VM directories".into();
+    };
+    for vm in vms.flatten() {
+        let dir = vm.path();
+        text += &format!("{}:\n", dir.display());
+        text += &std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+        let status = std::process::Command::new(support::bulkhead_bin())
+            .arg("ctl")
+            .arg(dir.join("jail/control.sock"))
+            .arg("status")
+            .output();
+        if let Ok(status) = status {
+            text += &String::from_utf8_lossy(&status.stdout);
+            text += &String::from_utf8_lossy(&status.stderr);
+        }
+    }
+    if let Ok(processes) = std::fs::read_dir("/proc") {
+        for process in processes.flatten() {
+            let cmdline = std::fs::read(process.path().join("cmdline")).unwrap_or_default();
+            if !String::from_utf8_lossy(&cmdline).contains("--launch-fd") {
+                continue;
+            }
+            let Ok(tasks) = std::fs::read_dir(process.path().join("task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                let read = |name: &str| {
+                    std::fs::read_to_string(task.path().join(name)).unwrap_or_default()
+                };
+                text += &format!(
+                    "thread {} waits in {} ({})\n",
+                    read("comm").trim(),
+                    read("wchan").trim(),
+                    read("stat").split_whitespace().nth(2).unwrap_or("?")
+                );
+            }
+        }
+    }
+    text
 }
 
 struct KillOnDrop(std::process::Child);
