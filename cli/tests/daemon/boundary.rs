@@ -44,6 +44,23 @@ fn assert_confined(daemon: &Daemon, id: &str, pid: u32) {
     assert_eq!(status_field(pid, "Seccomp"), "2");
 }
 
+/// Replaces a snapshot's state as its VM could: the manifest's checksum and
+/// size recomputed, so only the content says it was tampered with.
+fn write_state(snapshot: &Path, state: &serde_json::Value) {
+    let bytes = serde_json::to_vec(state).unwrap();
+    std::fs::write(snapshot.join("state.json"), &bytes).unwrap();
+    let manifest_path = snapshot.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    for file in manifest["files"].as_array_mut().unwrap() {
+        if file["name"] == "state.json" {
+            file["crc32"] = json!(crc32fast::hash(&bytes));
+            file["bytes"] = json!(bytes.len());
+        }
+    }
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -215,18 +232,7 @@ fn a_restore_rebuilds_the_daemons_machine_whatever_the_snapshot_says() {
         serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
     state["machine"]["disks"][0]["path"] = json!(outside);
     state["machine"]["vsock"]["socket"] = json!(victim_socket);
-    let rewritten = serde_json::to_vec(&state).unwrap();
-    std::fs::write(&state_path, &rewritten).unwrap();
-    let manifest_path = snapshot.join("manifest.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
-    for file in manifest["files"].as_array_mut().unwrap() {
-        if file["name"] == "state.json" {
-            file["crc32"] = json!(crc32fast::hash(&rewritten));
-            file["bytes"] = json!(rewritten.len());
-        }
-    }
-    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    write_state(&snapshot, &state);
 
     let restored = daemon.ok(
         Method::POST,
@@ -243,15 +249,7 @@ fn a_restore_rebuilds_the_daemons_machine_whatever_the_snapshot_says() {
 
     // A snapshot of another shape is refused with the reason.
     state["machine"]["rng"] = json!(true);
-    let reshaped = serde_json::to_vec(&state).unwrap();
-    std::fs::write(&state_path, &reshaped).unwrap();
-    for file in manifest["files"].as_array_mut().unwrap() {
-        if file["name"] == "state.json" {
-            file["crc32"] = json!(crc32fast::hash(&reshaped));
-            file["bytes"] = json!(reshaped.len());
-        }
-    }
-    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    write_state(&snapshot, &state);
     daemon.ok(
         Method::POST,
         &format!("/v1/vms/{id}/stop"),
