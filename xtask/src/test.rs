@@ -64,6 +64,14 @@ pub fn main(args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
 
+    // The lane before the host's own tests: run after them in CI it failed
+    // 3 times of 3; run alone it passed every time (why is not known; see
+    // docs/host-kvm.md).
+    if lane == Lane::All {
+        step("hardware-KVM lane (tests with guest user space)");
+        crate::hwkvm::run(&[])?;
+    }
+
     step("cargo test");
     // Tests that boot Linux need the images: with this set they fail instead
     // of skipping when the images are missing.
@@ -74,11 +82,6 @@ pub fn main(args: &[String]) -> Result<()> {
             .env("BULKHEAD_REQUIRE_IMAGES", "1")
             .args(["test", "--workspace", "--release"]),
     )?;
-
-    if lane == Lane::All {
-        step("hardware-KVM lane (tests with guest user space)");
-        crate::hwkvm::run(&[])?;
-    }
 
     step("host API property tests (schemathesis)");
     crate::api_fuzz::run(&root)?;
