@@ -74,8 +74,12 @@ fn linux_runs_under_the_daemon_and_shuts_down_when_asked() {
         "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 \
          ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"
     );
+    // One vCPU: on this host's kvm_pvm a two-vCPU Linux guest stalls now and
+    // then under load (seen 2026-12-01 with the binaries of before and after
+    // the descriptor launch; docs/host-kvm.md). SMP is tested by the Linux
+    // boot tests and by the hardware-KVM lane.
     let spec = json!({
-        "name": "linux", "kernel": kernel_copy, "cmdline": cmdline, "cpus": 2, "memory_mib": 256,
+        "name": "linux", "kernel": kernel_copy, "cmdline": cmdline, "cpus": 1, "memory_mib": 256,
         "disks": [{"path": root}], "nics": [{"tap": TAP}],
     });
     let created = daemon.ok(Method::POST, "/v1/vms", Some(spec));
