@@ -251,13 +251,13 @@ fn run_launched(fd: i32, args: &RunArgs) -> anyhow::Result<i32> {
             eprintln!("bulkhead: migration received, resuming");
             let services = serve_launched_sockets(&arrived.vm, &console, &plan)?;
             let running = arrived.start().context("incoming migration failed")?;
-            return supervise_launched(running, services, stop_signals, args);
+            return supervise(running, services, stop_signals, args);
         }
     };
     tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
     let services = serve_launched_sockets(&vm, &console, &plan)?;
     let running = vm.start().context("cannot start the VM")?;
-    supervise_launched(running, services, stop_signals, args)
+    supervise(running, services, stop_signals, args)
 }
 
 fn launched_boot_config(plan: &vmm::launch::LaunchPlan, args: &RunArgs) -> VmConfig {
@@ -296,21 +296,6 @@ fn serve_launched_sockets(
         .serve(&plan.console, vm.serial(), vm.exit_signal())
         .context("cannot serve the console")?;
     Ok(vec![control, console])
-}
-
-fn supervise_launched(
-    running: vmm::RunningVm,
-    services: Vec<std::thread::JoinHandle<()>>,
-    stop_signals: libc::sigset_t,
-    args: &RunArgs,
-) -> anyhow::Result<i32> {
-    crate::console::spawn_signal_waiter(stop_signals, running.exit_signal());
-    let report = running.wait();
-    for thread in services {
-        let _ = thread.join();
-    }
-    print_report(&report, args.output)?;
-    Ok(if report.exit.is_clean() { 0 } else { 1 })
 }
 
 /// Binds the control and console sockets, then (with --sandbox) confines the
@@ -384,7 +369,8 @@ fn supervise(
     stop_signals: libc::sigset_t,
     args: &RunArgs,
 ) -> anyhow::Result<i32> {
-    let terminal = if args.console_socket.is_none() {
+    // A launched VMM's console is its socket, as with --console-socket.
+    let terminal = if args.console_socket.is_none() && args.launch_fd.is_none() {
         let terminal = RawTerminal::stdin();
         spawn_stdin_pump(running.serial(), running.exit_signal(), terminal.is_some());
         terminal
