@@ -562,18 +562,22 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let machine = &snapshot.saved.machine;
         check_machine(machine)?;
+        let memory = snapshot.map_memory(&boot::ram_regions(machine.memory_bytes()))?;
+        Vm::from_saved_as_described(&snapshot.saved, memory, options, serial_output)
+    }
+
+    /// [`Vm::from_saved`] on the machine `saved` describes, its KVM device
+    /// and host files opened here with this process's rights.
+    pub(crate) fn from_saved_as_described(
+        saved: &SavedVm,
+        memory: GuestRam,
+        options: &RestoreOptions,
+        serial_output: SerialOutput,
+    ) -> Result<Vm, VmError> {
+        let machine = &saved.machine;
         let kvm = open_kvm(&options.kvm_device)?;
         let devices = DeviceBackings::open(machine)?;
-        let memory = snapshot.map_memory(&boot::ram_regions(machine.memory_bytes()))?;
-        Vm::from_saved(
-            &snapshot.saved,
-            machine,
-            kvm,
-            devices,
-            memory,
-            options,
-            serial_output,
-        )
+        Vm::from_saved(saved, machine, kvm, devices, memory, options, serial_output)
     }
 
     /// Rebuilds a VM from a snapshot onto `machine` (this host's record of

@@ -242,19 +242,7 @@ impl Incoming {
                 )
             }
             Target::AsDescribed => {
-                let machine = &last.saved.machine;
-                crate::vm::open_kvm(&options.kvm_device).and_then(|kvm| {
-                    let devices = DeviceBackings::open(machine)?;
-                    Vm::from_saved(
-                        &last.saved,
-                        machine,
-                        kvm,
-                        devices,
-                        memory,
-                        options,
-                        serial_output,
-                    )
-                })
+                Vm::from_saved_as_described(&last.saved, memory, options, serial_output)
             }
         };
         match built {
