@@ -78,7 +78,8 @@ const L1_TIME_LIMIT: Duration = Duration::from_secs(12 * 60);
 /// The longest test takes about a minute.
 const L1_STALL_LIMIT: Duration = Duration::from_secs(4 * 60);
 
-/// L1 stopped making progress (the lane is booted again once).
+/// L1 stopped making progress, or its kernel crashed (L1 is booted again, up
+/// to L1_EXTRA_BOOTS times, and the lane's summary says so).
 #[derive(Debug)]
 struct L1Stalled(String);
 
@@ -188,6 +189,7 @@ pub fn run(filters: &[String]) -> Result<()> {
     }
     // L1 itself sometimes locks up (QEMU TCG's nested SVM: see
     // L1_STALL_LIMIT); it is booted again, loudly, up to L1_EXTRA_BOOTS times.
+    let l1_failures = std::cell::RefCell::new(Vec::<String>::new());
     let boot_once_more_if_stalled = |filters: &[String]| {
         let mut boots = 0;
         loop {
@@ -196,6 +198,7 @@ pub fn run(filters: &[String]) -> Result<()> {
                     if error.downcast_ref::<L1Stalled>().is_some() && boots < L1_EXTRA_BOOTS =>
                 {
                     boots += 1;
+                    l1_failures.borrow_mut().push(format!("{error:#}"));
                     eprintln!(
                         "xtask: hwkvm: {error:#}; booting L1 again ({boots} of {L1_EXTRA_BOOTS})"
                     );
@@ -237,6 +240,9 @@ pub fn run(filters: &[String]) -> Result<()> {
         outcome.l1_boot_secs.unwrap_or(f64::NAN),
         started.elapsed().as_secs_f64()
     );
+    for failure in l1_failures.borrow().iter() {
+        eprintln!("xtask: hwkvm lane: WARNING: L1 was booted again after: {failure}");
+    }
     if !passed_on_retry.is_empty() {
         eprintln!(
             "xtask: hwkvm lane: WARNING: passed only when run again: {}",
@@ -443,8 +449,10 @@ pub struct Outcome {
     pub summary_seen: bool,
     pub exit_status: Option<i32>,
     pub l1_boot_secs: Option<f64>,
-    /// L1's kernel said one of its CPUs locked up (it then panics).
-    pub l1_locked_up: bool,
+    /// L1's own kernel failed: the first line that said so (a CPU of L1
+    /// locked up, or L1 panicked). Not a test's verdict: a process of L1
+    /// cannot bring down a correct kernel.
+    pub l1_crashed: Option<String>,
     /// A test whose result has not been printed yet (a message may have
     /// come between its name and its result).
     pending: Option<String>,
@@ -473,8 +481,13 @@ impl Outcome {
         if line.starts_with("test result: ") {
             self.summary_seen = true;
         }
-        if line.contains("watchdog: BUG: soft lockup") {
-            self.l1_locked_up = true;
+        if self.l1_crashed.is_none() {
+            let crash = ["watchdog: BUG: soft lockup", "Kernel panic - not syncing"]
+                .iter()
+                .find_map(|sign| line.find(sign));
+            if let Some(start) = crash {
+                self.l1_crashed = Some(line[start..].to_string());
+            }
         }
         if let Some(code) = line.strip_prefix("l1: tests exited with ") {
             self.exit_status = code.trim().parse().ok();
@@ -577,10 +590,11 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
             "hwkvm: L1 ended without the tests' summary (console log: {})",
             log_path.display()
         );
-        // softlockup_panic: L1's own kernel locked up, not a test's verdict.
-        if outcome.l1_locked_up {
+        // L1's own kernel failed (softlockup_panic turns a lockup into a
+        // panic), not a test.
+        if let Some(crash) = &outcome.l1_crashed {
             return Err(anyhow::Error::new(L1Stalled(format!(
-                "{why}: L1's kernel reported a soft lockup"
+                "{why}: L1's kernel crashed: {crash}"
             ))));
         }
         bail!(why);
@@ -614,7 +628,7 @@ mod tests {
         assert!(outcome.summary_seen);
         assert_eq!(outcome.exit_status, Some(101));
         assert_eq!(outcome.l1_boot_secs, Some(6.93));
-        assert!(!outcome.l1_locked_up);
+        assert_eq!(outcome.l1_crashed, None);
     }
 
     #[test]
@@ -623,7 +637,27 @@ mod tests {
         outcome.observe(
             "test smp ... [   52.676058] watchdog: BUG: soft lockup - CPU#1 stuck for 27s! [vcpu0:164]",
         );
-        assert!(outcome.l1_locked_up);
+        assert_eq!(
+            outcome.l1_crashed.as_deref(),
+            Some("watchdog: BUG: soft lockup - CPU#1 stuck for 27s! [vcpu0:164]")
+        );
+        assert!(outcome.failed.is_empty());
+    }
+
+    #[test]
+    fn a_panic_of_l1_is_a_crash_and_its_first_sign_is_kept() {
+        let mut outcome = Outcome::default();
+        for line in [
+            "test daemon::linux ... [  299.1] BUG: unable to handle page fault",
+            "[  299.142229] Kernel panic - not syncing: Fatal exception in interrupt",
+            "[  299.2] Kernel panic - not syncing: a later one",
+        ] {
+            outcome.observe(line);
+        }
+        assert_eq!(
+            outcome.l1_crashed.as_deref(),
+            Some("Kernel panic - not syncing: Fatal exception in interrupt")
+        );
         assert!(outcome.failed.is_empty());
     }
 }
