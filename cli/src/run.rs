@@ -151,7 +151,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("bulkhead: migration received, resuming");
         let services = serve_sockets(&arrived.vm, console.as_ref(), &args)?;
         let running = arrived.start().context("incoming migration failed")?;
-        return supervise(running, services, stop_signals, &args);
+        return supervise(running, services, stop_signals, &args).map(|(code, _)| code);
     }
     let vm = if let Some(dir) = &args.restore {
         let snapshot = vmm::snapshot::read(dir).context("cannot restore")?;
@@ -167,21 +167,51 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
     let services = serve_sockets(&vm, console.as_ref(), &args)?;
     let running = vm.start().context("cannot start the VM")?;
-    supervise(running, services, stop_signals, &args)
+    supervise(running, services, stop_signals, &args).map(|(code, _)| code)
 }
 
 /// A VMM started by the daemon: everything from the launch plan and its
 /// descriptors, confined before anything a tenant or peer wrote is read.
 fn run_launched(fd: i32, args: &RunArgs) -> anyhow::Result<i32> {
-    use vmm::launch::LaunchOrigin;
     // A mount namespace can only be entered while there is one thread.
     vmm::sandbox::isolate_mounts()?;
     let stop_signals = crate::console::block_stop_signals();
     let (plan, descriptors) =
         vmm::launch::receive_from_fd(fd).context("cannot take the launch plan")?;
     let mut descriptors = descriptors.into_iter();
+    let kvm = descriptors
+        .next()
+        .context("the KVM descriptor is missing")?;
+    let mut report = std::fs::File::from(
+        descriptors
+            .next()
+            .context("the exit report descriptor is missing")?,
+    );
+    // From here on, how this VMM ends is the daemon's to read in `report`.
+    let (code, exit) = match run_launched_vm(plan, kvm, descriptors, stop_signals, args) {
+        Ok(ended) => ended,
+        Err(error) => {
+            eprintln!("bulkhead: error: {error:#}");
+            (1, VmExit::Fatal(format!("{error:#}")))
+        }
+    };
+    vmm::launch::ExitReport::new(exit)
+        .write_to(&mut report)
+        .context("cannot write the exit report")?;
+    Ok(code)
+}
+
+/// Builds, restores or receives the launched VM and runs it to its end.
+fn run_launched_vm(
+    plan: vmm::launch::LaunchPlan,
+    kvm: std::os::fd::OwnedFd,
+    mut descriptors: std::vec::IntoIter<std::os::fd::OwnedFd>,
+    stop_signals: libc::sigset_t,
+    args: &RunArgs,
+) -> anyhow::Result<(i32, VmExit)> {
+    use vmm::launch::LaunchOrigin;
     let mut next = || descriptors.next().context("a descriptor is missing");
-    let kvm = vmm::vm::kvm_from_descriptor(next()?).context("the KVM descriptor")?;
+    let kvm = vmm::vm::kvm_from_descriptor(kvm).context("the KVM descriptor")?;
     let boot = plan.origin == LaunchOrigin::Boot;
     let kernel = match boot && plan.boot.kernel {
         true => Some(std::fs::File::from(next()?)),
@@ -362,13 +392,14 @@ fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     Ok(config)
 }
 
-/// Serves the terminal until the VM ends.
+/// Serves the terminal until the VM ends; returns the process's exit code
+/// and why the VM ended.
 fn supervise(
     running: vmm::RunningVm,
     services: Vec<std::thread::JoinHandle<()>>,
     stop_signals: libc::sigset_t,
     args: &RunArgs,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<(i32, VmExit)> {
     // A launched VMM's console is its socket, as with --console-socket.
     let terminal = if args.console_socket.is_none() && args.launch_fd.is_none() {
         let terminal = RawTerminal::stdin();
@@ -384,7 +415,7 @@ fn supervise(
     }
     drop(terminal);
     print_report(&report, args.output)?;
-    Ok(if report.exit.is_clean() { 0 } else { 1 })
+    Ok((if report.exit.is_clean() { 0 } else { 1 }, report.exit))
 }
 
 fn print_report(report: &VmReport, format: OutputFormat) -> anyhow::Result<()> {

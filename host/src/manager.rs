@@ -270,17 +270,20 @@ impl Manager {
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 // A short-lived guest may run to its end before we look.
-                if let (true, Some(report)) = (status.success(), vmm_process::reported_exit(&paths))
-                {
+                let report = vmm_process::reported_exit(&paths);
+                if let Some(report) = report.as_ref().filter(|r| r.clean && status.success()) {
                     self.cgroups.remove(id);
                     return self.set_state(id, VmState::Stopped, |r| {
                         r.pid = None;
-                        r.last_exit = Some(report.exit);
+                        r.last_exit = Some(report.exit.clone());
                     });
                 }
-                let tail = vmm_process::log_tail(&paths, 3);
+                let why = match report {
+                    Some(report) => report.exit,
+                    None => vmm_process::log_tail(&paths, 3),
+                };
                 return Err(ManagerError::Failed(format!(
-                    "the VMM ended while starting ({status}): {tail}"
+                    "the VMM ended while starting ({status}): {why}"
                 )));
             }
             if let Ok(answer) = vmm::control::request(&paths.control, &Request::Status) {
@@ -322,9 +325,12 @@ impl Manager {
         // as it exists. A VMM that cannot take its plan ends at once.
         std::thread::sleep(Duration::from_millis(50));
         if let Ok(Some(status)) = child.try_wait() {
-            let tail = vmm_process::log_tail(paths, 3);
+            let why = match vmm_process::reported_exit(paths) {
+                Some(report) => report.exit,
+                None => vmm_process::log_tail(paths, 3),
+            };
             return Err(ManagerError::Failed(format!(
-                "the VMM ended before listening ({status}): {tail}"
+                "the VMM ended before listening ({status}): {why}"
             )));
         }
         let manager = self.clone();

@@ -6,6 +6,7 @@ use crate::cgroup::VmCgroup;
 use crate::resources::{open_beneath, Access, ResourceError};
 use crate::spec::VmSpec;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,8 +27,12 @@ pub struct VmPaths {
     pub console: PathBuf,
     pub vsock: PathBuf,
     pub snapshots: PathBuf,
-    /// The VMM's stderr: its log and, last, its JSON exit report.
+    /// The VMM's stderr: its log, for people (the daemon decides nothing
+    /// from it).
     pub log: PathBuf,
+    /// Where the VMM writes how it ended ([`vmm::launch::ExitReport`]),
+    /// through a descriptor: the VMM cannot reach this path.
+    pub exit_report: PathBuf,
 }
 
 impl VmPaths {
@@ -40,6 +45,7 @@ impl VmPaths {
             vsock: jail.join("vsock.sock"),
             snapshots: jail.join("snapshots"),
             log: dir.join("vmm.log"),
+            exit_report: dir.join("exit-report.json"),
             jail,
             dir,
         }
@@ -143,6 +149,17 @@ pub fn prepare(
             source,
         })?;
     descriptors.push(kvm.into());
+    // Fresh and empty: no report of an earlier run can be taken for this one's.
+    let report = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&paths.exit_report)
+        .map_err(|source| ResourceError::Io {
+            what: paths.exit_report.display().to_string(),
+            source,
+        })?;
+    descriptors.push(report.into());
     if boot {
         if let Some(kernel) = &spec.kernel {
             descriptors.push(open_beneath("kernel", kernel, allowed_dirs, Access::Read)?.into());
@@ -274,8 +291,11 @@ pub fn prepare_directories(paths: &VmPaths, uid: u32) -> std::io::Result<()> {
     for stale in [&paths.control, &paths.console] {
         let _ = std::fs::remove_file(stale);
     }
-    // The previous run's log is kept beside; this run's report must be the
-    // only one in `vmm.log`.
+    match std::fs::remove_file(&paths.exit_report) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    // The previous run's log is kept beside.
     if paths.log.exists() {
         std::fs::rename(&paths.log, paths.log.with_extension("log.1"))?;
     }
@@ -332,7 +352,7 @@ pub fn wait_for_exit(pid: u32) {
     unsafe { libc::close(fd as i32) };
 }
 
-/// How a VMM said it ended, in the JSON report it writes last.
+/// How a VMM said it ended, from its typed exit report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExitReport {
     pub exit: String,
@@ -340,16 +360,21 @@ pub struct ExitReport {
     pub clean: bool,
 }
 
-/// The report of the current VMM process (the log is rotated at each start).
+/// The exit report of the current VMM process (each launch starts a new,
+/// empty one); `None` when the VMM wrote none (it was killed, or crashed).
 pub fn reported_exit(paths: &VmPaths) -> Option<ExitReport> {
-    let text = std::fs::read_to_string(&paths.log).ok()?;
-    text.lines().rev().find_map(|line| {
-        let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        Some(ExitReport {
-            exit: value.get("exit")?.as_str()?.to_string(),
-            clean: value.get("clean")?.as_bool()?,
-        })
-    })
+    let file = std::fs::File::open(&paths.exit_report).ok()?;
+    match vmm::launch::ExitReport::read_from(file) {
+        Ok(report) => Some(ExitReport {
+            exit: report.exit.to_string(),
+            clean: report.exit.is_clean(),
+        }),
+        Err(vmm::launch::ReportError::Missing) => None,
+        Err(e) => {
+            tracing::warn!(report = %paths.exit_report.display(), "{e}");
+            None
+        }
+    }
 }
 
 /// The VMM's last complaints (errors and warnings in its log), to say why it

@@ -5,7 +5,8 @@ use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The reason a VM stopped. The first reason reported wins.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum VmExit {
     /// The guest powered off (ACPI PM1a control, S5).
     PowerOff,

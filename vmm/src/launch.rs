@@ -9,8 +9,13 @@
 //! in its own directory, or a migration stream on the listener it was given.
 //!
 //! Descriptors come in this order, each present only when the plan needs it:
-//! KVM, kernel, initrd, the machine's disks, its TAPs, its vsock listener,
-//! the migration listener.
+//! KVM, the exit report, kernel, initrd, the machine's disks, its TAPs, its
+//! vsock listener, the migration listener.
+//!
+//! The exit report is a file the daemon created empty, outside the VMM's
+//! reach by path. The VMM writes one typed [`ExitReport`] to it as it ends
+//! (or fails to start), so the daemon learns how its VMM ended without
+//! reading the VMM's log, where a guest's doings may show up.
 
 use crate::config::MachineConfig;
 use crate::sandbox::SandboxConfig;
@@ -21,11 +26,16 @@ use std::path::PathBuf;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Raised when a field is added that an older VMM must not ignore.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// A plan is a few KiB; anything near this is not one.
 pub const MAX_PLAN_BYTES: usize = 64 << 10;
-/// KVM, kernel, initrd, migration listener, and every device a machine can have.
-pub const MAX_DESCRIPTORS: usize = 4 + crate::arch::x86_64::layout::irq::VIRTIO.len();
+/// KVM, exit report, kernel, initrd, migration listener, and every device a
+/// machine can have.
+pub const MAX_DESCRIPTORS: usize = 5 + crate::arch::x86_64::layout::irq::VIRTIO.len();
+/// An exit report is a few hundred bytes; a fatal error's text is cut to fit.
+pub const MAX_REPORT_BYTES: usize = 16 << 10;
+/// Raised when the report changes in a way an older daemon must not misread.
+pub const REPORT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -85,7 +95,7 @@ impl LaunchPlan {
     /// How many descriptors come with this plan, in the module's order.
     pub fn descriptor_count(&self) -> usize {
         let boot = matches!(self.origin, LaunchOrigin::Boot);
-        1 + usize::from(boot && self.boot.kernel)
+        2 + usize::from(boot && self.boot.kernel)
             + usize::from(boot && self.boot.initrd)
             + self.machine.disks.len()
             + self.machine.nets.len()
@@ -203,6 +213,84 @@ pub fn receive(socket: &UnixDatagram) -> Result<(LaunchPlan, Vec<OwnedFd>), Laun
     Ok((plan, descriptors))
 }
 
+/// How a launched VMM ended: the one message it writes to its report
+/// descriptor, last thing before it exits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitReport {
+    pub version: u32,
+    pub exit: crate::exit::VmExit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("exit report: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("exit report is empty: the VMM ended without writing one")]
+    Missing,
+    #[error("exit report is larger than {MAX_REPORT_BYTES} bytes")]
+    TooLarge,
+    #[error("exit report version {got}; this daemon reads version {REPORT_VERSION}")]
+    Version { got: u32 },
+    #[error("exit report is malformed: {0}")]
+    Malformed(String),
+}
+
+impl ExitReport {
+    pub fn new(exit: crate::exit::VmExit) -> Self {
+        ExitReport {
+            version: REPORT_VERSION,
+            exit,
+        }
+    }
+
+    /// Writes the report over whatever `file` held, cutting a fatal error's
+    /// text so the whole report stays under [`MAX_REPORT_BYTES`].
+    pub fn write_to(&self, file: &mut std::fs::File) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        let mut report = self.clone();
+        if let crate::exit::VmExit::Fatal(reason) = &mut report.exit {
+            let mut end = reason.len().min(MAX_REPORT_BYTES / 2);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        let bytes = serde_json::to_vec(&report).map_err(std::io::Error::other)?;
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(&bytes)?;
+        file.sync_data()
+    }
+
+    /// Reads a report as a daemon does: bounded, typed, versioned.
+    pub fn read_from(reader: impl std::io::Read) -> Result<ExitReport, ReportError> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        reader
+            .take(MAX_REPORT_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        if bytes.is_empty() {
+            return Err(ReportError::Missing);
+        }
+        if bytes.len() > MAX_REPORT_BYTES {
+            return Err(ReportError::TooLarge);
+        }
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let versioned: Versioned =
+            serde_json::from_slice(&bytes).map_err(|e| ReportError::Malformed(e.to_string()))?;
+        if versioned.version != REPORT_VERSION {
+            return Err(ReportError::Version {
+                got: versioned.version,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ReportError::Malformed(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,8 +346,10 @@ mod tests {
     fn a_plan_and_its_descriptors_arrive_together_and_in_order() {
         let (daemon, vmm) = UnixDatagram::pair().unwrap();
         let kvm = file_with("kvm");
+        let report = file_with("");
         let kernel = file_with("kernel!");
-        send(&daemon, &plan(), &[kvm.as_raw_fd(), kernel.as_raw_fd()]).unwrap();
+        let sent = [kvm.as_raw_fd(), report.as_raw_fd(), kernel.as_raw_fd()];
+        send(&daemon, &plan(), &sent).unwrap();
         let (got, descriptors) = receive(&vmm).unwrap();
         assert_eq!(got, plan());
         let mut texts = Vec::new();
@@ -270,7 +360,7 @@ mod tests {
             file.read_to_string(&mut text).unwrap();
             texts.push(text);
         }
-        assert_eq!(texts, ["kvm", "kernel!"]);
+        assert_eq!(texts, ["kvm", "", "kernel!"]);
     }
 
     #[test]
@@ -284,7 +374,7 @@ mod tests {
             .unwrap();
         let error = receive(&vmm).unwrap_err();
         assert!(
-            matches!(error, LaunchError::Descriptors { needed: 2, got: 1 }),
+            matches!(error, LaunchError::Descriptors { needed: 3, got: 1 }),
             "{error}"
         );
     }
@@ -327,13 +417,70 @@ mod tests {
     fn descriptors_count_by_origin() {
         let mut p = plan();
         p.boot.initrd = true;
-        assert_eq!(p.descriptor_count(), 3);
+        assert_eq!(p.descriptor_count(), 4);
         // A restore loads no kernel.
         p.origin = LaunchOrigin::Restore {
             snapshot: "s".into(),
         };
-        assert_eq!(p.descriptor_count(), 1);
-        p.origin = LaunchOrigin::Incoming;
         assert_eq!(p.descriptor_count(), 2);
+        p.origin = LaunchOrigin::Incoming;
+        assert_eq!(p.descriptor_count(), 3);
+    }
+
+    #[test]
+    fn an_exit_report_is_written_over_the_file_and_read_back_typed() {
+        use crate::exit::VmExit;
+        let mut file = file_with("left over from before");
+        for exit in [
+            VmExit::PowerOff,
+            VmExit::TripleFault { vcpu: 1 },
+            VmExit::Fatal("cannot restore".into()),
+        ] {
+            ExitReport::new(exit.clone()).write_to(&mut file).unwrap();
+            file.rewind().unwrap();
+            assert_eq!(ExitReport::read_from(&file).unwrap().exit, exit);
+            file.rewind().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_long_fatal_reason_is_cut_to_fit_the_bound() {
+        let mut file = file_with("");
+        let reason = "é".repeat(MAX_REPORT_BYTES);
+        ExitReport::new(crate::exit::VmExit::Fatal(reason))
+            .write_to(&mut file)
+            .unwrap();
+        file.rewind().unwrap();
+        let crate::exit::VmExit::Fatal(kept) = ExitReport::read_from(&file).unwrap().exit else {
+            panic!("not fatal");
+        };
+        assert!(kept.len() <= MAX_REPORT_BYTES / 2 && !kept.is_empty());
+    }
+
+    #[test]
+    fn a_missing_oversized_foreign_or_malformed_report_is_refused_by_name() {
+        let read = |text: &str| ExitReport::read_from(text.as_bytes()).unwrap_err();
+        assert!(matches!(read(""), ReportError::Missing));
+        assert!(matches!(
+            read(&" ".repeat(MAX_REPORT_BYTES + 1)),
+            ReportError::TooLarge
+        ));
+        assert!(matches!(
+            read(r#"{"version":2,"exit":"power_off"}"#),
+            ReportError::Version { got: 2 }
+        ));
+        // The log line older VMMs printed is not a report.
+        assert!(matches!(
+            read(r#"{"exit":"guest powered off","clean":true}"#),
+            ReportError::Malformed(_)
+        ));
+        assert!(matches!(
+            read(r#"{"version":1,"exit":"power_off","clean":true}"#),
+            ReportError::Malformed(_)
+        ));
+        assert!(matches!(
+            read(r#"{"version":1,"exit":"explode"}"#),
+            ReportError::Malformed(_)
+        ));
     }
 }

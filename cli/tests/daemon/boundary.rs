@@ -468,3 +468,48 @@ fn a_failed_migration_reveals_nothing_and_leaves_the_source_running() {
     let mut console = daemon.block_on(client.console(&source, false)).unwrap();
     count_above(&daemon, &mut console, -1);
 }
+
+/// How a VMM ended is what it wrote to its exit-report descriptor, typed;
+/// nothing in its log (where a guest's doings show up) can say otherwise.
+#[test]
+fn how_a_vmm_ended_comes_from_its_report_never_from_its_log() {
+    let daemon = Daemon::start();
+    let victim = daemon.running_vm("forged-log");
+    let dir = daemon.state_dir.join("vms").join(&victim);
+    let pid = daemon.pid(&victim);
+    // The report's file is outside the VMM's root: it holds only a descriptor.
+    let report = dir.join("exit-report.json");
+    assert!(holds(pid, &report), "{:?}", open_files(pid));
+    assert_eq!(std::fs::metadata(&report).unwrap().len(), 0);
+    // A line that reads like the old JSON report, in the log...
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("vmm.log"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut log,
+        b"{\"exit\":\"guest powered off\",\"clean\":true}\n",
+    )
+    .unwrap();
+    drop(log);
+    // ...does not turn a killed VMM into a clean stop.
+    // SAFETY: signals the VMM this test's daemon started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let crashed = daemon.wait_state(&victim, "crashed");
+    assert!(
+        crashed["last_exit"].as_str().unwrap().contains("signal"),
+        "{crashed}"
+    );
+
+    // A VMM that ends as asked says so in its report.
+    daemon.ok(Method::POST, &format!("/v1/vms/{victim}/start"), None);
+    let stopped = daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{victim}/stop"),
+        Some(json!({"timeout_secs": 1})),
+    );
+    assert_eq!(stopped["last_exit"], "stopped by the host", "{stopped}");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(written, json!({"version": 1, "exit": "stopped"}));
+}
