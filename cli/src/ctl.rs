@@ -101,21 +101,20 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
             },
         }),
     };
-    let answer = vmm::control::request(&args.path, &request)
-        .with_context(|| format!("cannot talk to control socket {}", args.path.display()))?;
-    if answer["ok"] != true {
-        bail!(
-            "{}",
-            answer["error"]
-                .as_str()
-                .unwrap_or("the VM refused the request")
-        );
-    }
-    if let Some(status) = answer.get("status") {
-        println!("{}", serde_json::to_string_pretty(status)?);
-    } else if answer.as_object().is_some_and(|fields| fields.len() > 1) {
+    use vmm::control::{CallError, Response};
+    let answer = match vmm::control::call(&args.path, &request) {
+        Ok(answer) => answer,
+        Err(CallError::Refused(reason)) => bail!("{reason}"),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot talk to control socket {}", args.path.display()))
+        }
+    };
+    match answer {
+        Response::Status { status, .. } => println!("{}", serde_json::to_string_pretty(&status)?),
+        Response::Done { .. } => {}
         // Snapshot, migration, shutdown and power-button answers say more than ok.
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        other => println!("{}", serde_json::to_string_pretty(&other)?),
     }
     Ok(0)
 }

@@ -286,10 +286,8 @@ impl Manager {
                     "the VMM ended while starting ({status}): {why}"
                 )));
             }
-            if let Ok(answer) = vmm::control::request(&paths.control, &Request::Status) {
-                if answer["ok"] == true {
-                    break;
-                }
+            if vmm::control::status(&paths.control).is_ok() {
+                break;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -344,8 +342,7 @@ impl Manager {
                         manager.vmm_ended(&watched, Some(status));
                         return;
                     }
-                    let answered = vmm::control::request(&control, &Request::Status)
-                        .is_ok_and(|answer| answer["ok"] == true);
+                    let answered = vmm::control::status(&control).is_ok();
                     if answered {
                         let _ = manager.set_state(&watched, VmState::Running, |_| {});
                         break;
@@ -377,8 +374,8 @@ impl Manager {
             )));
         }
         let uri = options.uri.clone();
-        let mut answer = match self.control(id, &Request::Migrate(options)) {
-            Ok(answer) => answer,
+        let migration = match vmm::control::migrate(&self.paths(id).control, options) {
+            Ok(migration) => migration,
             Err(e) => {
                 // The operator's log says why; the client learns only that it
                 // failed, not what answered at an address it chose.
@@ -390,7 +387,7 @@ impl Manager {
         };
         // The source VMM ends once the destination runs the guest.
         self.wait_until_ended(id, Duration::from_secs(30))?;
-        Ok(answer["migration"].take())
+        Ok(serde_json::to_value(migration).unwrap_or_default())
     }
 
     /// Records how VM `id`'s VMM ended (called once per process).
@@ -504,9 +501,7 @@ impl Manager {
             // reboots on by itself (the VM ends either way). A VMM from
             // before `shutdown` existed (adopted) gets Ctrl-Alt-Del.
             let control = &self.paths(&record.id).control;
-            let ask = |request: &Request| {
-                vmm::control::request(control, request).is_ok_and(|answer| answer["ok"] == true)
-            };
+            let ask = |request: &Request| vmm::control::call(control, request).is_ok();
             let asked = ask(&Request::Shutdown) || ask(&Request::CtrlAltDel);
             if asked && self.wait_until_ended(&record.id, timeout)? {
                 return Ok(());
@@ -558,31 +553,18 @@ impl Manager {
         self.set_state(id, to, |_| {})
     }
 
-    /// Sends a request to VM `id`'s VMM and returns its answer.
-    pub fn control(&self, id: &str, request: &Request) -> Result<serde_json::Value> {
-        let answer = vmm::control::request(&self.paths(id).control, request)
-            .map_err(|e| ManagerError::Failed(format!("VM {id}'s VMM does not answer: {e}")))?;
-        if answer["ok"] != true {
-            return Err(ManagerError::Failed(
-                answer["error"]
-                    .as_str()
-                    .unwrap_or("the VMM refused")
-                    .to_string(),
-            ));
-        }
-        Ok(answer)
+    /// Sends a request to VM `id`'s VMM; its typed answer, or why not.
+    fn control(&self, id: &str, request: &Request) -> Result<vmm::control::Response> {
+        vmm::control::call(&self.paths(id).control, request).map_err(|e| control_error(id, e))
     }
 
     /// The VMM's own view: memory, devices, state. None without a process.
-    pub fn live_status(&self, id: &str) -> Option<serde_json::Value> {
+    pub fn live_status(&self, id: &str) -> Option<vmm::control::Status> {
         let record = self.store.vm(id).ok()??;
         if !record.state.has_process() {
             return None;
         }
-        vmm::control::request(&self.paths(id).control, &Request::Status)
-            .ok()
-            .filter(|answer| answer["ok"] == true)
-            .map(|mut answer| answer["status"].take())
+        vmm::control::status(&self.paths(id).control).ok()
     }
 
     /// Writes a snapshot of VM `id` into its snapshots directory as `name`.
@@ -608,13 +590,10 @@ impl Manager {
             .map_err(|e| {
                 ManagerError::Failed(format!("cannot prepare the snapshot directory: {e}"))
             })?;
-        let mut answer = self.control(
-            id,
-            &Request::Snapshot {
-                path: Path::new("/snapshots").join(name),
-            },
-        )?;
-        Ok(answer["snapshot"].take())
+        let (snapshot, _pause_ms) =
+            vmm::control::snapshot(&paths.control, &Path::new("/snapshots").join(name))
+                .map_err(|e| control_error(id, e))?;
+        Ok(serde_json::to_value(snapshot).unwrap_or_default())
     }
 
     /// Deletes VM `id`; a VM with a process needs `force`, which kills it.
@@ -693,8 +672,8 @@ impl Manager {
             };
             // A VMM runs: adopt it, with the state it reports.
             let status = self.wait_for_control(&id, Duration::from_secs(10));
-            let state = match status.as_ref().and_then(|s| s["state"].as_str()) {
-                Some("paused") => VmState::Paused,
+            let state = match status.as_ref().map(|s| s.state) {
+                Some(vmm::control::LiveState::Paused) => VmState::Paused,
                 Some(_) => VmState::Running,
                 None => {
                     tracing::warn!(vm = %id, pid, "VMM does not answer; killing it");
@@ -729,20 +708,27 @@ impl Manager {
         Ok(())
     }
 
-    fn wait_for_control(&self, id: &str, limit: Duration) -> Option<serde_json::Value> {
+    fn wait_for_control(&self, id: &str, limit: Duration) -> Option<vmm::control::Status> {
         let deadline = Instant::now() + limit;
         let path = self.paths(id).control;
         loop {
-            if let Ok(mut answer) = vmm::control::request(&path, &Request::Status) {
-                if answer["ok"] == true {
-                    return Some(answer["status"].take());
-                }
+            if let Ok(status) = vmm::control::status(&path) {
+                return Some(status);
             }
             if Instant::now() > deadline {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A control request that failed, as the daemon reports it: the VMM's own
+/// refusal as it gave it, anything else as not answering.
+fn control_error(id: &str, error: vmm::control::CallError) -> ManagerError {
+    match error {
+        vmm::control::CallError::Refused(reason) => ManagerError::Failed(reason),
+        other => ManagerError::Failed(format!("VM {id}'s VMM: {other}")),
     }
 }
 

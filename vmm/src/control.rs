@@ -1,6 +1,10 @@
 //! The control socket of a running VM: one JSON request per line, one JSON
 //! answer per line, over a Unix socket (`bulkhead run --control PATH`,
-//! `bulkhead ctl PATH ...`). The host daemon will call [`VmControl`] directly.
+//! `bulkhead ctl PATH ...`, and the host daemon).
+//!
+//! Both sides use the same types: [`Request`] and [`Response`] are
+//! serialised and parsed each way, and a client gets a typed answer from
+//! [`call`] (or [`status`]), never a JSON value to look fields up in.
 
 use crate::devices::virtio::balloon::{BalloonHandle, BalloonStatus};
 use crate::exit::ExitSignal;
@@ -52,9 +56,22 @@ pub enum Request {
     Migrate(MigrateOptions),
 }
 
-#[derive(Debug, Serialize)]
+/// What a running VMM is doing, as its status says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveState {
+    Running,
+    Paused,
+    /// An operation (a snapshot, a migration) holds the VM.
+    Busy,
+    /// The VM is ending.
+    Stopping,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Status {
-    pub state: &'static str,
+    pub state: LiveState,
     /// The VMM's process id (how a restarted host daemon finds its VMs).
     pub pid: u32,
     pub cpus: u8,
@@ -67,8 +84,11 @@ pub struct Status {
     pub vcpus: Vec<crate::vcpu::VcpuReport>,
 }
 
-#[derive(Debug, Serialize)]
-#[serde(untagged)]
+/// One answer. On the wire each variant is its own exact set of fields
+/// (`ok` is false only in [`Response::Error`]), so parsing finds the one
+/// variant that matches and refuses anything else.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum Response {
     Status {
         ok: bool,
@@ -141,7 +161,7 @@ impl VmControl {
 
     pub fn status(&self) -> Status {
         Status {
-            state: self.core.state_name(),
+            state: self.core.live_state(),
             pid: std::process::id(),
             cpus: self.core.machine.cpus,
             memory_mib: self.core.machine.memory_mib,
@@ -357,22 +377,113 @@ fn serve_client(stream: UnixStream, control: &VmControl) {
     let _ = (&stream).write_all(answer.as_bytes());
 }
 
-/// Sends one request to the control socket at `path` and returns the answer
-/// line (the client side, used by `bulkhead ctl`). Migrations and snapshots
-/// take as long as they take; other requests get 30 s.
-pub fn request(path: &Path, request: &Request) -> std::io::Result<serde_json::Value> {
+/// Why a control request got no answer it could use.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the VMM does not answer: {0}")]
+    Io(#[from] std::io::Error),
+    /// The VMM answered `ok: false`; its reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the VMM's answer is not one the control protocol has: {0}")]
+    Malformed(String),
+    #[error("the VMM answered {answer} to {request}")]
+    Unexpected { request: String, answer: String },
+}
+
+/// The longest answer a client reads (a status with many devices and vCPUs
+/// is a few KiB).
+const MAX_ANSWER_BYTES: u64 = 1 << 20;
+
+/// Sends one request to the control socket at `path` and returns the VMM's
+/// typed answer; an `ok: false` answer is [`CallError::Refused`]. Migrations
+/// and snapshots take as long as they take; other requests get 30 s.
+pub fn call(path: &Path, request: &Request) -> Result<Response, CallError> {
     let mut stream = UnixStream::connect(path)?;
     let timeout = match request {
         Request::Migrate(_) | Request::Snapshot { .. } => None,
         _ => Some(Duration::from_secs(30)),
     };
     stream.set_read_timeout(timeout)?;
-    let mut line = serde_json::to_string(request)?;
+    let mut line = serde_json::to_string(request).map_err(std::io::Error::other)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(std::io::Error::other)
+    BufReader::new(std::io::Read::take(stream, MAX_ANSWER_BYTES)).read_line(&mut answer)?;
+    parse_answer(request, &answer)
+}
+
+/// Parses an answer line to `request`: one of the protocol's answers, and
+/// one that fits what was asked.
+fn parse_answer(request: &Request, line: &str) -> Result<Response, CallError> {
+    let response: Response =
+        serde_json::from_str(line).map_err(|e| CallError::Malformed(e.to_string()))?;
+    let fits = match (&response, request) {
+        (Response::Error { ok: false, error }, _) => return Err(CallError::Refused(error.clone())),
+        (Response::Error { .. }, _) => false,
+        (Response::Status { .. }, Request::Status)
+        | (Response::Snapshot { .. }, Request::Snapshot { .. })
+        | (Response::Migrated { .. }, Request::Migrate(_))
+        | (Response::PowerButton { .. }, Request::PowerButton)
+        | (Response::Shutdown { .. }, Request::Shutdown) => true,
+        (
+            Response::Done { .. },
+            Request::Balloon { .. } | Request::Pause | Request::Resume | Request::CtrlAltDel,
+        ) => true,
+        _ => false,
+    };
+    let ok = match &response {
+        Response::Status { ok, .. }
+        | Response::Snapshot { ok, .. }
+        | Response::Migrated { ok, .. }
+        | Response::PowerButton { ok, .. }
+        | Response::Shutdown { ok, .. }
+        | Response::Done { ok }
+        | Response::Error { ok, .. } => *ok,
+    };
+    if !fits || !ok {
+        return Err(CallError::Unexpected {
+            request: serde_json::to_string(request).unwrap_or_default(),
+            answer: line.trim_end().chars().take(200).collect(),
+        });
+    }
+    Ok(response)
+}
+
+fn mismatch(request: &Request, answer: &Response) -> CallError {
+    CallError::Unexpected {
+        request: serde_json::to_string(request).unwrap_or_default(),
+        answer: serde_json::to_string(answer).unwrap_or_default(),
+    }
+}
+
+/// The VMM's status.
+pub fn status(path: &Path) -> Result<Status, CallError> {
+    let request = Request::Status;
+    match call(path, &request)? {
+        Response::Status { status, .. } => Ok(status),
+        other => Err(mismatch(&request, &other)),
+    }
+}
+
+/// Writes a snapshot; returns what was written and how long the VM paused.
+pub fn snapshot(path: &Path, to: &Path) -> Result<(SnapshotInfo, f64), CallError> {
+    let request = Request::Snapshot { path: to.into() };
+    match call(path, &request)? {
+        Response::Snapshot {
+            snapshot, pause_ms, ..
+        } => Ok((snapshot, pause_ms)),
+        other => Err(mismatch(&request, &other)),
+    }
+}
+
+/// Live-migrates the VM; returns the source's report once the destination runs it.
+pub fn migrate(path: &Path, options: MigrateOptions) -> Result<MigrationReport, CallError> {
+    let request = Request::Migrate(options);
+    match call(path, &request)? {
+        Response::Migrated { migration, .. } => Ok(migration),
+        other => Err(mismatch(&request, &other)),
+    }
 }
 
 #[cfg(test)]
@@ -405,6 +516,85 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"command":"snapshot"}"#).is_err());
         assert!(
             serde_json::from_str::<Request>(r#"{"command":"balloon","target_mib":-1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn answers_parse_back_to_their_variant_and_must_fit_the_request() {
+        let parse = |request: &Request, line: &str| parse_answer(request, line);
+        assert_eq!(
+            parse(&Request::Pause, r#"{"ok":true}"#).unwrap(),
+            Response::Done { ok: true }
+        );
+        assert_eq!(
+            parse(&Request::Shutdown, r#"{"ok":true,"method":"ctrl_alt_del"}"#).unwrap(),
+            Response::Shutdown {
+                ok: true,
+                method: ShutdownMethod::CtrlAltDel
+            }
+        );
+        // A refusal carries its reason, whatever was asked.
+        assert!(matches!(
+            parse(&Request::Status, r#"{"ok":false,"error":"no balloon"}"#),
+            Err(CallError::Refused(reason)) if reason == "no balloon"
+        ));
+        // An answer of another request, a success that says ok: false, an
+        // unknown field, and garbage are each refused.
+        assert!(matches!(
+            parse(&Request::Status, r#"{"ok":true}"#),
+            Err(CallError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse(&Request::Pause, r#"{"ok":false}"#),
+            Err(CallError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            parse(&Request::Pause, r#"{"ok":true,"extra":1}"#),
+            Err(CallError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(&Request::Pause, "not json"),
+            Err(CallError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_status_goes_over_the_wire_and_back_unchanged() {
+        let status = Status {
+            state: LiveState::Paused,
+            pid: 7,
+            cpus: 2,
+            memory_mib: 256,
+            memory: MemoryUsage {
+                process_rss_kib: 3,
+                guest_resident_kib: 2,
+                vmm_overhead_kib: 1,
+            },
+            balloon: Some(BalloonStatus {
+                target_mib: 64,
+                ..BalloonStatus::default()
+            }),
+            devices: vec![DeviceReport {
+                name: "virtio-blk".into(),
+                state: crate::vm::DeviceState::NeedsReset,
+                counters: [("reads".to_string(), 3)].into(),
+            }],
+            vcpus: vec![crate::vcpu::VcpuReport::default()],
+        };
+        let line = serde_json::to_string(&Response::Status { ok: true, status }).unwrap();
+        assert!(line.contains(r#""state":"paused""#), "{line}");
+        assert!(line.contains(r#""state":"needs_reset""#), "{line}");
+        let Response::Status { status: back, .. } = parse_answer(&Request::Status, &line).unwrap()
+        else {
+            panic!("not a status");
+        };
+        assert_eq!(
+            serde_json::to_string(&Response::Status {
+                ok: true,
+                status: back
+            })
+            .unwrap(),
+            line
         );
     }
 

@@ -85,15 +85,16 @@ impl VmCore {
         Ok(())
     }
 
-    pub fn state_name(&self) -> &'static str {
+    pub fn live_state(&self) -> crate::control::LiveState {
+        use crate::control::LiveState;
         if self.shared.exit.is_requested() {
-            return "stopping";
+            return LiveState::Stopping;
         }
         // An operation (a migration, a snapshot) holds the state while it runs.
         match self.run_state.try_lock().as_deref() {
-            Ok(RunState::Running) => "running",
-            Ok(RunState::Paused) => "paused",
-            Err(_) => "busy",
+            Ok(RunState::Running) => LiveState::Running,
+            Ok(RunState::Paused) => LiveState::Paused,
+            Err(_) => LiveState::Busy,
         }
     }
 

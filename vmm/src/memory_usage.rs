@@ -4,7 +4,8 @@ use crate::memory::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Resident memory of this process, split into guest RAM and the VMM's own.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryUsage {
     pub process_rss_kib: u64,
     /// Guest RAM pages resident on the host (what the guest touched).

@@ -126,7 +126,8 @@ fn invalid(path: &Path, problem: impl Into<String>) -> SnapshotError {
 }
 
 /// What writing a snapshot took.
-#[derive(Debug, Serialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SnapshotInfo {
     pub path: PathBuf,
     pub memory_bytes: u64,

@@ -182,7 +182,8 @@ impl Captures {
 }
 
 /// Exit counts by reason.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExitCounts {
     pub io_in: u64,
     pub io_out: u64,
@@ -194,8 +195,25 @@ pub struct ExitCounts {
     pub other: u64,
 }
 
+impl ExitCounts {
+    /// Each count with its reason, as the status names them.
+    pub fn by_reason(&self) -> [(&'static str, u64); 8] {
+        [
+            ("io_in", self.io_in),
+            ("io_out", self.io_out),
+            ("mmio_read", self.mmio_read),
+            ("mmio_write", self.mmio_write),
+            ("emulation", self.emulation),
+            ("halt", self.halt),
+            ("interrupted", self.interrupted),
+            ("other", self.other),
+        ]
+    }
+}
+
 /// What one vCPU did, reported when the VM ends.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VcpuReport {
     pub id: usize,
     pub exits: ExitCounts,

@@ -951,11 +951,11 @@ pub struct RunningVm {
 }
 
 /// What a device did, by counter name.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceReport {
     pub name: String,
-    /// "waiting" for its driver, "active", or "needs_reset" (the driver broke the rules).
-    pub state: &'static str,
+    pub state: DeviceState,
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
@@ -1073,6 +1073,17 @@ impl RunningVm {
     }
 }
 
+/// Where a virtio device is with its driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Waiting for its driver.
+    Waiting,
+    Active,
+    /// The driver broke the rules; the device waits for a reset.
+    NeedsReset,
+}
+
 pub(crate) fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
     slots
         .iter()
@@ -1081,9 +1092,9 @@ pub(crate) fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
             DeviceReport {
                 name: transport.device().name(),
                 state: match (transport.is_activated(), transport.device().is_broken()) {
-                    (false, _) => "waiting",
-                    (true, false) => "active",
-                    (true, true) => "needs_reset",
+                    (false, _) => DeviceState::Waiting,
+                    (true, false) => DeviceState::Active,
+                    (true, true) => DeviceState::NeedsReset,
                 },
                 counters: transport
                     .device()

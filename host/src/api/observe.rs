@@ -158,54 +158,48 @@ pub async fn metrics(
             let Some(live) = state.manager.live_status(&record.id) else {
                 continue;
             };
-            let memory = &live["memory"];
-            for (field, family, help) in [
-                ("process_rss_kib", "bulkhead_vm_resident_bytes", "Resident memory of the VMM process."),
-                ("guest_resident_kib", "bulkhead_vm_guest_resident_bytes", "Guest RAM resident on the host."),
-                ("vmm_overhead_kib", "bulkhead_vm_overhead_bytes", "The VMM's own resident memory."),
+            let memory = &live.memory;
+            for (kib, family, help) in [
+                (memory.process_rss_kib, "bulkhead_vm_resident_bytes", "Resident memory of the VMM process."),
+                (memory.guest_resident_kib, "bulkhead_vm_guest_resident_bytes", "Guest RAM resident on the host."),
+                (memory.vmm_overhead_kib, "bulkhead_vm_overhead_bytes", "The VMM's own resident memory."),
             ] {
-                if let Some(kib) = memory[field].as_u64() {
-                    sample(family, "gauge", help, format!("{family}{{{vm}}} {}", kib * 1024));
-                }
+                sample(family, "gauge", help, format!("{family}{{{vm}}} {}", kib * 1024));
             }
-            for (vcpu, report) in live["vcpus"].as_array().into_iter().flatten().enumerate() {
-                for (reason, count) in report["exits"].as_object().into_iter().flatten() {
+            for (vcpu, report) in live.vcpus.iter().enumerate() {
+                for (reason, count) in report.exits.by_reason() {
                     sample(
                         "bulkhead_vm_exits_total",
                         "counter",
                         "vCPU exits by reason.",
                         format!(
-                            "bulkhead_vm_exits_total{{{vm},vcpu=\"{vcpu}\",reason=\"{}\"}} {}",
+                            "bulkhead_vm_exits_total{{{vm},vcpu=\"{vcpu}\",reason=\"{}\"}} {count}",
                             label(reason),
-                            count.as_u64().unwrap_or(0)
                         ),
                     );
                 }
-                for (mnemonic, count) in report["emulated"].as_object().into_iter().flatten() {
+                for (mnemonic, count) in &report.emulated {
                     sample(
                         "bulkhead_vm_emulated_instructions_total",
                         "counter",
                         "Instructions the VMM emulated for KVM, by mnemonic.",
                         format!(
-                            "bulkhead_vm_emulated_instructions_total{{{vm},vcpu=\"{vcpu}\",instruction=\"{}\"}} {}",
+                            "bulkhead_vm_emulated_instructions_total{{{vm},vcpu=\"{vcpu}\",instruction=\"{}\"}} {count}",
                             label(mnemonic),
-                            count.as_u64().unwrap_or(0)
                         ),
                     );
                 }
             }
-            for device in live["devices"].as_array().into_iter().flatten() {
-                let name = device["name"].as_str().unwrap_or("?");
-                for (counter, value) in device["counters"].as_object().into_iter().flatten() {
+            for device in &live.devices {
+                for (counter, value) in &device.counters {
                     sample(
                         "bulkhead_vm_device_total",
                         "counter",
                         "Device counters (bytes and operations) by device and counter.",
                         format!(
-                            "bulkhead_vm_device_total{{{vm},device=\"{}\",counter=\"{}\"}} {}",
-                            label(name),
+                            "bulkhead_vm_device_total{{{vm},device=\"{}\",counter=\"{}\"}} {value}",
+                            label(&device.name),
                             label(counter),
-                            value.as_u64().unwrap_or(0)
                         ),
                     );
                 }

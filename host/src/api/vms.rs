@@ -29,7 +29,7 @@ pub struct VmView {
     /// The VMM's own report (memory, devices) while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
-    pub live: Option<serde_json::Value>,
+    pub live: Option<vmm::control::Status>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

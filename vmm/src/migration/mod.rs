@@ -50,7 +50,8 @@ pub struct MigrateOptions {
 }
 
 /// What a finished (or failed) migration did, as the source saw it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationReport {
     pub total_ms: f64,
     /// Last guest instruction on the source to the first on the destination

@@ -57,7 +57,8 @@ fn stat_name(tag: u16) -> Option<&'static str> {
 }
 
 /// What the host sees of the balloon, shared with the control socket.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BalloonStatus {
     pub target_mib: u64,
     /// What the guest says it has given back.
