@@ -353,6 +353,59 @@ fn live_migration_over_a_unix_socket_and_over_tcp() {
 }
 
 #[test]
+fn migration_progress_is_visible_while_it_runs() {
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: 8192,
+        ..Default::default()
+    });
+    let source = Vmm::boot(&guest, 128);
+    source.wait_for_count(3);
+    assert!(source.ctl_ok(&["status"]).get("migration").is_none());
+    let socket = unique("progress.sock");
+    let uri = format!("unix:{}", socket.display());
+    let target = destination(&uri, &[]);
+    bound_uri(&target);
+    // 32 MiB written by the guest at 8 MiB/s: a few seconds of copying.
+    let migrating = {
+        let control = source.control.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+                .arg("ctl")
+                .arg(control)
+                .args(["migrate", &uri, "--bandwidth-mib", "8"])
+                .output()
+                .unwrap()
+        })
+    };
+    let progress = |source: &Vmm| source.ctl_ok(&["status"])["migration"].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let now = progress(&source);
+        if now["pages_sent"].as_u64().unwrap_or(0) > 0 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "no progress shown: {now}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(first["phase"], "copying", "{first}");
+    assert_eq!(first["round"], 1, "{first}");
+    std::thread::sleep(Duration::from_millis(500));
+    let later = progress(&source);
+    assert!(
+        later["pages_sent"].as_u64() > first["pages_sent"].as_u64()
+            && later["elapsed_ms"].as_u64() > first["elapsed_ms"].as_u64(),
+        "{first} then {later}"
+    );
+    // The guest dirties its region faster than 8 MiB/s: this migration is
+    // ended by its destination going away, and its progress with it.
+    let _ = target.kill();
+    let output = migrating.join().unwrap();
+    assert!(!output.status.success());
+    assert_eq!(source.state(), "running");
+    assert!(source.ctl_ok(&["status"]).get("migration").is_none());
+}
+
+#[test]
 fn live_migration_over_tls() {
     let names = vec!["bulkhead-destination".to_string()];
     let key = rcgen::KeyPair::generate().unwrap();

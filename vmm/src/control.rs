@@ -82,6 +82,9 @@ pub struct Status {
     /// Each vCPU's exits by reason and emulated instructions, as of a
     /// fraction of a second ago.
     pub vcpus: Vec<crate::vcpu::VcpuReport>,
+    /// An outgoing migration's progress, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationProgress>,
 }
 
 /// One answer. On the wire each variant is its own exact set of fields
@@ -172,6 +175,7 @@ impl VmControl {
                 .values()
                 .cloned()
                 .collect(),
+            migration: crate::devices::lock(&self.core.migration).clone(),
         }
     }
 
@@ -580,6 +584,11 @@ mod tests {
                 counters: [("reads".to_string(), 3)].into(),
             }],
             vcpus: vec![crate::vcpu::VcpuReport::default()],
+            migration: Some(crate::migration::MigrationProgress {
+                phase: crate::migration::MigrationPhase::StopAndCopy,
+                round: 3,
+                ..Default::default()
+            }),
         };
         let line = serde_json::to_string(&Response::Status { ok: true, status }).unwrap();
         assert!(line.contains(r#""state":"paused""#), "{line}");

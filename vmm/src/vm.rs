@@ -176,6 +176,8 @@ pub(crate) struct VmCore {
     pub machine: MachineConfig,
     /// Held by every operation on the running VM, so they never overlap.
     pub run_state: Mutex<RunState>,
+    /// How far an outgoing migration is, while one runs (the status shows it).
+    pub migration: Mutex<Option<crate::migration::MigrationProgress>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,6 +354,7 @@ impl Hardware {
                 device_kick: self.device_kick,
                 machine,
                 run_state: Mutex::new(RunState::Running),
+                migration: Mutex::new(None),
             }),
             post: self.post,
             device_loop: self.device_loop,

@@ -5,7 +5,8 @@ use super::protocol::{
     self, read_frame, write_frame, write_json, Final, Hello, Resumed, Stream, Tag,
 };
 use super::{
-    transport, MigrateOptions, MigrationError, MigrationReport, DEFAULT_DOWNTIME, DEFAULT_GIVE_UP,
+    transport, MigrateOptions, MigrationError, MigrationPhase, MigrationProgress, MigrationReport,
+    DEFAULT_DOWNTIME, DEFAULT_GIVE_UP,
 };
 use crate::devices::legacy::post::monotonic_ns;
 use crate::devices::lock;
@@ -14,6 +15,7 @@ use crate::memory::GuestRam;
 use crate::snapshot::is_zero;
 use crate::vm::{kick_signal, RunState, VmCore};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -40,6 +42,8 @@ struct PageSender<'a> {
     give_up_at: Instant,
     rounds: u32,
     throttle: u32,
+    /// Where the status reads the migration's progress.
+    progress: &'a Mutex<Option<MigrationProgress>>,
 }
 
 impl PageSender<'_> {
@@ -64,6 +68,11 @@ impl PageSender<'_> {
         )?;
         self.pages_sent += pages as u64;
         self.bytes_sent += (len + 13) as u64;
+        if let Some(progress) = lock(self.progress).as_mut() {
+            progress.pages_sent = self.pages_sent;
+            progress.bytes_sent = self.bytes_sent;
+            progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+        }
         if let Some(cap) = self.cap_bytes_per_s {
             let due = Duration::from_secs_f64(self.bytes_sent as f64 / cap);
             if let Some(wait) = due.checked_sub(self.started.elapsed()) {
@@ -152,7 +161,9 @@ impl VmCore {
                     std::thread::sleep(THROTTLE_KICK);
                 }
             });
+            *lock(&self.migration) = Some(MigrationProgress::default());
             let result = self.migrate_inner(options, &mut parked);
+            *lock(&self.migration) = None;
             self.shared.throttle_percent.store(0, Ordering::Relaxed);
             throttle_done.store(true, Ordering::Release);
             let _ = kicker.join();
@@ -230,7 +241,18 @@ impl VmCore {
             give_up_at: started + give_up,
             rounds: 0,
             throttle: 0,
+            progress: &self.migration,
         };
+        let set_progress = |change: &dyn Fn(&mut MigrationProgress)| {
+            if let Some(progress) = lock(&self.migration).as_mut() {
+                change(progress);
+                progress.elapsed_ms = started.elapsed().as_millis() as u64;
+            }
+        };
+        set_progress(&|p| {
+            p.phase = MigrationPhase::Copying;
+            p.round = 1;
+        });
         let mut report = MigrationReport::default();
         let mut round_started = Instant::now();
         let mut round_bytes_start = 0;
@@ -251,6 +273,7 @@ impl VmCore {
                 ?expected,
                 "migration round"
             );
+            set_progress(&|p| p.dirty_pages = dirty_pages);
             if expected <= downtime_limit || *parked {
                 break maps;
             }
@@ -284,8 +307,13 @@ impl VmCore {
             round_started = Instant::now();
             round_bytes_start = sender.bytes_sent;
             sender.rounds = report.rounds;
-            sender.send_dirty(&maps)?;
             report.rounds += 1;
+            let (round, throttle) = (report.rounds, report.max_throttle_percent);
+            set_progress(&|p| {
+                p.round = round;
+                p.throttle_percent = throttle;
+            });
+            sender.send_dirty(&maps)?;
         };
         // The last pages are sent whatever the time: the guest is paused by then.
         sender.give_up_at = Instant::now() + Duration::from_secs(3600);
@@ -296,6 +324,7 @@ impl VmCore {
             self.park_threads()?;
             *parked = true;
         }
+        set_progress(&|p| p.phase = MigrationPhase::StopAndCopy);
         merge(&mut pending, log.take()?);
         report.last_round_pages = dirty::count(&pending);
         sender.send_dirty(&pending)?;
@@ -310,6 +339,7 @@ impl VmCore {
         drop(log);
         write_json(stream, Tag::State, &Final { saved, memory_crc })?;
         stream.flush().map_err(protocol::ProtocolError::from)?;
+        set_progress(&|p| p.phase = MigrationPhase::WaitingForDestination);
         let resumed: Resumed = match read_frame(stream, &mut payload)? {
             Tag::Resumed => protocol::decode(Tag::Resumed, &payload)?,
             Tag::Failed | Tag::Abort => {
