@@ -1,13 +1,7 @@
 //! `bulkhead`: the hypervisor's command line.
 
-mod console;
-mod ctl;
-mod device_options;
-mod run;
-mod serve;
-mod vm;
-
-use clap::{Parser, Subcommand, ValueEnum};
+use bulkhead_cli::{ctl, run, serve, vm};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -36,57 +30,28 @@ enum Command {
     Token(vm::TokenArgs),
 }
 
-/// Output format of reports meant for people or for machines.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    #[default]
-    Text,
-    Json,
-}
-
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // One JSON object per event, for log collectors.
-    if std::env::var("BULKHEAD_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        logs.json().init();
-    } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+    bulkhead_cli::init_logging();
+    // A VM runs in the VMM program when it is installed beside this one: it
+    // holds only the VMM's code (see cli/src/lib.rs).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|command| command == "run") {
+        if let Some(vmm) = bulkhead_cli::vmm_program() {
+            use std::os::unix::process::CommandExt;
+            let error = std::process::Command::new(&vmm)
+                .arg("run")
+                .args(args)
+                .exec();
+            eprintln!("bulkhead: cannot run {}: {error}", vmm.display());
+            std::process::exit(1);
+        }
     }
     let cli = Cli::parse();
-    let status = match cli.command {
+    bulkhead_cli::exit_with(match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Serve(args) => serve::serve(args),
         Command::Vm(args) => vm::vm(args),
         Command::Token(args) => vm::token(args),
-    };
-    match status {
-        Ok(code) => std::process::exit(code),
-        Err(error) => {
-            eprintln!("bulkhead: error: {}", one_line(&error));
-            std::process::exit(1);
-        }
-    }
-}
-
-/// The error and its causes on one line, skipping causes whose text an outer
-/// message already includes (library errors often quote their source).
-fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line.replace('\n', " ")
+    })
 }

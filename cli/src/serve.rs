@@ -41,7 +41,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<i32> {
         tls_key: args.tls_key,
         state_dir: args.state_dir,
         allowed_dirs: args.allow_dir,
-        vmm_binary: std::env::current_exe()?,
+        // VMMs are the lean VMM program when it is installed beside this one.
+        vmm_binary: match crate::vmm_program() {
+            Some(vmm) => vmm,
+            None => std::env::current_exe()?,
+        },
         max_requests: args.max_requests,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -258,3 +258,48 @@ fn restore_with_machine_options() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
+
+/// A `bulkhead-vmm` beside `bulkhead` from another build is never started:
+/// the VM runs in `bulkhead` itself, and the warning says why. The one
+/// from the same build is (the report comes from it either way).
+#[test]
+fn a_vmm_program_from_another_build_is_passed_over() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("bulkhead-stale-vmm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bulkhead = dir.join("bulkhead");
+    std::fs::copy(env!("CARGO_BIN_EXE_bulkhead"), &bulkhead).unwrap();
+    let marker = dir.join("stale-vmm-ran");
+    let stale = dir.join("bulkhead-vmm");
+    std::fs::write(
+        &stale,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = build-id ] && echo 0123456789abcdef && exit 0\ntouch {}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = || {
+        Command::new(&bulkhead)
+            .args(["run", "--output", "json"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let output = run();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!marker.exists(), "the stale VMM program ran");
+    assert!(
+        stderr.contains("from another build") && stderr.contains("0123456789abcdef"),
+        "{stderr}"
+    );
+    // The same build's VMM program runs the VM.
+    std::fs::copy(env!("CARGO_BIN_EXE_bulkhead-vmm"), &stale).unwrap();
+    let output = run();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("another build"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -314,6 +314,7 @@ fn l1_image(
         images::stock_kernel_key(&package, &version).into_bytes(),
         L1_INIT.as_bytes().to_vec(),
         cache::file_sha256(bulkhead)?.into_bytes(),
+        cache::file_sha256(&bulkhead.with_file_name("bulkhead-vmm"))?.into_bytes(),
         test_binaries
             .iter()
             .map(|binary| cache::file_sha256(binary))
@@ -378,6 +379,11 @@ fn build_l1_initramfs(
     fs::write(modules.join("load-order"), order.join("\n") + "\n")?;
 
     fs::copy(bulkhead, tree.join("bulkhead/bulkhead"))?;
+    // The VMM program the daemon (and `bulkhead run`) starts VMs with.
+    fs::copy(
+        bulkhead.with_file_name("bulkhead-vmm"),
+        tree.join("bulkhead/bulkhead-vmm"),
+    )?;
     for ((_, test), binary) in TEST_BINARIES.iter().zip(test_binaries) {
         fs::copy(binary, tree.join("bulkhead/tests").join(test))?;
     }

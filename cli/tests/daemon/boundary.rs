@@ -513,3 +513,25 @@ fn how_a_vmm_ended_comes_from_its_report_never_from_its_log() {
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(written, json!({"version": 1, "exit": "stopped"}));
 }
+
+/// The daemon's VMMs are the VMM program, which links none of the daemon's
+/// code (an API server in every VM's process is attack surface and memory).
+#[test]
+fn each_vm_runs_in_the_vmm_program_without_the_daemons_code() {
+    let daemon = Daemon::start();
+    let id = daemon.running_vm("lean");
+    let exe = std::fs::read_link(format!("/proc/{}/exe", daemon.pid(&id))).unwrap();
+    assert_eq!(
+        exe.file_name().unwrap(),
+        "bulkhead-vmm",
+        "{}",
+        exe.display()
+    );
+    // It has no `serve` to run.
+    let output = Command::new(&exe).arg("serve").output().unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("unrecognized subcommand"),
+        "{output:?}"
+    );
+}
