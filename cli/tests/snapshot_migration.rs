@@ -37,12 +37,17 @@ struct Vmm {
     output: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     control: PathBuf,
+    /// The threads reading its stdout and stderr.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+/// Reads `from` into a buffer until it closes; the thread ends then.
+fn collect(
+    mut from: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
     let sink = Arc::new(Mutex::new(Vec::new()));
     let writer = sink.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buffer = [0u8; 4096];
         while let Ok(n) = from.read(&mut buffer) {
             if n == 0 {
@@ -51,7 +56,7 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
             writer.lock().unwrap().extend_from_slice(&buffer[..n]);
         }
     });
-    sink
+    (sink, reader)
 }
 
 /// A failed assertion must not leave a guest spinning on the machine.
@@ -76,13 +81,14 @@ impl Vmm {
             .stderr(Stdio::piped());
         support::dies_with_test(&mut command);
         let mut child = command.spawn().unwrap();
-        let output = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let (output, stdout_reader) = collect(child.stdout.take().unwrap());
+        let (stderr, stderr_reader) = collect(child.stderr.take().unwrap());
         Vmm {
             child,
             output,
             stderr,
             control,
+            readers: vec![stdout_reader, stderr_reader],
         }
     }
 
@@ -173,8 +179,7 @@ impl Vmm {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the readers drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
+                self.drain();
                 return (status, self.output(), self.stderr());
             }
             assert!(
@@ -189,7 +194,15 @@ impl Vmm {
     fn kill(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.drain();
         self.output()
+    }
+
+    /// Waits until everything the ended VMM wrote has been read.
+    fn drain(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
     }
 }
 
@@ -818,15 +831,19 @@ fn a_destination_refuses_another_protocol_version() {
     assert!(stderr.contains("refused the source"), "{stderr}");
 }
 
-/// The snapshot of format version 2 that every later Bulkhead must restore:
-/// written once (by `write_the_snapshot_fixture`), checked in, never rewritten.
-/// Memory is gzipped (the guest's 4 MiB are mostly zeros).
-const FIXTURE_V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/snapshot-v2");
+/// The snapshot of each format version that every later Bulkhead must
+/// restore: written once by the Bulkhead of its time (`write_the_snapshot_fixture`),
+/// checked in, never rewritten. Memory is gzipped (the guest's 4 MiB are
+/// mostly zeros). Version 3's has devices (an rng and a balloon) for its
+/// state keyed by device id.
+fn fixture(version: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/snapshot-v{version}"))
+}
 
 #[test]
 #[ignore = "writes the checked-in fixture of a new format version; run by hand once"]
 fn write_the_snapshot_fixture() {
-    let fixture = PathBuf::from(FIXTURE_V2);
+    let fixture = fixture(vmm::snapshot::VERSION);
     assert!(
         !fixture.exists(),
         "{} exists: a fixture is never rewritten",
@@ -836,10 +853,20 @@ fn write_the_snapshot_fixture() {
         region_pages: 64,
         ..Default::default()
     });
-    let source = Vmm::boot(&guest, 4);
+    let source = Vmm::start(&[
+        "--kernel".as_ref(),
+        guest.as_os_str(),
+        "--memory".as_ref(),
+        "4".as_ref(),
+        "--rng".as_ref(),
+        "--balloon=target_mib=1,deflate_on_oom".as_ref(),
+    ]);
     source.wait_for_count(5);
     let snapshot = unique("fixture");
+    // Paused, so what it printed ends where the snapshot is.
+    source.ctl_ok(&["pause"]);
     source.ctl_ok(&["snapshot", snapshot.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let printed = counts(&source.kill(), false);
     std::fs::create_dir_all(&fixture).unwrap();
     for name in ["state.json", "manifest.json"] {
@@ -860,10 +887,11 @@ fn write_the_snapshot_fixture() {
     .unwrap();
 }
 
-#[test]
-fn the_checked_in_snapshot_of_format_version_2_restores() {
-    let fixture = PathBuf::from(FIXTURE_V2);
-    let snapshot = unique("fixture-v2");
+/// Restores the checked-in fixture of `version` and checks the guest goes on
+/// from where it was.
+fn the_checked_in_snapshot_restores(version: u32) {
+    let fixture = fixture(version);
+    let snapshot = unique(&format!("fixture-v{version}"));
     std::fs::create_dir_all(&snapshot).unwrap();
     for name in ["state.json", "manifest.json"] {
         std::fs::copy(fixture.join(name), snapshot.join(name)).unwrap();
@@ -895,4 +923,95 @@ fn the_checked_in_snapshot_of_format_version_2_restores() {
         "resumed at {}, the fixture's guest had printed up to {last_printed}",
         after[0]
     );
+}
+
+/// A copy of the version 3 fixture (an rng and a balloon) whose state is
+/// `change`d, its manifest made to agree; returns `bulkhead run --restore`'s
+/// error.
+fn restore_error_of_changed_fixture(name: &str, change: &dyn Fn(&mut serde_json::Value)) -> String {
+    let fixture = fixture(3);
+    let copy = unique(name);
+    std::fs::create_dir_all(&copy).unwrap();
+    let mut memory = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(fixture.join("memory.gz")).unwrap())
+        .read_to_end(&mut memory)
+        .unwrap();
+    std::fs::write(copy.join("memory"), memory).unwrap();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("state.json")).unwrap()).unwrap();
+    change(&mut state);
+    let bytes = serde_json::to_vec(&state).unwrap();
+    std::fs::write(copy.join("state.json"), &bytes).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("manifest.json")).unwrap()).unwrap();
+    for file in manifest["files"].as_array_mut().unwrap() {
+        if file["name"] == "state.json" {
+            file["crc32"] = serde_json::json!(crc32fast::hash(&bytes));
+            file["bytes"] = serde_json::json!(bytes.len());
+        }
+    }
+    std::fs::write(copy.join("manifest.json"), manifest.to_string()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--restore"])
+        .arg(&copy)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{name}: restored");
+    assert!(output.stdout.is_empty(), "{name}: a guest ran");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn device_state_is_keyed_by_device_id_and_typed() {
+    let error = restore_error_of_changed_fixture("renamed-device", &|state| {
+        let rng = state["devices"]
+            .as_object_mut()
+            .unwrap()
+            .remove("rng")
+            .unwrap();
+        state["devices"]["rng7"] = rng;
+    });
+    assert!(
+        error.contains("\"rng7\"") && error.contains("does not have"),
+        "{error}"
+    );
+    let error = restore_error_of_changed_fixture("missing-device", &|state| {
+        state["devices"].as_object_mut().unwrap().remove("balloon");
+    });
+    assert!(error.contains("nothing for device \"balloon\""), "{error}");
+    // A balloon's state on the rng, and a balloon without its own.
+    let error = restore_error_of_changed_fixture("swapped-state", &|state| {
+        let balloon = state["devices"]["balloon"]["device"].take();
+        state["devices"]["rng"]["device"] = balloon;
+    });
+    assert!(
+        error.contains("rng: a saved state of another device"),
+        "{error}"
+    );
+    let error = restore_error_of_changed_fixture("out-of-range", &|state| {
+        state["devices"]["balloon"]["device"]["target_pages"] = serde_json::json!(-1);
+    });
+    assert!(error.contains("cannot decode"), "{error}");
+    // A version 3 state in version 2's layout (a list) is not taken as one.
+    let error = restore_error_of_changed_fixture("listed", &|state| {
+        let devices: Vec<_> = state["devices"]
+            .as_object()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        state["devices"] = serde_json::Value::Array(devices);
+    });
+    assert!(error.contains("cannot decode"), "{error}");
+}
+
+#[test]
+fn the_checked_in_snapshot_of_format_version_2_restores() {
+    the_checked_in_snapshot_restores(2);
+}
+
+#[test]
+fn the_checked_in_snapshot_of_format_version_3_restores() {
+    the_checked_in_snapshot_restores(3);
 }

@@ -114,6 +114,42 @@ impl MachineConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+
+    /// Each virtio device's id, in the order of their slots: `vda`, `vdb`,
+    /// ... for disks, `eth0`, ... for NICs, then `rng`, `vsock`, `balloon`.
+    /// Saved device state is keyed by these, so a later release may order
+    /// the slots differently and still restore an older snapshot.
+    pub fn device_ids(&self) -> Vec<String> {
+        let disks = (0..self.disks.len()).map(disk_name);
+        let nets = (0..self.nets.len()).map(net_name);
+        let others = [
+            self.rng.then_some("rng"),
+            self.vsock.is_some().then_some("vsock"),
+            self.balloon.is_some().then_some("balloon"),
+        ];
+        disks
+            .chain(nets)
+            .chain(others.into_iter().flatten().map(String::from))
+            .collect()
+    }
+}
+
+/// The name Linux gives the disk at `index`: vda, vdb, ..., vdz, vdaa, ...
+pub fn disk_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        suffix.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8(suffix).unwrap_or_default())
+}
+
+/// The guest's name for NIC `index` (`eth0`, ...): its device id.
+pub fn net_name(index: usize) -> String {
+    format!("eth{index}")
 }
 
 /// Smallest guest: the kernel is loaded at 1 MiB, and the boot structures
@@ -218,6 +254,39 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_ids_follow_the_slots_and_name_each_device() {
+        let disk = DiskConfig {
+            path: "d".into(),
+            read_only: false,
+            id: None,
+            rate_limit: RateLimit::default(),
+        };
+        let net = NetConfig {
+            tap: "t".into(),
+            mac: None,
+            rate_limit: RateLimit::default(),
+        };
+        let machine = MachineConfig {
+            kernel: "k".into(),
+            cmdline: String::new(),
+            cpus: 1,
+            memory_mib: 64,
+            disks: vec![disk; 28],
+            nets: vec![net.clone(), net],
+            rng: true,
+            balloon: Some(BalloonConfig::default()),
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: "v".into(),
+            }),
+        };
+        let ids = machine.device_ids();
+        assert_eq!(ids[..2], ["vda", "vdb"]);
+        assert_eq!(ids[25..28], ["vdz", "vdaa", "vdab"]);
+        assert_eq!(ids[28..], ["eth0", "eth1", "rng", "vsock", "balloon"]);
+    }
 
     #[test]
     fn rejects_zero_and_oversized_resources() {

@@ -124,7 +124,7 @@ impl VmCore {
             devices: self
                 .virtio
                 .iter()
-                .map(|slot| lock(&slot.transport).save())
+                .map(|slot| (slot.id.clone(), lock(&slot.transport).save()))
                 .collect(),
             pm1: lock(&self.pm1).save(),
             i8042: Some(lock(&self.keyboard).save()),

@@ -42,7 +42,9 @@ pub const FORMAT: &str = "bulkhead-snapshot";
 /// must restore.
 ///
 /// 2: the full ACPI platform (PM1 block), virtio IRQs without 9 (the SCI's).
-pub const VERSION: u32 = 2;
+/// 3: virtio devices' state keyed by device id, each device's own state
+/// typed; a version 2 state is read by keying its list ([`SavedVm::decode`]).
+pub const VERSION: u32 = 3;
 /// The oldest format this Bulkhead restores (1 had another interrupt layout).
 pub const MIN_READABLE_VERSION: u32 = 2;
 pub const MEMORY_FILE: &str = "memory";
@@ -63,13 +65,53 @@ pub struct SavedVm {
     pub pci: PciState,
     pub cmos_index: u8,
     pub cmos_nvram: Vec<u8>,
-    pub devices: Vec<TransportState>,
+    /// Each virtio device's transport and state, by device id
+    /// ([`MachineConfig::device_ids`]). Version 2 held them as a list in slot
+    /// order; [`SavedVm::decode`] keys such a list by the machine's ids.
+    pub devices: std::collections::BTreeMap<String, TransportState>,
     /// The ACPI PM1 block (event and control registers).
     pub pm1: SavedPm1,
     /// The keyboard controller. Absent in snapshots before it was saved:
     /// those restore with a controller as at power-on.
     #[serde(default)]
     pub i8042: Option<crate::devices::legacy::i8042::SavedI8042>,
+}
+
+impl SavedVm {
+    /// Reads a state written in format `version` (one this Bulkhead reads):
+    /// older layouts are brought to this one first, each by its own rule.
+    pub fn decode(bytes: &[u8], version: u32) -> Result<SavedVm, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        SavedVm::from_value(value, version)
+    }
+
+    /// [`SavedVm::decode`] of a state already parsed as JSON.
+    pub fn from_value(mut value: serde_json::Value, version: u32) -> Result<SavedVm, String> {
+        if version < 3 {
+            key_devices_by_id(&mut value)?;
+        }
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+}
+
+/// Version 2 listed the virtio devices in slot order: key each by the id its
+/// machine gives that slot.
+fn key_devices_by_id(state: &mut serde_json::Value) -> Result<(), String> {
+    let machine: MachineConfig =
+        serde_json::from_value(state["machine"].clone()).map_err(|e| format!("machine: {e}"))?;
+    let ids = machine.device_ids();
+    let Some(serde_json::Value::Array(list)) = state.get_mut("devices").map(std::mem::take) else {
+        return Err("devices: not a list (a version 2 state lists them)".into());
+    };
+    if list.len() != ids.len() {
+        return Err(format!(
+            "devices: {} listed, the machine has {}",
+            list.len(),
+            ids.len()
+        ));
+    }
+    state["devices"] = serde_json::Value::Object(ids.into_iter().zip(list).collect());
+    Ok(())
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -380,7 +422,7 @@ pub fn read(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
             ),
         ));
     }
-    let saved: SavedVm = serde_json::from_slice(&state)
+    let saved = SavedVm::decode(&state, manifest.version)
         .map_err(|e| invalid(&state_path, format!("cannot decode: {e}")))?;
 
     let memory_path = dir.join(MEMORY_FILE);
@@ -481,6 +523,52 @@ fn map_private(
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    /// The version 2 fixture's state, with its device list replaced.
+    fn v2_state_with(machine: serde_json::Value, devices: serde_json::Value) -> serde_json::Value {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cli/tests/fixtures/snapshot-v2/state.json"
+        );
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+        for (key, value) in machine.as_object().unwrap() {
+            state["machine"][key] = value.clone();
+        }
+        state["devices"] = devices;
+        state
+    }
+
+    #[test]
+    fn a_version_2_device_list_is_keyed_by_the_machines_device_ids() {
+        let transport = |device: serde_json::Value| {
+            serde_json::json!({"device_type": 4, "status": 0, "driver_features": 0,
+                "queue_select": 0, "device_features_select": 0, "driver_features_select": 0,
+                "interrupt_status": 0, "setup_queues": [], "active_queues": null, "device": device})
+        };
+        let balloon = serde_json::json!({"target_pages": 2, "actual_pages": 1, "stats_head": null});
+        let machine = serde_json::json!({"rng": true,
+            "balloon": {"target_mib": 0, "deflate_on_oom": false, "free_page_reporting": false}});
+        let state = v2_state_with(
+            machine.clone(),
+            serde_json::json!([transport(serde_json::Value::Null), transport(balloon)]),
+        );
+        let saved = SavedVm::from_value(state.clone(), 2).unwrap();
+        assert_eq!(saved.devices.keys().collect::<Vec<_>>(), ["balloon", "rng"]);
+        assert!(matches!(
+            saved.devices["balloon"].device,
+            crate::devices::virtio::SavedDeviceState::Balloon(_)
+        ));
+        // Read as version 3, the same list is not a state.
+        assert!(SavedVm::from_value(state, 3).is_err());
+        // A list that does not match the machine is refused, naming both counts.
+        let short = v2_state_with(
+            machine,
+            serde_json::json!([transport(serde_json::Value::Null)]),
+        );
+        let error = SavedVm::from_value(short, 2).err().unwrap();
+        assert!(error.contains("1 listed, the machine has 2"), "{error}");
+    }
 
     #[test]
     fn zero_pages_are_recognised_at_any_alignment() {

@@ -267,14 +267,21 @@ impl Hardware {
             lock(&cmos)
                 .restore(saved.cmos_index, &saved.cmos_nvram)
                 .map_err(VmError::State)?;
-            if saved.devices.len() != virtio.len() {
+            // Each device takes the state saved under its id; a state for a
+            // device this machine does not have is refused by name.
+            if let Some(unknown) = saved
+                .devices
+                .keys()
+                .find(|id| !virtio.iter().any(|slot| &slot.id == *id))
+            {
                 return Err(VmError::State(format!(
-                    "the state has {} virtio devices, the machine {}",
-                    saved.devices.len(),
-                    virtio.len()
+                    "the state has a device {unknown:?} this machine does not have"
                 )));
             }
-            for (slot, state) in virtio.iter().zip(&saved.devices) {
+            for slot in &virtio {
+                let state = saved.devices.get(&slot.id).ok_or_else(|| {
+                    VmError::State(format!("the state has nothing for device {:?}", slot.id))
+                })?;
                 lock(&slot.transport)
                     .restore(state)
                     .map_err(VmError::State)?;
@@ -701,6 +708,9 @@ impl Vm {
 /// A virtio-mmio device and where the guest finds it.
 #[derive(Clone)]
 pub(crate) struct VirtioSlot {
+    /// The device's id in the machine (`MachineConfig::device_ids`): what its
+    /// saved state is keyed by.
+    pub id: String,
     pub base: u64,
     pub irq: u32,
     pub transport: Arc<Mutex<MmioTransport>>,
@@ -731,19 +741,20 @@ fn create_virtio_devices(
             "the devices' host backings do not match the machine".into(),
         ));
     }
+    // In the order of `MachineConfig::device_ids`, which names each device.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, (disk, file)) in config.disks.iter().zip(disks).enumerate() {
         devices.push(Box::new(virtio::block::Block::new(
             disk,
             file,
-            &disk_name(index),
+            &crate::config::disk_name(index),
         )?));
     }
     for (index, (net, tap)) in config.nets.iter().zip(taps).enumerate() {
         devices.push(Box::new(virtio::net::Net::new(
             net,
             tap,
-            &format!("eth{index}"),
+            &crate::config::net_name(index),
         )?));
     }
     if config.rng {
@@ -761,8 +772,22 @@ fn create_virtio_devices(
     if devices.len() > layout::irq::VIRTIO.len() {
         return Err(VmError::TooManyDevices(layout::irq::VIRTIO.len()));
     }
+    let ids = config.device_ids();
+    if ids.len() != devices.len() {
+        return Err(VmError::State(format!(
+            "{} device ids for {} devices",
+            ids.len(),
+            devices.len()
+        )));
+    }
     let mut slots = Vec::with_capacity(devices.len());
-    for (index, device) in devices.into_iter().enumerate() {
+    for (index, (device, id)) in devices.into_iter().zip(ids).enumerate() {
+        if device.name() != id {
+            return Err(VmError::State(format!(
+                "device {} in the slot of {id}",
+                device.name()
+            )));
+        }
         let base = layout::VIRTIO_MMIO_START + index as u64 * virtio::mmio::WINDOW_SIZE;
         let irq = layout::irq::VIRTIO[index];
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
@@ -785,6 +810,7 @@ fn create_virtio_devices(
             }
         }
         slots.push(VirtioSlot {
+            id,
             base,
             irq,
             transport: Arc::new(Mutex::new(transport)),
@@ -809,19 +835,6 @@ fn prefault(memory: &GuestRam) {
             unsafe { std::ptr::write_volatile(start.add(offset), 0) };
         }
     }
-}
-
-/// The name Linux gives the disk at `index`: vda, vdb, ..., vdz, vdaa, ...
-pub fn disk_name(index: usize) -> String {
-    let mut suffix = Vec::new();
-    let mut n = index + 1;
-    while n > 0 {
-        n -= 1;
-        suffix.push(b'a' + (n % 26) as u8);
-        n /= 26;
-    }
-    suffix.reverse();
-    format!("vd{}", String::from_utf8(suffix).unwrap_or_default())
 }
 
 /// The KVM device passed as a descriptor (by the daemon).
@@ -1123,7 +1136,7 @@ mod tests {
     fn disks_are_named_as_linux_names_them() {
         let names: Vec<String> = [0, 1, 25, 26, 27, 701, 702]
             .iter()
-            .map(|&i| super::disk_name(i))
+            .map(|&i| crate::config::disk_name(i))
             .collect();
         assert_eq!(
             names,

@@ -176,7 +176,7 @@ impl Incoming {
                         return Err(MigrationError::Incoming(why.into()));
                     }
                 }
-                Tag::State => match protocol::decode(Tag::State, &payload) {
+                Tag::State => match protocol::decode_final(&payload, hello.version) {
                     Ok(last) => break last,
                     Err(e) => {
                         refuse(stream.as_mut(), Tag::Failed, &e.to_string());

@@ -18,7 +18,9 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// [`MIN_ACCEPTED_VERSION`] to [`VERSION`] (the state follows the snapshot's
 /// rules: added fields have defaults); it is bumped when a frame changes meaning.
 /// 2: the full ACPI platform (PM1 block in the state), virtio IRQs without 9.
-pub const VERSION: u32 = 2;
+/// 3: the state of snapshot format 3 (devices keyed by id); a version 2
+/// source's state is read by the snapshot's rule for version 2.
+pub const VERSION: u32 = 3;
 /// The oldest source a destination accepts.
 pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
@@ -128,6 +130,30 @@ pub fn read_frame(input: &mut dyn Read, payload: &mut Vec<u8>) -> Result<Tag, Pr
 
 pub fn decode<T: DeserializeOwned>(tag: Tag, payload: &[u8]) -> Result<T, ProtocolError> {
     serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed(tag, e.to_string()))
+}
+
+/// Decodes a STATE frame from a source speaking `version`: its saved VM by
+/// the snapshot format's rules for that version.
+pub fn decode_final(payload: &[u8], version: u32) -> Result<Final, ProtocolError> {
+    let malformed = |e: String| ProtocolError::Malformed(Tag::State, e);
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        saved: serde_json::Value,
+        memory_crc: Option<u32>,
+    }
+    let raw: Raw = serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
+    // Version 2 of this protocol carried version 2 of the snapshot state.
+    let state_version = if version < 3 {
+        2
+    } else {
+        crate::snapshot::VERSION
+    };
+    let saved =
+        crate::snapshot::SavedVm::from_value(raw.saved, state_version).map_err(malformed)?;
+    Ok(Final {
+        saved,
+        memory_crc: raw.memory_crc,
+    })
 }
 
 /// A text payload (REFUSE, FAILED, ABORT), shown to users: kept printable.

@@ -56,6 +56,16 @@ fn stat_name(tag: u16) -> Option<&'static str> {
     })
 }
 
+/// What a balloon keeps in a snapshot besides its queues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedBalloon {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    /// The statistics buffer the device holds until it wants new figures.
+    pub stats_head: Option<u16>,
+}
+
 /// What the host sees of the balloon, shared with the control socket.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -404,32 +414,23 @@ impl VirtioDevice for Balloon {
         .collect()
     }
 
-    fn save_state(&self) -> serde_json::Value {
+    fn save_state(&self) -> super::SavedDeviceState {
         let state = self.state();
-        serde_json::json!({
-            "target_pages": state.target_pages,
-            "actual_pages": state.actual_pages,
-            // The statistics buffer the device holds until it wants new figures.
-            "stats_head": self.running.as_ref().and_then(|r| r.stats_head),
+        super::SavedDeviceState::Balloon(SavedBalloon {
+            target_pages: state.target_pages,
+            actual_pages: state.actual_pages,
+            stats_head: self.running.as_ref().and_then(|r| r.stats_head),
         })
     }
 
-    fn restore_state(&mut self, saved: &serde_json::Value) -> Result<(), String> {
-        let field = |name: &str| saved.get(name).and_then(serde_json::Value::as_u64);
-        let pages = |name: &str| {
-            field(name)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| format!("balloon state: {name} missing or out of range"))
+    fn restore_state(&mut self, saved: &super::SavedDeviceState) -> Result<(), String> {
+        let super::SavedDeviceState::Balloon(saved) = saved else {
+            return Err(format!(
+                "balloon: a saved state of another device: {saved:?}"
+            ));
         };
-        let (target, actual) = (pages("target_pages")?, pages("actual_pages")?);
-        let stats_head = match saved.get("stats_head") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|v| u16::try_from(v).ok())
-                    .ok_or("balloon state: stats_head out of range")?,
-            ),
-        };
+        let (target, actual, stats_head) =
+            (saved.target_pages, saved.actual_pages, saved.stats_head);
         {
             let mut state = self.state();
             state.target_pages = target;

@@ -320,7 +320,7 @@ pub struct TransportState {
     pub setup_queues: Vec<SavedQueue>,
     /// The queues the running device serves; None before DRIVER_OK.
     pub active_queues: Option<Vec<SavedQueue>>,
-    pub device: serde_json::Value,
+    pub device: super::SavedDeviceState,
 }
 
 impl MmioTransport {

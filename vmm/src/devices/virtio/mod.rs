@@ -291,13 +291,32 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<SavedQueue>;
     /// What the device keeps besides its queues (a request it holds, a size
     /// the driver wrote), for a snapshot. Taken while the device thread is parked.
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    fn save_state(&self) -> SavedDeviceState {
+        SavedDeviceState::None
     }
-    /// Puts back what `save_state` returned, after `activate` on restore.
-    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
-        Ok(())
+    /// Puts back what `save_state` returned, after `activate` on restore; a
+    /// state of another kind of device is refused.
+    fn restore_state(&mut self, state: &SavedDeviceState) -> Result<(), String> {
+        match state {
+            SavedDeviceState::None => Ok(()),
+            other => Err(format!(
+                "{}: a saved state of another device: {other:?}",
+                self.name()
+            )),
+        }
     }
+}
+
+/// What a device saves besides its transport and queues, one variant per
+/// device that keeps anything. In the state file a device that keeps
+/// nothing is `null` and the others are their own fields (as version 2
+/// wrote them), so each variant's fields must tell it apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SavedDeviceState {
+    #[default]
+    None,
+    Balloon(balloon::SavedBalloon),
 }
 
 /// Copies `data` into a config-space read, at `offset`, for any width the

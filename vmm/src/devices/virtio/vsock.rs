@@ -911,7 +911,10 @@ impl VirtioDevice for Vsock {
     /// Host sockets do not survive a restore or a migration: as Firecracker
     /// does, tell the driver its transport was reset, so it drops every
     /// connection (and re-reads the CID) instead of waiting on dead ones.
-    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+    fn restore_state(&mut self, state: &super::SavedDeviceState) -> Result<(), String> {
+        if *state != super::SavedDeviceState::None {
+            return Err(format!("vsock: a saved state of another device: {state:?}"));
+        }
         self.send_transport_reset();
         Ok(())
     }
