@@ -206,6 +206,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_version_2_sources_state_is_read_by_the_version_2_rules() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cli/tests/fixtures/snapshot-v2/state.json"
+        );
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+        assert!(saved["devices"].is_array());
+        let payload =
+            serde_json::to_vec(&serde_json::json!({"saved": saved, "memory_crc": 7})).unwrap();
+        let last = decode_final(&payload, 2).unwrap();
+        assert_eq!(last.memory_crc, Some(7));
+        assert!(last.saved.devices.is_empty());
+        // From a version 3 source, a device list is malformed.
+        assert!(matches!(
+            decode_final(&payload, 3),
+            Err(ProtocolError::Malformed(Tag::State, _))
+        ));
+    }
+
+    #[test]
     fn frames_round_trip_and_bad_ones_are_refused() {
         let mut wire = Vec::new();
         write_frame(&mut wire, Tag::Pages, &[&7u64.to_le_bytes(), b"data"]).unwrap();
