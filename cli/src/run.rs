@@ -224,7 +224,7 @@ fn run_launched_vm(
     let devices = vmm::backing::DeviceBackings::from_descriptors(&plan.machine, &mut descriptors)
         .context("cannot take the devices' host resources")?;
     let listener = match plan.origin {
-        LaunchOrigin::Incoming => Some(
+        LaunchOrigin::Incoming(_) => Some(
             vmm::migration::Listener::from_descriptor(
                 descriptors
                     .next()
@@ -265,9 +265,12 @@ fn run_launched_vm(
             )
             .with_context(|| format!("cannot restore snapshot {snapshot}"))?
         }
-        LaunchOrigin::Incoming => {
+        LaunchOrigin::Incoming(expected) => {
             let listener = listener.context("the migration listener is missing")?;
-            let incoming = vmm::migration::accept_on(listener, None);
+            let incoming = vmm::migration::accept_on(listener, None).expecting(
+                expected.source,
+                std::time::Duration::from_secs(expected.timeout_secs),
+            );
             eprintln!("bulkhead: waiting for a migration on {}", incoming.uri());
             let arrived = incoming
                 .receive_onto(

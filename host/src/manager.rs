@@ -262,7 +262,7 @@ impl Manager {
                 .map_err(|e| ManagerError::Failed(format!("cannot start the VMM: {e}")))?;
         let pid = child.id();
         self.store.update_vm(id, |r| r.pid = Some(pid))?;
-        if matches!(origin, Origin::Incoming(_)) {
+        if matches!(origin, Origin::Incoming { .. }) {
             return self.await_migration(id, child, &paths);
         }
         // Wait for the control socket to answer, or the process to end.
@@ -424,6 +424,9 @@ impl Manager {
             record.state = match record.state {
                 VmState::Deleting => VmState::Deleting,
                 VmState::Stopping => VmState::Stopped,
+                // Ended before its guest ran (an incoming migration that
+                // never came): a start that failed, not a crash.
+                VmState::Starting => VmState::Stopped,
                 _ if clean => VmState::Stopped,
                 _ => VmState::Crashed,
             };

@@ -60,8 +60,11 @@ pub enum Origin {
     Boot,
     /// A snapshot name under the VM's `snapshots` directory.
     Restore(String),
-    /// `tcp:IP:PORT` to wait on.
-    Incoming(String),
+    /// `tcp:IP:PORT` to wait on, for the source named.
+    Incoming {
+        uri: String,
+        from: vmm::launch::ExpectedSource,
+    },
 }
 
 /// The machine the daemon records for `spec`, as its VMM receives it: host
@@ -136,7 +139,7 @@ pub fn prepare(
         Origin::Restore(name) => LaunchOrigin::Restore {
             snapshot: name.clone(),
         },
-        Origin::Incoming(_) => LaunchOrigin::Incoming,
+        Origin::Incoming { from, .. } => LaunchOrigin::Incoming(from.clone()),
     };
     let boot = launch_origin == LaunchOrigin::Boot;
     let mut descriptors: Vec<OwnedFd> = Vec::new();
@@ -188,7 +191,7 @@ pub fn prepare(
         let listener = crate::resources::bind_socket(&paths.vsock)?;
         descriptors.push(listener.into());
     }
-    if let Origin::Incoming(uri) = origin {
+    if let Origin::Incoming { uri, .. } = origin {
         let address = uri.strip_prefix("tcp:").unwrap_or(uri);
         let listener =
             std::net::TcpListener::bind(address).map_err(|source| ResourceError::Io {

@@ -87,8 +87,19 @@ pub enum LaunchOrigin {
     Restore {
         snapshot: String,
     },
-    /// A live migration arriving on the listener passed last.
-    Incoming,
+    /// A live migration arriving on the listener passed last, from `source`
+    /// only (other peers are dropped unheard), within `timeout_secs`.
+    Incoming(ExpectedSource),
+}
+
+/// Who may migrate a VM in, and until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedSource {
+    /// The source host's address: a connection from any other is dropped.
+    pub source: std::net::IpAddr,
+    /// No migration within this long ends the VMM.
+    pub timeout_secs: u64,
 }
 
 impl LaunchPlan {
@@ -100,7 +111,7 @@ impl LaunchPlan {
             + self.machine.disks.len()
             + self.machine.nets.len()
             + usize::from(self.machine.vsock.is_some())
-            + usize::from(self.origin == LaunchOrigin::Incoming)
+            + usize::from(matches!(self.origin, LaunchOrigin::Incoming(_)))
     }
 
     fn check(&self) -> Result<(), LaunchError> {
@@ -423,7 +434,10 @@ mod tests {
             snapshot: "s".into(),
         };
         assert_eq!(p.descriptor_count(), 2);
-        p.origin = LaunchOrigin::Incoming;
+        p.origin = LaunchOrigin::Incoming(ExpectedSource {
+            source: "192.0.2.1".parse().unwrap(),
+            timeout_secs: 60,
+        });
         assert_eq!(p.descriptor_count(), 3);
     }
 

@@ -143,7 +143,7 @@ fn an_incoming_vmm_is_confined_before_a_peer_speaks_and_builds_its_own_machine()
     let waiting = daemon.ok(
         Method::POST,
         &format!("/v1/vms/{id}/start"),
-        Some(json!({"incoming": uri})),
+        Some(json!({"incoming": uri, "incoming_from": "127.0.0.1"})),
     );
     assert_eq!(waiting["state"], "starting", "{waiting}");
     let pid = daemon.pid(&id);
@@ -183,7 +183,7 @@ fn an_incoming_vmm_is_confined_before_a_peer_speaks_and_builds_its_own_machine()
     daemon.ok(
         Method::POST,
         &format!("/v1/vms/{id}/start"),
-        Some(json!({"incoming": uri})),
+        Some(json!({"incoming": uri, "incoming_from": "127.0.0.1"})),
     );
     let mut peer = Peer::start(&daemon.dir, &kernel, None);
     let (migrated, text) = peer.migrate(&uri);
@@ -533,5 +533,58 @@ fn each_vm_runs_in_the_vmm_program_without_the_daemons_code() {
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("unrecognized subcommand"),
         "{output:?}"
+    );
+}
+
+/// A destination takes only the source it was told to expect, and waits only
+/// so long: another peer is dropped unheard, and at the deadline the VM stops.
+#[test]
+fn an_incoming_vm_takes_only_its_expected_source_until_its_deadline() {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start();
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "expects", "kernel": daemon.counting_guest(), "memory_mib": 32})),
+    );
+    let id = created["id"].as_str().unwrap().to_string();
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    // No source named: refused, naming the field.
+    let unnamed = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"incoming": uri})),
+    );
+    assert_eq!(unnamed.status, StatusCode::BAD_REQUEST, "{}", unnamed.text);
+    assert_eq!(
+        unnamed.body["error"]["field"], "incoming_from",
+        "{}",
+        unnamed.text
+    );
+    // Expecting a host that is not this one (TEST-NET-1; nothing is sent there).
+    let started = Instant::now();
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"incoming": uri, "incoming_from": "192.0.2.1", "incoming_timeout_secs": 4})),
+    );
+    let address = uri.strip_prefix("tcp:").unwrap();
+    let mut intruder = std::net::TcpStream::connect(address).unwrap();
+    intruder
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = intruder.write_all(b"anything at all");
+    // Dropped without a word: no REFUSE frame, just the end of the stream.
+    let mut answer = Vec::new();
+    let _ = intruder.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "the intruder was answered: {answer:?}");
+    assert_eq!(daemon.vm(&id)["state"], "starting");
+    let stopped = daemon.wait_state(&id, "stopped");
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    let why = stopped["last_exit"].as_str().unwrap();
+    assert!(
+        why.contains("expected source before the deadline"),
+        "{stopped}"
     );
 }

@@ -930,7 +930,7 @@ fn a_vm_restores_from_its_snapshot_and_migrates_live_to_another_vm() {
     let waiting = daemon.ok(
         Method::POST,
         &format!("/v1/vms/{destination}/start"),
-        Some(json!({"incoming": uri})),
+        Some(json!({"incoming": uri, "incoming_from": "127.0.0.1"})),
     );
     assert_eq!(waiting["state"], "starting", "{waiting}");
     let seen = count_above(&daemon, &mut console, after_restore);

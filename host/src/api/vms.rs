@@ -197,7 +197,20 @@ pub struct StartRequest {
     /// arrives.
     #[serde(default)]
     pub incoming: Option<String>,
+    /// With `incoming`: the source host's IP address. A connection from any
+    /// other address is dropped before it is read.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "192.0.2.10")]
+    pub incoming_from: Option<std::net::IpAddr>,
+    /// With `incoming`: seconds to wait for the migration before the VM is
+    /// stopped (default 600, at most 86400).
+    #[serde(default)]
+    pub incoming_timeout_secs: Option<u64>,
 }
+
+/// How long a destination waits for its source unless told.
+const DEFAULT_INCOMING_TIMEOUT_SECS: u64 = 600;
+const MAX_INCOMING_TIMEOUT_SECS: u64 = 86_400;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +267,14 @@ pub async fn start(
     } else {
         parse_json(&body)?
     };
+    if request.incoming.is_none()
+        && (request.incoming_from.is_some() || request.incoming_timeout_secs.is_some())
+    {
+        return Err(ApiError::invalid(
+            "incoming_from",
+            "incoming_from and incoming_timeout_secs go with incoming",
+        ));
+    }
     let origin = match (request.restore, request.incoming) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -269,7 +290,28 @@ pub async fn start(
         }
         (None, Some(uri)) => {
             check_tcp_uri("incoming", &uri)?;
-            Origin::Incoming(uri)
+            let source = request.incoming_from.ok_or_else(|| {
+                ApiError::invalid(
+                    "incoming_from",
+                    "the source host's IP address is required: a destination takes only the source it expects",
+                )
+            })?;
+            let timeout_secs = request
+                .incoming_timeout_secs
+                .unwrap_or(DEFAULT_INCOMING_TIMEOUT_SECS);
+            if !(1..=MAX_INCOMING_TIMEOUT_SECS).contains(&timeout_secs) {
+                return Err(ApiError::invalid(
+                    "incoming_timeout_secs",
+                    format!("between 1 and {MAX_INCOMING_TIMEOUT_SECS}"),
+                ));
+            }
+            Origin::Incoming {
+                uri,
+                from: vmm::launch::ExpectedSource {
+                    source,
+                    timeout_secs,
+                },
+            }
         }
         (None, None) => Origin::Boot,
     };

@@ -19,19 +19,21 @@ use vm_memory::{Bytes, GuestAddress};
 pub struct Incoming {
     listener: Listener,
     tls: Option<TlsServer>,
+    expected: super::transport::Expected,
 }
 
 /// Binds `uri` now, so the caller can say where it waits before it blocks.
 pub fn accept(uri: &str, tls: Option<TlsServer>) -> Result<Incoming, MigrationError> {
-    Ok(Incoming {
-        listener: Listener::bind(uri)?,
-        tls,
-    })
+    Ok(accept_on(Listener::bind(uri)?, tls))
 }
 
 /// Waits on a listener someone else bound (the daemon, for the VMMs it starts).
 pub fn accept_on(listener: Listener, tls: Option<TlsServer>) -> Incoming {
-    Incoming { listener, tls }
+    Incoming {
+        listener,
+        tls,
+        expected: Default::default(),
+    }
 }
 
 /// What the arriving VM is built on.
@@ -69,6 +71,15 @@ impl Incoming {
         self.listener.uri()
     }
 
+    /// Takes a migration from `source` only, and none after `timeout`.
+    pub fn expecting(mut self, source: std::net::IpAddr, timeout: std::time::Duration) -> Self {
+        self.expected = super::transport::Expected {
+            source: Some(source),
+            deadline: Some(std::time::Instant::now() + timeout),
+        };
+        self
+    }
+
     /// Waits for one source and receives its VM: memory, then state. The
     /// devices are those the source describes.
     pub fn receive(
@@ -103,7 +114,9 @@ impl Incoming {
         options: &RestoreOptions,
         serial_output: SerialOutput,
     ) -> Result<Arrived, MigrationError> {
-        let mut stream = self.listener.accept(self.tls.as_ref())?;
+        let mut stream = self
+            .listener
+            .accept_expected(self.tls.as_ref(), &self.expected)?;
         let mut payload = Vec::new();
         let tag = read_frame(stream.as_mut(), &mut payload)?;
         if tag != Tag::Hello {

@@ -230,10 +230,33 @@ impl Listener {
 
     /// Waits for the source; the stream then has I/O timeouts set.
     pub fn accept(&self, tls: Option<&TlsServer>) -> Result<Box<dyn Stream>, MigrationError> {
+        self.accept_expected(tls, &Expected::default())
+    }
+
+    /// Waits for the source `expected` names, until its deadline: a TCP peer
+    /// from another address is dropped before a byte of it is read.
+    pub fn accept_expected(
+        &self,
+        tls: Option<&TlsServer>,
+        expected: &Expected,
+    ) -> Result<Box<dyn Stream>, MigrationError> {
         let accept_error = |e: std::io::Error| MigrationError::Incoming(format!("accept: {e}"));
+        let fd = match self {
+            Listener::Tcp(listener) => std::os::fd::AsRawFd::as_raw_fd(listener),
+            Listener::Unix(listener, _) => std::os::fd::AsRawFd::as_raw_fd(listener),
+        };
         match self {
             Listener::Tcp(listener) => {
-                let (stream, _) = listener.accept().map_err(accept_error)?;
+                let stream = loop {
+                    wait_for_a_peer(fd, expected.deadline)?;
+                    let (stream, peer) = listener.accept().map_err(accept_error)?;
+                    match expected.source {
+                        Some(source) if peer.ip().to_canonical() != source.to_canonical() => {
+                            tracing::warn!(%peer, %source, "dropped a migration peer that is not the expected source");
+                        }
+                        _ => break stream,
+                    }
+                };
                 stream.set_nodelay(true).map_err(accept_error)?;
                 let read = stream.try_clone().map_err(accept_error)?;
                 finish(stream, tls.map(Side::Server), move |t| {
@@ -242,12 +265,57 @@ impl Listener {
                 })
             }
             Listener::Unix(listener, _) => {
+                wait_for_a_peer(fd, expected.deadline)?;
                 let (stream, _) = listener.accept().map_err(accept_error)?;
                 let read = stream.try_clone().map_err(accept_error)?;
                 finish(stream, tls.map(Side::Server), move |t| {
                     read.set_read_timeout(t)?;
                     read.set_write_timeout(t)
                 })
+            }
+        }
+    }
+}
+
+/// Whom a destination waits for, and until when; by default anyone, for ever.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Expected {
+    /// A TCP source's address; Unix-socket peers are the socket's to limit.
+    pub source: Option<std::net::IpAddr>,
+    pub deadline: Option<std::time::Instant>,
+}
+
+/// Blocks until `fd` (a listener) has a connection to accept, or `deadline`.
+fn wait_for_a_peer(fd: i32, deadline: Option<std::time::Instant>) -> Result<(), MigrationError> {
+    loop {
+        let timeout_ms = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(MigrationError::Incoming(
+                        "no migration from the expected source before the deadline".into(),
+                    ));
+                }
+                left.as_millis().min(i32::MAX as u128) as i32
+            }
+        };
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one descriptor the listener owns for the whole call.
+        let rc = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+        if rc > 0 {
+            return Ok(());
+        }
+        if rc < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(MigrationError::Incoming(format!(
+                    "waiting for a source: {error}"
+                )));
             }
         }
     }
