@@ -365,31 +365,41 @@ fn live_migration_over_a_unix_socket_and_over_tcp() {
     eprintln!("tcp: {answer}");
 }
 
-#[test]
-fn migration_progress_is_visible_while_it_runs() {
+/// A guest dirtying 32 MiB as fast as it can: more than 8 MiB/s can copy.
+fn busy_source() -> Vmm {
     let guest = writer_guest(guests::MemoryWriter {
         region_pages: 8192,
         ..Default::default()
     });
     let source = Vmm::boot(&guest, 128);
     source.wait_for_count(3);
+    source
+}
+
+/// `ctl migrate URI --bandwidth-mib 8` of `source`, in the background.
+fn slow_migration(source: &Vmm, uri: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let control = source.control.clone();
+    let uri = uri.to_string();
+    std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg("ctl")
+            .arg(control)
+            .args(["migrate", &uri, "--bandwidth-mib", "8"])
+            .output()
+            .unwrap()
+    })
+}
+
+#[test]
+fn migration_progress_is_visible_while_it_runs() {
+    let source = busy_source();
     assert!(source.ctl_ok(&["status"]).get("migration").is_none());
     let socket = unique("progress.sock");
     let uri = format!("unix:{}", socket.display());
     let target = destination(&uri, &[]);
     bound_uri(&target);
     // 32 MiB written by the guest at 8 MiB/s: a few seconds of copying.
-    let migrating = {
-        let control = source.control.clone();
-        std::thread::spawn(move || {
-            Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-                .arg("ctl")
-                .arg(control)
-                .args(["migrate", &uri, "--bandwidth-mib", "8"])
-                .output()
-                .unwrap()
-        })
-    };
+    let migrating = slow_migration(&source, &uri);
     let progress = |source: &Vmm| source.ctl_ok(&["status"])["migration"].clone();
     let deadline = Instant::now() + Duration::from_secs(20);
     let first = loop {
@@ -539,12 +549,7 @@ fn assert_unharmed(source: &Vmm, failure: &str, expected: &str) {
 
 #[test]
 fn failed_migrations_leave_the_source_running() {
-    let guest = writer_guest(guests::MemoryWriter {
-        region_pages: 8192,
-        ..Default::default()
-    });
-    let source = Vmm::boot(&guest, 128);
-    source.wait_for_count(3);
+    let source = busy_source();
 
     // Nobody listens.
     let (ok, text) = source.ctl(&[
@@ -589,18 +594,7 @@ fn failed_migrations_leave_the_source_running() {
     let uri = format!("unix:{}", socket.display());
     let target = destination(&uri, &[]);
     bound_uri(&target);
-    let migrating = {
-        let control = source.control.clone();
-        let uri = uri.clone();
-        std::thread::spawn(move || {
-            Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-                .arg("ctl")
-                .arg(control)
-                .args(["migrate", &uri, "--bandwidth-mib", "8"])
-                .output()
-                .unwrap()
-        })
-    };
+    let migrating = slow_migration(&source, &uri);
     std::thread::sleep(Duration::from_millis(1500));
     let _ = target.kill();
     let output = migrating.join().unwrap();
