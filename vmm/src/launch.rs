@@ -439,6 +439,24 @@ mod tests {
             timeout_secs: 60,
         });
         assert_eq!(p.descriptor_count(), 3);
+        // One per disk, per NIC, and the vsock listener.
+        let disk = crate::config::DiskConfig {
+            path: "d".into(),
+            read_only: false,
+            id: None,
+            rate_limit: Default::default(),
+        };
+        p.machine.disks = vec![disk; 3];
+        p.machine.nets = vec![crate::config::NetConfig {
+            tap: "t".into(),
+            mac: None,
+            rate_limit: Default::default(),
+        }];
+        p.machine.vsock = Some(crate::config::VsockConfig {
+            cid: 3,
+            socket: "v".into(),
+        });
+        assert_eq!(p.descriptor_count(), 3 + 3 + 1 + 1);
     }
 
     #[test]
@@ -458,9 +476,21 @@ mod tests {
     }
 
     #[test]
+    fn a_report_of_exactly_the_bound_is_read() {
+        let report = r#"{"version":1,"exit":"power_off"}"#;
+        let padded = format!("{report:<MAX_REPORT_BYTES$}");
+        assert_eq!(padded.len(), MAX_REPORT_BYTES);
+        assert_eq!(
+            ExitReport::read_from(padded.as_bytes()).unwrap().exit,
+            crate::exit::VmExit::PowerOff
+        );
+    }
+
+    #[test]
     fn a_long_fatal_reason_is_cut_to_fit_the_bound() {
         let mut file = file_with("");
-        let reason = "é".repeat(MAX_REPORT_BYTES);
+        // An odd start puts the cut inside a two-byte character.
+        let reason = format!("a{}", "é".repeat(MAX_REPORT_BYTES));
         ExitReport::new(crate::exit::VmExit::Fatal(reason))
             .write_to(&mut file)
             .unwrap();
@@ -468,7 +498,7 @@ mod tests {
         let crate::exit::VmExit::Fatal(kept) = ExitReport::read_from(&file).unwrap().exit else {
             panic!("not fatal");
         };
-        assert!(kept.len() <= MAX_REPORT_BYTES / 2 && !kept.is_empty());
+        assert_eq!(kept.len(), MAX_REPORT_BYTES / 2 - 1);
     }
 
     #[test]
