@@ -124,6 +124,19 @@ pub enum Response {
 }
 
 impl Response {
+    /// The `ok` every answer carries: false only in a refusal.
+    fn is_ok(&self) -> bool {
+        match self {
+            Response::Status { ok, .. }
+            | Response::Snapshot { ok, .. }
+            | Response::Migrated { ok, .. }
+            | Response::PowerButton { ok, .. }
+            | Response::Shutdown { ok, .. }
+            | Response::Done { ok }
+            | Response::Error { ok, .. } => *ok,
+        }
+    }
+
     fn error(message: impl Into<String>) -> Self {
         Response::Error {
             ok: false,
@@ -424,7 +437,6 @@ fn parse_answer(request: &Request, line: &str) -> Result<Response, CallError> {
         serde_json::from_str(line).map_err(|e| CallError::Malformed(e.to_string()))?;
     let fits = match (&response, request) {
         (Response::Error { ok: false, error }, _) => return Err(CallError::Refused(error.clone())),
-        (Response::Error { .. }, _) => false,
         (Response::Status { .. }, Request::Status)
         | (Response::Snapshot { .. }, Request::Snapshot { .. })
         | (Response::Migrated { .. }, Request::Migrate(_))
@@ -436,20 +448,8 @@ fn parse_answer(request: &Request, line: &str) -> Result<Response, CallError> {
         ) => true,
         _ => false,
     };
-    let ok = match &response {
-        Response::Status { ok, .. }
-        | Response::Snapshot { ok, .. }
-        | Response::Migrated { ok, .. }
-        | Response::PowerButton { ok, .. }
-        | Response::Shutdown { ok, .. }
-        | Response::Done { ok }
-        | Response::Error { ok, .. } => *ok,
-    };
-    if !fits || !ok {
-        return Err(CallError::Unexpected {
-            request: serde_json::to_string(request).unwrap_or_default(),
-            answer: line.trim_end().chars().take(200).collect(),
-        });
+    if !fits || !response.is_ok() {
+        return Err(mismatch(request, &response));
     }
     Ok(response)
 }
