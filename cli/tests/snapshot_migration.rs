@@ -829,7 +829,8 @@ fn a_destination_refuses_another_protocol_version() {
 /// restore: written once by the Bulkhead of its time (`write_the_snapshot_fixture`),
 /// checked in, never rewritten. Memory is gzipped (the guest's 4 MiB are
 /// mostly zeros). Version 3's has devices (an rng and a balloon) for its
-/// state keyed by device id.
+/// state keyed by device id; version 4's has those and two vCPUs, for its
+/// vCPUs keyed by id.
 fn fixture(version: u32) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/snapshot-v{version}"))
 }
@@ -852,6 +853,8 @@ fn write_the_snapshot_fixture() {
         guest.as_os_str(),
         "--memory".as_ref(),
         "4".as_ref(),
+        "--cpus".as_ref(),
+        "2".as_ref(),
         "--rng".as_ref(),
         "--balloon=target_mib=1,deflate_on_oom".as_ref(),
     ]);
@@ -919,11 +922,14 @@ fn the_checked_in_snapshot_restores(version: u32) {
     );
 }
 
-/// A copy of the version 3 fixture (an rng and a balloon) whose state is
-/// `change`d, its manifest made to agree; returns `bulkhead run --restore`'s
-/// error.
-fn restore_error_of_changed_fixture(name: &str, change: &dyn Fn(&mut serde_json::Value)) -> String {
-    let fixture = fixture(3);
+/// A copy of the fixture of `version` whose state is `change`d, its
+/// manifest made to agree; returns `bulkhead run --restore`'s error.
+fn restore_error_of_changed_fixture(
+    version: u32,
+    name: &str,
+    change: &dyn Fn(&mut serde_json::Value),
+) -> String {
+    let fixture = fixture(version);
     let copy = unique(name);
     std::fs::create_dir_all(&copy).unwrap();
     let mut memory = Vec::new();
@@ -958,7 +964,7 @@ fn restore_error_of_changed_fixture(name: &str, change: &dyn Fn(&mut serde_json:
 
 #[test]
 fn device_state_is_keyed_by_device_id_and_typed() {
-    let error = restore_error_of_changed_fixture("renamed-device", &|state| {
+    let error = restore_error_of_changed_fixture(3, "renamed-device", &|state| {
         let rng = state["devices"]
             .as_object_mut()
             .unwrap()
@@ -970,12 +976,12 @@ fn device_state_is_keyed_by_device_id_and_typed() {
         error.contains("\"rng7\"") && error.contains("does not have"),
         "{error}"
     );
-    let error = restore_error_of_changed_fixture("missing-device", &|state| {
+    let error = restore_error_of_changed_fixture(3, "missing-device", &|state| {
         state["devices"].as_object_mut().unwrap().remove("balloon");
     });
     assert!(error.contains("nothing for device \"balloon\""), "{error}");
     // A balloon's state on the rng, and a balloon without its own.
-    let error = restore_error_of_changed_fixture("swapped-state", &|state| {
+    let error = restore_error_of_changed_fixture(3, "swapped-state", &|state| {
         let balloon = state["devices"]["balloon"]["device"].take();
         state["devices"]["rng"]["device"] = balloon;
     });
@@ -983,12 +989,12 @@ fn device_state_is_keyed_by_device_id_and_typed() {
         error.contains("rng: a saved state of another device"),
         "{error}"
     );
-    let error = restore_error_of_changed_fixture("out-of-range", &|state| {
+    let error = restore_error_of_changed_fixture(3, "out-of-range", &|state| {
         state["devices"]["balloon"]["device"]["target_pages"] = serde_json::json!(-1);
     });
     assert!(error.contains("cannot decode"), "{error}");
     // A version 3 state in version 2's layout (a list) is not taken as one.
-    let error = restore_error_of_changed_fixture("listed", &|state| {
+    let error = restore_error_of_changed_fixture(3, "listed", &|state| {
         let devices: Vec<_> = state["devices"]
             .as_object()
             .unwrap()
@@ -1001,6 +1007,38 @@ fn device_state_is_keyed_by_device_id_and_typed() {
 }
 
 #[test]
+fn vcpu_state_is_keyed_by_vcpu_id() {
+    let error = restore_error_of_changed_fixture(4, "renamed-vcpu", &|state| {
+        let vcpu = state["vcpus"].as_object_mut().unwrap().remove("1").unwrap();
+        state["vcpus"]["5"] = vcpu;
+    });
+    assert!(
+        error.contains("the state has vCPUs [0, 5], the machine has 2"),
+        "{error}"
+    );
+    let error = restore_error_of_changed_fixture(4, "missing-vcpu", &|state| {
+        state["vcpus"].as_object_mut().unwrap().remove("0");
+    });
+    assert!(error.contains("the state has vCPUs [1]"), "{error}");
+    let error = restore_error_of_changed_fixture(4, "vcpu-not-an-id", &|state| {
+        let vcpu = state["vcpus"].as_object_mut().unwrap().remove("1").unwrap();
+        state["vcpus"]["cpu1"] = vcpu;
+    });
+    assert!(error.contains("cannot decode"), "{error}");
+    // A version 4 state in the older layout (a list) is not taken as one.
+    let error = restore_error_of_changed_fixture(4, "listed-vcpus", &|state| {
+        let vcpus: Vec<_> = state["vcpus"]
+            .as_object()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        state["vcpus"] = serde_json::Value::Array(vcpus);
+    });
+    assert!(error.contains("cannot decode"), "{error}");
+}
+
+#[test]
 fn the_checked_in_snapshot_of_format_version_2_restores() {
     the_checked_in_snapshot_restores(2);
 }
@@ -1008,4 +1046,9 @@ fn the_checked_in_snapshot_of_format_version_2_restores() {
 #[test]
 fn the_checked_in_snapshot_of_format_version_3_restores() {
     the_checked_in_snapshot_restores(3);
+}
+
+#[test]
+fn the_checked_in_snapshot_of_format_version_4_restores() {
+    the_checked_in_snapshot_restores(4);
 }

@@ -27,6 +27,12 @@ pub enum LifecycleError {
     Snapshot(#[from] SnapshotError),
 }
 
+/// A captured vCPU's key in the saved state: its position, which is its id.
+fn vcpu_id(position: usize) -> Result<u8, LifecycleError> {
+    u8::try_from(position)
+        .map_err(|_| LifecycleError::Capture(format!("vCPU {position}: no such id (at most 255)")))
+}
+
 impl VmCore {
     fn parties(&self) -> usize {
         usize::from(self.machine.cpus) + usize::from(self.device_kick.is_some())
@@ -109,7 +115,11 @@ impl VmCore {
             .shared
             .captures
             .collect(PAUSE_TIMEOUT)
-            .map_err(LifecycleError::Capture)?;
+            .map_err(LifecycleError::Capture)?
+            .into_iter()
+            .enumerate()
+            .map(|(id, state)| Ok((vcpu_id(id)?, state)))
+            .collect::<Result<_, LifecycleError>>()?;
         let vm = VmState::capture(&self.shared.vm)
             .map_err(|e| LifecycleError::Capture(e.to_string()))?;
         let (cmos_index, cmos_nvram) = lock(&self.cmos).save();

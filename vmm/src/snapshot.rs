@@ -44,7 +44,9 @@ pub const FORMAT: &str = "bulkhead-snapshot";
 /// 2: the full ACPI platform (PM1 block), virtio IRQs without 9 (the SCI's).
 /// 3: virtio devices' state keyed by device id, each device's own state
 /// typed; a version 2 state is read by keying its list ([`SavedVm::decode`]).
-pub const VERSION: u32 = 3;
+/// 4: vCPUs' state keyed by vCPU id; an older state's list is keyed by position
+/// (the list was in id order).
+pub const VERSION: u32 = 4;
 /// The oldest format this Bulkhead restores (1 had another interrupt layout).
 pub const MIN_READABLE_VERSION: u32 = 2;
 pub const MEMORY_FILE: &str = "memory";
@@ -60,7 +62,8 @@ const CHUNK: usize = 1 << 20;
 pub struct SavedVm {
     pub machine: MachineConfig,
     pub vm: VmState,
-    pub vcpus: Vec<VcpuState>,
+    /// Each vCPU's registers by vCPU id (0 to `machine.cpus - 1`).
+    pub vcpus: std::collections::BTreeMap<u8, VcpuState>,
     pub serial: SavedSerial,
     pub pci: PciState,
     pub cmos_index: u8,
@@ -90,6 +93,9 @@ impl SavedVm {
         if version < 3 {
             key_devices_by_id(&mut value)?;
         }
+        if version < 4 {
+            key_vcpus_by_id(&mut value)?;
+        }
         serde_json::from_value(value).map_err(|e| e.to_string())
     }
 }
@@ -111,6 +117,23 @@ fn key_devices_by_id(state: &mut serde_json::Value) -> Result<(), String> {
         ));
     }
     state["devices"] = serde_json::Value::Object(ids.into_iter().zip(list).collect());
+    Ok(())
+}
+
+/// Versions 2 and 3 listed the vCPUs in id order: key each by its position.
+fn key_vcpus_by_id(state: &mut serde_json::Value) -> Result<(), String> {
+    let Some(serde_json::Value::Array(list)) = state.get_mut("vcpus").map(std::mem::take) else {
+        return Err("vcpus: not a list (states before version 4 list them)".into());
+    };
+    if list.len() > usize::from(u8::MAX) {
+        return Err(format!("vcpus: {} listed, at most 255 exist", list.len()));
+    }
+    state["vcpus"] = serde_json::Value::Object(
+        list.into_iter()
+            .enumerate()
+            .map(|(id, vcpu)| (id.to_string(), vcpu))
+            .collect(),
+    );
     Ok(())
 }
 
@@ -568,6 +591,36 @@ mod tests {
         );
         let error = SavedVm::from_value(short, 2).err().unwrap();
         assert!(error.contains("1 listed, the machine has 2"), "{error}");
+    }
+
+    #[test]
+    fn vcpus_listed_before_version_4_are_keyed_by_position() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cli/tests/fixtures/snapshot-v3/state.json"
+        );
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+        let first = state["vcpus"][0].clone();
+        let mut second = first.clone();
+        // Told apart by their MSR lists.
+        second["msrs"] = serde_json::json!([]);
+        state["vcpus"] = serde_json::json!([first, second]);
+        let saved = SavedVm::from_value(state.clone(), 3).unwrap();
+        assert_eq!(saved.vcpus.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert!(saved.vcpus[&1].msrs.is_empty());
+        assert!(!saved.vcpus[&0].msrs.is_empty());
+        // Read as version 4, a list is not a state.
+        assert!(SavedVm::from_value(state.clone(), 4).is_err());
+        // Keyed, it is, and it round-trips keyed.
+        let keyed = serde_json::to_value(&saved).unwrap();
+        assert_eq!(keyed["vcpus"]["1"]["msrs"], serde_json::json!([]));
+        let again = SavedVm::from_value(keyed, 4).unwrap();
+        assert!(again.vcpus[&1].msrs.is_empty());
+        // An older state without a list is refused, naming the field.
+        state["vcpus"] = serde_json::json!({});
+        let error = SavedVm::from_value(state, 3).err().unwrap();
+        assert!(error.contains("vcpus: not a list"), "{error}");
     }
 
     #[test]

@@ -629,27 +629,29 @@ impl Vm {
         serial_output: SerialOutput,
     ) -> Result<Vm, VmError> {
         check_machine(machine)?;
-        if saved.vcpus.len() != usize::from(machine.cpus) {
+        let expected: Vec<u8> = (0..machine.cpus).collect();
+        let saved_ids: Vec<u8> = saved.vcpus.keys().copied().collect();
+        if saved_ids != expected {
             return Err(VmError::State(format!(
-                "the state has {} vCPUs, the machine {}",
-                saved.vcpus.len(),
-                machine.cpus
+                "the state has vCPUs {saved_ids:?}, the machine has {} (ids 0 to {})",
+                machine.cpus,
+                machine.cpus.saturating_sub(1)
             )));
         }
         let flavour = KvmFlavour::detect();
         let hardware =
             Hardware::create(&kvm, machine, devices, memory, serial_output, Some(saved))?;
         let mut vcpus = Vec::with_capacity(saved.vcpus.len());
-        for (id, state) in saved.vcpus.iter().enumerate() {
+        for (&id, state) in &saved.vcpus {
             let fd = hardware
                 .vm_fd
-                .create_vcpu(id as u64)
+                .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             state
                 .restore(&fd)
                 .map_err(|e| VmError::State(format!("vCPU {id}: {e}")))?;
             vcpus.push(Vcpu::new(
-                id,
+                usize::from(id),
                 fd,
                 flavour == KvmFlavour::Pvm,
                 options.sample_rip_every,

@@ -20,7 +20,10 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// 2: the full ACPI platform (PM1 block in the state), virtio IRQs without 9.
 /// 3: the state of snapshot format 3 (devices keyed by id); a version 2
 /// source's state is read by the snapshot's rule for version 2.
-pub const VERSION: u32 = 3;
+/// 4: the state of snapshot format 4 (vCPUs keyed by id).
+///
+/// Version N of this protocol carries version N of the snapshot state.
+pub const VERSION: u32 = 4;
 /// The oldest source a destination accepts.
 pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
@@ -142,14 +145,8 @@ pub fn decode_final(payload: &[u8], version: u32) -> Result<Final, ProtocolError
         memory_crc: Option<u32>,
     }
     let raw: Raw = serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
-    // Version 2 of this protocol carried version 2 of the snapshot state.
-    let state_version = if version < 3 {
-        2
-    } else {
-        crate::snapshot::VERSION
-    };
-    let saved =
-        crate::snapshot::SavedVm::from_value(raw.saved, state_version).map_err(malformed)?;
+    // Version N of this protocol carries version N of the snapshot state.
+    let saved = crate::snapshot::SavedVm::from_value(raw.saved, version).map_err(malformed)?;
     Ok(Final {
         saved,
         memory_crc: raw.memory_crc,
@@ -222,6 +219,25 @@ mod tests {
         // From a version 3 source, a device list is malformed.
         assert!(matches!(
             decode_final(&payload, 3),
+            Err(ProtocolError::Malformed(Tag::State, _))
+        ));
+    }
+
+    #[test]
+    fn a_version_3_sources_vcpu_list_is_keyed_and_a_version_4_one_is_malformed() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cli/tests/fixtures/snapshot-v3/state.json"
+        );
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+        assert!(saved["vcpus"].is_array());
+        let payload =
+            serde_json::to_vec(&serde_json::json!({"saved": saved, "memory_crc": null})).unwrap();
+        let last = decode_final(&payload, 3).unwrap();
+        assert_eq!(last.saved.vcpus.keys().copied().collect::<Vec<_>>(), [0]);
+        assert!(matches!(
+            decode_final(&payload, 4),
             Err(ProtocolError::Malformed(Tag::State, _))
         ));
     }
