@@ -429,6 +429,9 @@ impl Vcpu {
                     last_return = Instant::now();
                 }
                 Step::Stop(reason) => {
+                    if matches!(reason, VmExit::TripleFault { .. }) {
+                        self.log_state_after_triple_fault();
+                    }
                     shared.exit.request(reason);
                     break;
                 }
@@ -438,6 +441,34 @@ impl Vcpu {
         self.report.emulated = self.emulator.counts().clone();
         self.report.final_rip = self.fd.get_regs().ok().map(|regs| regs.rip);
         self.report
+    }
+
+    /// Logs what KVM still holds of a vCPU that triple-faulted: on Intel the
+    /// state it faulted in; on AMD, KVM has already put the vCPU through INIT
+    /// (the VMCB is undefined after a shutdown), which the log says.
+    fn log_state_after_triple_fault(&self) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return;
+        };
+        let after_init = regs.rip == 0xfff0 && sregs.cs.base == 0xffff_0000;
+        let events = self.fd.get_vcpu_events().ok();
+        tracing::error!(
+            vcpu = self.id,
+            state = if after_init { "reset by KVM (AMD): not the faulting state" } else { "at the fault" },
+            rip = format_args!("{:#x}", regs.rip),
+            rsp = format_args!("{:#x}", regs.rsp),
+            rflags = format_args!("{:#x}", regs.rflags),
+            cr0 = format_args!("{:#x}", sregs.cr0),
+            cr2 = format_args!("{:#x}", sregs.cr2),
+            cr3 = format_args!("{:#x}", sregs.cr3),
+            cr4 = format_args!("{:#x}", sregs.cr4),
+            efer = format_args!("{:#x}", sregs.efer),
+            cs = format_args!("{:#x}/{:#x}", sregs.cs.selector, sregs.cs.base),
+            idt = format_args!("{:#x}+{:#x}", sregs.idt.base, sregs.idt.limit),
+            gdt = format_args!("{:#x}+{:#x}", sregs.gdt.base, sregs.gdt.limit),
+            pending_exception = ?events.map(|e| (e.exception.injected, e.exception.nr, e.exception.error_code)),
+            "vCPU state after the triple fault"
+        );
     }
 
     /// Whether this vCPU, just out of KVM_RUN, is halted for good.
