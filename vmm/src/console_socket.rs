@@ -22,6 +22,12 @@ use std::time::Duration;
 /// How much recent output a new client is sent first.
 pub const BACKLOG_BYTES: usize = 64 << 10;
 
+/// After each send, a client's thread lets output gather this long before
+/// the next: a guest prints a byte per exit, and a write per byte (with the
+/// wake-ups it causes down the line: the daemon, the console client) costs far
+/// more than the byte. The first output after a quiet spell goes out at once.
+pub const GATHER: Duration = Duration::from_millis(5);
+
 /// How much output may wait for one client before it counts as too slow.
 /// Generous, because the guest prints a byte per exit and a busy host may
 /// not schedule the client's reader for a while; bounded, because a client
@@ -49,12 +55,17 @@ struct ClientQueue {
     stream: UnixStream,
     pending: Mutex<Pending>,
     ready: Condvar,
+    /// How many writes the sending thread made to the socket.
+    sends: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
     finished: bool,
+    /// The sending thread sleeps on `ready`: only then is it woken (the
+    /// vCPU makes no wake-up call per byte while output gathers).
+    sender_waiting: bool,
 }
 
 impl ClientQueue {
@@ -70,7 +81,9 @@ impl ClientQueue {
             return false;
         }
         pending.bytes.extend_from_slice(bytes);
-        self.ready.notify_one();
+        if pending.sender_waiting {
+            self.ready.notify_one();
+        }
         true
     }
 
@@ -86,17 +99,22 @@ impl ClientQueue {
             let (bytes, finished) = {
                 let mut pending = lock(&self.pending);
                 while pending.bytes.is_empty() && !pending.finished {
+                    pending.sender_waiting = true;
                     pending = self
                         .ready
                         .wait(pending)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    pending.sender_waiting = false;
                 }
                 (std::mem::take(&mut pending.bytes), pending.finished)
             };
+            self.sends
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if stream.write_all(&bytes).is_err() || finished {
                 let _ = self.stream.shutdown(Shutdown::Write);
                 return;
             }
+            std::thread::sleep(GATHER);
         }
     }
 }
@@ -132,6 +150,7 @@ impl ConsoleHub {
             stream,
             pending: Mutex::new(Pending::default()),
             ready: Condvar::new(),
+            sends: Default::default(),
         });
         // The backlog is queued with the lock held, so no output can slip in
         // between it and the live stream.
@@ -294,6 +313,7 @@ mod tests {
             stream: ours,
             pending: Mutex::new(Pending::default()),
             ready: Condvar::new(),
+            sends: Default::default(),
         };
         assert!(queue.push(&vec![b'x'; CLIENT_QUEUE_BYTES - 1]));
         assert!(queue.push(b"y"));
@@ -323,5 +343,32 @@ mod tests {
         theirs.read_to_end(&mut got).unwrap();
         assert_eq!(got.len(), burst.len());
         assert!(got == burst);
+    }
+
+    #[test]
+    fn output_printed_a_byte_at_a_time_is_sent_in_few_writes() {
+        let hub = ConsoleHub::new();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        hub.add_client(ours);
+        let queue = lock(&hub.clients).queues[0].clone();
+        let mut writer = hub.writer();
+        // 400 bytes over at least 40 ms, as a guest prints them.
+        let printed: Vec<u8> = (0..400).map(|i| b'a' + (i % 26) as u8).collect();
+        for byte in &printed {
+            writer.write_all(std::slice::from_ref(byte)).unwrap();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        drop(writer);
+        drop(hub);
+        let mut got = Vec::new();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        theirs.read_to_end(&mut got).unwrap();
+        assert!(got == printed);
+        // A send per GATHER at most (8 over 40 ms), and slack for a slow
+        // machine; a send per byte would be 400.
+        let sends = queue.sends.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sends <= 60, "{sends} sends for 400 bytes");
     }
 }
