@@ -127,6 +127,13 @@ for module in $(cat /lib/modules/load-order); do
 	insmod "/lib/modules/$module.ko" || echo "l1: insmod $module failed"
 done
 ip link set lo up
+# A flight recorder for guests that triple-fault: KVM's "shutdown" exits
+# (SVM exit code 0x7f) only, each with the RIP and the event the CPU was
+# delivering (intr_info, error_code). The tests show them when they fail.
+if mount -t tracefs nodev /sys/kernel/tracing; then
+	echo 'exit_reason == 127' > /sys/kernel/tracing/events/kvm/kvm_exit/filter
+	echo 1 > /sys/kernel/tracing/events/kvm/kvm_exit/enable
+fi
 echo "l1: up after $(cut -d' ' -f1 /proc/uptime) s; KVM: $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null | sed 's/Y/nested paging/')"
 cd /tmp
 export BULKHEAD_BIN=/bulkhead/bulkhead BULKHEAD_IMAGES=/bulkhead/images BULKHEAD_REQUIRE_IMAGES=1
@@ -136,6 +143,7 @@ for binary in /bulkhead/tests/*; do
 	"$binary" --include-ignored --test-threads=1 "$@" || status=1
 done
 echo "l1: tests exited with $status"
+grep 'reason shutdown' /sys/kernel/tracing/trace | sed 's/^ */l1: KVM shutdown exit (a triple fault; tiny_guests makes some on purpose): /'
 poweroff -f
 "#;
 

@@ -687,9 +687,22 @@ fn the_daemon_runs_a_guest_with_user_space() {
     support::collect(console.0.stdout.take().unwrap(), seen.clone(), "console| ");
     let mut input = console.0.stdin.take().unwrap();
     let state_dir = dir.join("state");
-    let wait_for = |text: &str, limit: Duration| {
+    // `running`: the VM must not end first (a VM that ended will not print
+    // it: say so at once, with why it ended).
+    let wait_for = |text: &str, limit: Duration, running: bool| {
         let deadline = std::time::Instant::now() + limit;
         while !seen.lock().unwrap().contains(text) {
+            let ended = match running {
+                true => vm_exit_reports(&state_dir),
+                false => String::new(),
+            };
+            assert!(
+                ended.is_empty(),
+                "the VM ended before the console showed '{text}': {ended}\n{}\n--- daemon ---\n{}\n--- VMM ---\n{}",
+                seen.lock().unwrap(),
+                daemon_log.lock().unwrap(),
+                vmm_diagnostics(&state_dir)
+            );
             assert!(
                 std::time::Instant::now() < deadline,
                 "the console did not show '{text}':\n{}\n--- daemon ---\n{}\n--- VMM ---\n{}",
@@ -700,20 +713,37 @@ fn the_daemon_runs_a_guest_with_user_space() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    wait_for("guest# ", support::BOOT_LIMIT);
+    wait_for("guest# ", support::BOOT_LIMIT, true);
     input.write_all(b"echo typed-$((6 * 7))\n").unwrap();
-    wait_for("typed-42", support::COMMAND_LIMIT);
+    wait_for("typed-42", support::COMMAND_LIMIT, true);
 
     support::run(&mut cli(&["vm", "stop", "linux", "--timeout", "60"]));
     wait_for(
         "bulkhead-guest: power button pressed",
         support::COMMAND_LIMIT,
+        false,
     );
-    wait_for("bulkhead-guest: shutting down", support::COMMAND_LIMIT);
+    wait_for(
+        "bulkhead-guest: shutting down",
+        support::COMMAND_LIMIT,
+        false,
+    );
     let shown = support::run(&mut cli(&["vm", "show", "linux", "--output", "json"]));
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["state"], "stopped", "{shown}");
     drop(input);
+}
+
+/// The exit reports the daemon's VMMs wrote (empty while every VM runs).
+fn vm_exit_reports(state_dir: &std::path::Path) -> String {
+    let Ok(vms) = std::fs::read_dir(state_dir.join("vms")) else {
+        return String::new();
+    };
+    vms.flatten()
+        .filter_map(|vm| std::fs::read_to_string(vm.path().join("exit-report.json")).ok())
+        .filter(|report| !report.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What the daemon's VMMs say of themselves: their logs, their live status
@@ -737,6 +767,8 @@ fn vmm_diagnostics(state_dir: &std::path::Path) -> String {
             text += &String::from_utf8_lossy(&status.stderr);
         }
     }
+    text += &support::kvm_shutdown_exits();
+    text.push('\n');
     if let Ok(processes) = std::fs::read_dir("/proc") {
         for process in processes.flatten() {
             let cmdline = std::fs::read(process.path().join("cmdline")).unwrap_or_default();

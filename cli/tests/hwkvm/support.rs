@@ -189,6 +189,26 @@ pub fn cmdline(extra: &str) -> Vec<String> {
     ]
 }
 
+/// The triple faults L1's KVM has traced so far (L1's init records KVM's
+/// "shutdown" exits), under a heading; empty when there were none or
+/// outside L1. `intr_info` is what the CPU was delivering when it gave up:
+/// 0x80000b0e is a page fault with the error code after it.
+pub fn kvm_shutdown_exits() -> String {
+    let trace = std::fs::read_to_string("/sys/kernel/tracing/trace").unwrap_or_default();
+    let exits: Vec<&str> = trace
+        .lines()
+        .filter(|line| line.contains("reason shutdown"))
+        .map(str::trim)
+        .collect();
+    match exits.is_empty() {
+        true => String::new(),
+        false => format!(
+            "\n--- KVM's shutdown exits (triple faults) so far in this L1 ---\n{}",
+            exits.join("\n")
+        ),
+    }
+}
+
 /// Makes the process `command` starts die with the test that started it.
 pub fn dies_with_test(command: &mut Command) {
     // SAFETY: prctl in the child before exec; no allocation.
@@ -306,9 +326,10 @@ impl Vm {
     /// Everything the test knows about this VM, for a failure message.
     pub fn describe(&self) -> String {
         format!(
-            "--- console ---\n{}\n--- stderr ---\n{}",
+            "--- console ---\n{}\n--- stderr ---\n{}{}",
             self.console(),
-            self.stderr()
+            self.stderr(),
+            kvm_shutdown_exits()
         )
     }
 
