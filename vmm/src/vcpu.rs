@@ -254,8 +254,11 @@ impl ThreadTimer {
         let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
         event.sigev_notify = libc::SIGEV_THREAD_ID;
         event.sigev_signo = signal;
-        // SAFETY: gettid has no preconditions.
-        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        // The system call, not glibc's `gettid`: in a static build linked
+        // with full LTO that symbol ends up an unresolved weak one (null), and
+        // calling it crashed every vCPU thread.
+        // SAFETY: gettid takes no arguments and cannot fail.
+        event.sigev_notify_thread_id = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
         let mut timer: libc::timer_t = std::ptr::null_mut();
         // SAFETY: `event` and `timer` are valid for the call.
         if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
