@@ -321,13 +321,23 @@ mod tests {
         assert!(lock(&queue.pending).finished);
     }
 
+    /// What a client receives until the hub is gone and its stream ends.
+    fn everything_sent(mut client: UnixStream) -> Vec<u8> {
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        got
+    }
+
     #[test]
     fn a_client_busy_elsewhere_gets_every_byte_of_a_burst_of_single_byte_writes() {
         // The guest prints a byte per exit. Sent one `send` each, a burst of a
         // few hundred overflowed a socket whose reader was briefly not
         // scheduled, and the console went silent mid-line.
         let hub = ConsoleHub::new();
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
         hub.add_client(ours);
         let mut writer = hub.writer();
         let burst: Vec<u8> = (0..256 << 10).map(|i| b'a' + (i % 26) as u8).collect();
@@ -336,11 +346,7 @@ mod tests {
         }
         drop(writer);
         drop(hub);
-        let mut got = Vec::new();
-        theirs
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        theirs.read_to_end(&mut got).unwrap();
+        let got = everything_sent(theirs);
         assert_eq!(got.len(), burst.len());
         assert!(got == burst);
     }
@@ -348,7 +354,7 @@ mod tests {
     #[test]
     fn output_printed_a_byte_at_a_time_is_sent_in_few_writes() {
         let hub = ConsoleHub::new();
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
         hub.add_client(ours);
         let queue = lock(&hub.clients).queues[0].clone();
         let mut writer = hub.writer();
@@ -360,12 +366,7 @@ mod tests {
         }
         drop(writer);
         drop(hub);
-        let mut got = Vec::new();
-        theirs
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        theirs.read_to_end(&mut got).unwrap();
-        assert!(got == printed);
+        assert!(everything_sent(theirs) == printed);
         // A send per GATHER at most (8 over 40 ms), and slack for a slow
         // machine; a send per byte would be 400.
         let sends = queue.sends.load(std::sync::atomic::Ordering::Relaxed);
