@@ -27,12 +27,6 @@ pub enum LifecycleError {
     Snapshot(#[from] SnapshotError),
 }
 
-/// A captured vCPU's key in the saved state: its position, which is its id.
-fn vcpu_id(position: usize) -> Result<u8, LifecycleError> {
-    u8::try_from(position)
-        .map_err(|_| LifecycleError::Capture(format!("vCPU {position}: no such id (at most 255)")))
-}
-
 impl VmCore {
     fn parties(&self) -> usize {
         usize::from(self.machine.cpus) + usize::from(self.device_kick.is_some())
@@ -115,11 +109,9 @@ impl VmCore {
             .shared
             .captures
             .collect(PAUSE_TIMEOUT)
-            .map_err(LifecycleError::Capture)?
-            .into_iter()
-            .enumerate()
-            .map(|(id, state)| Ok((vcpu_id(id)?, state)))
-            .collect::<Result<_, LifecycleError>>()?;
+            .map_err(LifecycleError::Capture)?;
+        // Captured in id order; a machine has at most 255 vCPUs (`cpus: u8`).
+        let vcpus = (0..=u8::MAX).zip(vcpus).collect();
         let vm = VmState::capture(&self.shared.vm)
             .map_err(|e| LifecycleError::Capture(e.to_string()))?;
         let (cmos_index, cmos_nvram) = lock(&self.cmos).save();

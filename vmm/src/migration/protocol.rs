@@ -202,14 +202,18 @@ pub fn boot_id() -> String {
 mod tests {
     use super::*;
 
+    /// The state of the checked-in snapshot fixture of `version`, as JSON.
+    fn fixture_state(version: u32) -> serde_json::Value {
+        let path = format!(
+            "{}/../cli/tests/fixtures/snapshot-v{version}/state.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
     #[test]
     fn a_version_2_sources_state_is_read_by_the_version_2_rules() {
-        let fixture = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../cli/tests/fixtures/snapshot-v2/state.json"
-        );
-        let saved: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+        let saved = fixture_state(2);
         assert!(saved["devices"].is_array());
         let payload =
             serde_json::to_vec(&serde_json::json!({"saved": saved, "memory_crc": 7})).unwrap();
@@ -225,12 +229,7 @@ mod tests {
 
     #[test]
     fn a_version_3_sources_vcpu_list_is_keyed_and_a_version_4_one_is_malformed() {
-        let fixture = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../cli/tests/fixtures/snapshot-v3/state.json"
-        );
-        let saved: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+        let saved = fixture_state(3);
         assert!(saved["vcpus"].is_array());
         let payload =
             serde_json::to_vec(&serde_json::json!({"saved": saved, "memory_crc": null})).unwrap();
