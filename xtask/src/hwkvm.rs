@@ -14,8 +14,11 @@
 //!   the hash of everything in it. L1 has no network device: everything the
 //!   tests do stays inside it.
 //!
-//! Each test's result line is passed through as libtest prints it; a failure,
-//! a missing summary, or L1 not finishing in time fails the lane.
+//! Each test's result line is passed through as libtest prints it. A failure
+//! that comes back when the test runs again, a test left without a result,
+//! or L1 going down without giving any result fails the lane (L1 itself
+//! crashes now and then under the emulator: it is booted again for the tests
+//! that have no result yet; see `L1::run`).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -78,20 +81,10 @@ const L1_TIME_LIMIT: Duration = Duration::from_secs(12 * 60);
 /// The longest test takes about a minute.
 const L1_STALL_LIMIT: Duration = Duration::from_secs(4 * 60);
 
-/// L1 stopped making progress, or its kernel crashed (L1 is booted again, up
-/// to L1_EXTRA_BOOTS times, and the lane's summary says so).
-#[derive(Debug)]
-struct L1Stalled(String);
-
-impl std::fmt::Display for L1Stalled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for L1Stalled {}
-/// How often a locked-up L1 is booted again before the lane gives up.
-const L1_EXTRA_BOOTS: usize = 2;
+/// How many times in one lane L1 is booted again after it crashed or
+/// stopped making progress (each time for the tests that have no result yet,
+/// and only while each boot gives at least one result).
+const L1_EXTRA_BOOTS: usize = 5;
 /// More failures than this in one L1 are not a stall: they are not run again.
 const MAX_RETRIED: usize = 3;
 /// L1's memory: guests of up to 512 MiB, a few at once, plus the images.
@@ -99,8 +92,7 @@ const L1_MEMORY: &str = "6G";
 
 const L1_INIT: &str = r#"#!/bin/sh
 # L1's /init: a hardware-model KVM (kvm_amd on QEMU's emulated SVM), then the
-# user-space tests, then power off. Arguments after "--" on L1's command line
-# arrive here and filter the tests.
+# user-space tests, then power off. /bulkhead/args filters the tests.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 if [ -z "$L1_ON_TMPFS" ]; then
 	# The initramfs itself cannot be pivot_root'ed away from (a sandboxed
@@ -136,6 +128,12 @@ if mount -t tracefs nodev /sys/kernel/tracing; then
 fi
 echo "l1: up after $(cut -d' ' -f1 /proc/uptime) s; KVM: $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null | sed 's/Y/nested paging/')"
 cd /tmp
+# The test binaries' arguments, one per line (an archive appended to the
+# initramfs for each boot: a kernel command line holds 2 KiB at most).
+set --
+if [ -f /bulkhead/args ]; then
+	while IFS= read -r argument; do set -- "$@" "$argument"; done < /bulkhead/args
+fi
 export BULKHEAD_BIN=/bulkhead/bulkhead BULKHEAD_IMAGES=/bulkhead/images BULKHEAD_REQUIRE_IMAGES=1
 status=0
 for binary in /bulkhead/tests/*; do
@@ -195,32 +193,23 @@ pub fn run(filters: &[String]) -> Result<()> {
     if defaults {
         filters.extend(SKIPPED_IN_L1.iter().map(|s| s.to_string()));
     }
-    // L1 itself sometimes locks up (QEMU TCG's nested SVM: see
-    // L1_STALL_LIMIT); it is booted again, loudly, up to L1_EXTRA_BOOTS times.
-    let l1_failures = std::cell::RefCell::new(Vec::<String>::new());
-    let boot_once_more_if_stalled = |filters: &[String]| {
-        let mut boots = 0;
-        loop {
-            match boot_l1(&l1_kernel, &l1_initrd, filters) {
-                Err(error)
-                    if error.downcast_ref::<L1Stalled>().is_some() && boots < L1_EXTRA_BOOTS =>
-                {
-                    boots += 1;
-                    l1_failures.borrow_mut().push(format!("{error:#}"));
-                    eprintln!(
-                        "xtask: hwkvm: {error:#}; booting L1 again ({boots} of {L1_EXTRA_BOOTS})"
-                    );
-                }
-                other => return other,
-            }
-        }
+    let expected = list_tests(&test_binaries, &filters)?;
+    // Options that shape the output, kept when tests are named one by one.
+    let output_options: Vec<String> = filters
+        .iter()
+        .filter(|f| ["--nocapture", "--show-output"].contains(&f.as_str()))
+        .cloned()
+        .collect();
+    let mut l1 = L1 {
+        boot: Box::new(|args: &[String]| boot_l1(&l1_kernel, &l1_initrd, args)),
+        extra_boots_left: L1_EXTRA_BOOTS,
+        interruptions: Vec::new(),
     };
-    let mut outcome = boot_once_more_if_stalled(&filters)?;
+    let mut outcome = l1.run(&filters, &expected, &output_options)?;
     // A test that fails in L1 runs once more, alone, in a fresh L1. Guests
-    // nested under QEMU's emulation stall now and then for reasons not
-    // understood (see docs/host-kvm.md); a failure that comes back is the
-    // lane's verdict, one that does not is named loudly, with the first
-    // failure's whole output above it in the log.
+    // nested under QEMU's emulation fail now and then (see docs/host-kvm.md);
+    // a failure that comes back is the lane's verdict, one that does not is
+    // named loudly, with the first failure's whole output above it in the log.
     let mut passed_on_retry = Vec::new();
     if !outcome.failed.is_empty() && outcome.failed.len() <= MAX_RETRIED {
         eprintln!(
@@ -228,28 +217,28 @@ pub fn run(filters: &[String]) -> Result<()> {
              output is above)",
             outcome.failed.join(", ")
         );
-        let mut retry_filters = outcome.failed.clone();
-        retry_filters.push("--exact".into());
-        let retry = boot_once_more_if_stalled(&retry_filters)?;
-        if retry.failed.is_empty() && retry.passed == outcome.failed.len() {
-            passed_on_retry = std::mem::take(&mut outcome.failed);
-            outcome.passed += passed_on_retry.len();
-            outcome.exit_status = retry.exit_status;
-        } else {
-            outcome.failed = retry.failed;
+        let again = std::mem::take(&mut outcome.failed);
+        let retry = l1.run(&exactly(&output_options, &again), &again, &output_options)?;
+        for name in &again {
+            if retry.passed.contains(name) {
+                passed_on_retry.push(name.clone());
+                outcome.passed.push(name.clone());
+            } else {
+                outcome.failed.push(name.clone());
+            }
         }
     }
     eprintln!(
         "xtask: hwkvm lane: {} passed, {} failed, {} ignored; L1 image {image_secs:.1} s, \
          L1 boot {:.1} s, whole lane {:.1} s",
-        outcome.passed,
+        outcome.passed.len(),
         outcome.failed.len(),
-        outcome.ignored,
+        outcome.ignored.len(),
         outcome.l1_boot_secs.unwrap_or(f64::NAN),
         started.elapsed().as_secs_f64()
     );
-    for failure in l1_failures.borrow().iter() {
-        eprintln!("xtask: hwkvm lane: WARNING: L1 was booted again after: {failure}");
+    for why in &l1.interruptions {
+        eprintln!("xtask: hwkvm lane: WARNING: L1 was booted again after: {why}");
     }
     if !passed_on_retry.is_empty() {
         eprintln!(
@@ -260,13 +249,112 @@ pub fn run(filters: &[String]) -> Result<()> {
     if !outcome.failed.is_empty() {
         bail!("hwkvm lane: failed: {}", outcome.failed.join(", "));
     }
-    if outcome.exit_status != Some(0) {
-        bail!(
-            "hwkvm lane: the test binary in L1 exited with {:?}",
-            outcome.exit_status
+    Ok(())
+}
+
+/// The test binaries' arguments that run exactly `tests`.
+fn exactly(output_options: &[String], tests: &[String]) -> Vec<String> {
+    let mut args = output_options.to_vec();
+    args.push("--exact".into());
+    args.extend(tests.iter().cloned());
+    args
+}
+
+/// The names of the tests `filters` selects, across the test binaries (each
+/// lists its own on this host; listing runs nothing).
+fn list_tests(test_binaries: &[PathBuf], filters: &[String]) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for binary in test_binaries {
+        let listing = process::output(
+            Command::new(binary)
+                .args(["--list", "--format", "terse", "--include-ignored"])
+                .args(filters),
+        )?;
+        names.extend(
+            listing
+                .lines()
+                .filter_map(|line| line.strip_suffix(": test"))
+                .map(str::to_string),
         );
     }
-    Ok(())
+    if names.is_empty() {
+        bail!("hwkvm: no test matches {filters:?}");
+    }
+    Ok(names)
+}
+
+/// Boots L1 once with these test arguments.
+type BootL1<'a> = Box<dyn FnMut(&[String]) -> Result<Outcome> + 'a>;
+
+/// Boots of L1 for one lane.
+struct L1<'a> {
+    boot: BootL1<'a>,
+    extra_boots_left: usize,
+    /// Why L1 was booted again, for the lane's summary.
+    interruptions: Vec<String>,
+}
+
+impl L1<'_> {
+    /// Runs the tests `args` select (`expected` names them) and returns
+    /// their results. L1 itself sometimes crashes or locks up (QEMU TCG's
+    /// nested SVM, see L1_STALL_LIMIT and docs/host-kvm.md): then it is booted
+    /// again, loudly, for the tests that have no result yet, while boots are
+    /// left and the last one gave at least one result. A test that brings L1
+    /// down every time thus fails the lane.
+    fn run(
+        &mut self,
+        args: &[String],
+        expected: &[String],
+        output_options: &[String],
+    ) -> Result<Outcome> {
+        let mut total = Outcome::default();
+        let mut boot = (self.boot)(args)?;
+        loop {
+            let results = boot.results();
+            let interrupted = boot.interrupted.take();
+            total.merge(boot);
+            let remaining: Vec<String> = expected
+                .iter()
+                .filter(|name| !total.has_result(name))
+                .cloned()
+                .collect();
+            let Some(why) = interrupted else {
+                // L1 ended by itself: a test without a result had its binary
+                // end under it.
+                if let Some(status) = total.exit_status.filter(|status| *status != 0) {
+                    if total.failed.is_empty() && remaining.is_empty() {
+                        bail!("hwkvm: the test binaries in L1 exited with {status}");
+                    }
+                }
+                total.failed.extend(remaining);
+                return Ok(total);
+            };
+            if remaining.is_empty() {
+                return Ok(total);
+            }
+            if results == 0 || self.extra_boots_left == 0 {
+                bail!(
+                    "{why}; {} tests have no result ({}), and {}",
+                    remaining.len(),
+                    remaining.join(", "),
+                    if results == 0 {
+                        "this boot gave none"
+                    } else {
+                        "no more boots are left"
+                    }
+                );
+            }
+            self.extra_boots_left -= 1;
+            eprintln!(
+                "xtask: hwkvm: {why}; booting L1 again for the {} tests without a result \
+                 ({} more boots left)",
+                remaining.len(),
+                self.extra_boots_left
+            );
+            self.interruptions.push(why);
+            boot = (self.boot)(&exactly(output_options, &remaining))?;
+        }
+    }
 }
 
 /// Builds the lane's test binaries (and with them the `bulkhead` binary);
@@ -457,8 +545,8 @@ fn write_executable(path: &Path, data: &[u8]) -> Result<()> {
 /// What L1 printed about the tests.
 #[derive(Default, Debug)]
 pub struct Outcome {
-    pub passed: usize,
-    pub ignored: usize,
+    pub passed: Vec<String>,
+    pub ignored: Vec<String>,
     pub failed: Vec<String>,
     pub summary_seen: bool,
     pub exit_status: Option<i32>,
@@ -467,6 +555,8 @@ pub struct Outcome {
     /// locked up, or L1 panicked). Not a test's verdict: a process of L1
     /// cannot bring down a correct kernel.
     pub l1_crashed: Option<String>,
+    /// Why L1 ended before its tests did (it crashed or stopped printing).
+    pub interrupted: Option<String>,
     /// A test whose result has not been printed yet (a message may have
     /// come between its name and its result).
     pending: Option<String>,
@@ -486,8 +576,8 @@ impl Outcome {
         if let Some(name) = name {
             let result = result.split_whitespace().last().unwrap_or("");
             match result {
-                "ok" => self.passed += 1,
-                "ignored" => self.ignored += 1,
+                "ok" => self.passed.push(name),
+                "ignored" => self.ignored.push(name),
                 "FAILED" => self.failed.push(name),
                 _ => self.pending = Some(name),
             }
@@ -510,11 +600,58 @@ impl Outcome {
             self.l1_boot_secs = rest.split_whitespace().next().and_then(|s| s.parse().ok());
         }
     }
+
+    /// How many tests have a result.
+    fn results(&self) -> usize {
+        self.passed.len() + self.ignored.len() + self.failed.len()
+    }
+
+    fn has_result(&self, name: &str) -> bool {
+        [&self.passed, &self.ignored, &self.failed]
+            .iter()
+            .any(|names| names.iter().any(|n| n == name))
+    }
+
+    /// Adds a later boot's results (its exit status is the one that counts).
+    fn merge(&mut self, later: Outcome) {
+        self.passed.extend(later.passed);
+        self.ignored.extend(later.ignored);
+        self.failed.extend(later.failed);
+        self.summary_seen |= later.summary_seen;
+        self.exit_status = later.exit_status;
+        self.l1_boot_secs = self.l1_boot_secs.or(later.l1_boot_secs);
+        self.l1_crashed = self.l1_crashed.take().or(later.l1_crashed);
+    }
+}
+
+/// The cached L1 initramfs with one more archive appended (the kernel
+/// unpacks concatenated archives in order): `/bulkhead/args`, the test
+/// binaries' arguments, one per line.
+fn with_test_arguments(initrd: &Path, args: &[String], dir: &Path) -> Result<PathBuf> {
+    if let Some(bad) = args.iter().find(|a| a.contains('\n')) {
+        bail!("hwkvm: a test argument cannot hold a line break: {bad:?}");
+    }
+    let path = dir.join("l1-boot.cpio");
+    fs::copy(initrd, &path).with_context(|| format!("copy {}", initrd.display()))?;
+    let listed: String = args.iter().map(|a| format!("{a}\n")).collect();
+    let mut out = fs::OpenOptions::new().append(true).open(&path)?;
+    crate::cpio::write_archive(
+        &mut out,
+        &[
+            crate::cpio::Entry::Directory { path: "bulkhead" },
+            crate::cpio::Entry::File {
+                path: "bulkhead/args",
+                mode: 0o644,
+                data: listed.as_bytes(),
+            },
+        ],
+    )?;
+    Ok(path)
 }
 
 /// Boots L1, streams its console (kept in target/hwkvm/l1-console.log), and
 /// collects the test results.
-fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> {
+fn boot_l1(kernel: &Path, initrd: &Path, args: &[String]) -> Result<Outcome> {
     let log_dir = workspace_root().join("target/hwkvm");
     fs::create_dir_all(&log_dir)?;
     let log_path = log_dir.join("l1-console.log");
@@ -527,12 +664,8 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
     // MSR) would interleave with the test results.
     // softlockup_panic: a CPU of L1 stuck in its kernel ends L1 at once (the
     // lane fails, its console log says where) instead of hanging it.
-    let mut append =
-        String::from("console=ttyS0 panic=-1 rdinit=/init quiet loglevel=1 softlockup_panic=1");
-    if !filters.is_empty() {
-        append.push_str(" -- ");
-        append.push_str(&filters.join(" "));
-    }
+    let append = "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=1 softlockup_panic=1";
+    let initrd = with_test_arguments(initrd, args, &log_dir)?;
     let mut command = Command::new("qemu-system-x86_64");
     command
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", L1_MEMORY])
@@ -542,7 +675,7 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", &append])
+        .args(["-append", append])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -576,10 +709,11 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
             } else {
                 format!("printed nothing for {} s", L1_STALL_LIMIT.as_secs())
             };
-            return Err(anyhow::Error::new(L1Stalled(format!(
+            outcome.interrupted = Some(format!(
                 "hwkvm: L1 {why} (console log: {})",
                 log_path.display()
-            ))));
+            ));
+            return Ok(outcome);
         }
         match receive.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
             Ok(line) => {
@@ -607,9 +741,8 @@ fn boot_l1(kernel: &Path, initrd: &Path, filters: &[String]) -> Result<Outcome> 
         // L1's own kernel failed (softlockup_panic turns a lockup into a
         // panic), not a test.
         if let Some(crash) = &outcome.l1_crashed {
-            return Err(anyhow::Error::new(L1Stalled(format!(
-                "{why}: L1's kernel crashed: {crash}"
-            ))));
+            outcome.interrupted = Some(format!("{why}: L1's kernel crashed: {crash}"));
+            return Ok(outcome);
         }
         bail!(why);
     }
@@ -636,8 +769,8 @@ mod tests {
         ] {
             outcome.observe(line);
         }
-        assert_eq!(outcome.passed, 2);
-        assert_eq!(outcome.ignored, 1);
+        assert_eq!(outcome.passed, ["console::shell", "split"]);
+        assert_eq!(outcome.ignored, ["slow"]);
         assert_eq!(outcome.failed, ["net::ping"]);
         assert!(outcome.summary_seen);
         assert_eq!(outcome.exit_status, Some(101));
@@ -673,5 +806,116 @@ mod tests {
             Some("Kernel panic - not syncing: Fatal exception in interrupt")
         );
         assert!(outcome.failed.is_empty());
+    }
+
+    /// What one boot of L1 printed: test lines, then maybe a crash.
+    fn printed(lines: &[&str], crashed: bool) -> Outcome {
+        let mut outcome = Outcome::default();
+        for line in lines {
+            outcome.observe(line);
+        }
+        if crashed {
+            outcome.interrupted = Some("L1's kernel crashed".into());
+        } else {
+            outcome.observe("l1: tests exited with 0");
+        }
+        outcome
+    }
+
+    /// Runs the lane's boot policy over scripted boots; returns the outcome
+    /// and the arguments each boot was given.
+    fn run_scripted(
+        boots: Vec<Outcome>,
+        expected: &[&str],
+    ) -> (Result<Outcome>, Vec<Vec<String>>, usize) {
+        let mut boots = boots.into_iter();
+        let mut given = Vec::new();
+        let expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        let (result, interruptions) = {
+            let mut l1 = L1 {
+                boot: Box::new(|args: &[String]| {
+                    given.push(args.to_vec());
+                    boots.next().context("no more scripted boots")
+                }),
+                extra_boots_left: 2,
+                interruptions: Vec::new(),
+            };
+            let result = l1.run(&["--skip".into(), "figures".into()], &expected, &[]);
+            (result, l1.interruptions.len())
+        };
+        (result, given, interruptions)
+    }
+
+    #[test]
+    fn after_l1_crashes_only_the_tests_without_a_result_run_again() {
+        let (result, given, interruptions) = run_scripted(
+            vec![
+                printed(&["test a ... ok", "test b ... FAILED", "test c ... "], true),
+                printed(&["test c ... ok", "test d ... ok"], false),
+            ],
+            &["a", "b", "c", "d"],
+        );
+        let outcome = result.unwrap();
+        assert_eq!(outcome.passed, ["a", "c", "d"]);
+        assert_eq!(outcome.failed, ["b"]);
+        assert_eq!(given[1], ["--exact", "c", "d"]);
+        assert_eq!(interruptions, 1);
+    }
+
+    #[test]
+    fn a_boot_that_gives_no_result_ends_the_lane() {
+        let (result, given, _) = run_scripted(
+            vec![
+                printed(&["test a ... ok", "test b ... "], true),
+                printed(&["test b ... "], true),
+                printed(&["test b ... ok"], false),
+            ],
+            &["a", "b"],
+        );
+        let error = format!("{:#}", result.unwrap_err());
+        assert!(error.contains("1 tests have no result (b)"), "{error}");
+        assert!(error.contains("this boot gave none"), "{error}");
+        assert_eq!(given.len(), 2);
+    }
+
+    #[test]
+    fn boots_again_at_most_as_often_as_allowed() {
+        let (result, given, _) = run_scripted(
+            vec![
+                printed(&["test a ... ok"], true),
+                printed(&["test b ... ok"], true),
+                printed(&["test c ... ok"], true),
+                printed(&["test d ... ok"], false),
+            ],
+            &["a", "b", "c", "d"],
+        );
+        let error = format!("{:#}", result.unwrap_err());
+        assert!(error.contains("no more boots are left"), "{error}");
+        assert_eq!(given.len(), 3);
+    }
+
+    #[test]
+    fn a_crash_after_every_result_is_not_a_failure() {
+        let (result, given, _) = run_scripted(vec![printed(&["test a ... ok"], true)], &["a"]);
+        assert_eq!(result.unwrap().passed, ["a"]);
+        assert_eq!(given.len(), 1);
+    }
+
+    #[test]
+    fn a_test_without_a_result_when_l1_ends_by_itself_has_failed() {
+        let (result, _, _) = run_scripted(
+            vec![printed(&["test a ... ok", "test b ... "], false)],
+            &["a", "b", "c"],
+        );
+        assert_eq!(result.unwrap().failed, ["b", "c"]);
+    }
+
+    #[test]
+    fn a_test_binary_that_exits_badly_with_every_result_fails_the_lane() {
+        let mut boot = printed(&["test a ... ok"], true);
+        boot.interrupted = None;
+        boot.observe("l1: tests exited with 1");
+        let (result, _, _) = run_scripted(vec![boot], &["a"]);
+        assert!(format!("{:#}", result.unwrap_err()).contains("exited with 1"));
     }
 }
