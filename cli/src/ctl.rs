@@ -57,9 +57,16 @@ enum Action {
         /// Use TLS, trusting the CA certificate(s) in this PEM file.
         #[arg(long, value_name = "PEM", requires = "tls_server_name")]
         tls_ca: Option<PathBuf>,
-        /// The name the destination's certificate must carry.
+        /// The name (or IP address) the destination's certificate must carry.
         #[arg(long, value_name = "NAME", requires = "tls_ca")]
         tls_server_name: Option<String>,
+        /// With --tls-ca: present this PEM certificate (chain) to a
+        /// destination that authenticates its sources (mutual TLS).
+        #[arg(long, value_name = "PEM", requires_all = ["tls_ca", "tls_key"])]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "PEM", requires_all = ["tls_ca", "tls_cert"])]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -85,17 +92,25 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
             verify_memory,
             tls_ca,
             tls_server_name,
+            tls_cert,
+            tls_key,
         } => Request::Migrate(vmm::migration::MigrateOptions {
             uri,
             downtime_ms: Some(downtime_ms),
             bandwidth_mib,
             give_up_after_s: Some(give_up_after),
             verify_memory,
+            // Read here, with the caller's rights: the VM gets their text.
             tls: match (tls_ca, tls_server_name) {
                 (Some(ca), Some(server_name)) => Some(vmm::migration::TlsClient {
-                    ca: std::path::absolute(&ca)
-                        .with_context(|| format!("bad CA path {}", ca.display()))?,
+                    ca_pem: vmm::migration::read_pem(&ca)?,
                     server_name,
+                    identity: match (tls_cert, tls_key) {
+                        (Some(cert), Some(key)) => {
+                            Some(vmm::migration::TlsIdentity::read(&cert, &key)?)
+                        }
+                        _ => None,
+                    },
                 }),
                 _ => None,
             },

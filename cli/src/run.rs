@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// With --incoming: the PEM private key of --tls-cert.
     #[arg(long, value_name = "PEM", requires_all = ["incoming", "tls_cert"])]
     tls_key: Option<PathBuf>,
+    /// With --tls-cert: mutual TLS, accept only a source whose certificate
+    /// chains to the CA certificate(s) in this PEM file.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// With --restore: read the whole memory file first and check its
     /// checksum (slower; a restore otherwise checks sizes and the state's checksum).
     #[arg(long, requires = "restore")]
@@ -138,8 +142,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if let Some(uri) = &args.incoming {
         let tls = match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(vmm::migration::TlsServer {
-                cert: cert.clone(),
-                key: key.clone(),
+                identity: vmm::migration::TlsIdentity::read(cert, key)?,
+                client_ca_pem: args
+                    .tls_client_ca
+                    .as_deref()
+                    .map(vmm::migration::read_pem)
+                    .transpose()?,
             }),
             _ => None,
         };
@@ -267,7 +275,7 @@ fn run_launched_vm(
         }
         LaunchOrigin::Incoming(expected) => {
             let listener = listener.context("the migration listener is missing")?;
-            let incoming = vmm::migration::accept_on(listener, None).expecting(
+            let incoming = vmm::migration::accept_on(listener, expected.tls.clone()).expecting(
                 expected.source,
                 std::time::Duration::from_secs(expected.timeout_secs),
             );

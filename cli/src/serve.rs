@@ -31,6 +31,17 @@ pub struct ServeArgs {
     /// Requests served at once; more are answered 503 (retry) at once.
     #[arg(long, value_name = "N", default_value_t = host::api::DEFAULT_MAX_REQUESTS)]
     max_requests: usize,
+    /// This host's PEM certificate for live migration between daemons: the
+    /// stream is mutual TLS, and it must carry this host's migration
+    /// address. Without it, migrations stay on loopback.
+    #[arg(long, value_name = "PEM", requires_all = ["migration_tls_key", "migration_tls_ca"])]
+    migration_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --migration-tls-cert.
+    #[arg(long, value_name = "PEM", requires_all = ["migration_tls_cert", "migration_tls_ca"])]
+    migration_tls_key: Option<PathBuf>,
+    /// The PEM CA certificate(s) other hosts' migration certificates chain to.
+    #[arg(long, value_name = "PEM", requires_all = ["migration_tls_cert", "migration_tls_key"])]
+    migration_tls_ca: Option<PathBuf>,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<i32> {
@@ -47,6 +58,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<i32> {
             None => std::env::current_exe()?,
         },
         max_requests: args.max_requests,
+        migration_tls: match (
+            args.migration_tls_cert,
+            args.migration_tls_key,
+            args.migration_tls_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(host::server::MigrationTlsFiles { cert, key, ca })
+            }
+            _ => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

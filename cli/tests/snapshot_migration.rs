@@ -473,19 +473,38 @@ fn live_migration_over_tls() {
     assert_eq!(source.state(), "running");
     let _ = target.kill();
 
-    let target = destination("tcp:127.0.0.1:0", &tls);
+    // A destination that authenticates its sources (mutual TLS) refuses
+    // one without a certificate; the source runs on.
+    let mutual = [
+        &tls[..],
+        &["--tls-client-ca".as_ref(), cert_path.as_os_str()],
+    ]
+    .concat();
+    let trusting = [
+        "--tls-ca",
+        cert_path.to_str().unwrap(),
+        "--tls-server-name",
+        "bulkhead-destination",
+    ];
+    let target = destination("tcp:127.0.0.1:0", &mutual);
     let uri = bound_uri(&target);
-    migrate_and_check(
-        source,
-        target,
-        &uri,
-        &[
-            "--tls-ca",
-            cert_path.to_str().unwrap(),
-            "--tls-server-name",
-            "bulkhead-destination",
-        ],
-    );
+    let (ok, text) = source.ctl(&[&["migrate", uri.as_str()][..], &trusting].concat());
+    assert!(!ok, "{text}");
+    let count = source.wait_for_count(0);
+    source.wait_for_count(count + 5);
+    assert_eq!(source.state(), "running");
+    let _ = target.kill();
+
+    // With its certificate it goes through.
+    let target = destination("tcp:127.0.0.1:0", &mutual);
+    let uri = bound_uri(&target);
+    let identity = [
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ];
+    migrate_and_check(source, target, &uri, &[&trusting[..], &identity].concat());
 }
 
 /// Forwards a migration stream from `listen` to `to`, frame by frame from

@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod client;
 pub mod events;
 pub mod manager;
+pub mod migration_tls;
 pub mod model;
 pub mod resources;
 pub mod server;

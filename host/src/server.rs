@@ -30,6 +30,18 @@ pub struct ServeConfig {
     pub vmm_binary: PathBuf,
     /// Requests served at once; more are answered 503 at once.
     pub max_requests: usize,
+    /// This host's certificate and key, and its peers' CA, for mutual TLS
+    /// between daemons in live migration (all three, or none: then
+    /// migrations stay on loopback).
+    pub migration_tls: Option<MigrationTlsFiles>,
+}
+
+/// Where the daemon's migration credentials are.
+#[derive(Clone, Debug)]
+pub struct MigrationTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 type Service = axum::routing::Router;
@@ -133,6 +145,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
         (None, _, _) => None,
     };
+    let migration_tls = match &config.migration_tls {
+        Some(files) => Some(Arc::new(crate::migration_tls::MigrationTls::read(
+            &files.cert,
+            &files.key,
+            &files.ca,
+        )?)),
+        None => None,
+    };
     let events = EventBus::default();
     let manager = {
         let config = ManagerConfig {
@@ -150,6 +170,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         console_writers: Default::default(),
         // SAFETY: geteuid has no preconditions.
         daemon_uid: unsafe { libc::geteuid() },
+        migration_tls,
     });
     let router = api::router(state);
     // One limit for the whole daemon, shared by every connection.

@@ -100,6 +100,10 @@ pub struct ExpectedSource {
     pub source: std::net::IpAddr,
     /// No migration within this long ends the VMM.
     pub timeout_secs: u64,
+    /// The stream is TLS with this identity (the host's), and mutual when
+    /// the source must present a certificate of the host's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::migration::TlsServer>,
 }
 
 impl LaunchPlan {
@@ -437,6 +441,7 @@ mod tests {
         p.origin = LaunchOrigin::Incoming(ExpectedSource {
             source: "192.0.2.1".parse().unwrap(),
             timeout_secs: 60,
+            tls: None,
         });
         assert_eq!(p.descriptor_count(), 3);
         // One per disk, per NIC, and the vsock listener.

@@ -2,7 +2,7 @@
 //! once worked, and fails if it works again. What a VMM holds is read from
 //! `/proc/PID/fd`, who it is from `/proc/PID/status`.
 
-use crate::support::{count_above, status_field, Daemon, BIN};
+use crate::support::{count_above, status_field, Authority, Daemon, BIN};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -79,6 +79,8 @@ struct Peer {
 impl Peer {
     fn start(dir: &Path, kernel: &Path, disk: Option<&Path>) -> Peer {
         let control = dir.join(format!("peer-{}.sock", std::process::id()));
+        // An earlier peer's, left behind when it was killed.
+        let _ = std::fs::remove_file(&control);
         let mut command = Command::new(BIN);
         command
             .args(["run", "--memory", "32", "--kernel"])
@@ -103,10 +105,15 @@ impl Peer {
     }
 
     fn migrate(&self, uri: &str) -> (bool, String) {
+        self.migrate_with(uri, &[])
+    }
+
+    fn migrate_with(&self, uri: &str, options: &[&str]) -> (bool, String) {
         let output = Command::new(BIN)
             .arg("ctl")
             .arg(&self.control)
             .args(["migrate", uri])
+            .args(options)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&output.stdout).into_owned()
@@ -541,7 +548,9 @@ fn each_vm_runs_in_the_vmm_program_without_the_daemons_code() {
 #[test]
 fn an_incoming_vm_takes_only_its_expected_source_until_its_deadline() {
     use std::io::{Read, Write};
-    let daemon = Daemon::start();
+    // A source on another host needs migration TLS.
+    let ca = Authority::new("expects");
+    let daemon = Daemon::start_with_migration_tls(&ca);
     let created = daemon.ok(
         Method::POST,
         "/v1/vms",
@@ -587,4 +596,162 @@ fn an_incoming_vm_takes_only_its_expected_source_until_its_deadline() {
         why.contains("expected source before the deadline"),
         "{stopped}"
     );
+}
+
+/// Without migration TLS a daemon migrates on loopback only: another host is
+/// refused before anything is sent, naming what is missing.
+#[test]
+fn without_migration_tls_migrations_stay_on_loopback() {
+    let daemon = Daemon::start();
+    let source = daemon.running_vm("plain");
+    // TEST-NET-1: nothing is sent there.
+    let refused = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{source}/migrate"),
+        Some(json!({"uri": "tcp:192.0.2.1:4444"})),
+    );
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text);
+    assert_eq!(refused.body["error"]["field"], "uri", "{}", refused.text);
+    assert!(
+        refused.text.contains("--migration-tls-cert"),
+        "{}",
+        refused.text
+    );
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "plain-in", "kernel": daemon.counting_guest(), "memory_mib": 32})),
+    );
+    let id = created["id"].as_str().unwrap();
+    let refused = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{id}/start"),
+        Some(json!({"incoming": format!("tcp:127.0.0.1:{}", free_port()), "incoming_from": "192.0.2.1"})),
+    );
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text);
+    assert_eq!(
+        refused.body["error"]["field"], "incoming_from",
+        "{}",
+        refused.text
+    );
+    assert_eq!(daemon.vm(id)["state"], "stopped");
+    assert_eq!(daemon.vm(&source)["state"], "running");
+}
+
+/// Waits until something listens on 127.0.0.1:`port` (without connecting:
+/// a destination takes one connection only).
+fn wait_until_bound(port: u16, waiting: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        assert!(
+            waiting.try_wait().unwrap().is_none(),
+            "the destination ended"
+        );
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// With migration TLS, a migration between daemons is mutual TLS: it goes
+/// through between hosts of one CA, a source refuses a destination of
+/// another CA (and runs on), and a destination refuses a source that shows
+/// no certificate or one of another CA.
+#[test]
+fn migrations_between_daemons_are_mutual_tls() {
+    let (ca, stranger) = (Authority::new("ours"), Authority::new("theirs"));
+    let daemon = Daemon::start_with_migration_tls(&ca);
+    let source = daemon.running_vm("tls-source");
+    let pid = daemon.pid(&source);
+
+    // A destination whose certificate another CA signed.
+    let port = free_port();
+    let (cert, key) = stranger.issue();
+    let mut impostor = Command::new(BIN)
+        .args(["run", "--incoming", &format!("tcp:127.0.0.1:{port}")])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_bound(port, &mut impostor);
+    let failed = daemon.call(
+        None,
+        Method::POST,
+        &format!("/v1/vms/{source}/migrate"),
+        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
+    );
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert!(!failed.status.is_success(), "{}", failed.text);
+    assert_eq!(daemon.vm(&source)["state"], "running");
+    assert_eq!(daemon.pid(&source), pid);
+
+    // Sources a destination of this daemon must refuse.
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "tls-dest", "kernel": daemon.counting_guest(), "memory_mib": 32})),
+    );
+    let destination = created["id"].as_str().unwrap().to_string();
+    let kernel = daemon.counting_guest();
+    let (their_cert, their_key) = stranger.issue();
+    let ca_file = ca.ca_file();
+    let trusting = [
+        "--tls-ca",
+        ca_file.to_str().unwrap(),
+        "--tls-server-name",
+        "127.0.0.1",
+    ];
+    let strangers = [
+        "--tls-cert",
+        their_cert.to_str().unwrap(),
+        "--tls-key",
+        their_key.to_str().unwrap(),
+    ];
+    for (who, credentials) in [
+        ("no certificate", &[][..]),
+        ("another CA's", &strangers[..]),
+    ] {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        daemon.ok(
+            Method::POST,
+            &format!("/v1/vms/{destination}/start"),
+            Some(json!({"incoming": uri, "incoming_from": "127.0.0.1"})),
+        );
+        let mut peer = Peer::start(&daemon.dir, &kernel, None);
+        let options: Vec<&str> = trusting.iter().chain(credentials).copied().collect();
+        let (migrated, text) = peer.migrate_with(&uri, &options);
+        assert!(!migrated, "a source with {who} got in: {text}");
+        assert!(peer.running(), "{who}: the peer stopped");
+        let stopped = daemon.wait_state(&destination, "stopped");
+        let why = stopped["last_exit"].as_str().unwrap_or_default();
+        assert!(why.contains("TLS"), "{who}: {stopped}");
+        drop(peer);
+    }
+
+    // Between two hosts of the CA (this daemon plays both): through.
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{destination}/start"),
+        Some(json!({"incoming": uri, "incoming_from": "127.0.0.1"})),
+    );
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{source}/migrate"),
+        Some(json!({"uri": uri})),
+    );
+    daemon.wait_state(&source, "stopped");
+    daemon.wait_state(&destination, "running");
+    let client = daemon.client(None);
+    let mut console = daemon
+        .block_on(client.console(&destination, false))
+        .unwrap();
+    count_above(&daemon, &mut console, -1);
 }

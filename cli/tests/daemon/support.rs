@@ -55,6 +55,12 @@ impl Daemon {
         daemon
     }
 
+    /// A daemon whose migrations are mutual TLS, with a certificate of `ca`.
+    pub fn start_with_migration_tls(ca: &Authority) -> Daemon {
+        let args = ca.daemon_args();
+        Self::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     /// A daemon inside network namespace `netns`: the TAPs its VMMs make are there.
     pub fn start_in(netns: &str) -> Daemon {
         let mut daemon = Self::start_with(&[]);
@@ -384,4 +390,72 @@ pub async fn collect(
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A certificate authority of the test's own, and the certificates it issues
+/// for 127.0.0.1, as PEM files: migration credentials for daemons and peers.
+pub struct Authority {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+    dir: PathBuf,
+    issued: AtomicU32,
+}
+
+impl Authority {
+    pub fn new(name: &str) -> Authority {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("bh-ca{}-{n}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        Authority {
+            key,
+            cert,
+            dir,
+            issued: AtomicU32::new(0),
+        }
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A new certificate for 127.0.0.1 and its key: (cert, key) files.
+    pub fn issue(&self) -> (PathBuf, PathBuf) {
+        let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        let paths = (
+            self.dir.join(format!("host{n}.pem")),
+            self.dir.join(format!("host{n}.key")),
+        );
+        std::fs::write(&paths.0, cert.pem()).unwrap();
+        std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+        paths
+    }
+
+    /// `bulkhead serve` arguments for a host with a certificate of this CA.
+    pub fn daemon_args(&self) -> Vec<String> {
+        let (cert, key) = self.issue();
+        [
+            ("--migration-tls-cert", cert),
+            ("--migration-tls-key", key),
+            ("--migration-tls-ca", self.ca_file()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+    }
+}
+
+impl Drop for Authority {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -38,6 +38,8 @@ pub struct ApiState {
     /// uid the daemon runs as: local callers with it (or root) are the host's
     /// administrator without a token.
     pub daemon_uid: u32,
+    /// Mutual TLS for migrations between daemons; without it, loopback only.
+    pub migration_tls: Option<Arc<crate::migration_tls::MigrationTls>>,
 }
 
 /// Who is on the other end of a connection, set by the listener.

@@ -4,6 +4,7 @@
 
 use super::{blocking, parse_json, require, ApiError, ApiState, AuditProject, ErrorBody};
 use crate::auth::{Principal, Role};
+use crate::migration_tls::check_peer;
 use crate::model::VmRecord;
 use crate::spec::{valid_name, VmSpec};
 use crate::vmm_process::Origin;
@@ -232,20 +233,18 @@ pub struct MigrateRequest {
 }
 
 /// Checks `tcp:IP:PORT`; a sandboxed VMM reaches no Unix socket outside its own directory.
-fn check_tcp_uri(field: &str, uri: &str) -> Result<(), ApiError> {
+/// The address of a `tcp:IP:PORT` URI.
+fn check_tcp_uri(field: &str, uri: &str) -> Result<std::net::SocketAddr, ApiError> {
     // An IP address: the daemon and its VMMs never look names up for a tenant.
-    let valid = uri
-        .strip_prefix("tcp:")
+    uri.strip_prefix("tcp:")
         .and_then(|rest| rest.parse::<std::net::SocketAddr>().ok())
-        .is_some_and(|address| address.port() != 0);
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            field,
-            format!("{uri:?} is not tcp:IP:PORT (an IP address, not a name, and a port)"),
-        ))
-    }
+        .filter(|address| address.port() != 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("{uri:?} is not tcp:IP:PORT (an IP address, not a name, and a port)"),
+            )
+        })
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/start", tag = "vms",
@@ -296,6 +295,8 @@ pub async fn start(
                     "the source host's IP address is required: a destination takes only the source it expects",
                 )
             })?;
+            check_peer(state.migration_tls.as_deref(), source)
+                .map_err(|reason| ApiError::invalid("incoming_from", reason))?;
             let timeout_secs = request
                 .incoming_timeout_secs
                 .unwrap_or(DEFAULT_INCOMING_TIMEOUT_SECS);
@@ -310,6 +311,7 @@ pub async fn start(
                 from: vmm::launch::ExpectedSource {
                     source,
                     timeout_secs,
+                    tls: state.migration_tls.as_ref().map(|tls| tls.from_source()),
                 },
             }
         }
@@ -336,14 +338,19 @@ pub async fn migrate(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: MigrateRequest = parse_json(&body)?;
-    check_tcp_uri("uri", &request.uri)?;
+    let destination = check_tcp_uri("uri", &request.uri)?.ip();
+    check_peer(state.migration_tls.as_deref(), destination)
+        .map_err(|reason| ApiError::invalid("uri", reason))?;
     let options = vmm::migration::MigrateOptions {
         uri: request.uri,
         downtime_ms: request.downtime_ms,
         bandwidth_mib: request.bandwidth_mib,
         give_up_after_s: request.give_up_after_secs,
         verify_memory: request.verify_memory,
-        tls: None,
+        tls: state
+            .migration_tls
+            .as_ref()
+            .map(|tls| tls.to_destination(destination)),
     };
     act(state, principal, id, move |state, id| {
         Ok(state.manager.migrate(id, options)?)

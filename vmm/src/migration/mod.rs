@@ -17,7 +17,7 @@ mod transport;
 pub mod destination;
 
 pub use destination::{accept, accept_on, Incoming};
-pub use transport::{Endpoint, Listener, TlsClient, TlsServer};
+pub use transport::{read_pem, Endpoint, Listener, TlsClient, TlsIdentity, TlsServer};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

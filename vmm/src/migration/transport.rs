@@ -36,21 +36,109 @@ impl Endpoint {
     }
 }
 
-/// The source's TLS settings: whom it trusts and the name it expects.
+/// A certificate (chain) and its private key, in PEM: what a side of a
+/// mutual-TLS migration proves itself with. Carried as text, not paths, so a
+/// sandboxed VMM opens no host file for it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: this lands in logs and error reports.
+        f.debug_struct("TlsIdentity")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The source's TLS settings: whom it trusts, the name it expects, and what
+/// it proves itself with to a destination that authenticates its sources.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsClient {
-    /// PEM file of the CA certificate(s) the destination's certificate must chain to.
-    pub ca: PathBuf,
-    /// The name the destination's certificate must carry.
+    /// The CA certificate(s), PEM, the destination's certificate must chain to.
+    pub ca_pem: String,
+    /// The name (or IP address) the destination's certificate must carry.
     pub server_name: String,
+    /// This source's certificate, for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<TlsIdentity>,
 }
 
 /// The destination's TLS settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsServer {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub identity: TlsIdentity,
+    /// With these CA certificate(s), PEM: mutual TLS, a source must present
+    /// a certificate that chains to one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_pem: Option<String>,
+}
+
+/// The certificates in `pem` (`what` names them in errors); at least one.
+fn certificates(
+    pem: &str,
+    what: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, MigrationError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| MigrationError::Tls(format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(MigrationError::Tls(format!("{what}: no PEM certificate")));
+    }
+    Ok(certs)
+}
+
+/// A trust store of the CA certificates in `pem`.
+fn trust(pem: &str, what: &str) -> Result<rustls::RootCertStore, MigrationError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(pem, what)? {
+        roots
+            .add(cert)
+            .map_err(|e| MigrationError::Tls(format!("{what}: {e}")))?;
+    }
+    Ok(roots)
+}
+
+impl TlsIdentity {
+    fn parts(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        MigrationError,
+    > {
+        use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+        let certs = certificates(&self.cert_pem, "certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| MigrationError::Tls(format!("private key: {e}")))?;
+        Ok((certs, key))
+    }
+
+    /// Reads a certificate and key from PEM files (the CLI, for the user's
+    /// own files), naming the file that is wrong.
+    pub fn read(cert: &std::path::Path, key: &std::path::Path) -> Result<Self, MigrationError> {
+        let identity = TlsIdentity {
+            cert_pem: read_pem(cert)?,
+            key_pem: read_pem(key)?,
+        };
+        identity.parts()?;
+        Ok(identity)
+    }
+}
+
+/// A PEM file's text, its path in the error.
+pub fn read_pem(path: &std::path::Path) -> Result<String, MigrationError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| MigrationError::Tls(format!("{}: {e}", path.display())))
 }
 
 fn tls_error(what: &str) -> impl FnOnce(String) -> MigrationError + '_ {
@@ -130,22 +218,21 @@ fn tls_client<S: std::io::Read + std::io::Write + Send + 'static>(
     stream: S,
     tls: &TlsClient,
 ) -> Result<rustls::StreamOwned<rustls::ClientConnection, S>, MigrationError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(&tls.ca)
-        .map_err(|e| MigrationError::Tls(format!("CA file {}: {e}", tls.ca.display())))?;
-    for cert in certs {
-        let cert =
-            cert.map_err(|e| MigrationError::Tls(format!("CA file {}: {e}", tls.ca.display())))?;
-        roots
-            .add(cert)
-            .map_err(|e| MigrationError::Tls(format!("CA file {}: {e}", tls.ca.display())))?;
-    }
+    use rustls::pki_types::ServerName;
+    let roots = trust(&tls.ca_pem, "CA certificate")?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error("protocol versions")(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &tls.identity {
+        Some(identity) => {
+            let (certs, key) = identity.parts()?;
+            config
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| tls_error("certificate and key")(e.to_string()))?
+        }
+        None => config.with_no_client_auth(),
+    };
     let name = ServerName::try_from(tls.server_name.clone())
         .map_err(|e| MigrationError::Tls(format!("server name {:?}: {e}", tls.server_name)))?;
     let connection = rustls::ClientConnection::new(Arc::new(config), name)
@@ -335,16 +422,23 @@ fn tls_server<S: std::io::Read + std::io::Write + Send + 'static>(
     stream: S,
     tls: &TlsServer,
 ) -> Result<rustls::StreamOwned<rustls::ServerConnection, S>, MigrationError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| MigrationError::Tls(format!("certificate {}: {e}", tls.cert.display())))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .map_err(|e| MigrationError::Tls(format!("key {}: {e}", tls.key.display())))?;
+    let (certs, key) = tls.identity.parts()?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error("protocol versions")(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| tls_error("protocol versions")(e.to_string()))?;
+    let config = match &tls.client_ca_pem {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(trust(ca, "client CA certificate")?),
+                provider(),
+            )
+            .build()
+            .map_err(|e| tls_error("client CA certificate")(e.to_string()))?;
+            config.with_client_cert_verifier(verifier)
+        }
+        None => config.with_no_client_auth(),
+    };
+    let config = config
         .with_single_cert(certs, key)
         .map_err(|e| tls_error("certificate and key")(e.to_string()))?;
     let connection = rustls::ServerConnection::new(Arc::new(config))
@@ -357,6 +451,149 @@ fn tls_server<S: std::io::Read + std::io::Write + Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+
+    /// A CA, and certificates it signs for 127.0.0.1.
+    struct Authority {
+        key: rcgen::KeyPair,
+        cert: rcgen::Certificate,
+    }
+
+    impl Authority {
+        fn new() -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).unwrap();
+            Authority { key, cert }
+        }
+
+        fn issue(&self) -> TlsIdentity {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&key, &self.cert, &self.key)
+                .unwrap();
+            TlsIdentity {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            }
+        }
+
+        fn pem(&self) -> String {
+            self.cert.pem()
+        }
+    }
+
+    /// A TLS session between a source and a destination over a socket
+    /// pair: the destination's error, else the word the source sent.
+    fn session(client: TlsClient, server: TlsServer) -> Result<String, MigrationError> {
+        let (a, b) = UnixStream::pair().unwrap();
+        let source = std::thread::spawn(move || {
+            let mut stream = tls_client(a, &client)?;
+            stream.write_all(b"hello").map_err(MigrationError::Socket)?;
+            stream.flush().map_err(MigrationError::Socket)?;
+            Ok::<_, MigrationError>(stream)
+        });
+        let mut stream = tls_server(b, &server)?;
+        let mut word = [0u8; 5];
+        stream
+            .read_exact(&mut word)
+            .map_err(MigrationError::Socket)?;
+        let _ = source.join().unwrap();
+        Ok(String::from_utf8_lossy(&word).into_owned())
+    }
+
+    fn mutual(
+        ca: &Authority,
+        source: TlsIdentity,
+        destination: TlsIdentity,
+    ) -> (TlsClient, TlsServer) {
+        (
+            TlsClient {
+                ca_pem: ca.pem(),
+                server_name: "127.0.0.1".into(),
+                identity: Some(source),
+            },
+            TlsServer {
+                identity: destination,
+                client_ca_pem: Some(ca.pem()),
+            },
+        )
+    }
+
+    #[test]
+    fn mutual_tls_between_two_hosts_of_one_authority() {
+        let ca = Authority::new();
+        let (client, server) = mutual(&ca, ca.issue(), ca.issue());
+        assert_eq!(session(client, server).unwrap(), "hello");
+    }
+
+    #[test]
+    fn a_destination_that_authenticates_sources_refuses_one_without_a_certificate() {
+        let ca = Authority::new();
+        let (mut client, server) = mutual(&ca, ca.issue(), ca.issue());
+        client.identity = None;
+        let error = session(client, server).unwrap_err().to_string();
+        assert!(error.contains("handshake"), "{error}");
+    }
+
+    #[test]
+    fn a_destination_refuses_a_source_another_authority_signed() {
+        let (ca, stranger) = (Authority::new(), Authority::new());
+        let (client, server) = mutual(&ca, stranger.issue(), ca.issue());
+        let error = session(client, server).unwrap_err().to_string();
+        assert!(error.contains("handshake"), "{error}");
+    }
+
+    #[test]
+    fn a_source_refuses_a_destination_another_authority_signed() {
+        let (ca, stranger) = (Authority::new(), Authority::new());
+        let (client, server) = mutual(&ca, ca.issue(), stranger.issue());
+        let (a, b) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let _ = tls_server(b, &server);
+        });
+        let error = tls_client(a, &client).err().unwrap().to_string();
+        assert!(error.contains("invalid peer certificate"), "{error}");
+    }
+
+    #[test]
+    fn a_source_refuses_a_destination_certified_for_another_address() {
+        let ca = Authority::new();
+        let (mut client, server) = mutual(&ca, ca.issue(), ca.issue());
+        client.server_name = "127.0.0.2".into();
+        let (a, b) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let _ = tls_server(b, &server);
+        });
+        let error = tls_client(a, &client).err().unwrap().to_string();
+        assert!(error.contains("not valid for name"), "{error}");
+    }
+
+    #[test]
+    fn bad_pem_is_named() {
+        let ca = Authority::new();
+        let mut identity = ca.issue();
+        identity.key_pem = "not a key".into();
+        assert!(identity
+            .parts()
+            .unwrap_err()
+            .to_string()
+            .contains("private key"));
+        assert!(trust("junk", "CA certificate")
+            .unwrap_err()
+            .to_string()
+            .contains("CA certificate: no PEM certificate"));
+    }
+
+    #[test]
+    fn an_identity_never_shows_its_key() {
+        let identity = Authority::new().issue();
+        let shown = format!("{identity:?}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(!shown.contains(&identity.key_pem[40..80]), "{shown}");
+    }
 
     #[test]
     fn parses_uris() {
