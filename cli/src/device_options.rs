@@ -58,9 +58,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
             ("path", Some(value)) if !value.is_empty() => path = Some(PathBuf::from(value)),
             ("readonly" | "ro", None) => read_only = true,
             ("id", Some(value)) => {
-                if value.len() > 20 {
-                    return Err(format!("id '{value}' is longer than 20 bytes"));
-                }
+                vmm::config::check_disk_id(value)?;
                 id = Some(value.to_string());
             }
             _ => {
@@ -71,6 +69,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
         }
     }
     let path = path.ok_or("missing path=FILE")?;
+    rate_limit.check()?;
     Ok(DiskConfig {
         path,
         read_only,
@@ -154,6 +153,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
             }
         }
     }
+    rate_limit.check()?;
     Ok(NetConfig {
         tap: tap.ok_or("missing tap=NAME")?,
         mac,

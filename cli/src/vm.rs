@@ -4,6 +4,7 @@ use crate::OutputFormat;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use host::client::{Client, Endpoint};
+use host::spec::{DiskSpec, NicSpec, VmSpec, VsockSpec};
 use hyper::Method;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -97,15 +98,25 @@ struct CreateArgs {
     /// Memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
-    /// path=FILE[,readonly|ro]; repeat for more.
-    #[arg(long, value_name = "OPTIONS")]
-    disk: Vec<String>,
-    /// tap=NAME[,mac=MAC]; repeat for more.
-    #[arg(long, value_name = "OPTIONS")]
-    net: Vec<String>,
+    /// A virtio-blk disk, as `bulkhead run --disk` takes it:
+    /// path=FILE[,readonly][,id=NAME][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N].
+    /// Repeat for more.
+    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
+    disk: Vec<vmm::config::DiskConfig>,
+    /// A virtio-net interface, as `bulkhead run --net` takes it:
+    /// tap=NAME[,mac=MAC][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]. Repeat for more.
+    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
+    net: Vec<vmm::config::NetConfig>,
     /// Give the VM a vsock device with this guest CID.
     #[arg(long, value_name = "CID")]
     vsock_cid: Option<u32>,
+    /// A virtio-rng entropy device.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-balloon device: [target_mib=N][,deflate_on_oom][,free_page_reporting].
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
+          value_parser = crate::device_options::parse_balloon)]
+    balloon: Option<vmm::config::BalloonConfig>,
     /// Project to create it in (for the host's administrator; tokens have one).
     #[arg(long)]
     project: Option<String>,
@@ -148,38 +159,42 @@ fn host_path(path: impl AsRef<std::path::Path>) -> std::io::Result<std::path::Pa
     path.canonicalize().or_else(|_| std::path::absolute(path))
 }
 
-/// `key=value,flag` items of --disk and --net.
-fn items(text: &str) -> Vec<(&str, Option<&str>)> {
-    text.split(',')
-        .map(|item| match item.split_once('=') {
-            Some((key, value)) => (key, Some(value)),
-            None => (item, None),
-        })
-        .collect()
-}
-
-fn disk_json(text: &str) -> anyhow::Result<Value> {
-    let mut disk = json!({});
-    for (key, value) in items(text) {
-        match (key, value) {
-            ("path", Some(path)) => disk["path"] = json!(host_path(path)?),
-            ("readonly" | "ro", None) => disk["readonly"] = json!(true),
-            _ => bail!("--disk: unknown item '{key}' (expected path=FILE[,readonly|ro])"),
-        }
-    }
-    Ok(disk)
-}
-
-fn nic_json(text: &str) -> anyhow::Result<Value> {
-    let mut nic = json!({});
-    for (key, value) in items(text) {
-        match (key, value) {
-            ("tap", Some(tap)) => nic["tap"] = json!(tap),
-            ("mac", Some(mac)) => nic["mac"] = json!(mac),
-            _ => bail!("--net: unknown item '{key}' (expected tap=NAME[,mac=MAC])"),
-        }
-    }
-    Ok(nic)
+/// The spec `vm create` sends: the same device options as `bulkhead run`,
+/// parsed by the same code, as the API's typed VM spec.
+fn create_spec(create: &CreateArgs) -> anyhow::Result<VmSpec> {
+    let path = |path: &Option<PathBuf>| path.as_ref().map(host_path).transpose();
+    Ok(VmSpec {
+        name: create.name.clone(),
+        kernel: path(&create.kernel)?,
+        initrd: path(&create.initrd)?,
+        cmdline: create.cmdline.clone(),
+        cpus: create.cpus,
+        memory_mib: create.memory,
+        disks: create
+            .disk
+            .iter()
+            .map(|disk| {
+                Ok(DiskSpec {
+                    path: host_path(&disk.path)?,
+                    readonly: disk.read_only,
+                    id: disk.id.clone(),
+                    rate_limit: disk.rate_limit,
+                })
+            })
+            .collect::<std::io::Result<_>>()?,
+        nics: create
+            .net
+            .iter()
+            .map(|net| NicSpec {
+                tap: net.tap.clone(),
+                mac: net.mac.map(|mac| vmm::config::format_mac(&mac)),
+                rate_limit: net.rate_limit,
+            })
+            .collect(),
+        vsock: create.vsock_cid.map(|cid| VsockSpec { cid }),
+        rng: create.rng,
+        balloon: create.balloon.clone(),
+    })
 }
 
 fn client(args: &DaemonArgs) -> anyhow::Result<Client> {
@@ -257,31 +272,7 @@ pub fn vm(args: VmArgs) -> anyhow::Result<i32> {
     runtime()?.block_on(async move {
         let value = match args.action {
             VmAction::Create(create) => {
-                let mut spec = json!({
-                    "name": create.name, "cpus": create.cpus, "memory_mib": create.memory,
-                });
-                if let Some(kernel) = &create.kernel {
-                    spec["kernel"] = json!(host_path(kernel)?);
-                }
-                if let Some(initrd) = &create.initrd {
-                    spec["initrd"] = json!(host_path(initrd)?);
-                }
-                if let Some(cmdline) = &create.cmdline {
-                    spec["cmdline"] = json!(cmdline);
-                }
-                spec["disks"] = create
-                    .disk
-                    .iter()
-                    .map(|d| disk_json(d))
-                    .collect::<anyhow::Result<_>>()?;
-                spec["nics"] = create
-                    .net
-                    .iter()
-                    .map(|n| nic_json(n))
-                    .collect::<anyhow::Result<_>>()?;
-                if let Some(cid) = create.vsock_cid {
-                    spec["vsock"] = json!({ "cid": cid });
-                }
+                let spec = serde_json::to_value(create_spec(&create)?)?;
                 let path = match &create.project {
                     Some(project) => format!("/v1/vms?project={project}"),
                     None => "/v1/vms".to_string(),
@@ -441,11 +432,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_disk_takes_readonly_or_ro_and_nothing_else() {
-        for text in ["path=/srv/d.img,readonly", "path=/srv/d.img,ro"] {
-            assert_eq!(disk_json(text).unwrap()["readonly"], true, "{text}");
+    fn create_takes_every_device_option_run_takes() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Command {
+            #[command(flatten)]
+            create: CreateArgs,
         }
-        assert!(disk_json("path=/srv/d.img,rw").is_err());
+        let args = Command::try_parse_from([
+            "create",
+            "web",
+            "--disk",
+            "path=/srv/d.img,ro,id=data-1,bps=1M,iops=100",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:07,bps=10M,bps_burst=20M",
+            "--rng",
+            "--balloon",
+            "target_mib=16,deflate_on_oom",
+        ])
+        .unwrap();
+        let spec = serde_json::to_value(create_spec(&args.create).unwrap()).unwrap();
+        assert_eq!(
+            spec["disks"][0],
+            json!({"path": "/srv/d.img", "readonly": true, "id": "data-1",
+                   "rate_limit": {"bytes_per_sec": 1 << 20, "ops_per_sec": 100}})
+        );
+        assert_eq!(
+            spec["nics"][0],
+            json!({"tap": "tap0", "mac": "02:00:00:00:00:07",
+                   "rate_limit": {"bytes_per_sec": 10 << 20, "bytes_burst": 20 << 20}})
+        );
+        assert_eq!(spec["rng"], true);
+        assert_eq!(
+            spec["balloon"],
+            json!({"target_mib": 16, "deflate_on_oom": true, "free_page_reporting": false})
+        );
+        // The API reads back what the CLI sent.
+        let _: VmSpec = serde_json::from_value(spec).unwrap();
+        for bad in ["path=/srv/d.img,rw", "path=/srv/d.img,bps_burst=1M"] {
+            assert!(
+                Command::try_parse_from(["create", "web", "--disk", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use utoipa::ToSchema;
+use vmm::config::{BalloonConfig, RateLimit};
 
 /// The largest guest the daemon accepts, whatever the host has.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -39,9 +40,15 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockSpec>,
+    /// A virtio-rng entropy device (the guest's hwrng, fed from the host's getrandom).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rng: bool,
+    /// A virtio-balloon device: the host can ask the guest for memory back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// A raw disk image.
@@ -49,9 +56,16 @@ pub struct DiskSpec {
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
+    /// What the guest reads as the disk's serial (virtio-blk GET_ID): 1 to
+    /// 20 bytes of printable ASCII; the file's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "data-1")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_unlimited")]
+    pub rate_limit: RateLimit,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// The host TAP device (created if missing), up to 15 characters.
@@ -61,6 +75,13 @@ pub struct NicSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "02:00:00:00:00:01")]
     pub mac: Option<String>,
+    /// Applied to each direction (receive and transmit) separately.
+    #[serde(default, skip_serializing_if = "is_unlimited")]
+    pub rate_limit: RateLimit,
+}
+
+fn is_unlimited(limit: &RateLimit) -> bool {
+    *limit == RateLimit::default()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -154,6 +175,19 @@ impl VmSpec {
         }
         for (i, disk) in self.disks.iter().enumerate() {
             check_file(&format!("disks[{i}].path"), &disk.path, allowed_dirs)?;
+            if let Some(id) = &disk.id {
+                vmm::config::check_disk_id(id)
+                    .map_err(|message| invalid(format!("disks[{i}].id"), message))?;
+                if self.disks[..i]
+                    .iter()
+                    .any(|other| other.id.as_ref() == Some(id))
+                {
+                    return Err(invalid(format!("disks[{i}].id"), "used twice"));
+                }
+            }
+            disk.rate_limit
+                .check()
+                .map_err(|message| invalid(format!("disks[{i}].rate_limit"), message))?;
         }
         if self.nics.len() > 8 {
             return Err(invalid("nics", "at most 8 interfaces"));
@@ -176,6 +210,17 @@ impl VmSpec {
             if let Some(mac) = &nic.mac {
                 vmm::config::parse_mac(mac)
                     .map_err(|message| invalid(format!("nics[{i}].mac"), message))?;
+            }
+            nic.rate_limit
+                .check()
+                .map_err(|message| invalid(format!("nics[{i}].rate_limit"), message))?;
+        }
+        if let Some(balloon) = &self.balloon {
+            if balloon.target_mib > self.memory_mib {
+                return Err(invalid(
+                    "balloon.target_mib",
+                    format!("at most the VM's memory_mib ({})", self.memory_mib),
+                ));
             }
         }
         if let Some(vsock) = &self.vsock {
@@ -251,6 +296,9 @@ mod tests {
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         let kernel = dir.join("kernel");
         std::fs::write(&kernel, b"x").unwrap();
+        let disk = dir.join("disk");
+        std::fs::write(&disk, b"x").unwrap();
+        let (disk2, disk3, disk4) = (disk.clone(), disk.clone(), disk.clone());
         let allowed = [dir.canonicalize().unwrap()];
         type Change = Box<dyn Fn(&mut VmSpec)>;
         let cases: Vec<(&str, Change)> = vec![
@@ -270,8 +318,74 @@ mod tests {
                 Box::new(|s| {
                     s.disks = vec![DiskSpec {
                         path: "/nonexistent".into(),
-                        readonly: false,
+                        ..Default::default()
                     }]
+                }),
+            ),
+            (
+                "disks[0].id",
+                Box::new(move |s| {
+                    s.disks = vec![DiskSpec {
+                        path: disk.clone(),
+                        id: Some("twenty-one-bytes-long".into()),
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "disks[0].id",
+                Box::new(move |s| {
+                    s.disks = vec![DiskSpec {
+                        path: disk2.clone(),
+                        id: Some("tab\tin".into()),
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "disks[1].id",
+                Box::new(move |s| {
+                    let disk = DiskSpec {
+                        path: disk3.clone(),
+                        id: Some("same".into()),
+                        ..Default::default()
+                    };
+                    s.disks = vec![disk.clone(), disk];
+                }),
+            ),
+            (
+                "disks[0].rate_limit",
+                Box::new(move |s| {
+                    s.disks = vec![DiskSpec {
+                        path: disk4.clone(),
+                        rate_limit: RateLimit {
+                            bytes_per_sec: Some(0),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "nics[0].rate_limit",
+                Box::new(|s| {
+                    s.nics = vec![NicSpec {
+                        tap: "t0".into(),
+                        rate_limit: RateLimit {
+                            ops_burst: Some(10),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "balloon.target_mib",
+                Box::new(|s| {
+                    s.balloon = Some(BalloonConfig {
+                        target_mib: s.memory_mib + 1,
+                        ..Default::default()
+                    })
                 }),
             ),
             (
@@ -279,7 +393,7 @@ mod tests {
                 Box::new(|s| {
                     s.nics = vec![NicSpec {
                         tap: "much-too-long-name".into(),
-                        mac: None,
+                        ..Default::default()
                     }]
                 }),
             ),
@@ -289,6 +403,7 @@ mod tests {
                     s.nics = vec![NicSpec {
                         tap: "t0".into(),
                         mac: Some("01:00:00:00:00:01".into()),
+                        ..Default::default()
                     }]
                 }),
             ),

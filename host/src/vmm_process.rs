@@ -91,8 +91,8 @@ pub fn machine(spec: &VmSpec) -> vmm::config::MachineConfig {
             .map(|disk| DiskConfig {
                 path: disk.path.clone(),
                 read_only: disk.readonly,
-                id: None,
-                rate_limit: Default::default(),
+                id: disk.id.clone(),
+                rate_limit: disk.rate_limit,
             })
             .collect(),
         nets: spec
@@ -104,11 +104,11 @@ pub fn machine(spec: &VmSpec) -> vmm::config::MachineConfig {
                     .mac
                     .as_deref()
                     .and_then(|mac| vmm::config::parse_mac(mac).ok()),
-                rate_limit: Default::default(),
+                rate_limit: nic.rate_limit,
             })
             .collect(),
-        rng: false,
-        balloon: None,
+        rng: spec.rng,
+        balloon: spec.balloon.clone(),
         vsock: spec.vsock.as_ref().map(|vsock| VsockConfig {
             cid: u64::from(vsock.cid),
             socket: "vsock.sock".into(),
@@ -403,9 +403,13 @@ mod tests {
     fn the_machine_carries_the_whole_spec() {
         let spec: VmSpec = serde_json::from_value(serde_json::json!({
             "name": "a", "kernel": "/k", "cpus": 2, "memory_mib": 64,
-            "disks": [{"path": "/d", "readonly": true}],
-            "nics": [{"tap": "t0", "mac": "02:00:00:00:00:01"}],
-            "vsock": {"cid": 5}
+            "disks": [{"path": "/d", "readonly": true, "id": "data",
+                       "rate_limit": {"bytes_per_sec": 1000000, "ops_per_sec": 100}}],
+            "nics": [{"tap": "t0", "mac": "02:00:00:00:00:01",
+                      "rate_limit": {"bytes_per_sec": 2000000, "bytes_burst": 4000000}}],
+            "vsock": {"cid": 5},
+            "rng": true,
+            "balloon": {"target_mib": 16, "deflate_on_oom": true}
         }))
         .unwrap();
         let machine = machine(&spec);
@@ -416,6 +420,13 @@ mod tests {
         assert!(machine.disks[0].read_only);
         assert_eq!(machine.nets[0].tap, "t0");
         assert_eq!(machine.nets[0].mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(machine.disks[0].id.as_deref(), Some("data"));
+        assert_eq!(machine.disks[0].rate_limit.bytes_per_sec, Some(1_000_000));
+        assert_eq!(machine.disks[0].rate_limit.ops_per_sec, Some(100));
+        assert_eq!(machine.nets[0].rate_limit.bytes_burst, Some(4_000_000));
+        assert!(machine.rng);
+        let balloon = machine.balloon.clone().unwrap();
+        assert_eq!((balloon.target_mib, balloon.deflate_on_oom), (16, true));
         let vsock = machine.vsock.unwrap();
         assert_eq!(vsock.cid, 5);
         // Relative: inside the VMM's own directory.

@@ -48,6 +48,8 @@ pub struct NetConfig {
 
 /// A virtio-balloon device.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(default, deny_unknown_fields)]
 pub struct BalloonConfig {
     /// The balloon size asked of the guest at boot.
     pub target_mib: u64,
@@ -232,6 +234,30 @@ impl VmConfig {
     }
 }
 
+/// The longest disk id (virtio-blk's GET_ID answer holds 20 bytes).
+pub const MAX_DISK_ID_BYTES: usize = 20;
+
+/// Whether `id` can be a disk's id: 1 to 20 bytes of printable ASCII.
+pub fn check_disk_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_DISK_ID_BYTES {
+        return Err(format!(
+            "id '{id}' must be 1 to {MAX_DISK_ID_BYTES} bytes long"
+        ));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!("id '{id}' must be printable ASCII"));
+    }
+    Ok(())
+}
+
+/// A MAC address as `02:00:00:00:00:01`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A unicast MAC address written as `02:00:00:00:00:01`.
 pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let bad = || format!("'{text}' is not a MAC address like 02:00:00:00:00:01");
@@ -254,6 +280,23 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mac_address_reads_back_as_written() {
+        let mac = [2, 0, 0xab, 0, 0x10, 1];
+        assert_eq!(format_mac(&mac), "02:00:ab:00:10:01");
+        assert_eq!(parse_mac(&format_mac(&mac)), Ok(mac));
+    }
+
+    #[test]
+    fn disk_ids_are_short_printable_ascii() {
+        assert!(check_disk_id("data-1").is_ok());
+        assert!(check_disk_id(&"x".repeat(20)).is_ok());
+        assert!(check_disk_id(&"x".repeat(21)).is_err());
+        assert!(check_disk_id("").is_err());
+        assert!(check_disk_id("tab\there").is_err());
+        assert!(check_disk_id("é").is_err());
+    }
 
     #[test]
     fn device_ids_follow_the_slots_and_name_each_device() {

@@ -989,3 +989,74 @@ fn a_daemon_at_its_request_limit_answers_503_and_recovers() {
         "stopped"
     );
 }
+
+/// Every device option the VMM has is in the API: a disk's id and rate
+/// limits, a NIC's rate limits (checked in the spec's unit tests), rng and a
+/// balloon reach the running VMM and the machine its snapshot records.
+#[test]
+fn every_device_option_reaches_the_vmm_through_the_api() {
+    let daemon = Daemon::start();
+    let disk = daemon.images.join("options.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let created = daemon.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(json!({
+            "name": "options", "kernel": daemon.counting_guest(), "memory_mib": 32,
+            "disks": [{"path": disk, "id": "data-1",
+                       "rate_limit": {"bytes_per_sec": 1048576, "ops_per_sec": 100}}],
+            "rng": true,
+            "balloon": {"target_mib": 4, "deflate_on_oom": true}
+        })),
+    );
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["spec"]["disks"][0]["id"], "data-1", "{created}");
+    assert_eq!(created["spec"]["rng"], true, "{created}");
+    // An option the VMM could not enforce is refused, naming it.
+    let bad = daemon.call(
+        None,
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "bad-options", "memory_mib": 32,
+                    "balloon": {"target_mib": 64}})),
+    );
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.text);
+    assert_eq!(
+        bad.body["error"]["field"], "balloon.target_mib",
+        "{}",
+        bad.text
+    );
+
+    daemon.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
+    let live = &daemon.vm(&id)["live"];
+    let devices: Vec<&str> = live["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|device| device["name"].as_str())
+        .collect();
+    for device in ["vda", "rng", "balloon"] {
+        assert!(devices.contains(&device), "{device} missing: {live}");
+    }
+    assert!(live["balloon"].is_object(), "{live}");
+
+    daemon.ok(
+        Method::POST,
+        &format!("/v1/vms/{id}/snapshot"),
+        Some(json!({"name": "s"})),
+    );
+    let state = daemon
+        .state_dir
+        .join(format!("vms/{id}/jail/snapshots/s/state.json"));
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+    let machine = &state["machine"];
+    assert_eq!(machine["disks"][0]["id"], "data-1", "{machine}");
+    assert_eq!(
+        machine["disks"][0]["rate_limit"],
+        json!({"bytes_per_sec": 1048576, "ops_per_sec": 100}),
+        "{machine}"
+    );
+    assert_eq!(machine["rng"], true, "{machine}");
+    assert_eq!(machine["balloon"]["target_mib"], 4, "{machine}");
+    assert_eq!(machine["balloon"]["deflate_on_oom"], true, "{machine}");
+}

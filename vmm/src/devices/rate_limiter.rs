@@ -7,19 +7,54 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 use vmm_sys_util::timerfd::TimerFd;
 
-/// Limits as given by the user; `None` means unlimited.
+/// Limits of a disk or of each direction of a NIC; absent means unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(default, deny_unknown_fields)]
 pub struct RateLimit {
+    /// Bytes per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1))]
     pub bytes_per_sec: Option<u64>,
     /// Bytes that may pass at once after a quiet period (default: one second's worth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1))]
     pub bytes_burst: Option<u64>,
+    /// Requests (disk) or packets (NIC) per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1))]
     pub ops_per_sec: Option<u64>,
+    /// Operations that may pass at once after a quiet period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1))]
     pub ops_burst: Option<u64>,
 }
 
 impl RateLimit {
     pub fn is_unlimited(&self) -> bool {
         self.bytes_per_sec.is_none() && self.ops_per_sec.is_none()
+    }
+
+    /// Whether these limits can be enforced: every number positive (a rate
+    /// of 0 would stop the device for good), a burst only with its rate.
+    /// The error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("bytes_per_sec", self.bytes_per_sec),
+            ("bytes_burst", self.bytes_burst),
+            ("ops_per_sec", self.ops_per_sec),
+            ("ops_burst", self.ops_burst),
+        ];
+        if let Some((name, _)) = fields.iter().find(|(_, value)| *value == Some(0)) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if self.bytes_burst.is_some() && self.bytes_per_sec.is_none() {
+            return Err("bytes_burst needs bytes_per_sec".into());
+        }
+        if self.ops_burst.is_some() && self.ops_per_sec.is_none() {
+            return Err("ops_burst needs ops_per_sec".into());
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +194,44 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_that_cannot_be_enforced_are_refused_by_name() {
+        let limit = |change: fn(&mut RateLimit)| {
+            let mut limit = RateLimit::default();
+            change(&mut limit);
+            limit.check()
+        };
+        assert_eq!(limit(|_| {}), Ok(()));
+        assert_eq!(
+            limit(|l| {
+                l.bytes_per_sec = Some(1);
+                l.bytes_burst = Some(2);
+                l.ops_per_sec = Some(3);
+                l.ops_burst = Some(4);
+            }),
+            Ok(())
+        );
+        assert_eq!(
+            limit(|l| l.bytes_per_sec = Some(0)),
+            Err("bytes_per_sec must be at least 1".into())
+        );
+        assert_eq!(
+            limit(|l| {
+                l.ops_per_sec = Some(5);
+                l.ops_burst = Some(0);
+            }),
+            Err("ops_burst must be at least 1".into())
+        );
+        assert_eq!(
+            limit(|l| l.bytes_burst = Some(9)),
+            Err("bytes_burst needs bytes_per_sec".into())
+        );
+        assert_eq!(
+            limit(|l| l.ops_burst = Some(9)),
+            Err("ops_burst needs ops_per_sec".into())
+        );
+    }
 
     #[test]
     fn a_bucket_refills_at_its_rate_up_to_its_burst() {

@@ -71,6 +71,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_timer_settime,
     libc::SYS_timer_gettime,
     libc::SYS_timer_delete,
+    // Rate limiters and the balloon's statistics period wait on timerfds.
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_sched_getaffinity,
     // Sockets: control, console, vsock, migration.
     libc::SYS_socket,
