@@ -23,16 +23,34 @@ pub enum OutputFormat {
 /// Logs go to stderr, filtered by `BULKHEAD_LOG`; one JSON object per event
 /// with `BULKHEAD_LOG_FORMAT=json`, for log collectors.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = log_filter(std::env::var("BULKHEAD_LOG").ok().as_deref());
+    let registry = tracing_subscriber::registry().with(filter);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if std::env::var("BULKHEAD_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        logs.json().init();
+        registry.with(logs.json()).init();
     } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        registry
+            .with(logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
             .init();
+    }
+}
+
+/// `BULKHEAD_LOG`'s filter: `level`, `target=level`, comma-separated
+/// (`info`, `vmm=debug,warn`); warnings and errors when unset or unreadable.
+/// Targets and levels only, which needs no regular expressions: a VMM keeps
+/// that code out of its binary and its resident memory.
+fn log_filter(text: Option<&str>) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let warn = || Targets::new().with_default(LevelFilter::WARN);
+    match text.map(str::parse::<Targets>) {
+        Some(Ok(targets)) => targets,
+        Some(Err(error)) => {
+            eprintln!("bulkhead: BULKHEAD_LOG: {error}; logging warnings");
+            warn()
+        }
+        None => warn(),
     }
 }
 
@@ -91,4 +109,26 @@ pub fn one_line(error: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn the_log_filter_takes_levels_and_targets() {
+        let filter = log_filter(Some("vmm=debug,info"));
+        assert!(filter.would_enable("vmm::vcpu", &Level::DEBUG));
+        assert!(!filter.would_enable("host", &Level::DEBUG));
+        assert!(filter.would_enable("host", &Level::INFO));
+        for unset_or_bad in [None, Some("vmm=loud")] {
+            let filter = log_filter(unset_or_bad);
+            assert!(filter.would_enable("vmm", &Level::WARN), "{unset_or_bad:?}");
+            assert!(
+                !filter.would_enable("vmm", &Level::INFO),
+                "{unset_or_bad:?}"
+            );
+        }
+    }
 }
