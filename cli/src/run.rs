@@ -63,18 +63,27 @@ pub struct RunArgs {
     /// Log every vCPU's instruction pointer this often, in ms (to find where a guest stalls).
     #[arg(long, value_name = "MS")]
     sample_rip_ms: Option<u64>,
+    /// Boot the VM this JSON file describes: the VM spec `POST /v1/vms`
+    /// takes (name, kernel, initrd, cmdline, cpus, memory_mib, disks, nics,
+    /// vsock, rng, balloon), checked by the same rules and turned into a
+    /// machine by the same code as the daemon's. The machine flags build the
+    /// same machine; they cannot be mixed with a file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "vsock", "rng"])]
+    config: Option<PathBuf>,
     /// Resume the VM saved in snapshot directory DIR (`bulkhead ctl PATH
     /// snapshot DIR`) instead of booting one; its memory is mapped from the
     /// snapshot copy-on-write.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
         "vsock", "rng", "prefault", "no_host_options"])]
     restore: Option<PathBuf>,
     /// Wait for a live migration at URI (tcp:IP:PORT or unix:PATH) and run
     /// the VM that arrives (`bulkhead ctl PATH migrate URI` on the source).
     #[arg(long, value_name = "URI", conflicts_with_all = [
-        "restore", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
-        "vsock", "rng", "prefault", "no_host_options"])]
+        "restore", "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net",
+        "balloon", "vsock", "rng", "prefault", "no_host_options"])]
     incoming: Option<String>,
     /// With --incoming: serve TLS with this PEM certificate (chain).
     #[arg(long, value_name = "PEM", requires_all = ["incoming", "tls_key"])]
@@ -109,7 +118,7 @@ pub struct RunArgs {
     /// snapshot or a migration stream.
     #[arg(long, value_name = "FD", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
-        "vsock", "rng", "prefault", "no_host_options", "restore", "incoming",
+        "vsock", "rng", "prefault", "no_host_options", "restore", "incoming", "config",
         "control", "console_socket", "sandbox", "kvm_device"])]
     launch_fd: Option<i32>,
     /// How to print the end-of-run report (on stderr; stdout is the console).
@@ -169,7 +178,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         Vm::restore(&snapshot, &options, serial_output())
             .with_context(|| format!("cannot restore {}", dir.display()))?
     } else {
-        let config = boot_config(&args)?;
+        let config = match &args.config {
+            Some(file) => config_file_boot_config(file, &args)?,
+            None => boot_config(&args)?,
+        };
         Vm::new(&config, serial_output()).context("cannot create the VM")?
     };
     tracing::info!(cmdline = %vm.cmdline, entry = vm.entry, "starting");
@@ -310,16 +322,8 @@ fn launched_boot_config(plan: &vmm::launch::LaunchPlan, args: &RunArgs) -> VmCon
             image: DEFAULT_GUEST.into(),
         },
     };
-    let mut config = VmConfig::new(kernel);
+    let mut config = VmConfig::of_machine(kernel, machine);
     config.initrd = plan.boot.initrd.then(|| "initrd".into());
-    config.cmdline = machine.cmdline.clone();
-    config.cpus = machine.cpus;
-    config.memory_mib = machine.memory_mib;
-    config.disks = machine.disks.clone();
-    config.nets = machine.nets.clone();
-    config.rng = machine.rng;
-    config.balloon = machine.balloon.clone();
-    config.vsock = machine.vsock.clone();
     config.prefault_memory = plan.boot.prefault_memory;
     config.host_cmdline_options = plan.boot.host_cmdline_options;
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
@@ -368,6 +372,30 @@ fn serve_sockets(
         }
     }
     Ok(threads)
+}
+
+/// The VM a `--config` file describes (the API's VM spec), made into a
+/// machine by the daemon's own conversion.
+fn config_file_boot_config(file: &std::path::Path, args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let spec: host::spec::VmSpec = serde_json::from_slice(&text)
+        .with_context(|| format!("{}: not a VM spec", file.display()))?;
+    spec.validate_for_its_user()
+        .with_context(|| format!("{}: invalid VM spec", file.display()))?;
+    let kernel = match &spec.kernel {
+        Some(path) => KernelSource::File(path.clone()),
+        None => KernelSource::Bytes {
+            name: "embedded guest".into(),
+            image: DEFAULT_GUEST.into(),
+        },
+    };
+    let mut config = VmConfig::of_machine(kernel, &host::vmm_process::machine(&spec));
+    config.initrd = spec.initrd.clone();
+    config.kvm_device = args.kvm_device.clone();
+    config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
+    config.prefault_memory = args.prefault;
+    config.host_cmdline_options = !args.no_host_options;
+    Ok(config)
 }
 
 fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
@@ -463,4 +491,64 @@ fn print_report(report: &VmReport, format: OutputFormat) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(flags: &[&str]) -> RunArgs {
+        Command::try_parse_from([&["run"], flags].concat())
+            .unwrap()
+            .run
+    }
+
+    /// A `--config` file and the flags that say the same build the same
+    /// machine: the flags are a shorthand, not a second description.
+    #[test]
+    fn flags_and_a_config_file_build_the_same_machine() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-run-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        std::fs::write(
+            &file,
+            serde_json::json!({
+                "name": "same", "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0",
+                "cpus": 2, "memory_mib": 64,
+                "disks": [{"path": "/d", "readonly": true, "id": "data",
+                           "rate_limit": {"bytes_per_sec": 1048576}}],
+                "nics": [{"tap": "t0", "mac": "02:00:00:00:00:01",
+                          "rate_limit": {"ops_per_sec": 1000}}],
+                "vsock": {"cid": 5}, "rng": true,
+                "balloon": {"target_mib": 8, "deflate_on_oom": true}
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let from_file = config_file_boot_config(&file, &args(&[])).unwrap();
+        let from_flags = boot_config(&args(&[
+            "--kernel=/k",
+            "--initrd=/i",
+            "--cmdline=console=ttyS0",
+            "--cpus=2",
+            "--memory=64",
+            "--disk=path=/d,ro,id=data,bps=1M",
+            "--net=tap=t0,mac=02:00:00:00:00:01,iops=1000",
+            "--vsock=cid=5,socket=vsock.sock",
+            "--rng",
+            "--balloon=target_mib=8,deflate_on_oom",
+        ]))
+        .unwrap();
+        assert_eq!(from_file.machine("c"), from_flags.machine("c"));
+        assert_eq!(from_file.initrd, from_flags.initrd);
+        assert_eq!(from_file.cmdline, from_flags.cmdline);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

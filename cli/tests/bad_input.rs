@@ -303,3 +303,70 @@ fn a_vmm_program_from_another_build_is_passed_over() {
     assert!(!stderr.contains("another build"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--config FILE` takes the API's VM spec; what is wrong in it is named.
+#[test]
+fn a_bad_config_file_is_named() {
+    let missing = run_fails(&["--config", "/nonexistent/vm.json"]);
+    assert_names(&missing, &["/nonexistent/vm.json"]);
+    let small = temp_file("small.json", br#"{"name": "a", "memory_mib": 1}"#);
+    assert_names(
+        &run_fails(&["--config", small.to_str().unwrap()]),
+        &["memory_mib", "small.json"],
+    );
+    let unknown = temp_file("unknown.json", br#"{"name": "a", "memroy_mib": 64}"#);
+    assert_names(
+        &run_fails(&["--config", unknown.to_str().unwrap()]),
+        &["memroy_mib"],
+    );
+    let rate = temp_file(
+        "rate.json",
+        br#"{"name": "a", "nics": [{"tap": "t0", "rate_limit": {"bytes_per_sec": 0}}]}"#,
+    );
+    assert_names(
+        &run_fails(&["--config", rate.to_str().unwrap()]),
+        &["nics[0].rate_limit", "bytes_per_sec"],
+    );
+}
+
+/// A `--config` file boots the VM it describes (the embedded guest prints
+/// what it was given); machine flags cannot be mixed in.
+#[test]
+fn a_config_file_boots_the_vm_it_describes() {
+    let file = temp_file(
+        "embedded.json",
+        br#"{"name": "embedded", "cpus": 2, "memory_mib": 48, "rng": true}"#,
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--output", "json", "--config"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("cpus: 2, memory: 48 MiB"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().unwrap_or_default()).unwrap();
+    assert!(
+        report["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|device| device["name"] == "rng"),
+        "{report}"
+    );
+    let mixed = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["run", "--cpus", "2", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!mixed.status.success());
+    assert!(
+        String::from_utf8_lossy(&mixed.stderr).contains("cannot be used with"),
+        "{mixed:?}"
+    );
+}

@@ -218,6 +218,22 @@ impl VmConfig {
         self.memory_mib << 20
     }
 
+    /// A VM to boot `kernel` as `machine` (its command line the user's: the
+    /// VMM appends host and device options); process options at defaults.
+    pub fn of_machine(kernel: KernelSource, machine: &MachineConfig) -> Self {
+        VmConfig {
+            cmdline: machine.cmdline.clone(),
+            cpus: machine.cpus,
+            memory_mib: machine.memory_mib,
+            disks: machine.disks.clone(),
+            nets: machine.nets.clone(),
+            rng: machine.rng,
+            balloon: machine.balloon.clone(),
+            vsock: machine.vsock.clone(),
+            ..VmConfig::new(kernel)
+        }
+    }
+
     /// This VM as a snapshot describes it; `cmdline` is the final one.
     pub fn machine(&self, cmdline: &str) -> MachineConfig {
         MachineConfig {
