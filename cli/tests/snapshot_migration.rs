@@ -69,8 +69,16 @@ impl Drop for Vmm {
 
 impl Vmm {
     fn start(args: &[&std::ffi::OsStr]) -> Vmm {
+        Vmm::start_in(None, args)
+    }
+
+    /// A VMM in network namespace `netns` (where its TAPs are).
+    fn start_in(netns: Option<&support::Namespace>, args: &[&std::ffi::OsStr]) -> Vmm {
         let control = unique("control.sock");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+        let mut command = match netns {
+            Some(netns) => netns.exec(env!("CARGO_BIN_EXE_bulkhead")),
+            None => Command::new(env!("CARGO_BIN_EXE_bulkhead")),
+        };
         command
             .arg("run")
             .args(args)
@@ -1070,4 +1078,64 @@ fn the_checked_in_snapshot_of_format_version_3_restores() {
 #[test]
 fn the_checked_in_snapshot_of_format_version_4_restores() {
     the_checked_in_snapshot_restores(4);
+}
+
+/// A TAP the user made single-queue (`ip tuntap add dev NAME mode tap`, as
+/// Firecracker's guide does) cannot be attached again while the source holds
+/// it: over a Unix socket the source hands it over, and the destination runs
+/// on the very same device.
+#[test]
+fn a_same_host_migration_hands_over_a_single_queue_tap() {
+    let namespace = support::Namespace::new();
+    let tap = "bh-single";
+    support::run(Command::new("ip").args([
+        "-n",
+        &namespace.0,
+        "tuntap",
+        "add",
+        "dev",
+        tap,
+        "mode",
+        "tap",
+    ]));
+    let guest = writer_guest(guests::MemoryWriter::default());
+    let net = format!("tap={tap}");
+    let source = Vmm::start_in(
+        Some(&namespace),
+        &[
+            "--kernel".as_ref(),
+            guest.as_os_str(),
+            "--memory".as_ref(),
+            "64".as_ref(),
+            "--net".as_ref(),
+            net.as_ref(),
+        ],
+    );
+    let before = source.wait_for_count(10);
+    let socket = unique("same-host.sock");
+    let uri = format!("unix:{}", socket.display());
+    let destination = Vmm::start_in(Some(&namespace), &["--incoming".as_ref(), uri.as_ref()]);
+    bound_uri(&destination);
+    let answer = source.ctl_ok(&["migrate", &uri]);
+    assert!(answer["migration"].is_object(), "{answer}");
+    let (status, source_output, source_stderr) = source.wait_exit();
+    assert!(status.success(), "{source_stderr}");
+    destination.wait_for_count(before + 30);
+    assert_eq!(destination.state(), "running");
+    // The destination holds the TAP, and it is the one the user made. (It
+    // was opened in the source's mount namespace, a private one of `ip netns
+    // exec`: seen from here its path is "/net/tun", not "/dev/net/tun".)
+    let held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", destination.child.id()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .collect();
+    assert!(
+        held.iter().any(|target| target.ends_with("net/tun")),
+        "the destination holds no TAP: {held:?}"
+    );
+    let link =
+        support::run(Command::new("ip").args(["-n", &namespace.0, "-d", "link", "show", tap]));
+    assert!(!link.contains("multi_queue"), "{link}");
+    let combined = source_output + &destination.kill();
+    assert_consecutive(&counts(&combined, false), "source then destination");
 }

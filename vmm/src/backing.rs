@@ -51,17 +51,44 @@ impl std::fmt::Debug for Tap {
 impl DeviceBackings {
     /// Opens (and for TAPs creates, for vsock binds) what `machine` names.
     pub fn open(machine: &MachineConfig) -> Result<DeviceBackings, BackingError> {
+        Self::open_with_taps(machine, None)
+    }
+
+    /// [`DeviceBackings::open`], with the TAPs already open when `taps` are
+    /// given (handed over by a migration source): each must be the TAP its
+    /// NIC names.
+    pub fn open_with_taps(
+        machine: &MachineConfig,
+        taps: Option<Vec<File>>,
+    ) -> Result<DeviceBackings, BackingError> {
+        let taps = match taps {
+            None => machine
+                .nets
+                .iter()
+                .map(|net| Tap::open(&net.tap))
+                .collect::<Result<_, _>>()?,
+            Some(files) => {
+                if files.len() != machine.nets.len() {
+                    return Err(BackingError::Descriptor {
+                        what: "the TAPs handed over".into(),
+                        why: format!("{} for {} NICs", files.len(), machine.nets.len()),
+                    });
+                }
+                machine
+                    .nets
+                    .iter()
+                    .zip(files)
+                    .map(|(net, file)| Tap::from_descriptor(file, &net.tap))
+                    .collect::<Result<_, _>>()?
+            }
+        };
         Ok(DeviceBackings {
             disks: machine
                 .disks
                 .iter()
                 .map(Block::open_file)
                 .collect::<Result<_, _>>()?,
-            taps: machine
-                .nets
-                .iter()
-                .map(|net| Tap::open(&net.tap))
-                .collect::<Result<_, _>>()?,
+            taps,
             vsock: machine.vsock.as_ref().map(Vsock::bind).transpose()?,
         })
     }

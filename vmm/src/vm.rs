@@ -98,6 +98,8 @@ pub enum VmError {
     EventFd(std::io::Error),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot keep a copy of a TAP descriptor: {0}")]
+    TapCopy(std::io::Error),
     #[error(transparent)]
     Disk(#[from] virtio::block::BlockError),
     #[error(transparent)]
@@ -173,6 +175,9 @@ pub(crate) struct VmCore {
     pub pm1: Arc<Mutex<Pm1>>,
     /// Written to make the device thread look at a pause request.
     pub device_kick: Option<EventFd>,
+    /// Its TAP devices (duplicates of the NICs' descriptors, in machine
+    /// order): a same-host migration hands them to the destination.
+    pub taps: Vec<std::fs::File>,
     pub machine: MachineConfig,
     /// Held by every operation on the running VM, so they never overlap.
     pub run_state: Mutex<RunState>,
@@ -198,6 +203,7 @@ struct Hardware {
     keyboard: Arc<Mutex<I8042>>,
     pm1: Arc<Mutex<Pm1>>,
     post: Arc<PostCodes>,
+    taps: Vec<std::fs::File>,
     device_loop: Option<DeviceEventLoop>,
     device_kick: Option<EventFd>,
 }
@@ -232,6 +238,12 @@ impl Hardware {
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let vm_fd = Arc::new(vm_fd);
 
+        let taps = backings
+            .taps
+            .iter()
+            .map(|tap| tap.file().try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(VmError::TapCopy)?;
         let (virtio, balloon) = create_virtio_devices(machine, backings, &vm_fd, &memory)?;
         let exit = Arc::new(ExitSignal::new().map_err(VmError::EventFd)?);
         let post = Arc::new(PostCodes::default());
@@ -332,6 +344,7 @@ impl Hardware {
             keyboard,
             pm1,
             post,
+            taps,
             device_loop,
             device_kick,
         })
@@ -359,6 +372,7 @@ impl Hardware {
                 keyboard: self.keyboard,
                 pm1: self.pm1,
                 device_kick: self.device_kick,
+                taps: self.taps,
                 machine,
                 run_state: Mutex::new(RunState::Running),
                 migration: Mutex::new(None),
@@ -573,20 +587,23 @@ impl Vm {
         let machine = &snapshot.saved.machine;
         check_machine(machine)?;
         let memory = snapshot.map_memory(&boot::ram_regions(machine.memory_bytes()))?;
-        Vm::from_saved_as_described(&snapshot.saved, memory, options, serial_output)
+        Vm::from_saved_as_described(&snapshot.saved, memory, options, serial_output, None)
     }
 
     /// [`Vm::from_saved`] on the machine `saved` describes, its KVM device
     /// and host files opened here with this process's rights.
+    /// `handed_taps`: the NICs' TAPs, handed over by a migration source on
+    /// this host, instead of opening them by name.
     pub(crate) fn from_saved_as_described(
         saved: &SavedVm,
         memory: GuestRam,
         options: &RestoreOptions,
         serial_output: SerialOutput,
+        handed_taps: Option<Vec<std::fs::File>>,
     ) -> Result<Vm, VmError> {
         let machine = &saved.machine;
         let kvm = open_kvm(&options.kvm_device)?;
-        let devices = DeviceBackings::open(machine)?;
+        let devices = DeviceBackings::open_with_taps(machine, handed_taps)?;
         Vm::from_saved(saved, machine, kvm, devices, memory, options, serial_output)
     }
 

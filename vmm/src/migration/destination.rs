@@ -114,9 +114,10 @@ impl Incoming {
         options: &RestoreOptions,
         serial_output: SerialOutput,
     ) -> Result<Arrived, MigrationError> {
-        let mut stream = self
+        let connection = self
             .listener
-            .accept_expected(self.tls.as_ref(), &self.expected)?;
+            .accept_connection(self.tls.as_ref(), &self.expected)?;
+        let mut stream = connection.stream;
         let mut payload = Vec::new();
         let tag = read_frame(stream.as_mut(), &mut payload)?;
         if tag != Tag::Hello {
@@ -171,8 +172,42 @@ impl Incoming {
                 )));
             }
         };
-        write_json(stream.as_mut(), Tag::Accept, &serde_json::json!({}))?;
+        // On the same host (a plain Unix socket), a VM built as described
+        // takes over the source's TAPs: a TAP the user made single-queue
+        // cannot be opened a second time while the source holds it. (A VMM
+        // the daemon started has its devices open already.)
+        let hand_over = match (&target, &connection.unix) {
+            (Target::AsDescribed, Some(socket))
+                if hello.version >= 5 && !hello.machine.nets.is_empty() =>
+            {
+                Some(socket)
+            }
+            _ => None,
+        };
+        write_json(
+            stream.as_mut(),
+            Tag::Accept,
+            &protocol::Accept {
+                taps: hand_over.is_some(),
+            },
+        )?;
         stream.flush().map_err(protocol::ProtocolError::from)?;
+        let handed_taps = match hand_over {
+            Some(socket) => {
+                match super::hand_over::receive_taps(
+                    socket,
+                    stream.as_mut(),
+                    hello.machine.nets.len(),
+                ) {
+                    Ok((_, taps)) => Some(taps),
+                    Err(e) => {
+                        refuse(stream.as_mut(), Tag::Failed, &e.to_string());
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
 
         let last: Final = loop {
             match read_frame(stream.as_mut(), &mut payload)? {
@@ -254,9 +289,13 @@ impl Incoming {
                     serial_output,
                 )
             }
-            Target::AsDescribed => {
-                Vm::from_saved_as_described(&last.saved, memory, options, serial_output)
-            }
+            Target::AsDescribed => Vm::from_saved_as_described(
+                &last.saved,
+                memory,
+                options,
+                serial_output,
+                handed_taps,
+            ),
         };
         match built {
             Ok(vm) => Ok(Arrived {

@@ -10,6 +10,7 @@
 //! if nothing happened. See `protocol.rs` for the stream.
 
 mod dirty;
+pub mod hand_over;
 pub mod protocol;
 mod source;
 mod transport;

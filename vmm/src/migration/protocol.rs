@@ -3,7 +3,8 @@
 //! ```text
 //! source                                destination
 //! HELLO {format, version, machine}  ->
-//!                                   <-  ACCEPT {}  |  REFUSE "why"
+//!                                   <-  ACCEPT {taps}  |  REFUSE "why"
+//! TAPS {taps} + descriptors         ->  (only when ACCEPT asked: same host)
 //! PAGES [gpa: u64 LE][bytes] ...    ->  (pre-copy rounds, then the last pages)
 //! STATE {saved VM, memory CRC}      ->
 //!                                   <-  RESUMED {clock}  |  FAILED "why"
@@ -21,9 +22,12 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// 3: the state of snapshot format 3 (devices keyed by id); a version 2
 /// source's state is read by the snapshot's rule for version 2.
 /// 4: the state of snapshot format 4 (vCPUs keyed by id).
+/// 5: a destination on the same host may ask for the source's TAP
+/// descriptors (ACCEPT `taps`); they come in a TAPS frame (state as in 4).
 ///
-/// Version N of this protocol carries version N of the snapshot state.
-pub const VERSION: u32 = 4;
+/// Version N of this protocol carries version N of the snapshot state
+/// (version 5, that of 4).
+pub const VERSION: u32 = 5;
 /// The oldest source a destination accepts.
 pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
@@ -40,6 +44,7 @@ pub enum Tag {
     Resumed = 6,
     Failed = 7,
     Abort = 8,
+    Taps = 9,
 }
 
 impl Tag {
@@ -53,6 +58,7 @@ impl Tag {
             6 => Tag::Resumed,
             7 => Tag::Failed,
             8 => Tag::Abort,
+            9 => Tag::Taps,
             _ => return None,
         })
     }
@@ -145,7 +151,8 @@ pub fn decode_final(payload: &[u8], version: u32) -> Result<Final, ProtocolError
         memory_crc: Option<u32>,
     }
     let raw: Raw = serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
-    // Version N of this protocol carries version N of the snapshot state.
+    // Version N of this protocol carries version N of the snapshot state
+    // (5 that of 4: from_value's rules only look below 4).
     let saved = crate::snapshot::SavedVm::from_value(raw.saved, version).map_err(malformed)?;
     Ok(Final {
         saved,
@@ -159,6 +166,22 @@ pub fn text(payload: &[u8]) -> String {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// A destination's ACCEPT: it takes the machine, and on the same host (a
+/// Unix socket) may ask for the source's TAPs instead of opening them.
+#[derive(Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Accept {
+    #[serde(default)]
+    pub taps: bool,
+}
+
+/// A TAPS frame's payload: the TAP names, in machine order, of the
+/// descriptors attached to it.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Taps {
+    pub taps: Vec<String>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]

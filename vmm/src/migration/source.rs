@@ -201,7 +201,8 @@ impl VmCore {
         let give_up = options
             .give_up_after_s
             .map_or(DEFAULT_GIVE_UP, Duration::from_secs);
-        let mut stream = transport::connect(&options.uri, options.tls.as_ref())?;
+        let connection = transport::connect(&options.uri, options.tls.as_ref())?;
+        let mut stream = connection.stream;
         let stream: &mut dyn Stream = stream.as_mut();
         write_json(
             stream,
@@ -215,7 +216,25 @@ impl VmCore {
         stream.flush().map_err(protocol::ProtocolError::from)?;
         let mut payload = Vec::new();
         match read_frame(stream, &mut payload)? {
-            Tag::Accept => {}
+            Tag::Accept => {
+                // An older destination's ACCEPT is `{}`.
+                let accept: protocol::Accept = protocol::decode(Tag::Accept, &payload)?;
+                if accept.taps {
+                    let socket = connection.unix.as_ref().ok_or_else(|| {
+                        protocol::ProtocolError::Malformed(
+                            Tag::Accept,
+                            "TAPs asked for over a stream that cannot carry them".into(),
+                        )
+                    })?;
+                    let names: Vec<String> = self
+                        .machine
+                        .nets
+                        .iter()
+                        .map(|net| net.tap.clone())
+                        .collect();
+                    super::hand_over::send_taps(socket, &names, &self.taps)?;
+                }
+            }
             Tag::Refuse | Tag::Abort => {
                 return Err(MigrationError::Refused(protocol::text(&payload)))
             }

@@ -153,8 +153,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// is declared broken (a peer that vanished without closing).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connects to `uri` as the source.
-pub fn connect(uri: &str, tls: Option<&TlsClient>) -> Result<Box<dyn Stream>, MigrationError> {
+/// A connected migration stream; over a plain Unix socket also a second
+/// handle on the socket, which can carry descriptors (a same-host
+/// migration's TAPs).
+pub struct Connection {
+    pub stream: Box<dyn Stream>,
+    pub unix: Option<UnixStream>,
+}
+
+/// Connects to `uri` as the source, keeping a descriptor-passing handle
+/// when the stream is a plain Unix socket.
+pub fn connect(uri: &str, tls: Option<&TlsClient>) -> Result<Connection, MigrationError> {
     let connect_error = |source| MigrationError::Connect {
         uri: uri.to_string(),
         source,
@@ -164,17 +173,27 @@ pub fn connect(uri: &str, tls: Option<&TlsClient>) -> Result<Box<dyn Stream>, Mi
             let stream = TcpStream::connect(&address).map_err(connect_error)?;
             stream.set_nodelay(true).map_err(connect_error)?;
             let (read, write) = (stream.try_clone().map_err(connect_error)?, stream);
-            finish(write, tls.map(Side::Client), move |t| {
-                read.set_read_timeout(t)?;
-                read.set_write_timeout(t)
+            Ok(Connection {
+                stream: finish(write, tls.map(Side::Client), move |t| {
+                    read.set_read_timeout(t)?;
+                    read.set_write_timeout(t)
+                })?,
+                unix: None,
             })
         }
         Endpoint::Unix(path) => {
             let stream = UnixStream::connect(&path).map_err(connect_error)?;
+            let unix = match tls {
+                None => Some(stream.try_clone().map_err(connect_error)?),
+                Some(_) => None,
+            };
             let (read, write) = (stream.try_clone().map_err(connect_error)?, stream);
-            finish(write, tls.map(Side::Client), move |t| {
-                read.set_read_timeout(t)?;
-                read.set_write_timeout(t)
+            Ok(Connection {
+                stream: finish(write, tls.map(Side::Client), move |t| {
+                    read.set_read_timeout(t)?;
+                    read.set_write_timeout(t)
+                })?,
+                unix,
             })
         }
     }
@@ -327,6 +346,16 @@ impl Listener {
         tls: Option<&TlsServer>,
         expected: &Expected,
     ) -> Result<Box<dyn Stream>, MigrationError> {
+        Ok(self.accept_connection(tls, expected)?.stream)
+    }
+
+    /// [`Listener::accept_expected`], keeping a descriptor-passing handle
+    /// when the stream is a plain Unix socket.
+    pub fn accept_connection(
+        &self,
+        tls: Option<&TlsServer>,
+        expected: &Expected,
+    ) -> Result<Connection, MigrationError> {
         let accept_error = |e: std::io::Error| MigrationError::Incoming(format!("accept: {e}"));
         let fd = match self {
             Listener::Tcp(listener) => std::os::fd::AsRawFd::as_raw_fd(listener),
@@ -346,18 +375,28 @@ impl Listener {
                 };
                 stream.set_nodelay(true).map_err(accept_error)?;
                 let read = stream.try_clone().map_err(accept_error)?;
-                finish(stream, tls.map(Side::Server), move |t| {
-                    read.set_read_timeout(t)?;
-                    read.set_write_timeout(t)
+                Ok(Connection {
+                    stream: finish(stream, tls.map(Side::Server), move |t| {
+                        read.set_read_timeout(t)?;
+                        read.set_write_timeout(t)
+                    })?,
+                    unix: None,
                 })
             }
             Listener::Unix(listener, _) => {
                 wait_for_a_peer(fd, expected.deadline)?;
                 let (stream, _) = listener.accept().map_err(accept_error)?;
+                let unix = match tls {
+                    None => Some(stream.try_clone().map_err(accept_error)?),
+                    Some(_) => None,
+                };
                 let read = stream.try_clone().map_err(accept_error)?;
-                finish(stream, tls.map(Side::Server), move |t| {
-                    read.set_read_timeout(t)?;
-                    read.set_write_timeout(t)
+                Ok(Connection {
+                    stream: finish(stream, tls.map(Side::Server), move |t| {
+                        read.set_read_timeout(t)?;
+                        read.set_write_timeout(t)
+                    })?,
+                    unix,
                 })
             }
         }
