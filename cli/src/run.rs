@@ -439,6 +439,8 @@ fn supervise(
     stop_signals: libc::sigset_t,
     args: &RunArgs,
 ) -> anyhow::Result<(i32, VmExit)> {
+    // The VM runs: what only starting it needed need not stay resident.
+    vmm::memory_usage::trim_program_pages();
     // A launched VMM's console is its socket, as with --console-socket.
     let terminal = if args.console_socket.is_none() && args.launch_fd.is_none() {
         let terminal = RawTerminal::stdin();

@@ -18,9 +18,77 @@ pub struct MemoryUsage {
 /// but the descriptor it opened before still reads its own status.
 static PROC_STATUS: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
 
-/// Opens what [`measure`] reads, before a sandbox hides it.
+/// This program's own code and the read-only data mapped before it, as
+/// address ranges: pages a start-up touched that a running VM may not need.
+static PROGRAM_PAGES: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
+
+/// Opens what [`measure`] reads and finds what [`trim_program_pages`] drops,
+/// before a sandbox hides /proc.
 pub fn prepare() {
     PROC_STATUS.get_or_init(|| std::fs::File::open("/proc/self/status").ok());
+    PROGRAM_PAGES.get_or_init(|| {
+        let exe = std::fs::read_link("/proc/self/exe").ok();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        exe.map(|exe| program_pages(&maps, &exe.to_string_lossy()))
+            .unwrap_or_default()
+    });
+}
+
+/// From /proc/self/maps: the executable's code mapping (`r-xp`) and the
+/// read-only mappings at lower file offsets (its read-only data, before
+/// the code). Never one after the code: there lies the data the loader
+/// relocated and then made read-only, whose pages are private copies.
+fn program_pages(maps: &str, exe: &str) -> Vec<(usize, usize)> {
+    let mappings: Vec<(usize, usize, &str, u64)> = maps
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [range, perms, offset, _, _, path] = fields[..] else {
+                return None;
+            };
+            if path != exe {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+                perms,
+                u64::from_str_radix(offset, 16).ok()?,
+            ))
+        })
+        .collect();
+    let Some(code_offset) = mappings
+        .iter()
+        .find(|(_, _, perms, _)| *perms == "r-xp")
+        .map(|m| m.3)
+    else {
+        return Vec::new();
+    };
+    mappings
+        .into_iter()
+        .filter(|&(_, _, perms, offset)| {
+            perms == "r-xp" || (perms == "r--p" && offset < code_offset)
+        })
+        .map(|(start, end, _, _)| (start, end))
+        .collect()
+}
+
+/// Drops this process's mappings of its own code and read-only data, once
+/// its VM runs: start-up (argument parsing, loading the kernel, building
+/// the machine) touched far more of the program than a running VM uses,
+/// and the kernel maps file pages in 64 KiB windows around each one
+/// touched. The pages stay in the page cache, shared with every other VMM;
+/// what the VM still runs maps back in on first use. Its resident set is
+/// then what it needs, not what starting it needed.
+pub fn trim_program_pages() {
+    prepare();
+    for &(start, end) in PROGRAM_PAGES.get().map(Vec::as_slice).unwrap_or_default() {
+        // SAFETY: the range is a private, read-only mapping of this program
+        // file that was never written (see `program_pages`): dropping its
+        // pages only makes later reads fault them back from the file.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }
 
 fn process_rss_kib() -> Option<u64> {
@@ -66,6 +134,34 @@ pub fn measure(memory: &GuestRam) -> MemoryUsage {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn only_the_code_and_the_read_only_data_before_it_are_trimmed() {
+        let maps = "\
+55d0a000-55d0b000 r--p 00000000 fd:01 7 /usr/bin/vmm
+55d0b000-55d0f000 r-xp 00001000 fd:01 7 /usr/bin/vmm
+55d0f000-55d10000 r--p 00005000 fd:01 7 /usr/bin/vmm
+55d10000-55d11000 rw-p 00006000 fd:01 7 /usr/bin/vmm
+7f000000-7f001000 r-xp 00000000 fd:01 9 /usr/lib/libc.so.6
+7f002000-7f003000 rw-p 00000000 00:00 0
+";
+        assert_eq!(
+            program_pages(maps, "/usr/bin/vmm"),
+            [(0x55d0a000, 0x55d0b000), (0x55d0b000, 0x55d0f000)]
+        );
+        assert!(program_pages(maps, "/other").is_empty());
+    }
+
+    #[test]
+    fn the_program_runs_on_after_its_pages_are_trimmed() {
+        prepare();
+        assert!(!PROGRAM_PAGES.get().unwrap().is_empty());
+        trim_program_pages();
+        // Code and constants fault back in: this very test goes on.
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        assert!(measure(&memory).process_rss_kib > 0);
+        assert_eq!(format!("{:x}", 0xabcu32), "abc");
+    }
 
     #[test]
     fn touched_guest_pages_are_counted_as_guest_memory() {
