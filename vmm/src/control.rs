@@ -12,7 +12,9 @@ use crate::lifecycle::LifecycleError;
 use crate::memory_usage::MemoryUsage;
 use crate::migration::{MigrateOptions, MigrationError, MigrationReport};
 use crate::snapshot::SnapshotInfo;
-use crate::vm::{DeviceReport, VmCore};
+use crate::vm::{RunningVm, Vm};
+pub use crate::vm_core::LiveState;
+use crate::vm_core::{DeviceReport, VmCore};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -54,18 +56,6 @@ pub enum Request {
     },
     /// Live-migrates the VM; this process ends when the destination runs it.
     Migrate(MigrateOptions),
-}
-
-/// What a running VMM is doing, as its status says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LiveState {
-    Running,
-    Paused,
-    /// An operation (a snapshot, a migration) holds the VM.
-    Busy,
-    /// The VM is ending.
-    Stopping,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -160,6 +150,22 @@ pub enum ShutdownMethod {
     CtrlAltDel,
 }
 
+impl Vm {
+    /// The host's handle on this VM, usable before it starts (so the control
+    /// socket can be bound before a sandbox takes the right to bind it away).
+    pub fn control(&self) -> VmControl {
+        VmControl::new(self.core.clone())
+    }
+}
+
+impl RunningVm {
+    /// What the host can do to this VM while it runs (the control socket's
+    /// way in).
+    pub fn control(&self) -> VmControl {
+        self.vm.control()
+    }
+}
+
 /// What the host can do to a running VM.
 #[derive(Clone)]
 pub struct VmControl {
@@ -183,7 +189,7 @@ impl VmControl {
             memory_mib: self.core.machine.memory_mib,
             memory: crate::memory_usage::measure(&self.core.shared.memory),
             balloon: self.core.balloon.as_ref().map(BalloonHandle::status),
-            devices: crate::vm::device_reports(&self.core.virtio),
+            devices: crate::vm_core::device_reports(&self.core.virtio),
             vcpus: crate::devices::lock(&self.core.shared.live_reports)
                 .values()
                 .cloned()

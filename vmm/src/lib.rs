@@ -21,6 +21,7 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_core;
 
 pub use config::{KernelSource, VmConfig};
 pub use exit::VmExit;

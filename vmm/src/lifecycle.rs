@@ -4,7 +4,7 @@
 use crate::arch::x86_64::state::VmState;
 use crate::devices::lock;
 use crate::snapshot::{SavedVm, SnapshotError, SnapshotInfo};
-use crate::vm::{kick_signal, RunState, VmCore};
+use crate::vm_core::{kick_signal, RunState, VmCore};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -85,8 +85,8 @@ impl VmCore {
         Ok(())
     }
 
-    pub fn live_state(&self) -> crate::control::LiveState {
-        use crate::control::LiveState;
+    pub fn live_state(&self) -> crate::vm_core::LiveState {
+        use crate::vm_core::LiveState;
         if self.shared.exit.is_requested() {
             return LiveState::Stopping;
         }

@@ -22,6 +22,8 @@ use crate::memory::GuestRam;
 use crate::pause::PauseGate;
 use crate::snapshot::SavedVm;
 use crate::vcpu::{Captures, HaltedVcpus, Vcpu, VcpuReport, VcpuShared, VcpuThreads};
+use crate::vm_core::{device_reports, kick_signal, RunState, VirtioSlot, VmCore};
+pub use crate::vm_core::{DeviceReport, DeviceState};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
@@ -135,7 +137,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     _kvm: Kvm,
     vcpus: Vec<Vcpu>,
-    core: Arc<VmCore>,
+    pub(crate) core: Arc<VmCore>,
     post: Arc<PostCodes>,
     device_loop: Option<DeviceEventLoop>,
     /// The command line the guest was given, host options included.
@@ -158,37 +160,6 @@ impl Default for RestoreOptions {
             sample_rip_every: None,
         }
     }
-}
-
-/// What the host holds of a VM while it runs: the parts pause, snapshot and
-/// migration work on (see `lifecycle.rs`).
-pub(crate) struct VmCore {
-    pub shared: Arc<VcpuShared>,
-    pub serial: Arc<Mutex<SerialPort>>,
-    pub virtio: Vec<VirtioSlot>,
-    pub balloon: Option<BalloonHandle>,
-    pub pci: Arc<Mutex<PciRoot>>,
-    pub cmos: Arc<Mutex<Cmos>>,
-    /// The keyboard controller, for the host's Ctrl-Alt-Del.
-    pub keyboard: Arc<Mutex<I8042>>,
-    /// The ACPI PM1 block, for the host's power button.
-    pub pm1: Arc<Mutex<Pm1>>,
-    /// Written to make the device thread look at a pause request.
-    pub device_kick: Option<EventFd>,
-    /// Its TAP devices (duplicates of the NICs' descriptors, in machine
-    /// order): a same-host migration hands them to the destination.
-    pub taps: Vec<std::fs::File>,
-    pub machine: MachineConfig,
-    /// Held by every operation on the running VM, so they never overlap.
-    pub run_state: Mutex<RunState>,
-    /// How far an outgoing migration is, while one runs (the status shows it).
-    pub migration: Mutex<Option<crate::migration::MigrationProgress>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
 }
 
 /// A KVM VM with memory, interrupt controllers and devices, before vCPUs.
@@ -693,12 +664,6 @@ impl Vm {
         self.core.shared.exit.clone()
     }
 
-    /// The host's handle on this VM, usable before it starts (so the control
-    /// socket can be bound before a sandbox takes the right to bind it away).
-    pub fn control(&self) -> crate::control::VmControl {
-        crate::control::VmControl::new(self.core.clone())
-    }
-
     /// Starts the device thread, then one thread per vCPU.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         install_kick_handler();
@@ -721,25 +686,6 @@ impl Vm {
             threads,
             device_thread,
         })
-    }
-}
-
-/// A virtio-mmio device and where the guest finds it.
-#[derive(Clone)]
-pub(crate) struct VirtioSlot {
-    /// The device's id in the machine (`MachineConfig::device_ids`): what its
-    /// saved state is keyed by.
-    pub id: String,
-    pub base: u64,
-    pub irq: u32,
-    pub transport: Arc<Mutex<MmioTransport>>,
-}
-
-impl VirtioSlot {
-    /// How a kernel without ACPI learns of the device
-    /// (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); ACPI kernels find it in the DSDT.
-    fn cmdline_option(&self) -> String {
-        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
     }
 }
 
@@ -966,11 +912,6 @@ fn sci_line(vm_fd: Arc<VmFd>) -> SciLine {
     })
 }
 
-/// Signal used to knock vCPU threads out of KVM_RUN.
-pub(crate) fn kick_signal() -> i32 {
-    libc::SIGRTMIN()
-}
-
 fn install_kick_handler() {
     extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     // Registering the same no-op handler twice is harmless, so errors other
@@ -980,18 +921,9 @@ fn install_kick_handler() {
 
 /// A VM whose vCPU threads are running.
 pub struct RunningVm {
-    vm: Vm,
+    pub(crate) vm: Vm,
     threads: Vec<JoinHandle<VcpuReport>>,
     device_thread: Option<JoinHandle<()>>,
-}
-
-/// What a device did, by counter name.
-#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceReport {
-    pub name: String,
-    pub state: DeviceState,
-    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// How a VM ended and what its vCPUs did.
@@ -1038,12 +970,6 @@ impl RunningVm {
     /// Each device's counters now.
     pub fn device_reports(&self) -> Vec<DeviceReport> {
         device_reports(&self.vm.core.virtio)
-    }
-
-    /// What the host can do to this VM while it runs (the control socket's
-    /// and, later, the host API's way in).
-    pub fn control(&self) -> crate::control::VmControl {
-        crate::control::VmControl::new(self.vm.core.clone())
     }
 
     /// CLOCK_MONOTONIC ns of the guest's first POST-code write, if it made one.
@@ -1106,40 +1032,6 @@ impl RunningVm {
             memory: crate::memory_usage::measure(&core.shared.memory),
         }
     }
-}
-
-/// Where a virtio device is with its driver.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceState {
-    /// Waiting for its driver.
-    Waiting,
-    Active,
-    /// The driver broke the rules; the device waits for a reset.
-    NeedsReset,
-}
-
-pub(crate) fn device_reports(slots: &[VirtioSlot]) -> Vec<DeviceReport> {
-    slots
-        .iter()
-        .map(|slot| {
-            let transport = lock(&slot.transport);
-            DeviceReport {
-                name: transport.device().name(),
-                state: match (transport.is_activated(), transport.device().is_broken()) {
-                    (false, _) => DeviceState::Waiting,
-                    (true, false) => DeviceState::Active,
-                    (true, true) => DeviceState::NeedsReset,
-                },
-                counters: transport
-                    .device()
-                    .counters()
-                    .into_iter()
-                    .map(|(name, value)| (name.to_string(), value))
-                    .collect(),
-            }
-        })
-        .collect()
 }
 
 fn exit_fd(exit: &ExitSignal) -> i32 {

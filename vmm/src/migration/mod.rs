@@ -11,6 +11,7 @@
 
 mod dirty;
 pub mod hand_over;
+pub mod progress;
 pub mod protocol;
 mod source;
 mod transport;
@@ -18,6 +19,7 @@ mod transport;
 pub mod destination;
 
 pub use destination::{accept, accept_on, Incoming};
+pub use progress::{MigrationPhase, MigrationProgress};
 pub use transport::{read_pem, Endpoint, Listener, TlsClient, TlsIdentity, TlsServer};
 
 use serde::{Deserialize, Serialize};
@@ -48,35 +50,6 @@ pub struct MigrateOptions {
     pub verify_memory: bool,
     #[serde(default)]
     pub tls: Option<TlsClient>,
-}
-
-/// How far an outgoing migration is, as the source sees it while it runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrationProgress {
-    pub phase: MigrationPhase,
-    /// 1 is the copy of all memory; later rounds copy what the guest dirtied.
-    pub round: u32,
-    pub pages_sent: u64,
-    pub bytes_sent: u64,
-    /// Pages the guest dirtied during the last finished round.
-    pub dirty_pages: u64,
-    pub throttle_percent: u32,
-    pub elapsed_ms: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationPhase {
-    /// Waiting for the destination to accept.
-    #[default]
-    Connecting,
-    /// Copying memory while the guest runs.
-    Copying,
-    /// The guest is paused; the last pages and the state are being sent.
-    StopAndCopy,
-    /// Everything is sent; waiting for the destination to run the guest.
-    WaitingForDestination,
 }
 
 /// What a finished (or failed) migration did, as the source saw it.

@@ -13,7 +13,7 @@ use crate::devices::lock;
 use crate::exit::VmExit;
 use crate::memory::GuestRam;
 use crate::snapshot::is_zero;
-use crate::vm::{kick_signal, RunState, VmCore};
+use crate::vm_core::{kick_signal, RunState, VmCore};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
