@@ -210,40 +210,34 @@ fn waiting_for_a_migration_on_a_bad_address() {
     );
 }
 
+/// The destination reads its certificate, key and client CA before it waits
+/// (the VMM gets their contents, never their paths): a bad one is named at
+/// once, before anything listens.
 #[test]
 fn incoming_tls_with_unreadable_certificates() {
-    // The destination only reads its certificate when a source connects:
-    // connect as one, and the destination must fail with the file's name.
     let socket = temp_file("tls.sock", b"");
     std::fs::remove_file(&socket).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["run", "--incoming"])
-        .arg(format!("unix:{}", socket.display()))
-        .args([
-            "--tls-cert",
-            "/nonexistent/cert.pem",
-            "--tls-key",
-            "/nonexistent/key.pem",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let _stream = loop {
-        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
-            break stream;
-        }
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("certificate /nonexistent/cert.pem"),
-        "{stderr}"
-    );
+    let uri = format!("unix:{}", socket.display());
+    let line = run_fails(&[
+        "--incoming",
+        &uri,
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+    ]);
+    assert_names(&line, &["/nonexistent/cert.pem"]);
+    let not_pem = temp_file("not-pem.pem", b"not a certificate");
+    let line = run_fails(&[
+        "--incoming",
+        &uri,
+        "--tls-cert",
+        not_pem.to_str().unwrap(),
+        "--tls-key",
+        not_pem.to_str().unwrap(),
+    ]);
+    assert_names(&line, &["certificate", "no PEM certificate"]);
+    assert!(!socket.exists(), "it listened before checking its files");
 }
 
 /// `--restore` and `--incoming` take the machine from the snapshot or the
