@@ -152,11 +152,46 @@ mod tests {
         assert!(program_pages(maps, "/other").is_empty());
     }
 
+    /// Resident KiB of this program's code and read-only data mappings.
+    fn program_resident_kib() -> u64 {
+        let ranges = PROGRAM_PAGES.get().unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut counting = false;
+        let mut total = 0;
+        for line in smaps.lines() {
+            // A mapping's header: "start-end perms offset ...".
+            if let Some(Ok(start)) = line
+                .split_once('-')
+                .map(|(start, _)| usize::from_str_radix(start, 16))
+            {
+                counting = ranges.iter().any(|&(s, _)| s == start);
+                continue;
+            }
+            if counting {
+                if let Some(kib) = line.strip_prefix("Rss:") {
+                    total += kib
+                        .trim()
+                        .trim_end_matches(" kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap();
+                }
+            }
+        }
+        total
+    }
+
     #[test]
     fn the_program_runs_on_after_its_pages_are_trimmed() {
         prepare();
         assert!(!PROGRAM_PAGES.get().unwrap().is_empty());
+        let before = program_resident_kib();
         trim_program_pages();
+        let after = program_resident_kib();
+        assert!(
+            after * 2 < before,
+            "{before} KiB resident before, {after} KiB after"
+        );
         // Code and constants fault back in: this very test goes on.
         let memory = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         assert!(measure(&memory).process_rss_kib > 0);

@@ -130,6 +130,27 @@ mod tests {
     }
 
     #[test]
+    fn a_source_sends_one_name_per_descriptor_and_no_more_than_a_machine_has() {
+        let (source, _destination) = UnixStream::pair().unwrap();
+        let names = |n: usize| (0..n).map(|i| format!("tap{i}")).collect::<Vec<_>>();
+        assert!(send_taps(&source, &names(2), &files(1)).is_err());
+        assert!(send_taps(&source, &names(1), &files(2)).is_err());
+        assert!(send_taps(&source, &names(MAX_TAPS + 1), &files(MAX_TAPS + 1)).is_err());
+        assert!(send_taps(&source, &names(MAX_TAPS), &files(MAX_TAPS)).is_ok());
+    }
+
+    #[test]
+    fn a_payload_of_the_largest_size_is_read() {
+        let (source, destination) = UnixStream::pair().unwrap();
+        let mut payload = br#"{"taps":[]}"#.to_vec();
+        payload.resize(MAX_PAYLOAD, b' ');
+        protocol::write_frame(&mut &source, Tag::Taps, &[&payload]).unwrap();
+        let mut stream = destination.try_clone().unwrap();
+        let (names, taps) = receive_taps(&destination, &mut stream, 0).unwrap();
+        assert!(names.is_empty() && taps.is_empty());
+    }
+
+    #[test]
     fn a_count_other_than_the_machines_is_refused() {
         let (source, destination) = UnixStream::pair().unwrap();
         send_taps(&source, &["tap0".to_string()], &files(1)).unwrap();
