@@ -74,10 +74,13 @@ pub fn check_peer(tls: Option<&MigrationTls>, peer: IpAddr) -> Result<(), String
 mod tests {
     use super::*;
 
+    /// A file of its own (tests run in parallel: none shares one).
     fn written(name: &str, text: &str) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("bulkhead-mtls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
+        let path = dir.join(format!("{n}-{name}"));
         std::fs::write(&path, text).unwrap();
         path
     }
