@@ -617,7 +617,6 @@ impl Outcome {
         self.passed.extend(later.passed);
         self.ignored.extend(later.ignored);
         self.failed.extend(later.failed);
-        self.summary_seen |= later.summary_seen;
         self.exit_status = later.exit_status;
         self.l1_boot_secs = self.l1_boot_secs.or(later.l1_boot_secs);
         self.l1_crashed = self.l1_crashed.take().or(later.l1_crashed);
@@ -892,6 +891,50 @@ mod tests {
         let error = format!("{:#}", result.unwrap_err());
         assert!(error.contains("no more boots are left"), "{error}");
         assert_eq!(given.len(), 3);
+    }
+
+    #[test]
+    fn any_result_is_progress() {
+        for results in [
+            &["test a ... FAILED"][..],
+            &["test a ... ok", "test b ... ignored"],
+        ] {
+            let (result, given, _) = run_scripted(
+                vec![printed(results, true), printed(&["test c ... ok"], false)],
+                &["a", "b", "c"],
+            );
+            assert!(result.is_ok(), "{results:?}: {result:?}");
+            assert_eq!(given.len(), 2, "{results:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_test_is_a_result_for_the_retry_not_an_error() {
+        let mut boot = printed(&["test a ... FAILED", "test b ... ok"], true);
+        boot.interrupted = None;
+        boot.observe("l1: tests exited with 101");
+        let (result, _, _) = run_scripted(vec![boot], &["a", "b"]);
+        assert_eq!(result.unwrap().failed, ["a"]);
+    }
+
+    #[test]
+    fn test_arguments_ride_in_an_archive_after_the_image() {
+        let dir = std::env::temp_dir().join(format!("hwkvm-args-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("l1.cpio");
+        fs::write(&image, b"the cached image").unwrap();
+        let args = ["--exact".to_string(), "daemon::linux".to_string()];
+        let boot = with_test_arguments(&image, &args, &dir).unwrap();
+        let bytes = fs::read(&boot).unwrap();
+        assert!(bytes.starts_with(b"the cached image"));
+        let appended = String::from_utf8_lossy(&bytes[16..]);
+        assert!(appended.starts_with("070701"), "{appended}");
+        assert!(appended.contains("bulkhead/args"), "{appended}");
+        assert!(appended.contains("--exact\ndaemon::linux\n"), "{appended}");
+        assert!(appended.contains("TRAILER!!!"), "{appended}");
+        let bad = with_test_arguments(&image, &["a\nb".to_string()], &dir);
+        assert!(bad.is_err());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
