@@ -296,6 +296,152 @@ mod tests {
         serde_json::from_str(r#"{"name":"a"}"#).unwrap()
     }
 
+    /// Each limit's last accepted value is accepted and the next refused.
+    #[test]
+    fn limits_hold_at_their_edges() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-spec-edges-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk");
+        std::fs::write(&disk, b"x").unwrap();
+        let allowed = [dir.canonicalize().unwrap()];
+        let max_cpus = vmm::arch::x86_64::mptable::MAX_CPUS;
+        type Change = Box<dyn Fn(&mut VmSpec)>;
+        let disks = |n: usize, path: PathBuf| -> Change {
+            Box::new(move |s| {
+                s.disks = (0..n)
+                    .map(|_| DiskSpec {
+                        path: path.clone(),
+                        readonly: true,
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        };
+        let nics = |n: usize| -> Change {
+            Box::new(move |s| {
+                s.nics = (0..n)
+                    .map(|i| NicSpec {
+                        tap: format!("tap_{i}"),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        };
+        let edges: Vec<(&str, Change, Change)> = vec![
+            (
+                "name",
+                Box::new(|s| s.name = "web-1".into()),
+                Box::new(|s| s.name = "web_1".into()),
+            ),
+            (
+                "cpus",
+                Box::new(move |s| s.cpus = max_cpus),
+                Box::new(move |s| s.cpus = max_cpus + 1),
+            ),
+            (
+                "cmdline",
+                Box::new(|s| s.cmdline = Some("x".repeat(2048))),
+                Box::new(|s| s.cmdline = Some("x".repeat(2049))),
+            ),
+            (
+                "cmdline",
+                Box::new(|s| s.cmdline = Some("a b".into())),
+                Box::new(|s| s.cmdline = Some("a\0b".into())),
+            ),
+            ("disks", disks(16, disk.clone()), disks(17, disk.clone())),
+            ("nics", nics(8), nics(9)),
+            (
+                "nics[0].tap",
+                Box::new(|s| {
+                    s.nics = vec![NicSpec {
+                        tap: "a".repeat(15),
+                        ..Default::default()
+                    }]
+                }),
+                Box::new(|s| {
+                    s.nics = vec![NicSpec {
+                        tap: "a.b".into(),
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "balloon.target_mib",
+                Box::new(|s| {
+                    s.balloon = Some(BalloonConfig {
+                        target_mib: s.memory_mib,
+                        ..Default::default()
+                    })
+                }),
+                Box::new(|s| {
+                    s.balloon = Some(BalloonConfig {
+                        target_mib: s.memory_mib + 1,
+                        ..Default::default()
+                    })
+                }),
+            ),
+        ];
+        for (field, last_good, first_bad) in edges {
+            let mut spec = spec();
+            last_good(&mut spec);
+            assert_eq!(spec.validate(&allowed), Ok(()), "{field}: the edge itself");
+            let spec = spec_of(first_bad);
+            assert_eq!(
+                spec.validate(&allowed).map_err(|e| e.field),
+                Err(field.to_string()),
+                "{field}: past the edge"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn spec_of(change: Box<dyn Fn(&mut VmSpec)>) -> VmSpec {
+        let mut spec = spec();
+        change(&mut spec);
+        spec
+    }
+
+    /// A VM its user runs (`bulkhead run --config`) gets the same checks,
+    /// but may name any file they can open.
+    #[test]
+    fn a_spec_for_its_user_is_checked_without_the_storage_directories() {
+        let mut spec = spec();
+        spec.kernel = Some("/etc/hostname".into());
+        assert_eq!(spec.validate_for_its_user(), Ok(()));
+        assert_eq!(
+            spec.validate(&[]).map_err(|e| e.field),
+            Err("kernel".into())
+        );
+        spec.memory_mib = 1;
+        assert_eq!(
+            spec.validate_for_its_user().map_err(|e| e.field),
+            Err("memory_mib".into())
+        );
+    }
+
+    /// Unset options are left out of the spec the API shows; set ones appear.
+    #[test]
+    fn unset_rate_limits_are_not_shown() {
+        let plain: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "a", "disks": [{"path": "/d"}], "nics": [{"tap": "t0"}]
+        }))
+        .unwrap();
+        let shown = serde_json::to_value(&plain).unwrap();
+        assert!(shown["disks"][0].get("rate_limit").is_none(), "{shown}");
+        assert!(shown["nics"][0].get("rate_limit").is_none(), "{shown}");
+        assert!(
+            shown.get("rng").is_none() && shown.get("balloon").is_none(),
+            "{shown}"
+        );
+        let limited: VmSpec = serde_json::from_value(serde_json::json!({
+            "name": "a", "disks": [{"path": "/d", "rate_limit": {"ops_per_sec": 5}}], "rng": true
+        }))
+        .unwrap();
+        let shown = serde_json::to_value(&limited).unwrap();
+        assert_eq!(shown["disks"][0]["rate_limit"]["ops_per_sec"], 5, "{shown}");
+        assert_eq!(shown["rng"], true, "{shown}");
+    }
+
     #[test]
     fn defaults_fill_a_minimal_spec() {
         let spec = spec();
