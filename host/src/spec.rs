@@ -380,6 +380,26 @@ mod tests {
                     })
                 }),
             ),
+            (
+                "vsock.cid",
+                Box::new(|s| s.vsock = Some(VsockSpec { cid: 3 })),
+                Box::new(|s| s.vsock = Some(VsockSpec { cid: 2 })),
+            ),
+            (
+                "vsock.cid",
+                Box::new(|s| s.vsock = Some(VsockSpec { cid: u32::MAX - 1 })),
+                Box::new(|s| s.vsock = Some(VsockSpec { cid: u32::MAX })),
+            ),
+            (
+                "disks[0].path",
+                disks(1, disk.clone()),
+                disks(1, dir.join("a,b")),
+            ),
+            (
+                "disks[0].path",
+                disks(1, disk.clone()),
+                disks(1, dir.join("a\nb")),
+            ),
         ];
         for (field, last_good, first_bad) in edges {
             let mut spec = spec();
