@@ -190,20 +190,7 @@ pub fn receive_from_fd(fd: RawFd) -> Result<(LaunchPlan, Vec<OwnedFd>), LaunchEr
 /// Receives one plan and its descriptors.
 pub fn receive(socket: &UnixDatagram) -> Result<(LaunchPlan, Vec<OwnedFd>), LaunchError> {
     let mut buffer = vec![0u8; MAX_PLAN_BYTES + 1];
-    let mut raw = [-1 as RawFd; MAX_DESCRIPTORS];
-    let mut iovec = [libc::iovec {
-        iov_base: buffer.as_mut_ptr().cast(),
-        iov_len: buffer.len(),
-    }];
-    // SAFETY: the iovec points at `buffer`, which lives until the call returns
-    // and may hold any bytes.
-    let (length, count) = unsafe { socket.recv_with_fds(&mut iovec, &mut raw) }
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    // SAFETY: recv_with_fds returned `count` new descriptors, owned by us.
-    let descriptors: Vec<OwnedFd> = raw[..count]
-        .iter()
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    let (length, descriptors) = crate::descriptors::receive(socket, &mut buffer, MAX_DESCRIPTORS)?;
     if length > MAX_PLAN_BYTES {
         return Err(LaunchError::Plan(format!(
             "more than {MAX_PLAN_BYTES} bytes"

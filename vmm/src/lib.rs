@@ -8,6 +8,7 @@ pub mod backing;
 pub mod config;
 pub mod console_socket;
 pub mod control;
+pub mod descriptors;
 pub mod devices;
 pub mod exit;
 pub mod host;

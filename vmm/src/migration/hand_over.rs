@@ -10,7 +10,7 @@
 
 use super::protocol::{self, ProtocolError, Stream, Tag, Taps};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -61,21 +61,8 @@ pub fn receive_taps(
     expected: usize,
 ) -> Result<(Vec<String>, Vec<File>), ProtocolError> {
     let mut header = [0u8; 5];
-    let mut raw = [-1 as RawFd; MAX_TAPS];
-    let mut iovec = [libc::iovec {
-        iov_base: header.as_mut_ptr().cast(),
-        iov_len: header.len(),
-    }];
-    // SAFETY: the iovec points at `header`, which lives until the call
-    // returns and may hold any bytes.
-    let (length, count) = unsafe { socket.recv_with_fds(&mut iovec, &mut raw) }
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    // SAFETY: recv_with_fds returned `count` new descriptors, owned by us:
-    // whatever happens next, they are closed when these are dropped.
-    let received: Vec<OwnedFd> = raw[..count]
-        .iter()
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    // Whatever happens next, the descriptors close when these drop.
+    let (length, received) = crate::descriptors::receive(socket, &mut header, MAX_TAPS)?;
     if length == 0 {
         return Err(ProtocolError::Closed);
     }
