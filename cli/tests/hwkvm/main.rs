@@ -865,9 +865,20 @@ fn figures() {
         let _ = child.wait();
         took
     };
-    let bulkhead_boot = median((0..3).map(|_| boot_bulkhead()).collect());
+    // Each boot says how long it took: progress for whoever watches, and
+    // the lane's sign of life (QEMU's console is read here, not shown).
+    let timed = |what: &str, boot: &dyn Fn() -> f64| {
+        (1..=3)
+            .map(|i| {
+                let took = boot();
+                println!("figures: {what} boot {i} of 3: {took:.1} s");
+                took
+            })
+            .collect::<Vec<_>>()
+    };
+    let bulkhead_boot = median(timed("Bulkhead", &boot_bulkhead));
     let qemu_boot = if qemu.exists() {
-        Some(median((0..3).map(|_| boot_qemu()).collect()))
+        Some(median(timed("QEMU-KVM", &boot_qemu)))
     } else {
         None
     };
