@@ -315,13 +315,7 @@ fn run_launched_vm(
 
 fn launched_boot_config(plan: &vmm::launch::LaunchPlan, args: &RunArgs) -> VmConfig {
     let machine = &plan.machine;
-    let kernel = match plan.boot.kernel {
-        true => KernelSource::File(machine.kernel.clone().into()),
-        false => KernelSource::Bytes {
-            name: "embedded guest".into(),
-            image: DEFAULT_GUEST.into(),
-        },
-    };
+    let kernel = kernel_source(plan.boot.kernel.then(|| machine.kernel.clone().into()));
     let mut config = VmConfig::of_machine(kernel, machine);
     config.initrd = plan.boot.initrd.then(|| "initrd".into());
     config.prefault_memory = plan.boot.prefault_memory;
@@ -382,14 +376,10 @@ fn config_file_boot_config(file: &std::path::Path, args: &RunArgs) -> anyhow::Re
         .with_context(|| format!("{}: not a VM spec", file.display()))?;
     spec.validate_for_its_user()
         .with_context(|| format!("{}: invalid VM spec", file.display()))?;
-    let kernel = match &spec.kernel {
-        Some(path) => KernelSource::File(path.clone()),
-        None => KernelSource::Bytes {
-            name: "embedded guest".into(),
-            image: DEFAULT_GUEST.into(),
-        },
-    };
-    let mut config = VmConfig::of_machine(kernel, &host::vmm_process::machine(&spec));
+    let mut config = VmConfig::of_machine(
+        kernel_source(spec.kernel.clone()),
+        &host::vmm_process::machine(&spec),
+    );
     config.initrd = spec.initrd.clone();
     config.kvm_device = args.kvm_device.clone();
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
@@ -398,14 +388,19 @@ fn config_file_boot_config(file: &std::path::Path, args: &RunArgs) -> anyhow::Re
     Ok(config)
 }
 
-fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
-    let kernel = match &args.kernel {
-        Some(path) => KernelSource::File(path.clone()),
+/// The kernel file, or the embedded guest without one.
+fn kernel_source(file: Option<std::path::PathBuf>) -> KernelSource {
+    match file {
+        Some(path) => KernelSource::File(path),
         None => KernelSource::Bytes {
             name: "embedded guest".into(),
             image: DEFAULT_GUEST.into(),
         },
-    };
+    }
+}
+
+fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let kernel = kernel_source(args.kernel.clone());
     let mut config = VmConfig::new(kernel);
     config.initrd = args.initrd.clone();
     config.cpus = u8::try_from(args.cpus).map_err(|_| vmm::config::ConfigError::Cpus {

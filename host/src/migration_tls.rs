@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use vmm::migration::{read_pem, TlsClient, TlsIdentity, TlsServer};
+use vmm::migration::{read_ca, TlsClient, TlsIdentity, TlsServer};
 
 /// The daemon's migration credentials, read once at start.
 #[derive(Clone, Debug)]
@@ -19,22 +19,16 @@ pub struct MigrationTls {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum MigrationTlsError {
-    #[error("migration TLS: {0}")]
-    Unreadable(#[from] vmm::migration::MigrationError),
-    #[error("migration TLS: {0} holds no PEM certificate")]
-    NoCertificate(String),
-}
+#[error("migration TLS: {0}")]
+pub struct MigrationTlsError(#[from] vmm::migration::MigrationError);
 
 impl MigrationTls {
     /// Reads and checks the files (each error names its file).
     pub fn read(cert: &Path, key: &Path, ca: &Path) -> Result<Self, MigrationTlsError> {
-        let identity = TlsIdentity::read(cert, key)?;
-        let ca_pem = read_pem(ca)?;
-        if !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
-            return Err(MigrationTlsError::NoCertificate(ca.display().to_string()));
-        }
-        Ok(MigrationTls { identity, ca_pem })
+        Ok(MigrationTls {
+            identity: TlsIdentity::read(cert, key)?,
+            ca_pem: read_ca(ca)?,
+        })
     }
 
     /// What the source VMM uses to reach the destination host at `address`:

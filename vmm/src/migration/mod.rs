@@ -20,7 +20,7 @@ pub mod destination;
 
 pub use destination::{accept, accept_on, Incoming};
 pub use progress::{MigrationPhase, MigrationProgress};
-pub use transport::{read_pem, Endpoint, Listener, TlsClient, TlsIdentity, TlsServer};
+pub use transport::{read_ca, read_pem, Endpoint, Listener, TlsClient, TlsIdentity, TlsServer};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -135,6 +135,14 @@ impl TlsIdentity {
     }
 }
 
+/// Reads a CA file (PEM): its text, once checked to hold certificates a
+/// trust store takes. The error names the file.
+pub fn read_ca(path: &std::path::Path) -> Result<String, MigrationError> {
+    let pem = read_pem(path)?;
+    trust(&pem, &path.display().to_string())?;
+    Ok(pem)
+}
+
 /// A PEM file's text, its path in the error.
 pub fn read_pem(path: &std::path::Path) -> Result<String, MigrationError> {
     std::fs::read_to_string(path)
