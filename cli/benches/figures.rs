@@ -5,6 +5,9 @@
 //! - VMM resident memory beyond what the guest touched;
 //! - the port-I/O exit round trip (a loop with an exit minus the same loop
 //!   without, per iteration, median of runs; and the VMM's own handling time);
+//! - same-host live migration (a Unix socket) of a guest whose memory is
+//!   all written, copied and handed over (`--shared-memory`): downtime and
+//!   total time, median of runs;
 //! - with the images built: Linux time to first message and to /init, and the
 //!   share of wall time spent in the VMM outside KVM_RUN.
 //!
@@ -30,6 +33,7 @@ fn main() {
     );
     startup();
     port_io_round_trip();
+    same_host_migration();
     linux_boot();
 }
 
@@ -236,4 +240,161 @@ fn linux_boot() {
         (in_kvm + in_vmm) as f64 / 1e9
     );
     println!("    instructions the VMM emulated             {emulated:8}");
+}
+
+const MIGRATION_RUNS: usize = 3;
+
+/// A `bulkhead run` process with a control socket; its console is read
+/// into a buffer.
+struct Process {
+    child: std::process::Child,
+    control: PathBuf,
+    console: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Process {
+    fn start(args: &[&str], control: PathBuf) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .arg("run")
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bulkhead");
+        let read_into = |from: Box<dyn std::io::Read + Send>| {
+            let sink = Arc::new(Mutex::new(String::new()));
+            let writer = sink.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(from).lines().map_while(Result::ok) {
+                    let mut text = writer.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+            sink
+        };
+        let console = read_into(Box::new(child.stdout.take().unwrap()));
+        let stderr = read_into(Box::new(child.stderr.take().unwrap()));
+        Process {
+            child,
+            control,
+            console,
+            stderr,
+        }
+    }
+
+    /// Waits until `done` holds for what it printed on `of` (60 s at most).
+    fn wait_for(&self, of: &Mutex<String>, done: impl Fn(&str) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&of.lock().unwrap()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.control);
+    }
+}
+
+/// One same-host migration of a `mib` MiB guest that wrote every page;
+/// returns the source's report.
+fn migrate_once(guest: &Path, mib: u64, shared: bool, rounds: u32) -> serde_json::Value {
+    let dir = std::env::temp_dir();
+    let id = format!("{}-{mib}-{shared}", std::process::id());
+    let memory = mib.to_string();
+    let mut args = vec!["--kernel", guest.to_str().unwrap(), "--memory", &memory];
+    if shared {
+        args.push("--shared-memory");
+    }
+    let source = Process::start(&args, dir.join(format!("bh-bench-src-{id}.sock")));
+    let last = format!("\n{}\n", rounds - 1);
+    source.wait_for(
+        &source.console,
+        |text| text.contains(&last),
+        "the guest writing all its memory",
+    );
+    let socket = dir.join(format!("bh-bench-migration-{id}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let uri = format!("unix:{}", socket.display());
+    let destination = Process::start(
+        &["--incoming", &uri],
+        dir.join(format!("bh-bench-dst-{id}.sock")),
+    );
+    destination.wait_for(
+        &destination.stderr,
+        |text| text.contains("waiting for a migration on"),
+        "the destination listening",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .arg("ctl")
+        .arg(&source.control)
+        .args(["migrate", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = answer["migration"].clone();
+    assert_eq!(report["memory_handed_over"], shared, "{answer}");
+    let _ = std::fs::remove_file(&socket);
+    report
+}
+
+fn same_host_migration() {
+    println!("  same-host live migration (unix socket), guest with every page written, median of {MIGRATION_RUNS}:");
+    for mib in [256u64, 1024] {
+        // The writer sweeps all memory above its first 4 MiB once, then
+        // only spins: the copy has every page to send, and converges.
+        let pages = ((mib - 4) << 20) / 4096;
+        let region_pages = 1024u32;
+        let rounds = (pages / u64::from(region_pages)) as u32;
+        let image = guests::memory_writer(guests::MemoryWriter {
+            region_start: 4 << 20,
+            region_pages,
+            sweep_pages: Some(rounds * region_pages),
+            round_tsc_ticks: 0,
+            rounds: Some(rounds),
+        })
+        .unwrap();
+        let guest =
+            std::env::temp_dir().join(format!("bh-bench-writer-{}.elf", std::process::id()));
+        std::fs::write(&guest, image).unwrap();
+        let mut figures = Vec::new();
+        for shared in [false, true] {
+            let (mut downtime, mut total) = (Vec::new(), Vec::new());
+            for _ in 0..MIGRATION_RUNS {
+                let report = migrate_once(&guest, mib, shared, rounds);
+                downtime.push(report["downtime_ms"].as_f64().unwrap());
+                total.push(report["total_ms"].as_f64().unwrap());
+            }
+            let (downtime, total) = (median(downtime), median(total));
+            println!(
+                "    {mib:5} MiB {:11}  downtime {downtime:9.2} ms   total {total:9.2} ms",
+                if shared { "handed over" } else { "copied" }
+            );
+            figures.push((downtime, total));
+        }
+        println!(
+            "    {mib:5} MiB hand-over / copy: downtime {:.3}, total {:.3}",
+            figures[1].0 / figures[0].0,
+            figures[1].1 / figures[0].1
+        );
+        let _ = std::fs::remove_file(&guest);
+    }
 }

@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
+    /// Guest RAM in a sealed memfd mapped shared: a same-host migration
+    /// (`ctl migrate unix:PATH`) hands it to the destination instead of
+    /// copying it, for a live update of the VMM with the guest stopped only
+    /// while its device and vCPU state crosses over.
+    #[arg(long)]
+    shared_memory: bool,
     /// A virtio-blk disk: path=FILE[,readonly][,id=NAME]. Repeat for more;
     /// the guest sees them as vda, vdb, ... in this order.
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
@@ -64,25 +70,25 @@ pub struct RunArgs {
     #[arg(long, value_name = "MS")]
     sample_rip_ms: Option<u64>,
     /// Boot the VM this JSON file describes: the VM spec `POST /v1/vms`
-    /// takes (name, kernel, initrd, cmdline, cpus, memory_mib, disks, nics,
+    /// takes (name, kernel, initrd, cmdline, cpus, memory_mib, shared_memory, disks, nics,
     /// vsock, rng, balloon), checked by the same rules and turned into a
     /// machine by the same code as the daemon's. The machine flags build the
     /// same machine; they cannot be mixed with a file.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "shared_memory", "disk", "net", "balloon",
         "vsock", "rng"])]
     config: Option<PathBuf>,
     /// Resume the VM saved in snapshot directory DIR (`bulkhead ctl PATH
     /// snapshot DIR`) instead of booting one; its memory is mapped from the
     /// snapshot copy-on-write.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "config", "kernel", "initrd", "cmdline", "cpus", "memory", "shared_memory", "disk", "net", "balloon",
         "vsock", "rng", "prefault", "no_host_options"])]
     restore: Option<PathBuf>,
     /// Wait for a live migration at URI (tcp:IP:PORT or unix:PATH) and run
     /// the VM that arrives (`bulkhead ctl PATH migrate URI` on the source).
     #[arg(long, value_name = "URI", conflicts_with_all = [
-        "restore", "config", "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net",
+        "restore", "config", "kernel", "initrd", "cmdline", "cpus", "memory", "shared_memory", "disk", "net",
         "balloon", "vsock", "rng", "prefault", "no_host_options"])]
     incoming: Option<String>,
     /// With --incoming: serve TLS with this PEM certificate (chain).
@@ -117,7 +123,7 @@ pub struct RunArgs {
     /// then opens no host path and confines itself before it reads a
     /// snapshot or a migration stream.
     #[arg(long, value_name = "FD", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "balloon",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "shared_memory", "disk", "net", "balloon",
         "vsock", "rng", "prefault", "no_host_options", "restore", "incoming", "config",
         "control", "console_socket", "sandbox", "kvm_device"])]
     launch_fd: Option<i32>,
@@ -410,6 +416,7 @@ fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     config.kvm_device = args.kvm_device.clone();
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
     config.memory_mib = args.memory;
+    config.shared_memory = args.shared_memory;
     config.disks = args.disk.clone();
     config.nets = args.net.clone();
     config.rng = args.rng;

@@ -98,6 +98,9 @@ struct CreateArgs {
     /// Memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
+    /// Guest RAM in a sealed memfd, which a same-host migration hands over.
+    #[arg(long)]
+    shared_memory: bool,
     /// A virtio-blk disk, as `bulkhead run --disk` takes it:
     /// path=FILE[,readonly][,id=NAME][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N].
     /// Repeat for more.
@@ -170,6 +173,7 @@ fn create_spec(create: &CreateArgs) -> anyhow::Result<VmSpec> {
         cmdline: create.cmdline.clone(),
         cpus: create.cpus,
         memory_mib: create.memory,
+        shared_memory: create.shared_memory,
         disks: create
             .disk
             .iter()

@@ -1139,3 +1139,65 @@ fn a_same_host_migration_hands_over_a_single_queue_tap() {
     let combined = source_output + &destination.kill();
     assert_consecutive(&counts(&combined, false), "source then destination");
 }
+
+/// Whether process `pid` holds guest RAM in a memfd (`--shared-memory`).
+fn holds_guest_memfd(vmm: &Vmm) -> bool {
+    std::fs::read_dir(format!("/proc/{}/fd", vmm.child.id()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .any(|target| {
+            target
+                .to_string_lossy()
+                .starts_with("/memfd:bulkhead-guest-ram")
+        })
+}
+
+/// Guest RAM in a memfd (`--shared-memory`) goes to a destination on the
+/// same host as a descriptor: no page is copied, and the destination runs
+/// on the very pages the source ran on (the memory checksums agree). Over
+/// TCP the same machine is copied, and arrives in a memfd again, so the
+/// next same-host migration can hand it over.
+#[test]
+fn a_same_host_migration_hands_over_shared_memory() {
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: 4096,
+        ..Default::default()
+    });
+    let source = Vmm::start(&[
+        "--kernel".as_ref(),
+        guest.as_os_str(),
+        "--memory".as_ref(),
+        "128".as_ref(),
+        "--shared-memory".as_ref(),
+    ]);
+    let before = source.wait_for_count(10);
+    assert!(holds_guest_memfd(&source));
+
+    let middle = destination("tcp:127.0.0.1:0", &[]);
+    let uri = bound_uri(&middle);
+    let copied = source.ctl_ok(&["migrate", &uri, "--verify-memory"]);
+    assert_eq!(copied["migration"]["memory_handed_over"], false, "{copied}");
+    assert!(copied["migration"]["pages_sent"].as_u64().unwrap() > 0);
+    let (status, mut output, stderr) = source.wait_exit();
+    assert!(status.success(), "{stderr}");
+    let reached = middle.wait_for_count(before + 10);
+    assert!(holds_guest_memfd(&middle));
+
+    let socket = unique("hand-over.sock");
+    let uri = format!("unix:{}", socket.display());
+    let last = destination(&uri, &[]);
+    bound_uri(&last);
+    let handed = middle.ctl_ok(&["migrate", &uri, "--verify-memory"]);
+    eprintln!("copied: {copied}\nhanded over: {handed}");
+    assert_eq!(handed["migration"]["memory_handed_over"], true, "{handed}");
+    assert_eq!(handed["migration"]["pages_sent"], 0, "{handed}");
+    assert!(handed["migration"]["memory_crc"].is_u64(), "{handed}");
+    let (status, middle_output, stderr) = middle.wait_exit();
+    assert!(status.success(), "{stderr}");
+    output += &middle_output;
+    last.wait_for_count(reached + 30);
+    assert_eq!(last.state(), "running");
+    assert!(holds_guest_memfd(&last));
+    output += &last.kill();
+    assert_consecutive(&counts(&output, false), "source, copy, hand-over");
+}

@@ -34,6 +34,10 @@ pub struct VmSpec {
     #[serde(default = "default_memory_mib")]
     #[schema(minimum = 16, maximum = 1048576, default = 128)]
     pub memory_mib: u64,
+    /// Guest RAM in a sealed memfd mapped shared (as Cloud Hypervisor's
+    /// `shared=on`): a same-host migration hands it over instead of copying it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_memory: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

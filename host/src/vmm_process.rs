@@ -85,6 +85,7 @@ pub fn machine(spec: &VmSpec) -> vmm::config::MachineConfig {
         cmdline,
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
+        shared_memory: spec.shared_memory,
         disks: spec
             .disks
             .iter()

@@ -242,6 +242,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             cpus: 2,
             memory_mib: 256,
+            shared_memory: false,
             disks: vec![DiskConfig {
                 path: "/srv/a.img".into(),
                 read_only: false,

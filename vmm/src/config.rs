@@ -77,6 +77,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u8,
     pub memory_mib: u64,
+    /// Guest RAM in a sealed memfd, handed over by same-host migrations.
+    pub shared_memory: bool,
     /// Append the options this host's KVM needs to the command line.
     pub host_cmdline_options: bool,
     /// The KVM device node.
@@ -105,6 +107,10 @@ pub struct MachineConfig {
     pub cmdline: String,
     pub cpus: u8,
     pub memory_mib: u64,
+    /// Guest RAM in a sealed memfd mapped shared, which a same-host
+    /// migration hands over instead of copying (absent: anonymous memory).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_memory: bool,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
@@ -178,6 +184,7 @@ impl VmConfig {
             cmdline: DEFAULT_LINUX_CMDLINE.to_string(),
             cpus: 1,
             memory_mib: 128,
+            shared_memory: false,
             host_cmdline_options: true,
             kvm_device: PathBuf::from("/dev/kvm"),
             sample_rip_every: None,
@@ -225,6 +232,7 @@ impl VmConfig {
             cmdline: machine.cmdline.clone(),
             cpus: machine.cpus,
             memory_mib: machine.memory_mib,
+            shared_memory: machine.shared_memory,
             disks: machine.disks.clone(),
             nets: machine.nets.clone(),
             rng: machine.rng,
@@ -241,6 +249,7 @@ impl VmConfig {
             cmdline: cmdline.to_string(),
             cpus: self.cpus,
             memory_mib: self.memory_mib,
+            shared_memory: self.shared_memory,
             disks: self.disks.clone(),
             nets: self.nets.clone(),
             rng: self.rng,
@@ -332,6 +341,7 @@ mod tests {
             cmdline: String::new(),
             cpus: 1,
             memory_mib: 64,
+            shared_memory: false,
             disks: vec![disk; 28],
             nets: vec![net.clone(), net],
             rng: true,

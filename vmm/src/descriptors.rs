@@ -12,7 +12,9 @@ pub fn receive<S: ScmSocket>(
     buffer: &mut [u8],
     max: usize,
 ) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut raw = vec![-1 as RawFd; max];
+    // One slot more than wanted: the kernel drops what does not fit
+    // without a word, so a full extra slot is how an excess shows.
+    let mut raw = vec![-1 as RawFd; max + 1];
     let mut iovec = [libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
         iov_len: buffer.len(),
@@ -25,6 +27,12 @@ pub fn receive<S: ScmSocket>(
         .iter()
         // SAFETY: recv_with_fds returned `count` new descriptors, ours alone.
         .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+        .collect::<Vec<OwnedFd>>();
+    if descriptors.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {max} descriptors sent"),
+        ));
+    }
     Ok((length, descriptors))
 }

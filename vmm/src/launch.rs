@@ -306,6 +306,7 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
                 cpus: 1,
                 memory_mib: 128,
+                shared_memory: false,
                 disks: vec![],
                 nets: vec![],
                 rng: false,

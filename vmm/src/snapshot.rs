@@ -24,9 +24,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub const FORMAT: &str = "bulkhead-snapshot";
 /// The format this Bulkhead writes.
@@ -519,27 +517,10 @@ fn map_private(
     ranges: &[(GuestAddress, usize)],
     path: &Path,
 ) -> Result<GuestRam, SnapshotError> {
-    let map_error = |problem: String| SnapshotError::Map {
+    crate::memory::map_file(file, ranges, libc::MAP_PRIVATE).map_err(|problem| SnapshotError::Map {
         path: path.display().to_string(),
         problem,
-    };
-    let mut regions = Vec::with_capacity(ranges.len());
-    let mut offset = 0u64;
-    for &(start, len) in ranges {
-        let clone = file.try_clone().map_err(|e| map_error(e.to_string()))?;
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
-            .with_file_offset(FileOffset::new(clone, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| map_error(format!("{e:?}")))?;
-        regions.push(
-            GuestRegionMmap::new(mapping, start)
-                .ok_or_else(|| map_error(format!("region at {:#x} wraps around", start.0)))?,
-        );
-        offset += len as u64;
-    }
-    GuestRam::from_regions(regions).map_err(|e| map_error(format!("{e:?}")))
+    })
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ pub enum VmError {
     #[error("cannot allocate {mib} MiB of guest memory: {source}")]
     Memory {
         mib: u64,
-        source: vm_memory::mmap::FromRangesError,
+        source: crate::memory::MemoryError,
     },
     #[error("cannot read kernel {path}: {source}")]
     KernelFile {
@@ -449,13 +449,14 @@ impl Vm {
             devices,
         } = backings;
         let flavour = KvmFlavour::detect();
-        let memory =
-            GuestRam::from_ranges(&boot::ram_regions(config.memory_bytes())).map_err(|source| {
-                VmError::Memory {
-                    mib: config.memory_mib,
-                    source,
-                }
-            })?;
+        let memory = crate::memory::allocate(
+            &boot::ram_regions(config.memory_bytes()),
+            config.shared_memory,
+        )
+        .map_err(|source| VmError::Memory {
+            mib: config.memory_mib,
+            source,
+        })?;
         if config.prefault_memory {
             prefault(&memory);
         }
@@ -662,6 +663,16 @@ impl Vm {
 
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.core.shared.exit.clone()
+    }
+
+    /// Starts every thread, each parked before it runs any guest code,
+    /// until the VM is resumed (`control().resume()`). A migration's
+    /// destination tells its source only once nothing can fail any more,
+    /// then resumes: the guest never runs in both places, not for an instant.
+    pub fn start_paused(self) -> Result<RunningVm, VmError> {
+        self.core.shared.pause.request();
+        *crate::devices::lock(&self.core.run_state) = RunState::Paused;
+        self.start()
     }
 
     /// Starts the device thread, then one thread per vCPU.

@@ -1006,7 +1006,8 @@ fn every_device_option_reaches_the_vmm_through_the_api() {
             "disks": [{"path": disk, "id": "data-1",
                        "rate_limit": {"bytes_per_sec": 1048576, "ops_per_sec": 100}}],
             "rng": true,
-            "balloon": {"target_mib": 4, "deflate_on_oom": true}
+            "balloon": {"target_mib": 4, "deflate_on_oom": true},
+            "shared_memory": true
         })),
     );
     let id = created["id"].as_str().unwrap().to_string();
@@ -1039,6 +1040,17 @@ fn every_device_option_reaches_the_vmm_through_the_api() {
         assert!(devices.contains(&device), "{device} missing: {live}");
     }
     assert!(live["balloon"].is_object(), "{live}");
+    // The sandboxed VMM made its guest RAM a memfd.
+    let pid = live["pid"].as_u64().expect("the VMM's pid");
+    let memfd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .any(|target| {
+            target
+                .to_string_lossy()
+                .starts_with("/memfd:bulkhead-guest-ram")
+        });
+    assert!(memfd, "no guest memfd in VMM {pid}");
 
     daemon.ok(
         Method::POST,
@@ -1057,6 +1069,7 @@ fn every_device_option_reaches_the_vmm_through_the_api() {
         "{machine}"
     );
     assert_eq!(machine["rng"], true, "{machine}");
+    assert_eq!(machine["shared_memory"], true, "{machine}");
     assert_eq!(machine["balloon"]["target_mib"], 4, "{machine}");
     assert_eq!(machine["balloon"]["deflate_on_oom"], true, "{machine}");
 }

@@ -13,6 +13,7 @@ use crate::devices::legacy::serial::SerialOutput;
 use crate::memory::GuestRam;
 use crate::vm::{RestoreOptions, RunningVm, Vm};
 use kvm_ioctls::Kvm;
+use std::os::unix::net::UnixStream;
 use vm_memory::{Bytes, GuestAddress};
 
 /// A destination bound to its address, waiting for a source.
@@ -51,6 +52,14 @@ struct LocalMachine {
     machine: MachineConfig,
     kvm: Kvm,
     devices: DeviceBackings,
+}
+
+/// Where an arriving VM's RAM comes from.
+enum Ram<'a> {
+    /// Made here; the source copies its pages in.
+    Fresh(GuestRam),
+    /// The source's own memfd, passed on this socket (same host).
+    HandedOver(&'a UnixStream),
 }
 
 /// A migrated VM, built and ready, whose source still waits for the word.
@@ -158,59 +167,96 @@ impl Incoming {
             }
             Target::AsDescribed => Ok(()),
         };
-        let memory = match fits
-            .and_then(|()| crate::vm::check_machine(&hello.machine).map_err(|e| e.to_string()))
-            .and_then(|()| {
-                GuestRam::from_ranges(&boot::ram_regions(hello.machine.memory_bytes()))
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(memory) => memory,
-            Err(why) => {
-                refuse(stream.as_mut(), Tag::Refuse, &why);
-                return Err(MigrationError::Incoming(format!(
-                    "refused the source: {why}"
-                )));
-            }
-        };
+        if let Err(why) =
+            fits.and_then(|()| crate::vm::check_machine(&hello.machine).map_err(|e| e.to_string()))
+        {
+            refuse(stream.as_mut(), Tag::Refuse, &why);
+            return Err(MigrationError::Incoming(format!(
+                "refused the source: {why}"
+            )));
+        }
         // On the same host (a plain Unix socket), a VM built as described
         // takes over the source's TAPs: a TAP the user made single-queue
         // cannot be opened a second time while the source holds it. (A VMM
-        // the daemon started has its devices open already.)
-        let hand_over = match (&target, &connection.unix) {
-            (Target::AsDescribed, Some(socket))
-                if hello.version >= 5 && !hello.machine.nets.is_empty() =>
-            {
-                Some(socket)
-            }
-            _ => None,
+        // the daemon started has its devices open already.) Guest RAM in a
+        // memfd is taken over, whoever built the machine.
+        let socket = connection.unix.as_ref();
+        let take_taps = matches!(target, Target::AsDescribed)
+            && hello.version >= 5
+            && !hello.machine.nets.is_empty();
+        let shared_memory = match &target {
+            Target::AsDescribed => hello.machine.shared_memory,
+            Target::Local(local) => local.machine.shared_memory,
         };
+        let take_memory = hello.version >= 6 && hello.machine.shared_memory && shared_memory;
+        let take_taps = take_taps && socket.is_some();
+        let ranges = boot::ram_regions(hello.machine.memory_bytes());
+        let ram = match socket {
+            Some(socket) if take_memory => Ram::HandedOver(socket),
+            _ => match crate::memory::allocate(&ranges, shared_memory) {
+                Ok(memory) => Ram::Fresh(memory),
+                Err(e) => {
+                    let why = e.to_string();
+                    refuse(stream.as_mut(), Tag::Refuse, &why);
+                    return Err(MigrationError::Incoming(format!(
+                        "refused the source: {why}"
+                    )));
+                }
+            },
+        };
+        let take_memory = matches!(ram, Ram::HandedOver(_));
         write_json(
             stream.as_mut(),
             Tag::Accept,
             &protocol::Accept {
-                taps: hand_over.is_some(),
+                taps: take_taps,
+                memory: take_memory,
             },
         )?;
         stream.flush().map_err(protocol::ProtocolError::from)?;
-        let handed_taps = match hand_over {
-            Some(socket) => {
-                match super::hand_over::receive_taps(
+        let mut handed_taps = None;
+        if let (true, Some(socket)) = (take_taps, socket) {
+            match super::hand_over::receive_taps(socket, stream.as_mut(), hello.machine.nets.len())
+            {
+                Ok((_, taps)) => handed_taps = Some(taps),
+                Err(e) => {
+                    refuse(stream.as_mut(), Tag::Failed, &e.to_string());
+                    return Err(e.into());
+                }
+            }
+        }
+        let memory = match ram {
+            Ram::Fresh(memory) => memory,
+            Ram::HandedOver(socket) => {
+                let taken = super::hand_over::receive_memory(
                     socket,
                     stream.as_mut(),
-                    hello.machine.nets.len(),
-                ) {
-                    Ok((_, taps)) => Some(taps),
+                    hello.machine.memory_bytes(),
+                )
+                .map_err(MigrationError::from)
+                .and_then(|file| {
+                    crate::memory::take_over(file, &ranges)
+                        .map_err(|e| MigrationError::Incoming(e.to_string()))
+                });
+                match taken {
+                    Ok(memory) => memory,
                     Err(e) => {
                         refuse(stream.as_mut(), Tag::Failed, &e.to_string());
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
-            None => None,
         };
 
         let last: Final = loop {
             match read_frame(stream.as_mut(), &mut payload)? {
+                Tag::Pages if take_memory => {
+                    // The pages are the source's own: a copy would write
+                    // into the memory the guest still runs on there.
+                    let why = "PAGES frame after the memory was handed over";
+                    refuse(stream.as_mut(), Tag::Failed, why);
+                    return Err(MigrationError::Incoming(why.into()));
+                }
                 Tag::Pages => {
                     let written = match payload.split_first_chunk::<8>() {
                         Some((address, data)) => memory
@@ -312,11 +358,13 @@ impl Incoming {
 }
 
 impl Arrived {
-    /// Starts the VM and tells the source, which then ends. If the source
-    /// cannot be told, it will resume the guest itself: this copy is stopped
-    /// so that the guest never runs twice.
+    /// Starts the VM and tells the source, which then ends. The guest runs
+    /// here only once the source has been told: if it cannot be, the
+    /// source resumes the guest itself, and this copy, which never ran,
+    /// is stopped (so the guest never runs twice, and memory handed over
+    /// is not touched).
     pub fn start(mut self) -> Result<RunningVm, MigrationError> {
-        let running = match self.vm.start() {
+        let running = match self.vm.start_paused() {
             Ok(running) => running,
             Err(e) => {
                 refuse(self.stream.as_mut(), Tag::Failed, &e.to_string());
@@ -338,6 +386,10 @@ impl Arrived {
                 "the source went away at switch-over ({e}); stopped here so the guest does not run twice"
             )));
         }
+        running
+            .control()
+            .resume()
+            .map_err(|e| MigrationError::Incoming(format!("resuming the arrived guest: {e}")))?;
         Ok(running)
     }
 }

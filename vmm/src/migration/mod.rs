@@ -69,6 +69,10 @@ pub struct MigrationReport {
     /// The highest share of time vCPUs were held back so the copy converges.
     pub max_throttle_percent: u32,
     pub memory_crc: Option<u32>,
+    /// The destination took the guest's RAM over (same host, a memfd): no
+    /// page was copied.
+    #[serde(default)]
+    pub memory_handed_over: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

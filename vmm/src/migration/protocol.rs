@@ -24,10 +24,12 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// 4: the state of snapshot format 4 (vCPUs keyed by id).
 /// 5: a destination on the same host may ask for the source's TAP
 /// descriptors (ACCEPT `taps`); they come in a TAPS frame (state as in 4).
+/// 6: ... and its guest RAM, when it is a memfd (ACCEPT `memory`, a MEMORY
+/// frame); no PAGES frame follows (state as in 4).
 ///
 /// Version N of this protocol carries version N of the snapshot state
-/// (version 5, that of 4).
-pub const VERSION: u32 = 5;
+/// (versions 5 and 6, that of 4).
+pub const VERSION: u32 = 6;
 /// The oldest source a destination accepts.
 pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
@@ -45,6 +47,7 @@ pub enum Tag {
     Failed = 7,
     Abort = 8,
     Taps = 9,
+    Memory = 10,
 }
 
 impl Tag {
@@ -59,6 +62,7 @@ impl Tag {
             7 => Tag::Failed,
             8 => Tag::Abort,
             9 => Tag::Taps,
+            10 => Tag::Memory,
             _ => return None,
         })
     }
@@ -174,6 +178,18 @@ pub fn text(payload: &[u8]) -> String {
 pub struct Accept {
     #[serde(default)]
     pub taps: bool,
+    /// The destination takes the source's guest RAM over (a MEMORY frame
+    /// follows the TAPS one, if any) instead of a copy of its pages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
+}
+
+/// A MEMORY frame's payload: the size of the guest RAM whose memfd is
+/// attached to it.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HandedMemory {
+    pub bytes: u64,
 }
 
 /// A TAPS frame's payload: the TAP names, in machine order, of the

@@ -215,26 +215,9 @@ impl VmCore {
         )?;
         stream.flush().map_err(protocol::ProtocolError::from)?;
         let mut payload = Vec::new();
-        match read_frame(stream, &mut payload)? {
-            Tag::Accept => {
-                // An older destination's ACCEPT is `{}`.
-                let accept: protocol::Accept = protocol::decode(Tag::Accept, &payload)?;
-                if accept.taps {
-                    let socket = connection.unix.as_ref().ok_or_else(|| {
-                        protocol::ProtocolError::Malformed(
-                            Tag::Accept,
-                            "TAPs asked for over a stream that cannot carry them".into(),
-                        )
-                    })?;
-                    let names: Vec<String> = self
-                        .machine
-                        .nets
-                        .iter()
-                        .map(|net| net.tap.clone())
-                        .collect();
-                    super::hand_over::send_taps(socket, &names, &self.taps)?;
-                }
-            }
+        let accept: protocol::Accept = match read_frame(stream, &mut payload)? {
+            // An older destination's ACCEPT is `{}`.
+            Tag::Accept => protocol::decode(Tag::Accept, &payload)?,
             Tag::Refuse | Tag::Abort => {
                 return Err(MigrationError::Refused(protocol::text(&payload)))
             }
@@ -245,10 +228,19 @@ impl VmCore {
                 }
                 .into())
             }
+        };
+        if accept.taps || accept.memory {
+            self.hand_over(connection.unix.as_ref(), &accept)?;
         }
 
         let memory = &self.shared.memory;
-        let log = DirtyLog::start(&self.shared.vm, memory)?;
+        // Handed over, the destination maps the pages the guest runs on:
+        // nothing is copied, and nothing needs tracking.
+        let log = if accept.memory {
+            None
+        } else {
+            Some(DirtyLog::start(&self.shared.vm, memory)?)
+        };
         let mut sender = PageSender {
             stream,
             memory,
@@ -262,24 +254,137 @@ impl VmCore {
             throttle: 0,
             progress: &self.migration,
         };
-        let set_progress = |change: &dyn Fn(&mut MigrationProgress)| {
-            if let Some(progress) = lock(&self.migration).as_mut() {
-                change(progress);
-                progress.elapsed_ms = started.elapsed().as_millis() as u64;
+        let mut report = MigrationReport {
+            memory_handed_over: accept.memory,
+            ..MigrationReport::default()
+        };
+        let mut pending = match &log {
+            Some(log) => self.pre_copy(
+                log,
+                &mut sender,
+                &mut report,
+                started,
+                (downtime_limit, give_up),
+                *parked,
+            )?,
+            None => Vec::new(),
+        };
+        // The last pages are sent whatever the time: the guest is paused by then.
+        sender.give_up_at = Instant::now() + Duration::from_secs(3600);
+
+        // Stop and copy.
+        let paused_ns = monotonic_ns();
+        if !*parked {
+            self.park_threads()?;
+            *parked = true;
+        }
+        self.set_progress(started, &|p| p.phase = MigrationPhase::StopAndCopy);
+        if let Some(log) = &log {
+            merge(&mut pending, log.take()?);
+            report.last_round_pages = dirty::count(&pending);
+            sender.send_dirty(&pending)?;
+        }
+        let saved = self.capture()?;
+        let memory_crc = if options.verify_memory {
+            Some(super::memory_crc(memory)?)
+        } else {
+            None
+        };
+        report.pages_sent = sender.pages_sent;
+        report.bytes_sent = sender.bytes_sent;
+        drop(log);
+        write_json(stream, Tag::State, &Final { saved, memory_crc })?;
+        stream.flush().map_err(protocol::ProtocolError::from)?;
+        self.set_progress(started, &|p| {
+            p.phase = MigrationPhase::WaitingForDestination
+        });
+        let resumed: Resumed = match read_frame(stream, &mut payload)? {
+            Tag::Resumed => protocol::decode(Tag::Resumed, &payload)?,
+            Tag::Failed | Tag::Abort => {
+                return Err(MigrationError::DestinationFailed(protocol::text(&payload)))
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    expected: "RESUMED",
+                    got: other,
+                }
+                .into())
             }
         };
-        set_progress(&|p| {
+        let answered_ns = monotonic_ns();
+        report.downtime_measured_on_one_clock =
+            resumed.boot_id == protocol::boot_id() && resumed.started_ns >= paused_ns;
+        let downtime_ns = if report.downtime_measured_on_one_clock {
+            resumed.started_ns - paused_ns
+        } else {
+            answered_ns - paused_ns
+        };
+        report.downtime_ms = downtime_ns as f64 / 1e6;
+        report.memory_crc = memory_crc;
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(report)
+    }
+
+    fn set_progress(&self, started: Instant, change: &dyn Fn(&mut MigrationProgress)) {
+        if let Some(progress) = lock(&self.migration).as_mut() {
+            change(progress);
+            progress.elapsed_ms = started.elapsed().as_millis() as u64;
+        }
+    }
+
+    /// Passes what the destination asked for over the Unix socket: the TAP
+    /// descriptors, then the memfd of guest RAM.
+    fn hand_over(
+        &self,
+        socket: Option<&std::os::unix::net::UnixStream>,
+        accept: &protocol::Accept,
+    ) -> Result<(), MigrationError> {
+        let asked = |what: &str| {
+            protocol::ProtocolError::Malformed(Tag::Accept, format!("{what} asked for"))
+        };
+        let socket =
+            socket.ok_or_else(|| asked("descriptors over a stream that cannot carry them"))?;
+        if accept.taps {
+            let names: Vec<String> = self
+                .machine
+                .nets
+                .iter()
+                .map(|net| net.tap.clone())
+                .collect();
+            super::hand_over::send_taps(socket, &names, &self.taps)?;
+        }
+        if accept.memory {
+            let file = crate::memory::shared_file(&self.shared.memory)
+                .ok_or_else(|| asked("the memory of a VM whose RAM is not a memfd"))?;
+            super::hand_over::send_memory(socket, file, self.machine.memory_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Copies memory while the guest runs, round after round of what it
+    /// dirtied, until what is left can be sent within the downtime limit
+    /// (vCPUs throttled when rounds stop shrinking). Returns the pages
+    /// dirty at the end, for the stop-and-copy.
+    fn pre_copy(
+        &self,
+        log: &DirtyLog,
+        sender: &mut PageSender,
+        report: &mut MigrationReport,
+        started: Instant,
+        (downtime_limit, give_up): (Duration, Duration),
+        parked: bool,
+    ) -> Result<Vec<Vec<u64>>, MigrationError> {
+        self.set_progress(started, &|p| {
             p.phase = MigrationPhase::Copying;
             p.round = 1;
         });
-        let mut report = MigrationReport::default();
         let mut round_started = Instant::now();
         let mut round_bytes_start = 0;
         sender.send_all()?;
         report.rounds = 1;
         let mut smallest_dirty = u64::MAX;
         let mut rounds_without_progress = 0;
-        let mut pending = loop {
+        loop {
             let maps = log.take()?;
             let dirty_pages = dirty::count(&maps);
             let elapsed = round_started.elapsed().as_secs_f64().max(1e-6);
@@ -292,9 +397,9 @@ impl VmCore {
                 ?expected,
                 "migration round"
             );
-            set_progress(&|p| p.dirty_pages = dirty_pages);
-            if expected <= downtime_limit || *parked {
-                break maps;
+            self.set_progress(started, &|p| p.dirty_pages = dirty_pages);
+            if expected <= downtime_limit || parked {
+                return Ok(maps);
             }
             if started.elapsed() > give_up {
                 return Err(MigrationError::NoConvergence {
@@ -328,61 +433,11 @@ impl VmCore {
             sender.rounds = report.rounds;
             report.rounds += 1;
             let (round, throttle) = (report.rounds, report.max_throttle_percent);
-            set_progress(&|p| {
+            self.set_progress(started, &|p| {
                 p.round = round;
                 p.throttle_percent = throttle;
             });
             sender.send_dirty(&maps)?;
-        };
-        // The last pages are sent whatever the time: the guest is paused by then.
-        sender.give_up_at = Instant::now() + Duration::from_secs(3600);
-
-        // Stop and copy.
-        let paused_ns = monotonic_ns();
-        if !*parked {
-            self.park_threads()?;
-            *parked = true;
         }
-        set_progress(&|p| p.phase = MigrationPhase::StopAndCopy);
-        merge(&mut pending, log.take()?);
-        report.last_round_pages = dirty::count(&pending);
-        sender.send_dirty(&pending)?;
-        let saved = self.capture()?;
-        let memory_crc = if options.verify_memory {
-            Some(super::memory_crc(memory)?)
-        } else {
-            None
-        };
-        report.pages_sent = sender.pages_sent;
-        report.bytes_sent = sender.bytes_sent;
-        drop(log);
-        write_json(stream, Tag::State, &Final { saved, memory_crc })?;
-        stream.flush().map_err(protocol::ProtocolError::from)?;
-        set_progress(&|p| p.phase = MigrationPhase::WaitingForDestination);
-        let resumed: Resumed = match read_frame(stream, &mut payload)? {
-            Tag::Resumed => protocol::decode(Tag::Resumed, &payload)?,
-            Tag::Failed | Tag::Abort => {
-                return Err(MigrationError::DestinationFailed(protocol::text(&payload)))
-            }
-            other => {
-                return Err(protocol::ProtocolError::Unexpected {
-                    expected: "RESUMED",
-                    got: other,
-                }
-                .into())
-            }
-        };
-        let answered_ns = monotonic_ns();
-        report.downtime_measured_on_one_clock =
-            resumed.boot_id == protocol::boot_id() && resumed.started_ns >= paused_ns;
-        let downtime_ns = if report.downtime_measured_on_one_clock {
-            resumed.started_ns - paused_ns
-        } else {
-            answered_ns - paused_ns
-        };
-        report.downtime_ms = downtime_ns as f64 / 1e6;
-        report.memory_crc = memory_crc;
-        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-        Ok(report)
     }
 }

@@ -16,6 +16,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_mremap,
     libc::SYS_mprotect,
     libc::SYS_madvise,
+    // Guest RAM that a same-host migration can hand over (`shared_memory`).
+    libc::SYS_memfd_create,
     libc::SYS_brk,
     libc::SYS_mincore,
     // Files and descriptors already open, and those inside the sandbox.

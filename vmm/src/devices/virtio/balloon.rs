@@ -389,9 +389,16 @@ fn discard(memory: &GuestRam, addr: u64, len: u64) {
     let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(offset)) else {
         return;
     };
-    // SAFETY: [host, host + len) lies inside one anonymous private guest
-    // mapping; MADV_DONTNEED only drops its pages, which read back as zero.
-    let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    // Pages of shared memory (a memfd) stay in the file unless removed.
+    let advice = if region.flags() & libc::MAP_SHARED != 0 {
+        libc::MADV_REMOVE
+    } else {
+        libc::MADV_DONTNEED
+    };
+    // SAFETY: [host, host + len) lies inside one guest mapping; the advice
+    // only drops its pages, which read back as zero (or, in a snapshot's
+    // private mapping, as the file has them).
+    let rc = unsafe { libc::madvise(host.cast(), len as usize, advice) };
     if rc != 0 {
         tracing::debug!("madvise: {}", std::io::Error::last_os_error());
     }
