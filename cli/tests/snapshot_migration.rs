@@ -1201,3 +1201,76 @@ fn a_same_host_migration_hands_over_shared_memory() {
     output += &last.kill();
     assert_consecutive(&counts(&output, false), "source, copy, hand-over");
 }
+
+/// One frame of the migration stream: tag, little-endian length, payload.
+fn read_frame(stream: &mut impl Read) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).unwrap();
+    let len = u32::from_le_bytes(header[1..].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).unwrap();
+    (header[0], payload)
+}
+
+fn write_frame(stream: &mut impl std::io::Write, tag: u8, payload: &[u8]) {
+    stream.write_all(&[tag]).unwrap();
+    stream
+        .write_all(&(payload.len() as u32).to_le_bytes())
+        .unwrap();
+    stream.write_all(payload).unwrap();
+}
+
+/// A destination that takes the guest's memory over and then fails at the
+/// switch-over (it answers FAILED, or it just goes away): the source, told
+/// nothing ran elsewhere, resumes the guest on that same memory, and the
+/// count goes on without a gap or a repeat.
+#[test]
+fn a_failed_hand_over_leaves_the_guest_running_on_the_source() {
+    const HELLO: u8 = 1;
+    const ACCEPT: u8 = 2;
+    const STATE: u8 = 5;
+    const FAILED: u8 = 7;
+    const MEMORY: u8 = 10;
+    let guest = writer_guest(guests::MemoryWriter::default());
+    let source = Vmm::start(&[
+        "--kernel".as_ref(),
+        guest.as_os_str(),
+        "--memory".as_ref(),
+        "64".as_ref(),
+        "--shared-memory".as_ref(),
+    ]);
+    let mut reached = source.wait_for_count(10);
+    for answers_failed in [true, false] {
+        let socket = unique("failing-destination.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            assert_eq!(read_frame(&mut stream).0, HELLO);
+            write_frame(&mut stream, ACCEPT, br#"{"taps":false,"memory":true}"#);
+            // A plain read takes the bytes; the attached memfd is dropped.
+            let (tag, payload) = read_frame(&mut stream);
+            assert_eq!(tag, MEMORY, "{}", String::from_utf8_lossy(&payload));
+            assert_eq!(read_frame(&mut stream).0, STATE);
+            if answers_failed {
+                write_frame(&mut stream, FAILED, b"injected failure");
+            }
+        });
+        let uri = format!("unix:{}", socket.display());
+        let (ok, text) = source.ctl(&["migrate", &uri]);
+        peer.join().unwrap();
+        assert!(
+            !ok,
+            "the migration to a failing destination succeeded: {text}"
+        );
+        if answers_failed {
+            assert!(text.contains("injected failure"), "{text}");
+        }
+        assert_eq!(source.state(), "running", "{text}");
+        reached = source.wait_for_count(reached + 20);
+    }
+    let output = source.kill();
+    assert_consecutive(
+        &counts(&output, false),
+        "the source, after two failed hand-overs",
+    );
+}
