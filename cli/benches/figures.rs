@@ -110,8 +110,8 @@ fn loop_config(port_exit: bool) -> VmConfig {
         name: "port_io_loop".into(),
         image: image.into(),
     });
-    config.cmdline = String::new();
-    config.memory_mib = 64;
+    config.machine.cmdline = String::new();
+    config.machine.memory_mib = 64;
     config
 }
 
@@ -194,8 +194,8 @@ fn linux_boot() {
     }
     let mut config = VmConfig::new(KernelSource::File(kernel));
     config.initrd = Some(initrd);
-    config.cpus = 2;
-    config.memory_mib = 256;
+    config.machine.cpus = 2;
+    config.machine.memory_mib = 256;
     let milestones = Milestones {
         started: Instant::now(),
         text: Arc::default(),

@@ -409,25 +409,25 @@ fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let kernel = kernel_source(args.kernel.clone());
     let mut config = VmConfig::new(kernel);
     config.initrd = args.initrd.clone();
-    config.cpus = u8::try_from(args.cpus).map_err(|_| vmm::config::ConfigError::Cpus {
+    config.machine.cpus = u8::try_from(args.cpus).map_err(|_| vmm::config::ConfigError::Cpus {
         given: args.cpus,
         max: vmm::arch::x86_64::mptable::MAX_CPUS,
     })?;
     config.kvm_device = args.kvm_device.clone();
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
-    config.memory_mib = args.memory;
-    config.shared_memory = args.shared_memory;
-    config.disks = args.disk.clone();
-    config.nets = args.net.clone();
-    config.rng = args.rng;
-    config.balloon = args.balloon.clone();
-    config.vsock = args.vsock.clone();
+    config.machine.memory_mib = args.memory;
+    config.machine.shared_memory = args.shared_memory;
+    config.machine.disks = args.disk.clone();
+    config.machine.nets = args.net.clone();
+    config.machine.rng = args.rng;
+    config.machine.balloon = args.balloon.clone();
+    config.machine.vsock = args.vsock.clone();
     config.prefault_memory = args.prefault;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {
-        (Some(cmdline), _) => config.cmdline = cmdline.clone(),
+        (Some(cmdline), _) => config.machine.cmdline = cmdline.clone(),
         // The embedded guest reads no command line.
-        (None, None) => config.cmdline = String::new(),
+        (None, None) => config.machine.cmdline = String::new(),
         (None, Some(_)) => {}
     }
     Ok(config)
@@ -550,9 +550,8 @@ mod tests {
             "--balloon=target_mib=8,deflate_on_oom",
         ]))
         .unwrap();
-        assert_eq!(from_file.machine("c"), from_flags.machine("c"));
+        assert_eq!(from_file.machine, from_flags.machine);
         assert_eq!(from_file.initrd, from_flags.initrd);
-        assert_eq!(from_file.cmdline, from_flags.cmdline);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

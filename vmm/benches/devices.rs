@@ -46,8 +46,8 @@ fn guest_config(name: &str, image: Vec<u8>) -> VmConfig {
         name: name.into(),
         image: image.into(),
     });
-    config.cmdline = String::new();
-    config.memory_mib = 64;
+    config.machine.cmdline = String::new();
+    config.machine.memory_mib = 64;
     config
 }
 
@@ -102,7 +102,7 @@ fn tap(name: &str) -> NetConfig {
 /// Runs a block workload guest; returns the wall time of the VM.
 fn run_block_guest(disk: &Path, workload: guests::BlockWorkload) -> Duration {
     let mut config = guest_config("virtio_blk", guests::block_workload(workload).unwrap());
-    config.disks.push(DiskConfig {
+    config.machine.disks.push(DiskConfig {
         path: disk.to_path_buf(),
         read_only: false,
         id: None,
@@ -212,7 +212,7 @@ fn block_through_guest(disk: &Path) {
 fn run_net_guest(workload: guests::NetWorkload) -> Duration {
     in_own_network_namespace(move || {
         let mut config = guest_config("virtio_net", guests::net_workload(workload).unwrap());
-        config.nets.push(tap("bench0"));
+        config.machine.nets.push(tap("bench0"));
         let (elapsed, report) = run_guest(&config);
         let whole_batches = workload.frames / u32::from(workload.batch) * u32::from(workload.batch);
         assert_eq!(
@@ -246,7 +246,7 @@ fn loopback_udp(frames: u32, bytes: usize) -> f64 {
 fn run_net_receive_guest(frames: u32, frame_bytes: usize) -> Duration {
     in_own_network_namespace(move || {
         let mut config = guest_config("virtio_net", guests::net_receive_workload(frames).unwrap());
-        config.nets.push(tap("bench1"));
+        config.machine.nets.push(tap("bench1"));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // The TAP exists once the VM is built; until then the sender retries.
         let sender = {

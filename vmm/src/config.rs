@@ -69,30 +69,22 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
+/// A VM to boot: the machine, and what this process needs to start it
+/// (the kernel's bytes, where KVM is, diagnostics).
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: KernelSource,
     pub initrd: Option<PathBuf>,
-    /// The kernel command line; host-specific options are appended to it.
-    pub cmdline: String,
-    pub cpus: u8,
-    pub memory_mib: u64,
-    /// Guest RAM in a sealed memfd, handed over by same-host migrations.
-    pub shared_memory: bool,
+    /// The machine, the one description snapshots and migrations carry
+    /// too. Its `cmdline` is the user's here: host and device options are
+    /// appended when the VM is built; `kernel` is taken from `kernel`.
+    pub machine: MachineConfig,
     /// Append the options this host's KVM needs to the command line.
     pub host_cmdline_options: bool,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Log each vCPU's RIP this often (diagnosing where a guest stalls).
     pub sample_rip_every: Option<std::time::Duration>,
-    /// virtio-blk disks, in order: the guest sees vda, vdb, ...
-    pub disks: Vec<DiskConfig>,
-    /// virtio-net interfaces, in order: the guest sees eth0, eth1, ...
-    pub nets: Vec<NetConfig>,
-    /// A virtio-rng entropy device.
-    pub rng: bool,
-    pub balloon: Option<BalloonConfig>,
-    pub vsock: Option<VsockConfig>,
     /// Touch all guest memory at start, so the host commits it up front.
     pub prefault_memory: bool,
 }
@@ -179,20 +171,23 @@ pub enum ConfigError {
 impl VmConfig {
     pub fn new(kernel: KernelSource) -> Self {
         VmConfig {
+            machine: MachineConfig {
+                kernel: kernel.name(),
+                cmdline: DEFAULT_LINUX_CMDLINE.to_string(),
+                cpus: 1,
+                memory_mib: 128,
+                shared_memory: false,
+                disks: Vec::new(),
+                nets: Vec::new(),
+                rng: false,
+                balloon: None,
+                vsock: None,
+            },
             kernel,
             initrd: None,
-            cmdline: DEFAULT_LINUX_CMDLINE.to_string(),
-            cpus: 1,
-            memory_mib: 128,
-            shared_memory: false,
             host_cmdline_options: true,
             kvm_device: PathBuf::from("/dev/kvm"),
             sample_rip_every: None,
-            disks: Vec::new(),
-            nets: Vec::new(),
-            rng: false,
-            balloon: None,
-            vsock: None,
             prefault_memory: false,
         }
     }
@@ -200,20 +195,21 @@ impl VmConfig {
     /// Checks the numbers against what the VMM and this host can give.
     pub fn validate(&self, host_memory_bytes: Option<u64>) -> Result<(), ConfigError> {
         let max = crate::arch::x86_64::mptable::MAX_CPUS;
-        if self.cpus == 0 || self.cpus > max {
+        let machine = &self.machine;
+        if machine.cpus == 0 || machine.cpus > max {
             return Err(ConfigError::Cpus {
-                given: u64::from(self.cpus),
+                given: u64::from(machine.cpus),
                 max,
             });
         }
-        if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        if machine.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(machine.memory_mib));
         }
         if let Some(host) = host_memory_bytes {
             let host_mib = host >> 20;
-            if self.memory_mib > host_mib {
+            if machine.memory_mib > host_mib {
                 return Err(ConfigError::MemoryTooLarge {
-                    requested: self.memory_mib,
+                    requested: machine.memory_mib,
                     host: host_mib,
                 });
             }
@@ -222,22 +218,17 @@ impl VmConfig {
     }
 
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_mib << 20
+        self.machine.memory_bytes()
     }
 
     /// A VM to boot `kernel` as `machine` (its command line the user's: the
     /// VMM appends host and device options); process options at defaults.
     pub fn of_machine(kernel: KernelSource, machine: &MachineConfig) -> Self {
         VmConfig {
-            cmdline: machine.cmdline.clone(),
-            cpus: machine.cpus,
-            memory_mib: machine.memory_mib,
-            shared_memory: machine.shared_memory,
-            disks: machine.disks.clone(),
-            nets: machine.nets.clone(),
-            rng: machine.rng,
-            balloon: machine.balloon.clone(),
-            vsock: machine.vsock.clone(),
+            machine: MachineConfig {
+                kernel: kernel.name(),
+                ..machine.clone()
+            },
             ..VmConfig::new(kernel)
         }
     }
@@ -247,14 +238,7 @@ impl VmConfig {
         MachineConfig {
             kernel: self.kernel.name(),
             cmdline: cmdline.to_string(),
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            shared_memory: self.shared_memory,
-            disks: self.disks.clone(),
-            nets: self.nets.clone(),
-            rng: self.rng,
-            balloon: self.balloon.clone(),
-            vsock: self.vsock.clone(),
+            ..self.machine.clone()
         }
     }
 }
@@ -361,15 +345,15 @@ mod tests {
     fn rejects_zero_and_oversized_resources() {
         let mut config = VmConfig::new(KernelSource::File("k".into()));
         assert_eq!(config.validate(Some(1 << 30)), Ok(()));
-        config.cpus = 0;
+        config.machine.cpus = 0;
         assert!(matches!(
             config.validate(None),
             Err(ConfigError::Cpus { given: 0, .. })
         ));
-        config.cpus = 1;
-        config.memory_mib = 0;
+        config.machine.cpus = 1;
+        config.machine.memory_mib = 0;
         assert_eq!(config.validate(None), Err(ConfigError::MemoryTooSmall(0)));
-        config.memory_mib = 2048;
+        config.machine.memory_mib = 2048;
         assert_eq!(
             config.validate(Some(1 << 30)),
             Err(ConfigError::MemoryTooLarge {

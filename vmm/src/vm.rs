@@ -451,16 +451,16 @@ impl Vm {
         let flavour = KvmFlavour::detect();
         let memory = crate::memory::allocate(
             &boot::ram_regions(config.memory_bytes()),
-            config.shared_memory,
+            config.machine.shared_memory,
         )
         .map_err(|source| VmError::Memory {
-            mib: config.memory_mib,
+            mib: config.machine.memory_mib,
             source,
         })?;
         if config.prefault_memory {
             prefault(&memory);
         }
-        let mut cmdline = config.cmdline.clone();
+        let mut cmdline = config.machine.cmdline.clone();
         if config.host_cmdline_options {
             let extra = flavour.guest_cmdline_options();
             if !extra.is_empty() {
@@ -500,7 +500,7 @@ impl Vm {
             None => None,
         };
         boot::write_cmdline(memory, &cmdline)?;
-        mptable::write(memory, config.cpus)?;
+        mptable::write(memory, config.machine.cpus)?;
         let mmio_devices: Vec<acpi::MmioDevice> = hardware
             .virtio
             .iter()
@@ -509,7 +509,7 @@ impl Vm {
                 irq: slot.irq,
             })
             .collect();
-        let acpi_rsdp = acpi::write(memory, config.cpus, &mmio_devices)?;
+        let acpi_rsdp = acpi::write(memory, config.machine.cpus, &mmio_devices)?;
         boot::write_boot_info(
             memory,
             &kernel,
@@ -523,13 +523,18 @@ impl Vm {
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for id in 0..config.cpus {
+        let mut vcpus = Vec::with_capacity(usize::from(config.machine.cpus));
+        for id in 0..config.machine.cpus {
             let fd = hardware
                 .vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = cpu::cpuid_for(&base_cpuid, id, config.cpus, flavour.hidden_kvm_features());
+            let cpuid = cpu::cpuid_for(
+                &base_cpuid,
+                id,
+                config.machine.cpus,
+                flavour.hidden_kvm_features(),
+            );
             cpu::configure_common(&fd, usize::from(id), &cpuid)?;
             if id == 0 {
                 cpu::configure_boot_cpu(&fd, memory, kernel.entry)?;

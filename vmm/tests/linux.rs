@@ -19,8 +19,8 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
 fn linux_config(kernel: std::path::PathBuf, cpus: u8) -> VmConfig {
     let mut config = VmConfig::new(KernelSource::File(kernel));
-    config.cpus = cpus;
-    config.memory_mib = 256;
+    config.machine.cpus = cpus;
+    config.machine.memory_mib = 256;
     config
 }
 
@@ -33,7 +33,7 @@ fn boots_to_init_on_two_cpus(kernel: &str, memory_mib: u64, limit: Duration) {
     };
     let mut config = linux_config(kernel, 2);
     config.initrd = Some(initrd);
-    config.memory_mib = memory_mib;
+    config.machine.memory_mib = memory_mib;
     let (outcome, reached) = run_until(
         &config,
         limit,
@@ -97,16 +97,17 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
     let before = std::fs::read(&disk).unwrap();
     let mut config = linux_config(kernel, 1);
     config
+        .machine
         .cmdline
         .push_str(" root=/dev/vda rw rootfstype=ext4 init=/missing rootdelay=5");
-    config.disks.push(DiskConfig {
+    config.machine.disks.push(DiskConfig {
         path: disk.clone(),
         read_only: true,
         id: None,
         rate_limit: Default::default(),
     });
     config.prefault_memory = true;
-    config.balloon = Some(BalloonConfig {
+    config.machine.balloon = Some(BalloonConfig {
         free_page_reporting: true,
         ..Default::default()
     });
@@ -137,7 +138,7 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
         .find(|d| d.name == "balloon")
         .expect("a balloon");
     let reported_mib = balloon.counters["reported_bytes"] >> 20;
-    let guest_mib = config.memory_mib;
+    let guest_mib = config.machine.memory_mib;
     let resident_mib = outcome.report.memory.guest_resident_kib >> 10;
     assert!(
         reported_mib >= guest_mib / 2 && resident_mib <= guest_mib / 2,
@@ -155,7 +156,7 @@ fn project_bzimage_decompresses_and_starts_the_kernel() {
     };
     let mut config = linux_config(kernel, 1);
     // The decompressor writes to the serial port only with earlyprintk.
-    config.cmdline.push_str(" earlyprintk=serial,ttyS0");
+    config.machine.cmdline.push_str(" earlyprintk=serial,ttyS0");
     let (outcome, reached) = run_until(
         &config,
         BOOT_LIMIT,

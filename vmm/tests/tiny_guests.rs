@@ -32,8 +32,8 @@ fn assert_passes(name: &str) -> Outcome {
 #[test]
 fn default_guest_reports_cpus_and_memory_and_powers_off() {
     let mut config = config_for("default", guests::default_guest().unwrap());
-    config.cpus = 3;
-    config.memory_mib = 96;
+    config.machine.cpus = 3;
+    config.machine.memory_mib = 96;
     let outcome = run_config(&config, Duration::from_secs(20));
     assert_eq!(outcome.report.exit, VmExit::PowerOff, "{}", outcome.output);
     assert!(
@@ -113,7 +113,7 @@ fn a_vcpu_waiting_for_its_start_up_ipi_is_not_halted() {
     // The boot CPU halts for good; the second never gets its INIT/SIPI.
     let image = guests::test_guest("halt").unwrap().unwrap();
     let mut config = config_for("halt", image);
-    config.cpus = 2;
+    config.machine.cpus = 2;
     let outcome = run_config(&config, Duration::from_millis(1500));
     assert!(outcome.output.contains("halting"), "{}", outcome.output);
     assert_eq!(outcome.report.exit, VmExit::Stopped);
@@ -268,7 +268,7 @@ fn virtio_blk_serves_a_tiny_guest_driver() {
             disk_sectors: (8 << 20) / 512,
         };
         let mut config = config_for("virtio_blk", guests::block_workload(workload).unwrap());
-        config.disks.push(vmm::config::DiskConfig {
+        config.machine.disks.push(vmm::config::DiskConfig {
             path: disk.clone(),
             read_only: false,
             id: None,
@@ -316,7 +316,7 @@ fn virtio_net_carries_a_tiny_guest_frames_to_the_tap() {
             batch: 16,
         };
         let mut config = config_for("virtio_net", guests::net_workload(workload).unwrap());
-        config.nets.push(vmm::config::NetConfig {
+        config.machine.nets.push(vmm::config::NetConfig {
             tap: "tinynet0".into(),
             mac: None,
             rate_limit: Default::default(),
@@ -374,7 +374,7 @@ fn virtio_vsock_carries_a_tiny_guest_connections_both_ways() {
         (hello, ok, pong)
     });
     let mut config = config_for("virtio_vsock", guests::vsock_workload(CID).unwrap());
-    config.vsock = Some(vmm::config::VsockConfig { cid: CID, socket });
+    config.machine.vsock = Some(vmm::config::VsockConfig { cid: CID, socket });
     let outcome = run_config(&config, Duration::from_secs(60));
     assert!(
         outcome.output.contains("PASS virtio_vsock"),
@@ -419,7 +419,7 @@ fn a_read_only_disk_refuses_a_tiny_guest_writes_with_the_error_status() {
         disk_sectors: (1 << 20) / 512,
     };
     let mut config = config_for("virtio_blk", guests::block_workload(workload).unwrap());
-    config.disks.push(vmm::config::DiskConfig {
+    config.machine.disks.push(vmm::config::DiskConfig {
         path: disk.clone(),
         read_only: true,
         id: None,
@@ -457,7 +457,7 @@ fn virtio_net_delivers_frames_from_the_tap_to_a_tiny_guest() {
         let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(unshared, 0, "needs root");
         let mut config = config_for("virtio_net", guests::net_receive_workload(200).unwrap());
-        config.nets.push(vmm::config::NetConfig {
+        config.machine.nets.push(vmm::config::NetConfig {
             tap: "tinynet1".into(),
             mac: None,
             rate_limit: Default::default(),

@@ -51,8 +51,8 @@ pub fn config_for(name: &str, image: Vec<u8>) -> VmConfig {
         name: name.into(),
         image: image.into(),
     });
-    config.cmdline = String::new();
-    config.memory_mib = 64;
+    config.machine.cmdline = String::new();
+    config.machine.memory_mib = 64;
     config
 }
 
