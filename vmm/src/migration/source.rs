@@ -134,6 +134,21 @@ impl PageSender<'_> {
     }
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Whether a round's `dirty_pages` shrank the dirty set enough (by a tenth)
+/// to count as progress over the `smallest` seen so far (none: the first).
+fn made_progress(dirty_pages: u64, smallest: Option<u64>) -> bool {
+    smallest.is_none_or(|smallest| dirty_pages < smallest - smallest / 10)
+}
+
 fn merge(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
     for (a, b) in into.iter_mut().zip(from) {
         for (x, y) in a.iter_mut().zip(b) {
@@ -153,7 +168,7 @@ impl VmCore {
         let throttle_done = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             // Keeps throttled vCPUs coming out of KVM_RUN to sleep their share.
-            let kicker = scope.spawn(|| {
+            scope.spawn(|| {
                 while !throttle_done.load(Ordering::Acquire) {
                     if self.shared.throttle_percent.load(Ordering::Relaxed) > 0 {
                         self.shared.threads.kick(kick_signal());
@@ -161,12 +176,13 @@ impl VmCore {
                     std::thread::sleep(THROTTLE_KICK);
                 }
             });
+            // However the migration ends, a panic included, the kicker
+            // stops: the scope waits for it before it returns or unwinds.
+            let _stop_kicker = StopOnDrop(&throttle_done);
             *lock(&self.migration) = Some(MigrationProgress::default());
             let result = self.migrate_inner(options, &mut parked);
             *lock(&self.migration) = None;
             self.shared.throttle_percent.store(0, Ordering::Relaxed);
-            throttle_done.store(true, Ordering::Release);
-            let _ = kicker.join();
             result
         });
         match &result {
@@ -382,7 +398,7 @@ impl VmCore {
         let mut round_bytes_start = 0;
         sender.send_all()?;
         report.rounds = 1;
-        let mut smallest_dirty = u64::MAX;
+        let mut smallest_dirty = None;
         let mut rounds_without_progress = 0;
         loop {
             let maps = log.take()?;
@@ -410,8 +426,8 @@ impl VmCore {
                     link_mib_s: link / f64::from(1 << 20),
                 });
             }
-            if dirty_pages < smallest_dirty * 9 / 10 || smallest_dirty == u64::MAX {
-                smallest_dirty = dirty_pages;
+            if made_progress(dirty_pages, smallest_dirty) {
+                smallest_dirty = Some(dirty_pages);
                 rounds_without_progress = 0;
             } else {
                 rounds_without_progress += 1;
@@ -439,5 +455,34 @@ impl VmCore {
             });
             sender.send_dirty(&maps)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_round_is_progress_and_later_ones_must_shrink_by_a_tenth() {
+        assert!(made_progress(u64::MAX, None));
+        assert!(made_progress(0, None));
+        assert!(made_progress(89, Some(100)));
+        assert!(!made_progress(90, Some(100)));
+        assert!(!made_progress(100, Some(100)));
+        assert!(!made_progress(0, Some(0)));
+        // No overflow at the top of the range (a debug build panicked here).
+        assert!(made_progress(u64::MAX / 2, Some(u64::MAX)));
+        assert!(!made_progress(u64::MAX, Some(u64::MAX)));
+    }
+
+    #[test]
+    fn the_kicker_flag_is_set_on_unwind_too() {
+        let flag = AtomicBool::new(false);
+        let unwound = std::panic::catch_unwind(|| {
+            let _stop = StopOnDrop(&flag);
+            panic!("a migration bug");
+        });
+        assert!(unwound.is_err());
+        assert!(flag.load(Ordering::Acquire));
     }
 }
