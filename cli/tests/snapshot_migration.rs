@@ -1019,7 +1019,8 @@ fn device_state_is_keyed_by_device_id_and_typed() {
     let error = restore_error_of_changed_fixture(3, "out-of-range", &|state| {
         state["devices"]["balloon"]["device"]["target_pages"] = serde_json::json!(-1);
     });
-    assert!(error.contains("cannot decode"), "{error}");
+    // Each device decodes its own state, and the error names it.
+    assert!(error.contains("does not fit this VM: balloon: "), "{error}");
     // A version 3 state in version 2's layout (a list) is not taken as one.
     let error = restore_error_of_changed_fixture(3, "listed", &|state| {
         let devices: Vec<_> = state["devices"]
@@ -1078,6 +1079,11 @@ fn the_checked_in_snapshot_of_format_version_3_restores() {
 #[test]
 fn the_checked_in_snapshot_of_format_version_4_restores() {
     the_checked_in_snapshot_restores(4);
+}
+
+#[test]
+fn the_checked_in_snapshot_of_format_version_5_restores() {
+    the_checked_in_snapshot_restores(5);
 }
 
 /// A TAP the user made single-queue (`ip tuntap add dev NAME mode tap`, as

@@ -210,27 +210,27 @@ impl VmControl {
 
     /// Presses the ACPI power button; returns whether the guest listens to it.
     pub fn press_power_button(&self) -> bool {
-        let mut pm1 = crate::devices::lock(&self.core.pm1);
+        let mut pm1 = crate::devices::lock(&self.core.board.pm1);
         pm1.press_power_button();
         pm1.power_button_armed()
     }
 
     /// Whether an ACPI OS in the guest enabled the power button event.
     pub fn power_button_armed(&self) -> bool {
-        crate::devices::lock(&self.core.pm1).power_button_armed()
+        crate::devices::lock(&self.core.board.pm1).power_button_armed()
     }
 
     /// Asks the guest to shut down: the ACPI power button if the guest
     /// armed it, else Ctrl-Alt-Del on the keyboard.
     pub fn shutdown(&self) -> ShutdownMethod {
         {
-            let mut pm1 = crate::devices::lock(&self.core.pm1);
+            let mut pm1 = crate::devices::lock(&self.core.board.pm1);
             if pm1.power_button_armed() {
                 pm1.press_power_button();
                 return ShutdownMethod::AcpiPowerButton;
             }
         }
-        crate::devices::lock(&self.core.keyboard).press_ctrl_alt_del();
+        crate::devices::lock(&self.core.board.keyboard).press_ctrl_alt_del();
         ShutdownMethod::CtrlAltDel
     }
 
@@ -260,7 +260,7 @@ impl VmControl {
             Request::Pause => Response::done(self.pause()),
             Request::Resume => Response::done(self.resume()),
             Request::CtrlAltDel => {
-                crate::devices::lock(&self.core.keyboard).press_ctrl_alt_del();
+                crate::devices::lock(&self.core.board.keyboard).press_ctrl_alt_del();
                 Response::Done { ok: true }
             }
             Request::PowerButton => Response::PowerButton {

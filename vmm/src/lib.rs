@@ -18,6 +18,7 @@ pub mod memory;
 pub mod memory_usage;
 pub mod migration;
 pub mod pause;
+pub mod persist;
 pub mod sandbox;
 pub mod snapshot;
 pub mod vcpu;

@@ -114,22 +114,13 @@ impl VmCore {
         let vcpus = (0..=u8::MAX).zip(vcpus).collect();
         let vm = VmState::capture(&self.shared.vm)
             .map_err(|e| LifecycleError::Capture(e.to_string()))?;
-        let (cmos_index, cmos_nvram) = lock(&self.cmos).save();
+        let devices = crate::persist::save_all(&self.board.components(&self.virtio))
+            .map_err(LifecycleError::Capture)?;
         Ok(SavedVm {
             machine: self.machine.clone(),
             vm,
             vcpus,
-            serial: lock(&self.serial).save(),
-            pci: lock(&self.pci).save(),
-            cmos_index,
-            cmos_nvram,
-            devices: self
-                .virtio
-                .iter()
-                .map(|slot| (slot.id.clone(), lock(&slot.transport).save()))
-                .collect(),
-            pm1: lock(&self.pm1).save(),
-            i8042: Some(lock(&self.keyboard).save()),
+            devices,
         })
     }
 

@@ -14,10 +14,6 @@
 
 use crate::arch::x86_64::state::{VcpuState, VmState};
 use crate::config::MachineConfig;
-use crate::devices::legacy::power::SavedPm1;
-use crate::devices::legacy::serial::SavedSerial;
-use crate::devices::pci::PciState;
-use crate::devices::virtio::mmio::TransportState;
 use crate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -30,9 +26,9 @@ pub const FORMAT: &str = "bulkhead-snapshot";
 /// The format this Bulkhead writes.
 ///
 /// Compatibility rules: a snapshot of any version from [`MIN_READABLE_VERSION`]
-/// to [`VERSION`] restores. A field added to the state carries a serde default
-/// (a missing field means "as at power-on", as `i8042` does) and does not
-/// change the version. The version is bumped when a field changes meaning;
+/// to [`VERSION`] restores. A field added to the state carries a serde default,
+/// a board device added later is absent from older states and starts as at
+/// power-on (`persist.rs`); neither changes the version. The version is bumped when a field changes meaning;
 /// [`MIN_READABLE_VERSION`] is raised only when the old meaning cannot be
 /// read any more, which breaks every older snapshot and is said in the
 /// release notes. `cli/tests/fixtures/` holds a snapshot of each readable
@@ -44,7 +40,9 @@ pub const FORMAT: &str = "bulkhead-snapshot";
 /// typed; a version 2 state is read by keying its list ([`SavedVm::decode`]).
 /// 4: vCPUs' state keyed by vCPU id; an older state's list is keyed by position
 /// (the list was in id order).
-pub const VERSION: u32 = 4;
+/// 5: the board's devices (UART, i8042, CMOS, PM1, PCI) in `devices` by id,
+/// beside the virtio devices; an older state's fields are moved there.
+pub const VERSION: u32 = 5;
 /// The oldest format this Bulkhead restores (1 had another interrupt layout).
 pub const MIN_READABLE_VERSION: u32 = 2;
 pub const MEMORY_FILE: &str = "memory";
@@ -62,20 +60,13 @@ pub struct SavedVm {
     pub vm: VmState,
     /// Each vCPU's registers by vCPU id (0 to `machine.cpus - 1`).
     pub vcpus: std::collections::BTreeMap<u8, VcpuState>,
-    pub serial: SavedSerial,
-    pub pci: PciState,
-    pub cmos_index: u8,
-    pub cmos_nvram: Vec<u8>,
-    /// Each virtio device's transport and state, by device id
-    /// ([`MachineConfig::device_ids`]). Version 2 held them as a list in slot
-    /// order; [`SavedVm::decode`] keys such a list by the machine's ids.
-    pub devices: std::collections::BTreeMap<String, TransportState>,
-    /// The ACPI PM1 block (event and control registers).
-    pub pm1: SavedPm1,
-    /// The keyboard controller. Absent in snapshots before it was saved:
-    /// those restore with a controller as at power-on.
-    #[serde(default)]
-    pub i8042: Option<crate::devices::legacy::i8042::SavedI8042>,
+    /// Every device's state by its id: the board's (`serial`, `i8042`,
+    /// `cmos`, `pm1`, `pci`) and each virtio device's
+    /// ([`MachineConfig::device_ids`]); each typed by its device
+    /// (`persist.rs`). Before version 5 the board's were fields of their
+    /// own, and before 3 the virtio devices a list in slot order: the rules
+    /// in [`SavedVm::from_value`] bring such states to this one.
+    pub devices: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl SavedVm {
@@ -93,6 +84,9 @@ impl SavedVm {
         }
         if version < 4 {
             key_vcpus_by_id(&mut value)?;
+        }
+        if version < 5 {
+            key_board_by_id(&mut value)?;
         }
         serde_json::from_value(value).map_err(|e| e.to_string())
     }
@@ -132,6 +126,48 @@ fn key_vcpus_by_id(state: &mut serde_json::Value) -> Result<(), String> {
             .map(|(id, vcpu)| (id.to_string(), vcpu))
             .collect(),
     );
+    Ok(())
+}
+
+/// Versions 2 to 4 held the board's devices in fields of their own (the
+/// CMOS in two): move each into `devices` under its id. The i8042 may be
+/// absent (a state saved before it was: it then starts as at power-on).
+fn key_board_by_id(state: &mut serde_json::Value) -> Result<(), String> {
+    let serde_json::Value::Object(fields) = state else {
+        return Err("the state is not an object".into());
+    };
+    let mut board = serde_json::Map::new();
+    for id in ["serial", "pci", "pm1"] {
+        let value = fields
+            .remove(id)
+            .ok_or_else(|| format!("{id}: missing (states before version 5 hold it)"))?;
+        board.insert(id.into(), value);
+    }
+    match fields.remove("i8042") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(i8042) => {
+            board.insert("i8042".into(), i8042);
+        }
+    }
+    let (Some(index), Some(nvram)) = (fields.remove("cmos_index"), fields.remove("cmos_nvram"))
+    else {
+        return Err("cmos_index, cmos_nvram: missing (states before version 5 hold them)".into());
+    };
+    board.insert(
+        "cmos".into(),
+        serde_json::json!({"index": index, "nvram": nvram}),
+    );
+    let devices = fields
+        .get_mut("devices")
+        .and_then(serde_json::Value::as_object_mut)
+        .ok_or("devices: not keyed by id")?;
+    for (id, value) in board {
+        if devices.insert(id.clone(), value).is_some() {
+            return Err(format!(
+                "devices: a virtio device has the board's id {id:?}"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -558,9 +594,15 @@ mod tests {
             serde_json::json!([transport(serde_json::Value::Null), transport(balloon)]),
         );
         let saved = SavedVm::from_value(state.clone(), 2).unwrap();
-        assert_eq!(saved.devices.keys().collect::<Vec<_>>(), ["balloon", "rng"]);
+        // The virtio devices by the machine's ids, the board's by theirs.
+        assert_eq!(
+            saved.devices.keys().collect::<Vec<_>>(),
+            ["balloon", "cmos", "i8042", "pci", "pm1", "rng", "serial"]
+        );
+        let balloon: crate::devices::virtio::mmio::TransportState =
+            serde_json::from_value(saved.devices["balloon"].clone()).unwrap();
         assert!(matches!(
-            saved.devices["balloon"].device,
+            balloon.device,
             crate::devices::virtio::SavedDeviceState::Balloon(_)
         ));
         // Read as version 3, the same list is not a state.
@@ -596,12 +638,68 @@ mod tests {
         // Keyed, it is, and it round-trips keyed.
         let keyed = serde_json::to_value(&saved).unwrap();
         assert_eq!(keyed["vcpus"]["1"]["msrs"], serde_json::json!([]));
-        let again = SavedVm::from_value(keyed, 4).unwrap();
+        let again = SavedVm::from_value(keyed, VERSION).unwrap();
         assert!(again.vcpus[&1].msrs.is_empty());
         // An older state without a list is refused, naming the field.
         state["vcpus"] = serde_json::json!({});
         let error = SavedVm::from_value(state, 3).err().unwrap();
         assert!(error.contains("vcpus: not a list"), "{error}");
+    }
+
+    fn v4_fixture() -> serde_json::Value {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../cli/tests/fixtures/snapshot-v4/state.json"
+        );
+        serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_board_fields_before_version_5_are_keyed_by_id() {
+        let state = v4_fixture();
+        let saved = SavedVm::from_value(state.clone(), 4).unwrap();
+        assert_eq!(
+            saved.devices.keys().collect::<Vec<_>>(),
+            ["balloon", "cmos", "i8042", "pci", "pm1", "rng", "serial"]
+        );
+        assert_eq!(saved.devices["cmos"]["index"], state["cmos_index"]);
+        assert_eq!(saved.devices["cmos"]["nvram"], state["cmos_nvram"]);
+        assert_eq!(saved.devices["serial"], state["serial"]);
+        // Read as version 5, the old fields are not the board's state.
+        let as_5 = SavedVm::from_value(state, 5).unwrap();
+        assert!(!as_5.devices.contains_key("serial"));
+    }
+
+    #[test]
+    fn a_state_before_version_5_without_its_i8042_has_none() {
+        let mut state = v4_fixture();
+        state["i8042"] = serde_json::Value::Null;
+        let saved = SavedVm::from_value(state.clone(), 4).unwrap();
+        assert!(!saved.devices.contains_key("i8042"));
+        state.as_object_mut().unwrap().remove("i8042");
+        let saved = SavedVm::from_value(state, 4).unwrap();
+        assert!(!saved.devices.contains_key("i8042"));
+    }
+
+    #[test]
+    fn a_state_before_version_5_missing_a_board_field_is_refused_by_name() {
+        for field in ["serial", "pci", "pm1", "cmos_nvram"] {
+            let mut state = v4_fixture();
+            state.as_object_mut().unwrap().remove(field);
+            let error = SavedVm::from_value(state, 4).err().unwrap();
+            assert!(
+                error.contains(field) && error.contains("missing"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_virtio_entry_under_a_board_id_before_version_5_is_refused() {
+        let mut state = v4_fixture();
+        state["devices"]["pm1"] = state["devices"]["rng"].clone();
+        let error = SavedVm::from_value(state, 4).err().unwrap();
+        assert!(error.contains("the board's id \"pm1\""), "{error}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::memory::GuestRam;
 use crate::pause::PauseGate;
 use crate::snapshot::SavedVm;
 use crate::vcpu::{Captures, HaltedVcpus, Vcpu, VcpuReport, VcpuShared, VcpuThreads};
-use crate::vm_core::{device_reports, kick_signal, RunState, VirtioSlot, VmCore};
+use crate::vm_core::{device_reports, kick_signal, Board, RunState, VirtioSlot, VmCore};
 pub use crate::vm_core::{DeviceReport, DeviceState};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -166,13 +166,9 @@ impl Default for RestoreOptions {
 struct Hardware {
     vm_fd: Arc<VmFd>,
     shared: Arc<VcpuShared>,
-    serial: Arc<Mutex<SerialPort>>,
+    board: Board,
     virtio: Vec<VirtioSlot>,
     balloon: Option<BalloonHandle>,
-    pci: Arc<Mutex<PciRoot>>,
-    cmos: Arc<Mutex<Cmos>>,
-    keyboard: Arc<Mutex<I8042>>,
-    pm1: Arc<Mutex<Pm1>>,
     post: Arc<PostCodes>,
     taps: Vec<std::fs::File>,
     device_loop: Option<DeviceEventLoop>,
@@ -222,53 +218,27 @@ impl Hardware {
         vm_fd
             .register_irqfd(&serial_irq, layout::irq::COM1)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial = match saved {
-            Some(saved) => SerialPort::from_saved(serial_irq, serial_output, &saved.serial)
-                .map_err(VmError::State)?,
-            None => SerialPort::new(serial_irq, serial_output),
-        };
-        let serial = Arc::new(Mutex::new(serial));
+        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, serial_output)));
         let cmos = Arc::new(Mutex::new(Cmos::default()));
         let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm_fd
             .register_irqfd(&keyboard_irq, layout::irq::KEYBOARD)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let keyboard = match saved.and_then(|saved| saved.i8042.as_ref()) {
-            Some(state) => {
-                I8042::from_saved(exit.clone(), keyboard_irq, state).map_err(VmError::State)?
-            }
-            None => I8042::new(exit.clone(), keyboard_irq),
-        };
-        let keyboard = Arc::new(Mutex::new(keyboard));
-        let pm1 = Arc::new(Mutex::new(match saved {
-            Some(saved) => Pm1::from_saved(exit.clone(), sci_line(vm_fd.clone()), &saved.pm1),
-            None => Pm1::new(exit.clone(), sci_line(vm_fd.clone())),
-        }));
+        let keyboard = Arc::new(Mutex::new(I8042::new(exit.clone(), keyboard_irq)));
+        let pm1 = Arc::new(Mutex::new(Pm1::new(exit.clone(), sci_line(vm_fd.clone()))));
         let (pio, mut mmio, pci) = platform_buses(&exit, &post, &serial, &cmos, &keyboard, &pm1)?;
+        let board = Board {
+            serial,
+            keyboard,
+            cmos,
+            pm1,
+            pci,
+        };
+        // Built as at power-on, then each device takes the state saved
+        // under its id (before the device thread or a vCPU sees it).
         if let Some(saved) = saved {
-            lock(&pci).restore(&saved.pci).map_err(VmError::State)?;
-            lock(&cmos)
-                .restore(saved.cmos_index, &saved.cmos_nvram)
+            crate::persist::restore_all(&board.components(&virtio), saved.devices.clone())
                 .map_err(VmError::State)?;
-            // Each device takes the state saved under its id; a state for a
-            // device this machine does not have is refused by name.
-            if let Some(unknown) = saved
-                .devices
-                .keys()
-                .find(|id| !virtio.iter().any(|slot| &slot.id == *id))
-            {
-                return Err(VmError::State(format!(
-                    "the state has a device {unknown:?} this machine does not have"
-                )));
-            }
-            for slot in &virtio {
-                let state = saved.devices.get(&slot.id).ok_or_else(|| {
-                    VmError::State(format!("the state has nothing for device {:?}", slot.id))
-                })?;
-                lock(&slot.transport)
-                    .restore(state)
-                    .map_err(VmError::State)?;
-            }
         }
         let pause = Arc::new(PauseGate::default());
         let mut device_loop = None;
@@ -307,13 +277,9 @@ impl Hardware {
         Ok(Hardware {
             vm_fd,
             shared,
-            serial,
+            board,
             virtio,
             balloon,
-            pci,
-            cmos,
-            keyboard,
-            pm1,
             post,
             taps,
             device_loop,
@@ -335,13 +301,9 @@ impl Hardware {
             cmdline: machine.cmdline.clone(),
             core: Arc::new(VmCore {
                 shared: self.shared,
-                serial: self.serial,
+                board: self.board,
                 virtio: self.virtio,
                 balloon: self.balloon,
-                pci: self.pci,
-                cmos: self.cmos,
-                keyboard: self.keyboard,
-                pm1: self.pm1,
                 device_kick: self.device_kick,
                 taps: self.taps,
                 machine,
@@ -657,13 +619,13 @@ impl Vm {
             .map_err(|e| VmError::State(e.to_string()))?;
         // KVM's saved irqchip does not hold who drives a line: raise the SCI
         // again if an enabled event was pending.
-        lock(&hardware.pm1).drive_sci();
+        lock(&hardware.board.pm1).drive_sci();
         Ok(hardware.into_vm(kvm, vcpus, machine.clone(), "restored", flavour))
     }
 
     /// The console UART, for feeding it input.
     pub fn serial(&self) -> Arc<Mutex<SerialPort>> {
-        self.core.serial.clone()
+        self.core.board.serial.clone()
     }
 
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
@@ -1038,7 +1000,7 @@ impl RunningVm {
         let devices = device_reports(&core.virtio);
         let ended_ns = monotonic_ns();
         // The serial output may be buffered by its writer.
-        let _ = lock(&core.serial).0.writer_mut().flush();
+        let _ = lock(&core.board.serial).0.writer_mut().flush();
         VmReport {
             exit: core.shared.exit.reason().unwrap_or(VmExit::Stopped),
             vcpus: reports,

@@ -24,15 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 /// in a circle.
 pub struct VmCore {
     pub(crate) shared: Arc<VcpuShared>,
-    pub(crate) serial: Arc<Mutex<SerialPort>>,
+    pub(crate) board: Board,
     pub(crate) virtio: Vec<VirtioSlot>,
     pub(crate) balloon: Option<BalloonHandle>,
-    pub(crate) pci: Arc<Mutex<PciRoot>>,
-    pub(crate) cmos: Arc<Mutex<Cmos>>,
-    /// The keyboard controller, for the host's Ctrl-Alt-Del.
-    pub(crate) keyboard: Arc<Mutex<I8042>>,
-    /// The ACPI PM1 block, for the host's power button.
-    pub(crate) pm1: Arc<Mutex<Pm1>>,
     /// Written to make the device thread look at a pause request.
     pub(crate) device_kick: Option<EventFd>,
     /// Its TAP devices (duplicates of the NICs' descriptors, in machine
@@ -79,6 +73,65 @@ impl VirtioSlot {
     /// (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES); ACPI kernels find it in the DSDT.
     pub(crate) fn cmdline_option(&self) -> String {
         format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.irq)
+    }
+}
+
+impl crate::persist::Component for VirtioSlot {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The machine names the device, and its state was always saved.
+    fn required(&self) -> bool {
+        true
+    }
+
+    fn save(&self) -> Result<serde_json::Value, String> {
+        serde_json::to_value(lock(&self.transport).save()).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, state: serde_json::Value) -> Result<(), String> {
+        let state: crate::devices::virtio::mmio::TransportState =
+            serde_json::from_value(state).map_err(|e| e.to_string())?;
+        lock(&self.transport).restore(&state)
+    }
+}
+
+/// The devices of the board, each behind its lock: the VM's parts with
+/// saved state besides its virtio devices.
+#[derive(Clone)]
+pub(crate) struct Board {
+    pub serial: Arc<Mutex<SerialPort>>,
+    /// The keyboard controller, for the host's Ctrl-Alt-Del.
+    pub keyboard: Arc<Mutex<I8042>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    /// The ACPI PM1 block, for the host's power button.
+    pub pm1: Arc<Mutex<Pm1>>,
+    pub pci: Arc<Mutex<PciRoot>>,
+}
+
+impl Board {
+    /// Every part of a VM with this board and these virtio devices that
+    /// saves its state: what capture and restore loop over.
+    pub(crate) fn components<'a>(
+        &'a self,
+        virtio: &'a [VirtioSlot],
+    ) -> Vec<&'a dyn crate::persist::Component> {
+        let board: [&dyn crate::persist::Component; 5] = [
+            &*self.serial,
+            &*self.keyboard,
+            &*self.cmos,
+            &*self.pm1,
+            &*self.pci,
+        ];
+        board
+            .into_iter()
+            .chain(
+                virtio
+                    .iter()
+                    .map(|slot| slot as &dyn crate::persist::Component),
+            )
+            .collect()
     }
 }
 

@@ -26,10 +26,10 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// descriptors (ACCEPT `taps`); they come in a TAPS frame (state as in 4).
 /// 6: ... and its guest RAM, when it is a memfd (ACCEPT `memory`, a MEMORY
 /// frame); no PAGES frame follows (state as in 4).
+/// 7: the state of snapshot format 5 (the board's devices keyed by id).
 ///
-/// Version N of this protocol carries version N of the snapshot state
-/// (versions 5 and 6, that of 4).
-pub const VERSION: u32 = 6;
+/// [`state_version`] says which snapshot state version each carries.
+pub const VERSION: u32 = 7;
 /// The oldest source a destination accepts.
 pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
@@ -155,13 +155,22 @@ pub fn decode_final(payload: &[u8], version: u32) -> Result<Final, ProtocolError
         memory_crc: Option<u32>,
     }
     let raw: Raw = serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
-    // Version N of this protocol carries version N of the snapshot state
-    // (5 that of 4: from_value's rules only look below 4).
-    let saved = crate::snapshot::SavedVm::from_value(raw.saved, version).map_err(malformed)?;
+    let saved = crate::snapshot::SavedVm::from_value(raw.saved, state_version(version))
+        .map_err(malformed)?;
     Ok(Final {
         saved,
         memory_crc: raw.memory_crc,
     })
+}
+
+/// The snapshot state version a STATE frame of protocol `version` holds:
+/// up to 4 the same number, 5 and 6 changed only frames around it.
+pub fn state_version(version: u32) -> u32 {
+    match version {
+        0..=4 => version,
+        5 | 6 => 4,
+        _ => 5,
+    }
 }
 
 /// A text payload (REFUSE, FAILED, ABORT), shown to users: kept printable.
@@ -241,6 +250,17 @@ pub fn boot_id() -> String {
 mod tests {
     use super::*;
 
+    /// This protocol carries the state this Bulkhead writes, and each older
+    /// version the state of its time.
+    #[test]
+    fn each_version_carries_the_state_of_its_time() {
+        assert_eq!(state_version(VERSION), crate::snapshot::VERSION);
+        assert_eq!(
+            (2..=VERSION).map(state_version).collect::<Vec<_>>(),
+            [2, 3, 4, 4, 4, 5]
+        );
+    }
+
     /// The state of the checked-in snapshot fixture of `version`, as JSON.
     fn fixture_state(version: u32) -> serde_json::Value {
         let path = format!(
@@ -258,7 +278,11 @@ mod tests {
             serde_json::to_vec(&serde_json::json!({"saved": saved, "memory_crc": 7})).unwrap();
         let last = decode_final(&payload, 2).unwrap();
         assert_eq!(last.memory_crc, Some(7));
-        assert!(last.saved.devices.is_empty());
+        // No virtio device; the board's, moved into the map by the rules.
+        assert_eq!(
+            last.saved.devices.keys().collect::<Vec<_>>(),
+            ["cmos", "i8042", "pci", "pm1", "serial"]
+        );
         // From a version 3 source, a device list is malformed.
         assert!(matches!(
             decode_final(&payload, 3),

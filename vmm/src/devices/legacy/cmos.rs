@@ -62,20 +62,34 @@ fn civil_from_days(days: i64) -> (i64, u64, u64) {
     (year, month, day)
 }
 
-impl Cmos {
-    /// The index latch and the NVRAM bytes (the clock is the host's).
-    pub fn save(&self) -> (u8, Vec<u8>) {
-        (self.index, self.nvram.to_vec())
+/// The index latch and the NVRAM bytes (the clock is the host's).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedCmos {
+    pub index: u8,
+    pub nvram: Vec<u8>,
+}
+
+impl crate::persist::Persist for Cmos {
+    const ID: &'static str = "cmos";
+    type State = SavedCmos;
+
+    fn save(&self) -> SavedCmos {
+        SavedCmos {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
     }
 
-    pub fn restore(&mut self, index: u8, nvram: &[u8]) -> Result<(), String> {
-        self.nvram = nvram
+    fn restore(&mut self, saved: SavedCmos) -> Result<(), String> {
+        self.nvram = saved.nvram[..]
             .try_into()
-            .map_err(|_| format!("CMOS: {} NVRAM bytes saved, 128 expected", nvram.len()))?;
-        self.index = index;
+            .map_err(|_| format!("{} NVRAM bytes saved, 128 expected", saved.nvram.len()))?;
+        self.index = saved.index;
         Ok(())
     }
+}
 
+impl Cmos {
     pub fn with_clock(now: fn() -> u64) -> Self {
         let mut nvram = [0u8; 128];
         nvram[usize::from(STATUS_A)] = STATUS_A_DEFAULT;

@@ -99,6 +99,38 @@ pub struct I8042 {
     keyboard_argument: Option<u8>,
 }
 
+impl crate::persist::Persist for I8042 {
+    const ID: &'static str = "i8042";
+    type State = SavedI8042;
+
+    fn save(&self) -> SavedI8042 {
+        SavedI8042 {
+            ctr: self.ctr,
+            status: self.status,
+            output: self.output.iter().copied().collect(),
+            controller_argument: self.controller_argument,
+            keyboard_argument: self.keyboard_argument,
+        }
+    }
+
+    /// The `saved` state, checked as hostile input.
+    fn restore(&mut self, saved: SavedI8042) -> Result<(), String> {
+        if saved.output.len() > MAX_SAVED_OUTPUT {
+            return Err(format!(
+                "the i8042 state holds {} output bytes, at most {MAX_SAVED_OUTPUT} fit",
+                saved.output.len()
+            ));
+        }
+        self.ctr = saved.ctr;
+        // The status bits the controller derives are derived again.
+        self.status = (saved.status & !STATUS_OUTPUT_FULL) | STATUS_UNLOCKED;
+        self.output = saved.output.into_iter().collect();
+        self.controller_argument = saved.controller_argument;
+        self.keyboard_argument = saved.keyboard_argument;
+        Ok(())
+    }
+}
+
 impl I8042 {
     pub fn new(exit: Arc<ExitSignal>, irq: EventFd) -> Self {
         I8042 {
@@ -109,38 +141,6 @@ impl I8042 {
             output: VecDeque::new(),
             controller_argument: None,
             keyboard_argument: None,
-        }
-    }
-
-    /// A controller in the `saved` state, checked as hostile input.
-    pub fn from_saved(
-        exit: Arc<ExitSignal>,
-        irq: EventFd,
-        saved: &SavedI8042,
-    ) -> Result<Self, String> {
-        if saved.output.len() > MAX_SAVED_OUTPUT {
-            return Err(format!(
-                "the i8042 state holds {} output bytes, at most {MAX_SAVED_OUTPUT} fit",
-                saved.output.len()
-            ));
-        }
-        let mut i8042 = I8042::new(exit, irq);
-        i8042.ctr = saved.ctr;
-        // The status bits the controller derives are derived again.
-        i8042.status = (saved.status & !STATUS_OUTPUT_FULL) | STATUS_UNLOCKED;
-        i8042.output = saved.output.iter().copied().collect();
-        i8042.controller_argument = saved.controller_argument;
-        i8042.keyboard_argument = saved.keyboard_argument;
-        Ok(i8042)
-    }
-
-    pub fn save(&self) -> SavedI8042 {
-        SavedI8042 {
-            ctr: self.ctr,
-            status: self.status,
-            output: self.output.iter().copied().collect(),
-            controller_argument: self.controller_argument,
-            keyboard_argument: self.keyboard_argument,
         }
     }
 
@@ -286,6 +286,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
 
     fn device() -> (I8042, Arc<ExitSignal>) {
         let exit = Arc::new(ExitSignal::new().unwrap());
@@ -317,12 +318,8 @@ mod tests {
         i8042.write(COMMAND, &[CMD_READ_CTR]);
         i8042.write(COMMAND, &[CMD_WRITE_CTR]);
         let saved = i8042.save();
-        let mut restored = I8042::from_saved(
-            Arc::new(ExitSignal::new().unwrap()),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            &saved,
-        )
-        .unwrap();
+        let (mut restored, _) = device();
+        restored.restore(saved.clone()).unwrap();
         assert_eq!(restored.save(), saved);
         // The unread reply is still there, the pending command still waits.
         assert_eq!(
@@ -333,15 +330,13 @@ mod tests {
         restored.write(COMMAND, &[CMD_READ_CTR]);
         assert_eq!(drain(&mut restored), [CTR_TRANSLATE]);
         // Without translation, Ctrl-Alt-Del comes in set 2, as before the save.
-        let mut fresh = I8042::from_saved(
-            Arc::new(ExitSignal::new().unwrap()),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            &SavedI8042 {
+        let (mut fresh, _) = device();
+        fresh
+            .restore(SavedI8042 {
                 ctr: CTR_KEYBOARD_INTERRUPT,
                 ..saved.clone()
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         drain(&mut fresh);
         fresh.press_ctrl_alt_del();
         assert_eq!(drain(&mut fresh), CTRL_ALT_DEL_SET2);
@@ -352,13 +347,8 @@ mod tests {
         let (i8042, _) = device();
         let mut saved = i8042.save();
         saved.output = vec![0; MAX_SAVED_OUTPUT + 1];
-        let error = I8042::from_saved(
-            Arc::new(ExitSignal::new().unwrap()),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            &saved,
-        )
-        .err()
-        .unwrap();
+        let (mut restored, _) = device();
+        let error = restored.restore(saved).unwrap_err();
         assert!(error.contains("output bytes"), "{error}");
     }
 

@@ -54,6 +54,28 @@ pub struct Pm1 {
     exit: Arc<ExitSignal>,
 }
 
+impl crate::persist::Persist for Pm1 {
+    const ID: &'static str = "pm1";
+    type State = SavedPm1;
+
+    fn save(&self) -> SavedPm1 {
+        SavedPm1 {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    /// The registers `saved` holds. The SCI line is driven by
+    /// [`Pm1::drive_sci`] once KVM's interrupt controllers are restored.
+    fn restore(&mut self, saved: SavedPm1) -> Result<(), String> {
+        self.status = saved.status;
+        self.enable = saved.enable;
+        self.control = saved.control & CNT_STORED;
+        Ok(())
+    }
+}
+
 impl Pm1 {
     pub fn new(exit: Arc<ExitSignal>, sci: SciLine) -> Self {
         Pm1 {
@@ -63,24 +85,6 @@ impl Pm1 {
             sci_level: false,
             sci,
             exit,
-        }
-    }
-
-    /// The block in the state `saved` describes. The SCI line is driven by
-    /// [`Pm1::drive_sci`] once KVM's interrupt controllers are restored.
-    pub fn from_saved(exit: Arc<ExitSignal>, sci: SciLine, saved: &SavedPm1) -> Self {
-        let mut pm1 = Pm1::new(exit, sci);
-        pm1.status = saved.status;
-        pm1.enable = saved.enable;
-        pm1.control = saved.control & CNT_STORED;
-        pm1
-    }
-
-    pub fn save(&self) -> SavedPm1 {
-        SavedPm1 {
-            status: self.status,
-            enable: self.enable,
-            control: self.control,
         }
     }
 
@@ -181,6 +185,7 @@ impl BusDevice for Pm1 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
     use std::sync::Mutex;
 
     /// A PM1 block whose SCI line is recorded in the returned log.
@@ -292,11 +297,11 @@ mod tests {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let levels = Arc::new(Mutex::new(Vec::new()));
         let sink = levels.clone();
-        let mut restored = Pm1::from_saved(
+        let mut restored = Pm1::new(
             exit.clone(),
             Box::new(move |level| sink.lock().unwrap().push(level)),
-            &saved,
         );
+        restored.restore(saved).unwrap();
         assert_eq!(restored.save(), saved);
         restored.drive_sci();
         assert_eq!(*levels.lock().unwrap(), [true]);

@@ -49,8 +49,11 @@ pub struct SavedSerial {
     pub in_buffer: Vec<u8>,
 }
 
-impl SerialPort {
-    pub fn save(&self) -> SavedSerial {
+impl crate::persist::Persist for SerialPort {
+    const ID: &'static str = "serial";
+    type State = SavedSerial;
+
+    fn save(&self) -> SavedSerial {
         let s = self.0.state();
         SavedSerial {
             baud_divisor_low: s.baud_divisor_low,
@@ -66,12 +69,9 @@ impl SerialPort {
         }
     }
 
-    /// A UART in the state `saved` describes.
-    pub fn from_saved(
-        irq: EventFd,
-        output: SerialOutput,
-        saved: &SavedSerial,
-    ) -> Result<SerialPort, String> {
+    /// The registers and pending input `saved` holds; the interrupt line
+    /// and the output stay this port's.
+    fn restore(&mut self, saved: SavedSerial) -> Result<(), String> {
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: saved.baud_divisor_low,
             baud_divisor_high: saved.baud_divisor_high,
@@ -82,16 +82,25 @@ impl SerialPort {
             modem_control: saved.modem_control,
             modem_status: saved.modem_status,
             scratch: saved.scratch,
-            in_buffer: saved.in_buffer.clone(),
+            in_buffer: saved.in_buffer,
         };
-        Serial::from_state(
+        let irq = self
+            .0
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("serial port interrupt: {e}"))?;
+        let placeholder: SerialOutput = Box::new(std::io::sink());
+        let mut restored = Serial::from_state(
             &state,
             IrqFdTrigger(irq),
             vm_superio::serial::NoEvents,
-            output,
+            placeholder,
         )
-        .map(SerialPort)
-        .map_err(|e| format!("serial port state: {e:?}"))
+        .map_err(|e| format!("serial port state: {e:?}"))?;
+        std::mem::swap(restored.writer_mut(), self.0.writer_mut());
+        self.0 = restored;
+        Ok(())
     }
 }
 

@@ -115,8 +115,11 @@ pub struct PciState {
     pub functions: Vec<(u8, Vec<u8>)>,
 }
 
-impl PciRoot {
-    pub fn save(&self) -> PciState {
+impl crate::persist::Persist for PciRoot {
+    const ID: &'static str = "pci";
+    type State = PciState;
+
+    fn save(&self) -> PciState {
         PciState {
             config_address: self.config_address,
             functions: self
@@ -127,7 +130,7 @@ impl PciRoot {
         }
     }
 
-    pub fn restore(&mut self, state: &PciState) -> Result<(), String> {
+    fn restore(&mut self, state: PciState) -> Result<(), String> {
         for (slot, bytes) in &state.functions {
             let function = self
                 .slots
@@ -146,7 +149,9 @@ impl PciRoot {
         self.config_address = state.config_address;
         Ok(())
     }
+}
 
+impl PciRoot {
     pub fn add(&mut self, slot: u8, function: Box<dyn PciFunction>) {
         self.slots.push((slot, function));
     }
