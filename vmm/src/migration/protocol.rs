@@ -250,6 +250,27 @@ pub fn boot_id() -> String {
 mod tests {
     use super::*;
 
+    /// A source of protocol 5 or 6 (the same host's previous release) sends
+    /// a version 4 state: read by the version 4 rules, its board devices
+    /// arrive keyed by id. The current fixture's state is taken as protocol 7.
+    #[test]
+    fn states_from_protocol_5_6_and_7_sources_are_read_by_their_rules() {
+        for version in [5, 6] {
+            let payload =
+                serde_json::to_vec(&serde_json::json!({"saved": fixture_state(4)})).unwrap();
+            let last = decode_final(&payload, version).unwrap();
+            assert!(last.saved.devices.contains_key("pm1"), "protocol {version}");
+            assert!(last.saved.devices.contains_key("balloon"));
+            // The same state is no version 5 one: its board would be lost.
+            let as_7 = decode_final(&payload, 7).unwrap();
+            assert!(!as_7.saved.devices.contains_key("pm1"));
+        }
+        let payload = serde_json::to_vec(&serde_json::json!({"saved": fixture_state(5)})).unwrap();
+        let last = decode_final(&payload, 7).unwrap();
+        assert!(last.saved.devices.contains_key("cmos"));
+        assert!(decode_final(&payload, 6).is_err());
+    }
+
     /// This protocol carries the state this Bulkhead writes, and each older
     /// version the state of its time.
     #[test]
