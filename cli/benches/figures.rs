@@ -3,6 +3,9 @@
 //! - process start → first guest instruction, and → the embedded guest's banner
 //!   (the `bulkhead` binary, median of runs);
 //! - VMM resident memory beyond what the guest touched;
+//! - the lean `bulkhead-vmm` to the first guest instruction: with flags, with
+//!   flags and `--sandbox`, and with a launch plan and descriptors over its
+//!   socket as the daemon starts it (resolution and opening included);
 //! - the port-I/O exit round trip (a loop with an exit minus the same loop
 //!   without, per iteration, median of runs; and the VMM's own handling time);
 //! - same-host live migration (a Unix socket) of a guest whose memory is
@@ -32,6 +35,7 @@ fn main() {
         vmm::host::KvmFlavour::detect()
     );
     startup();
+    startup_with_a_plan();
     port_io_round_trip();
     same_host_migration();
     linux_boot();
@@ -397,4 +401,79 @@ fn same_host_migration() {
         );
         let _ = std::fs::remove_file(&guest);
     }
+}
+
+/// The first guest instruction of `bulkhead-vmm` with the embedded guest, in
+/// ms after `started`, from its `--output json` report (the last line of
+/// `report`).
+fn first_instruction_ms(report: &str, started: u64) -> f64 {
+    let last = report.lines().last().unwrap_or_default();
+    let report: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|_| panic!("no report: {report}"));
+    (report["first_post_code_ns"].as_u64().unwrap() - started) as f64 / 1e6
+}
+
+fn startup_with_a_plan() {
+    if !nix_is_root() {
+        println!("  start-up with a launch plan: skipped (needs root)");
+        return;
+    }
+    let binary = Path::new(env!("CARGO_BIN_EXE_bulkhead-vmm"));
+    let state = std::env::temp_dir().join(format!("bh-bench-plan-{}", std::process::id()));
+    let uid = 64_000 + std::process::id() % 1000;
+    let (mut flags, mut sandboxed, mut planned) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..STARTUP_RUNS {
+        let paths = host::vmm_process::VmPaths::new(&state, &format!("bench{run}"));
+        host::vmm_process::prepare_directories(&paths, uid).unwrap();
+        for (times, sandbox) in [(&mut flags, false), (&mut sandboxed, true)] {
+            let mut command = Command::new(binary);
+            command.args(["run", "--memory", "128", "--output", "json"]);
+            if sandbox {
+                command
+                    .arg(format!("--sandbox=uid={uid},gid={uid}"))
+                    .current_dir(&paths.jail);
+            }
+            let started = monotonic_ns();
+            let output = command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            times.push(first_instruction_ms(
+                &String::from_utf8_lossy(&output.stderr),
+                started,
+            ));
+        }
+        let spec: host::spec::VmSpec =
+            serde_json::from_value(serde_json::json!({"name": "bench", "memory_mib": 128}))
+                .unwrap();
+        let started = monotonic_ns();
+        let launch =
+            host::vmm_process::prepare(&spec, uid, &host::vmm_process::Origin::Boot, &paths, &[])
+                .unwrap();
+        let mut child = host::vmm_process::launch(binary, "bench", &paths, launch, None).unwrap();
+        assert!(child.wait().unwrap().success());
+        planned.push(first_instruction_ms(
+            &std::fs::read_to_string(&paths.log).unwrap(),
+            started,
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    let (flags, sandboxed, planned) = (median(flags), median(sandboxed), median(planned));
+    println!("  `bulkhead-vmm` to the first guest instruction, median of {STARTUP_RUNS}:");
+    println!("    flags                                     {flags:8.2} ms");
+    println!("    flags, --sandbox                          {sandboxed:8.2} ms");
+    println!("    launch plan + descriptors (the daemon's)  {planned:8.2} ms");
+    println!(
+        "    plan / flags {:.3}, plan / sandboxed flags {:.3}",
+        planned / flags,
+        planned / sandboxed
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

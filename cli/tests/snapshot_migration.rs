@@ -1280,3 +1280,41 @@ fn a_failed_hand_over_leaves_the_guest_running_on_the_source() {
         "the source, after two failed hand-overs",
     );
 }
+
+/// A `--shared-memory` VM restored from a snapshot runs on a private
+/// mapping of the snapshot's memory file, which is no memfd to hand over:
+/// its next same-host migration copies the pages, and the VM arrives in a
+/// memfd again.
+#[test]
+fn a_restored_shared_memory_vm_is_copied_and_arrives_in_a_memfd() {
+    let guest = writer_guest(guests::MemoryWriter::default());
+    let source = Vmm::start(&[
+        "--kernel".as_ref(),
+        guest.as_os_str(),
+        "--memory".as_ref(),
+        "64".as_ref(),
+        "--shared-memory".as_ref(),
+    ]);
+    source.wait_for_count(5);
+    let snapshot = unique("shared-snapshot");
+    source.ctl_ok(&["pause"]);
+    source.ctl_ok(&["snapshot", snapshot.to_str().unwrap()]);
+    let mut output = source.kill();
+    let restored = Vmm::start(&["--restore".as_ref(), snapshot.as_os_str()]);
+    let reached = restored.wait_for_count(1);
+    assert!(!holds_guest_memfd(&restored));
+    let socket = unique("after-restore.sock");
+    let uri = format!("unix:{}", socket.display());
+    let destination = destination(&uri, &[]);
+    bound_uri(&destination);
+    let answer = restored.ctl_ok(&["migrate", &uri]);
+    assert_eq!(answer["migration"]["memory_handed_over"], false, "{answer}");
+    assert!(answer["migration"]["pages_sent"].as_u64().unwrap() > 0);
+    let (status, restored_output, stderr) = restored.wait_exit();
+    assert!(status.success(), "{stderr}");
+    destination.wait_for_count(reached + 20);
+    assert!(holds_guest_memfd(&destination));
+    output += &restored_output;
+    output += &destination.kill();
+    assert_consecutive(&counts(&output, false), "source, restored, migrated");
+}

@@ -586,6 +586,63 @@ fn snapshot_restore_clone_and_migration_keep_counting() {
     check_count_file(&root, last);
 }
 
+/// A live update: a Linux guest with user space whose RAM is a memfd
+/// (`--shared-memory`) moves to a new VMM process on this host over a Unix
+/// socket. The memory is handed over, not copied (no page sent), the shell's
+/// count goes on without a gap or a repeat, and the disk is consistent.
+#[test]
+#[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
+fn a_live_update_hands_a_running_linux_guest_over() {
+    let dir = TempDir::new("hwkvm-live-update");
+    let root = dir.join("root.ext4");
+    std::fs::copy(support::image("busybox-root.ext4"), &root).unwrap();
+    let mut args = Kernel::Project.args();
+    args.truncate(2);
+    args.extend(cmdline("root=/dev/vda rw rootfstype=ext4"));
+    args.extend(["--cpus".into(), "1".into(), "--memory".into(), "256".into()]);
+    args.push("--shared-memory".into());
+    args.extend(["--disk".into(), format!("path={}", root.display())]);
+    let life = |name: &str| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    };
+    let mut old = Vm::start(&args, &life("old"));
+    old.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
+    old.wait_for_shell();
+    old.type_text("bulkhead-guest-tool count /root/count 100 &\n");
+    wait_for_counts(&mut old, 10);
+
+    let new_dir = life("new");
+    let incoming = format!("unix:{}", new_dir.join("migration.sock").display());
+    let mut new = Vm::start(&["--incoming".into(), incoming.clone()], &new_dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !new_dir.join("migration.sock").exists() {
+        assert!(std::time::Instant::now() < deadline, "{}", new.describe());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = old.ctl(&["migrate", &incoming]);
+    println!("hwkvm| live update: {answer}");
+    let report: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(report["migration"]["memory_handed_over"], true, "{answer}");
+    assert_eq!(report["migration"]["pages_sent"], 0, "{answer}");
+    let (status, _) = old.wait_exit(EXIT_LIMIT);
+    assert!(
+        status.success(),
+        "the old VMM: {status}\n{}",
+        old.describe()
+    );
+    let before = support::counts(&old.console());
+    let after = wait_for_counts(&mut new, 10);
+    assert_continues(&before, &after, "live update");
+
+    new.type_text("kill %1; sleep 1; reboot\n");
+    let (status, _) = new.wait_exit(EXIT_LIMIT);
+    assert!(status.success(), "{status}\n{}", new.describe());
+    let last = *support::counts(&new.console()).last().unwrap();
+    check_count_file(&root, last);
+}
+
 /// The count file on the guest's disk holds 1..N with N at least `last_seen`,
 /// and the file system is clean.
 fn check_count_file(disk: &std::path::Path, last_seen: u64) {

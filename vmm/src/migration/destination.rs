@@ -181,18 +181,18 @@ impl Incoming {
         // the daemon started has its devices open already.) Guest RAM in a
         // memfd is taken over, whoever built the machine.
         let socket = connection.unix.as_ref();
-        let take_taps = matches!(target, Target::AsDescribed)
+        let take_taps = socket.is_some()
+            && matches!(target, Target::AsDescribed)
             && hello.version >= 5
             && !hello.machine.nets.is_empty();
+        // The machine built here decides how its RAM is kept.
         let shared_memory = match &target {
             Target::AsDescribed => hello.machine.shared_memory,
             Target::Local(local) => local.machine.shared_memory,
         };
-        let take_memory = hello.version >= 6 && hello.machine.shared_memory && shared_memory;
-        let take_taps = take_taps && socket.is_some();
         let ranges = boot::ram_regions(hello.machine.memory_bytes());
         let ram = match socket {
-            Some(socket) if take_memory => Ram::HandedOver(socket),
+            Some(socket) if hello.memory_to_hand_over && shared_memory => Ram::HandedOver(socket),
             _ => match crate::memory::allocate(&ranges, shared_memory) {
                 Ok(memory) => Ram::Fresh(memory),
                 Err(e) => {

@@ -24,8 +24,8 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// 4: the state of snapshot format 4 (vCPUs keyed by id).
 /// 5: a destination on the same host may ask for the source's TAP
 /// descriptors (ACCEPT `taps`); they come in a TAPS frame (state as in 4).
-/// 6: ... and its guest RAM, when it is a memfd (ACCEPT `memory`, a MEMORY
-/// frame); no PAGES frame follows (state as in 4).
+/// 6: ... and its guest RAM, when it is a memfd (HELLO `memory_to_hand_over`,
+/// ACCEPT `memory`, a MEMORY frame); no PAGES frame follows (state as in 4).
 /// 7: the state of snapshot format 5 (the board's devices keyed by id).
 ///
 /// [`state_version`] says which snapshot state version each carries.
@@ -214,6 +214,11 @@ pub struct Hello {
     pub format: String,
     pub version: u32,
     pub machine: crate::config::MachineConfig,
+    /// The source's RAM is a memfd it can hand over on this host. (A
+    /// `shared_memory` machine restored from a snapshot runs on a private
+    /// mapping of the snapshot's file, which is copied instead.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_to_hand_over: bool,
 }
 
 /// Sent after the last pages.

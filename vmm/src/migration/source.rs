@@ -227,6 +227,7 @@ impl VmCore {
                 format: protocol::FORMAT.into(),
                 version: protocol::VERSION,
                 machine: self.machine.clone(),
+                memory_to_hand_over: crate::memory::shared_file(&self.shared.memory).is_some(),
             },
         )?;
         stream.flush().map_err(protocol::ProtocolError::from)?;
