@@ -309,7 +309,10 @@ fn destination(uri: &str, extra: &[&std::ffi::OsStr]) -> Vmm {
 fn bound_uri(destination: &Vmm) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(line) = destination.stderr().lines().find_map(|l| {
+        let stderr = destination.stderr();
+        // Complete lines only: the address may not have arrived yet.
+        let complete = &stderr[..stderr.rfind('\n').unwrap_or(0)];
+        if let Some(line) = complete.lines().find_map(|l| {
             l.strip_prefix("bulkhead: waiting for a migration on ")
                 .map(str::to_string)
         }) {
