@@ -23,32 +23,36 @@ const MAX_RANGES: u32 = 1;
 const ID_BYTES: usize = 20;
 const LIMITER_TOKEN: u32 = 0;
 
+/// Feature bits (virtio-bindings numbers them; these are the masks).
 mod feature {
-    pub const SEG_MAX: u64 = 1 << 2;
-    pub const RO: u64 = 1 << 5;
-    pub const BLK_SIZE: u64 = 1 << 6;
-    pub const FLUSH: u64 = 1 << 9;
-    pub const DISCARD: u64 = 1 << 13;
-    pub const WRITE_ZEROES: u64 = 1 << 14;
+    use virtio_bindings::virtio_blk as blk;
+    pub const SEG_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SEG_MAX;
+    pub const RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
+    pub const BLK_SIZE: u64 = 1 << blk::VIRTIO_BLK_F_BLK_SIZE;
+    pub const FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
+    pub const DISCARD: u64 = 1 << blk::VIRTIO_BLK_F_DISCARD;
+    pub const WRITE_ZEROES: u64 = 1 << blk::VIRTIO_BLK_F_WRITE_ZEROES;
 }
 
 mod request {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
-    pub const DISCARD: u32 = 11;
-    pub const WRITE_ZEROES: u32 = 13;
+    use virtio_bindings::virtio_blk as blk;
+    pub const IN: u32 = blk::VIRTIO_BLK_T_IN;
+    pub const OUT: u32 = blk::VIRTIO_BLK_T_OUT;
+    pub const FLUSH: u32 = blk::VIRTIO_BLK_T_FLUSH;
+    pub const GET_ID: u32 = blk::VIRTIO_BLK_T_GET_ID;
+    pub const DISCARD: u32 = blk::VIRTIO_BLK_T_DISCARD;
+    pub const WRITE_ZEROES: u32 = blk::VIRTIO_BLK_T_WRITE_ZEROES;
 }
 
 /// The status byte at the end of every request.
 pub mod status {
-    pub const OK: u8 = 0;
-    pub const IOERR: u8 = 1;
-    pub const UNSUPP: u8 = 2;
+    use virtio_bindings::virtio_blk as blk;
+    pub const OK: u8 = blk::VIRTIO_BLK_S_OK as u8;
+    pub const IOERR: u8 = blk::VIRTIO_BLK_S_IOERR as u8;
+    pub const UNSUPP: u8 = blk::VIRTIO_BLK_S_UNSUPP as u8;
 }
 
-const WRITE_ZEROES_UNMAP: u32 = 1;
+const WRITE_ZEROES_UNMAP: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

@@ -78,25 +78,27 @@ impl SavedQueue {
 
 /// Feature bits common to every device (virtio 1.2, section 6).
 pub mod features {
-    pub const VERSION_1: u64 = 1 << 32;
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    use virtio_bindings::{virtio_config, virtio_ring};
+    pub const VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+    pub const RING_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+    pub const RING_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     /// What every Bulkhead device offers besides its own features.
     pub const COMMON: u64 = VERSION_1 | RING_INDIRECT_DESC | RING_EVENT_IDX;
 }
 
 /// Device type numbers (virtio 1.2, section 5).
 pub mod device_type {
-    pub const NET: u32 = 1;
-    pub const BLOCK: u32 = 2;
-    pub const RNG: u32 = 4;
-    pub const BALLOON: u32 = 5;
-    pub const VSOCK: u32 = 19;
+    use virtio_bindings::virtio_ids as ids;
+    pub const NET: u32 = ids::VIRTIO_ID_NET;
+    pub const BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
+    pub const RNG: u32 = ids::VIRTIO_ID_RNG;
+    pub const BALLOON: u32 = ids::VIRTIO_ID_BALLOON;
+    pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
 }
 
 /// Bits of the interrupt status register.
-const INTERRUPT_USED_BUFFER: u32 = 1 << 0;
-const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
+const INTERRUPT_USED_BUFFER: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+const INTERRUPT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// A device's interrupt line: the status bits the driver reads and
 /// acknowledges, and the irqfd that raises the line in KVM's IOAPIC.

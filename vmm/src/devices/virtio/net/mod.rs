@@ -25,16 +25,18 @@ const TAP_TOKEN: u32 = 0;
 const RX_LIMITER_TOKEN: u32 = 1;
 const TX_LIMITER_TOKEN: u32 = 2;
 
+/// Feature bits (virtio-bindings numbers them; these are the masks).
 mod feature {
-    pub const CSUM: u64 = 1 << 0;
-    pub const GUEST_CSUM: u64 = 1 << 1;
-    pub const MAC: u64 = 1 << 5;
-    pub const GUEST_TSO4: u64 = 1 << 7;
-    pub const GUEST_TSO6: u64 = 1 << 8;
-    pub const GUEST_UFO: u64 = 1 << 10;
-    pub const HOST_TSO4: u64 = 1 << 11;
-    pub const HOST_TSO6: u64 = 1 << 12;
-    pub const HOST_UFO: u64 = 1 << 14;
+    use virtio_bindings::virtio_net as net;
+    pub const CSUM: u64 = 1 << net::VIRTIO_NET_F_CSUM;
+    pub const GUEST_CSUM: u64 = 1 << net::VIRTIO_NET_F_GUEST_CSUM;
+    pub const MAC: u64 = 1 << net::VIRTIO_NET_F_MAC;
+    pub const GUEST_TSO4: u64 = 1 << net::VIRTIO_NET_F_GUEST_TSO4;
+    pub const GUEST_TSO6: u64 = 1 << net::VIRTIO_NET_F_GUEST_TSO6;
+    pub const GUEST_UFO: u64 = 1 << net::VIRTIO_NET_F_GUEST_UFO;
+    pub const HOST_TSO4: u64 = 1 << net::VIRTIO_NET_F_HOST_TSO4;
+    pub const HOST_TSO6: u64 = 1 << net::VIRTIO_NET_F_HOST_TSO6;
+    pub const HOST_UFO: u64 = 1 << net::VIRTIO_NET_F_HOST_UFO;
     pub const OFFLOADS: u64 =
         CSUM | GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6 | GUEST_UFO | HOST_TSO4 | HOST_TSO6 | HOST_UFO;
 }
