@@ -198,9 +198,15 @@ mod tests {
         let file = shared_file(&memory).expect("a memfd");
         assert_eq!(file.metadata().unwrap().len(), 3 << 20);
         let seals = memfd::seals(file).unwrap();
-        assert_eq!(seals & GUEST_RAM_SEALS, GUEST_RAM_SEALS);
-        // Sealed: nobody can shrink it under a mapping.
+        assert_eq!(
+            seals,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+        );
+        // Sealed: nobody can shrink it under a mapping, grow it, or seal
+        // it further (against writes, say).
         assert!(file.set_len(1 << 20).is_err());
+        assert!(file.set_len(4 << 20).is_err());
+        assert!(memfd::add_seals(file, libc::F_SEAL_FUTURE_WRITE).is_err());
         assert!(shared_file(&allocate(RANGES, false).unwrap()).is_none());
     }
 
