@@ -210,6 +210,16 @@ mod tests {
         assert!(shared_file(&allocate(RANGES, false).unwrap()).is_none());
     }
 
+    /// A snapshot's memory file, mapped privately, is no memory to hand over.
+    #[test]
+    fn a_private_file_mapping_is_not_shared_memory() {
+        let file = memfd::create("a snapshot's memory").unwrap();
+        file.set_len(3 << 20).unwrap();
+        let memory = map_file(&file, RANGES, libc::MAP_PRIVATE).unwrap();
+        assert!(shared_file(&memory).is_none());
+        assert!(shared_file(&map_file(&file, RANGES, libc::MAP_SHARED).unwrap()).is_some());
+    }
+
     #[test]
     fn memory_taken_over_is_the_same_pages() {
         let memory = shared();
