@@ -1149,6 +1149,22 @@ fn a_same_host_migration_hands_over_a_single_queue_tap() {
     assert_consecutive(&counts(&combined, false), "source then destination");
 }
 
+/// A memory-writing guest (`region_pages` a round) with `mib` of RAM in a
+/// memfd (`--shared-memory`).
+fn shared_memory_writer(region_pages: u32, mib: &str) -> Vmm {
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages,
+        ..Default::default()
+    });
+    Vmm::start(&[
+        "--kernel".as_ref(),
+        guest.as_os_str(),
+        "--memory".as_ref(),
+        mib.as_ref(),
+        "--shared-memory".as_ref(),
+    ])
+}
+
 /// Whether process `pid` holds guest RAM in a memfd (`--shared-memory`).
 fn holds_guest_memfd(vmm: &Vmm) -> bool {
     std::fs::read_dir(format!("/proc/{}/fd", vmm.child.id()))
@@ -1168,17 +1184,7 @@ fn holds_guest_memfd(vmm: &Vmm) -> bool {
 /// next same-host migration can hand it over.
 #[test]
 fn a_same_host_migration_hands_over_shared_memory() {
-    let guest = writer_guest(guests::MemoryWriter {
-        region_pages: 4096,
-        ..Default::default()
-    });
-    let source = Vmm::start(&[
-        "--kernel".as_ref(),
-        guest.as_os_str(),
-        "--memory".as_ref(),
-        "128".as_ref(),
-        "--shared-memory".as_ref(),
-    ]);
+    let source = shared_memory_writer(4096, "128");
     let before = source.wait_for_count(10);
     assert!(holds_guest_memfd(&source));
 
@@ -1240,14 +1246,7 @@ fn a_failed_hand_over_leaves_the_guest_running_on_the_source() {
     const STATE: u8 = 5;
     const FAILED: u8 = 7;
     const MEMORY: u8 = 10;
-    let guest = writer_guest(guests::MemoryWriter::default());
-    let source = Vmm::start(&[
-        "--kernel".as_ref(),
-        guest.as_os_str(),
-        "--memory".as_ref(),
-        "64".as_ref(),
-        "--shared-memory".as_ref(),
-    ]);
+    let source = shared_memory_writer(1024, "64");
     let mut reached = source.wait_for_count(10);
     for answers_failed in [true, false] {
         let socket = unique("failing-destination.sock");
@@ -1290,14 +1289,7 @@ fn a_failed_hand_over_leaves_the_guest_running_on_the_source() {
 /// memfd again.
 #[test]
 fn a_restored_shared_memory_vm_is_copied_and_arrives_in_a_memfd() {
-    let guest = writer_guest(guests::MemoryWriter::default());
-    let source = Vmm::start(&[
-        "--kernel".as_ref(),
-        guest.as_os_str(),
-        "--memory".as_ref(),
-        "64".as_ref(),
-        "--shared-memory".as_ref(),
-    ]);
+    let source = shared_memory_writer(1024, "64");
     source.wait_for_count(5);
     let snapshot = unique("shared-snapshot");
     source.ctl_ok(&["pause"]);
