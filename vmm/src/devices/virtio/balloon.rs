@@ -13,6 +13,7 @@ use crate::memory::GuestRam;
 use event_manager::EventSet;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -211,8 +212,9 @@ impl Balloon {
                     return Chain::Broken;
                 }
             };
-            let mut bytes = vec![0u8; parsed.readable_len() as usize];
-            parsed.read_at(&memory, 0, &mut bytes);
+            let mut bytes = Vec::with_capacity(parsed.readable_len() as usize);
+            // What cannot be read is not there: the list ends early.
+            let _ = parsed.reader().read_to_end(&mut bytes);
             let pfns = bytes
                 .chunks_exact(4)
                 .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
@@ -305,8 +307,8 @@ impl Balloon {
                     return Chain::Broken;
                 }
             }
-            let mut bytes = vec![0u8; parsed.readable_len() as usize];
-            parsed.read_at(&memory, 0, &mut bytes);
+            let mut bytes = Vec::with_capacity(parsed.readable_len() as usize);
+            let _ = parsed.reader().read_to_end(&mut bytes);
             received = Some(parse_stats(&bytes));
             Chain::Done
         });

@@ -8,9 +8,9 @@ use super::{
 };
 use crate::config::DiskConfig;
 use crate::devices::rate_limiter::RateLimiter;
-use crate::memory::GuestRam;
 use event_manager::EventSet;
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
 
@@ -183,7 +183,7 @@ impl Block {
                     return Chain::Throttled;
                 }
             }
-            let Some(written) = self.execute(&parsed, &memory) else {
+            let Some(written) = self.execute(&parsed) else {
                 broken = Some("a request has no status byte".into());
                 return Chain::Broken;
             };
@@ -211,33 +211,29 @@ impl Block {
 
     /// Runs one request; returns the bytes written to the guest (data and
     /// status), or None when there is nowhere to put the status.
-    fn execute(&mut self, chain: &ParsedChain, memory: &GuestRam) -> Option<u32> {
+    fn execute(&mut self, chain: &ParsedChain<'_>) -> Option<u32> {
         let writable = chain.writable_len();
         if writable == 0 {
             return None;
         }
         let status_offset = writable - 1;
         self.stats.requests += 1;
-        let (status, data_written) = match self.serve(chain, memory, status_offset) {
+        let (status, data_written) = match self.serve(chain, status_offset) {
             Ok(written) => (status::OK, written),
             Err(status) => {
                 self.stats.errors += 1;
                 (status, 0)
             }
         };
-        chain.write_at(memory, status_offset, &[status]);
+        chain.write_at(status_offset, &[status]);
         Some((data_written + 1) as u32)
     }
 
     /// Returns the data bytes written to the guest, or the error status.
-    fn serve(
-        &mut self,
-        chain: &ParsedChain,
-        memory: &GuestRam,
-        data_in_len: u64,
-    ) -> Result<u64, u8> {
+    fn serve(&mut self, chain: &ParsedChain<'_>, data_in_len: u64) -> Result<u64, u8> {
+        let mut request = chain.reader();
         let mut header = [0u8; 16];
-        if chain.read_at(memory, 0, &mut header) != header.len() {
+        if request.read_exact(&mut header).is_err() {
             return Err(status::IOERR);
         }
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
@@ -246,7 +242,7 @@ impl Block {
         match kind {
             request::IN => {
                 let offset = self.checked_range(sector, data_in_len)?;
-                let iovecs = chain.writable_iovecs(memory, 0, data_in_len);
+                let iovecs = chain.writable_iovecs(0, data_in_len);
                 transfer_all(&self.file, iovecs, offset, Direction::FromFile)
                     .map_err(|e| self.io_error("read", e))?;
                 self.stats.bytes_read += data_in_len;
@@ -257,7 +253,7 @@ impl Block {
                     return Err(status::IOERR);
                 }
                 let offset = self.checked_range(sector, data_out_len)?;
-                let iovecs = chain.readable_iovecs(memory, 16, data_out_len);
+                let iovecs = chain.readable_iovecs(16, data_out_len);
                 transfer_all(&self.file, iovecs, offset, Direction::ToFile)
                     .map_err(|e| self.io_error("write", e))?;
                 self.stats.bytes_written += data_out_len;
@@ -274,7 +270,8 @@ impl Block {
             }
             request::GET_ID => {
                 let n = (ID_BYTES as u64).min(data_in_len);
-                Ok(chain.write_at(memory, 0, &self.id[..n as usize]) as u64)
+                let mut reply = chain.writer();
+                Ok(reply.write(&self.id[..n as usize]).unwrap_or(0) as u64)
             }
             request::DISCARD | request::WRITE_ZEROES => {
                 if self.read_only {
@@ -284,7 +281,9 @@ impl Block {
                     return Err(status::UNSUPP);
                 }
                 let mut range = [0u8; 16];
-                chain.read_at(memory, 16, &mut range);
+                if request.read_exact(&mut range).is_err() {
+                    return Err(status::IOERR);
+                }
                 let start = u64::from_le_bytes(range[0..8].try_into().unwrap());
                 let sectors = u64::from(u32::from_le_bytes(range[8..12].try_into().unwrap()));
                 let flags = u32::from_le_bytes(range[12..16].try_into().unwrap());

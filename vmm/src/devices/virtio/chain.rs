@@ -4,14 +4,24 @@
 //! otherwise: [`ParsedChain::parse`] walks it once, checks every buffer lies in
 //! guest memory, that device-readable buffers come before device-writable
 //! ones, that the chain ends (no loop, not longer than its table) and that its
-//! size is within the device's limit. Devices only ever touch memory through a
-//! parsed chain, so nothing outside guest memory is read or written.
+//! size is within the device's limit. Devices then move bytes with
+//! virtio-queue's [`Reader`] and [`Writer`] over the same chain (volatile
+//! copies that mark written pages dirty for migration) or with I/O vectors
+//! from vm-memory's volatile slices, so nothing outside guest memory is read
+//! or written.
+//!
+//! The reader and writer walk the guest's descriptor table again, and a
+//! guest may rewrite it in between from another vCPU. That cannot reach
+//! outside guest memory (both check every buffer), and the size limit is
+//! checked again on what they will actually touch; a guest that races only
+//! gets its own request garbled.
 
 use crate::memory::GuestRam;
+use std::io::{Read, Write};
 use std::num::Wrapping;
-use virtio_queue::DescriptorChain;
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use virtio_queue::{DescriptorChain, Reader, Writer};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
@@ -25,6 +35,8 @@ pub enum ChainError {
     Empty,
     #[error("the chain carries more than {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("the descriptor table changed while the device read it")]
+    Changed,
 }
 
 /// One buffer of a chain, known to lie inside guest memory.
@@ -34,30 +46,47 @@ pub struct Buffer {
     pub len: u32,
 }
 
+/// Reads a chain's device-readable bytes in order.
+pub type ChainReader<'m> = Reader<'m, BS<'m, AtomicBitmap>>;
+/// Fills a chain's device-writable bytes in order, marking them dirty.
+pub type ChainWriter<'m> = Writer<'m, BS<'m, AtomicBitmap>>;
+
 /// A descriptor chain whose buffers were checked.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ParsedChain {
+#[derive(Clone)]
+pub struct ParsedChain<'m> {
     pub head: u16,
     pub readable: Vec<Buffer>,
     pub writable: Vec<Buffer>,
+    memory: &'m GuestRam,
+    reader: ChainReader<'m>,
+    writer: ChainWriter<'m>,
 }
 
-impl ParsedChain {
+impl std::fmt::Debug for ParsedChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedChain")
+            .field("head", &self.head)
+            .field("readable", &self.readable)
+            .field("writable", &self.writable)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> ParsedChain<'m> {
     /// Walks `chain`, refusing it if any buffer is outside `memory`, the
     /// directions are out of order, it does not end, or it carries more than
     /// `max_bytes`.
     pub fn parse(
-        chain: DescriptorChain<&GuestRam>,
-        memory: &GuestRam,
+        chain: DescriptorChain<&'m GuestRam>,
+        memory: &'m GuestRam,
         max_bytes: u64,
-    ) -> Result<ParsedChain, ChainError> {
-        let mut parsed = ParsedChain {
-            head: chain.head_index(),
-            ..Default::default()
-        };
+    ) -> Result<ParsedChain<'m>, ChainError> {
+        let head = chain.head_index();
+        let mut readable = Vec::new();
+        let mut writable = Vec::new();
         let mut total = Wrapping(0u64);
         let mut last_has_next = None;
-        for descriptor in chain {
+        for descriptor in chain.clone() {
             last_has_next = Some(descriptor.has_next());
             let buffer = Buffer {
                 addr: descriptor.addr(),
@@ -79,9 +108,9 @@ impl ParsedChain {
                 return Err(ChainError::TooLarge { limit: max_bytes });
             }
             if descriptor.is_write_only() {
-                parsed.writable.push(buffer);
-            } else if parsed.writable.is_empty() {
-                parsed.readable.push(buffer);
+                writable.push(buffer);
+            } else if writable.is_empty() {
+                readable.push(buffer);
             } else {
                 return Err(ChainError::ReadableAfterWritable);
             }
@@ -90,10 +119,34 @@ impl ParsedChain {
         // cannot be read, its `next` is outside the table, or the chain ran
         // for as many descriptors as the table has (a loop).
         match last_has_next {
-            None => Err(ChainError::Empty),
-            Some(true) => Err(ChainError::Unterminated),
-            Some(false) => Ok(parsed),
+            None => return Err(ChainError::Empty),
+            Some(true) => return Err(ChainError::Unterminated),
+            Some(false) => {}
         }
+        let reader = Reader::new(memory, chain.clone()).map_err(|_| ChainError::Changed)?;
+        let writer = Writer::new(memory, chain).map_err(|_| ChainError::Changed)?;
+        let touched = reader.available_bytes() as u64 + writer.available_bytes() as u64;
+        if touched > max_bytes {
+            return Err(ChainError::TooLarge { limit: max_bytes });
+        }
+        Ok(ParsedChain {
+            head,
+            readable,
+            writable,
+            memory,
+            reader,
+            writer,
+        })
+    }
+
+    /// The device-readable bytes, from the first.
+    pub fn reader(&self) -> ChainReader<'m> {
+        self.reader.clone()
+    }
+
+    /// The device-writable bytes, from the first.
+    pub fn writer(&self) -> ChainWriter<'m> {
+        self.writer.clone()
     }
 
     pub fn readable_len(&self) -> u64 {
@@ -105,44 +158,52 @@ impl ParsedChain {
     }
 
     /// Copies readable bytes from `offset` into `data`; returns how many fit.
-    pub fn read_at(&self, memory: &GuestRam, offset: u64, data: &mut [u8]) -> usize {
-        let mut done = 0;
-        for (addr, len) in segments(&self.readable, offset, data.len() as u64) {
-            if memory
-                .read_slice(&mut data[done..done + len], addr)
-                .is_err()
-            {
-                break;
-            }
-            done += len;
-        }
-        done
+    pub fn read_at(&self, offset: u64, data: &mut [u8]) -> usize {
+        let mut reader = self.reader();
+        let Ok(mut tail) = reader.split_at(clamp(offset)) else {
+            return 0;
+        };
+        read_fully(&mut tail, data)
     }
 
     /// Copies `data` into the writable buffers from `offset`; returns how many fit.
-    pub fn write_at(&self, memory: &GuestRam, offset: u64, data: &[u8]) -> usize {
-        let mut done = 0;
-        for (addr, len) in segments(&self.writable, offset, data.len() as u64) {
-            if memory.write_slice(&data[done..done + len], addr).is_err() {
-                break;
-            }
-            done += len;
-        }
-        done
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> usize {
+        let mut writer = self.writer();
+        let Ok(mut tail) = writer.split_at(clamp(offset)) else {
+            return 0;
+        };
+        tail.write(data).unwrap_or(0)
     }
 
     /// I/O vectors over `len` readable bytes from `offset`, for one vectored
     /// system call that reads guest memory (writev, pwritev).
-    pub fn readable_iovecs(&self, memory: &GuestRam, offset: u64, len: u64) -> Vec<libc::iovec> {
-        iovecs(memory, &self.readable, offset, len, false)
+    pub fn readable_iovecs(&self, offset: u64, len: u64) -> Vec<libc::iovec> {
+        iovecs(self.memory, &self.readable, offset, len, false)
     }
 
     /// I/O vectors over `len` writable bytes from `offset`, for one vectored
     /// system call that fills guest memory (readv, preadv). The pages are
     /// marked dirty for migration.
-    pub fn writable_iovecs(&self, memory: &GuestRam, offset: u64, len: u64) -> Vec<libc::iovec> {
-        iovecs(memory, &self.writable, offset, len, true)
+    pub fn writable_iovecs(&self, offset: u64, len: u64) -> Vec<libc::iovec> {
+        iovecs(self.memory, &self.writable, offset, len, true)
     }
+}
+
+/// An offset past any chain (chains are far below `usize::MAX` bytes).
+fn clamp(offset: u64) -> usize {
+    usize::try_from(offset).unwrap_or(usize::MAX)
+}
+
+/// Reads until `data` is full or the chain ends; returns how many bytes came.
+pub fn read_fully(reader: &mut ChainReader<'_>, data: &mut [u8]) -> usize {
+    let mut done = 0;
+    while done < data.len() {
+        match reader.read(&mut data[done..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n,
+        }
+    }
+    done
 }
 
 /// The pieces of `buffers` that cover `len` bytes from `offset`.
@@ -199,12 +260,22 @@ pub(crate) mod tests {
     use super::*;
     use crate::devices::virtio::testing::*;
     use virtio_queue::QueueOwnedT;
+    use vm_memory::Bytes;
 
     impl TestQueue {
-        fn parse_next(&mut self, max_bytes: u64) -> Result<ParsedChain, ChainError> {
-            let memory = self.memory.clone();
-            let chain = self.queue.iter(&memory).unwrap().next().expect("a chain");
-            ParsedChain::parse(chain, &memory, max_bytes)
+        fn parse_next(&mut self, max_bytes: u64) -> Result<ParsedChain<'_>, ChainError> {
+            let chain = self
+                .queue
+                .iter(&self.memory)
+                .unwrap()
+                .next()
+                .expect("a chain");
+            ParsedChain::parse(chain, &self.memory, max_bytes)
+        }
+
+        /// Why the next chain is refused (None: it is not).
+        fn refusal(&mut self, max_bytes: u64) -> Option<ChainError> {
+            self.parse_next(max_bytes).err()
         }
     }
 
@@ -228,16 +299,16 @@ pub(crate) mod tests {
         let mut q = TestQueue::new();
         q.offer_chain(&[(MEMORY_SIZE - 8, 16, false)]);
         assert_eq!(
-            q.parse_next(1 << 20),
-            Err(ChainError::OutsideMemory {
+            q.refusal(1 << 20),
+            Some(ChainError::OutsideMemory {
                 addr: MEMORY_SIZE - 8,
                 len: 16
             })
         );
         q.offer_chain(&[(u64::MAX - 3, 8, true)]);
         assert!(matches!(
-            q.parse_next(1 << 20),
-            Err(ChainError::OutsideMemory { .. })
+            q.refusal(1 << 20),
+            Some(ChainError::OutsideMemory { .. })
         ));
     }
 
@@ -245,10 +316,7 @@ pub(crate) mod tests {
     fn refuses_a_readable_buffer_after_a_writable_one() {
         let mut q = TestQueue::new();
         q.offer_chain(&[(DATA, 16, true), (DATA + 0x100, 8, false)]);
-        assert_eq!(
-            q.parse_next(1 << 20),
-            Err(ChainError::ReadableAfterWritable)
-        );
+        assert_eq!(q.refusal(1 << 20), Some(ChainError::ReadableAfterWritable));
     }
 
     #[test]
@@ -258,24 +326,21 @@ pub(crate) mod tests {
         q.set_descriptor(0, DATA, 8, F_NEXT, 1);
         q.set_descriptor(1, DATA, 8, F_NEXT, 0);
         q.offer_head(0);
-        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Unterminated));
+        assert_eq!(q.refusal(1 << 20), Some(ChainError::Unterminated));
         // next index outside the table
         q.set_descriptor(0, DATA, 8, F_NEXT, QUEUE_SIZE + 3);
         q.offer_head(0);
-        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Unterminated));
+        assert_eq!(q.refusal(1 << 20), Some(ChainError::Unterminated));
         // head outside the table
         q.offer_head(QUEUE_SIZE);
-        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Empty));
+        assert_eq!(q.refusal(1 << 20), Some(ChainError::Empty));
     }
 
     #[test]
     fn refuses_chains_over_the_size_limit_even_when_lengths_wrap() {
         let mut q = TestQueue::new();
         q.offer_chain(&[(DATA, 4096, false), (DATA, 4096, false)]);
-        assert_eq!(
-            q.parse_next(6000),
-            Err(ChainError::TooLarge { limit: 6000 })
-        );
+        assert_eq!(q.refusal(6000), Some(ChainError::TooLarge { limit: 6000 }));
     }
 
     #[test]
@@ -292,7 +357,7 @@ pub(crate) mod tests {
         q.write_descriptor(table, 1, table.0, 32, F_INDIRECT | F_NEXT, 0);
         q.write_descriptor(table, 0, DATA, 32, F_NEXT, 1);
         q.offer_head(0);
-        assert_eq!(q.parse_next(1 << 20), Err(ChainError::Unterminated));
+        assert_eq!(q.refusal(1 << 20), Some(ChainError::Unterminated));
     }
 
     #[test]
@@ -311,11 +376,13 @@ pub(crate) mod tests {
             .unwrap();
         let chain = q.parse_next(1 << 20).unwrap();
         let mut data = [0u8; 4];
-        assert_eq!(chain.read_at(&memory, 2, &mut data), 4);
+        assert_eq!(chain.read_at(2, &mut data), 4);
         assert_eq!(data, [3, 4, 5, 6]);
         let mut tail = [0u8; 8];
-        assert_eq!(chain.read_at(&memory, 6, &mut tail), 2);
-        assert_eq!(chain.write_at(&memory, 1, &[9, 9, 9, 9]), 4);
+        assert_eq!(chain.read_at(6, &mut tail), 2);
+        assert_eq!(chain.read_at(9, &mut tail), 0);
+        assert_eq!(chain.write_at(1, &[9, 9, 9, 9]), 4);
+        assert_eq!(chain.write_at(8, &[9]), 0);
         let mut written = [0u8; 2];
         memory
             .read_slice(&mut written, GuestAddress(DATA + 0x200))
@@ -325,10 +392,39 @@ pub(crate) mod tests {
             .read_slice(&mut written, GuestAddress(DATA + 0x300))
             .unwrap();
         assert_eq!(written, [9, 9]);
-        let iovecs = chain.writable_iovecs(&memory, 1, 7);
+        let iovecs = chain.writable_iovecs(1, 7);
         assert_eq!(
             iovecs.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
             vec![1, 6]
         );
+    }
+
+    /// What a device writes into the guest must be copied again by a live
+    /// migration: the writer and the writable I/O vectors mark its pages dirty,
+    /// the readable side does not.
+    #[test]
+    fn device_writes_mark_guest_pages_dirty() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let page_dirty = |memory: &GuestRam, addr: u64| {
+            let region = memory.find_region(GuestAddress(addr)).unwrap();
+            region.bitmap().dirty_at(addr as usize)
+        };
+        let mut q = TestQueue::new();
+        q.offer_chain(&[
+            (DATA, 16, false),
+            (DATA + 0x1000, 8, true),
+            (DATA + 0x2000, 8, true),
+        ]);
+        let memory = q.memory.clone();
+        let chain = q.parse_next(1 << 20).unwrap();
+        let mut header = [0u8; 16];
+        assert_eq!(read_fully(&mut chain.reader(), &mut header), 16);
+        assert!(!page_dirty(&memory, DATA));
+        assert_eq!(chain.writer().write(&[7; 4]).unwrap(), 4);
+        assert!(page_dirty(&memory, DATA + 0x1000));
+        assert!(!page_dirty(&memory, DATA + 0x2000));
+        chain.writable_iovecs(8, 8);
+        assert!(page_dirty(&memory, DATA + 0x2000));
     }
 }

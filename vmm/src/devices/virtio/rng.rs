@@ -5,6 +5,7 @@ use super::{
     device_type, drain_queue, ActivateError, Activation, ActiveQueue, Chain, DeviceEvents, Drained,
     QueueT, VirtioDevice,
 };
+use std::io::Write;
 
 const QUEUE_SIZE: u16 = 64;
 /// Most bytes served per request; Linux asks for far less.
@@ -48,7 +49,7 @@ impl Rng {
                 random.resize(want, 0);
             }
             let filled = match fill_random(&mut random[..want]) {
-                Ok(()) => parsed.write_at(&memory, 0, &random[..want]),
+                Ok(()) => parsed.writer().write(&random[..want]).unwrap_or(0),
                 Err(e) => {
                     tracing::warn!("getrandom: {e}");
                     0

@@ -556,13 +556,15 @@ impl Vsock {
                     return Chain::Broken;
                 }
             };
+            let mut packet = parsed.reader();
             let mut header = [0u8; HEADER_LEN];
-            if parsed.read_at(&memory, 0, &mut header) == HEADER_LEN {
+            if packet.read_exact(&mut header).is_ok() {
                 let header = Header::from_bytes(&header);
-                let available = parsed.readable_len() - HEADER_LEN as u64;
-                if u64::from(header.len) <= available {
-                    let mut payload = vec![0u8; header.len as usize];
-                    parsed.read_at(&memory, HEADER_LEN as u64, &mut payload);
+                let mut payload = vec![0u8; header.len as usize];
+                // A payload shorter than its header says is dropped.
+                if header.len as usize <= packet.available_bytes()
+                    && packet.read_exact(&mut payload).is_ok()
+                {
                     packets.push((header, payload));
                 }
             }
@@ -630,10 +632,10 @@ impl Vsock {
                 (parsed.writable_len() - HEADER_LEN as u64).min(u64::from(MAX_PAYLOAD)) as usize;
             let written = match work {
                 RxWork::Control(header) => {
-                    parsed.write_at(&memory, 0, &header.to_bytes());
+                    parsed.write_at(0, &header.to_bytes());
                     HEADER_LEN
                 }
-                RxWork::Data(key) => self.read_host_data(key, &parsed, &memory, room),
+                RxWork::Data(key) => self.read_host_data(key, &parsed, room),
             };
             if running
                 .rx
@@ -683,13 +685,7 @@ impl Vsock {
 
     /// Reads host data for `key` straight into a receive buffer; returns the
     /// bytes written (header included; a header alone when the stream ended).
-    fn read_host_data(
-        &mut self,
-        key: Key,
-        parsed: &ParsedChain,
-        memory: &GuestRam,
-        room: usize,
-    ) -> usize {
+    fn read_host_data(&mut self, key: Key, parsed: &ParsedChain<'_>, room: usize) -> usize {
         let Some(connection) = self.connections.get_mut(&key) else {
             return 0;
         };
@@ -718,8 +714,8 @@ impl Vsock {
                 header.op = op::RW;
                 header.len = n as u32;
                 connection.tx_cnt = connection.tx_cnt.wrapping_add(n as u32);
-                parsed.write_at(memory, HEADER_LEN as u64, &self.read_buffer[..n]);
-                parsed.write_at(memory, 0, &header.to_bytes());
+                parsed.write_at(HEADER_LEN as u64, &self.read_buffer[..n]);
+                parsed.write_at(0, &header.to_bytes());
                 self.stats.bytes_to_guest += n as u64;
                 HEADER_LEN + n
             }
@@ -727,7 +723,7 @@ impl Vsock {
                 connection.readable = false;
                 // Nothing to send after all: a credit update is harmless.
                 header.op = op::CREDIT_UPDATE;
-                parsed.write_at(memory, 0, &header.to_bytes());
+                parsed.write_at(0, &header.to_bytes());
                 HEADER_LEN
             }
             _ => {
@@ -736,7 +732,7 @@ impl Vsock {
                 connection.host_closed = true;
                 header.op = op::SHUTDOWN;
                 header.flags = 3;
-                parsed.write_at(memory, 0, &header.to_bytes());
+                parsed.write_at(0, &header.to_bytes());
                 HEADER_LEN
             }
         }
@@ -841,7 +837,7 @@ impl Vsock {
         };
         let head = chain.head_index();
         let written = match ParsedChain::parse(chain, &memory, 64) {
-            Ok(parsed) => parsed.write_at(&memory, 0, &EVENT_TRANSPORT_RESET.to_le_bytes()),
+            Ok(parsed) => parsed.write_at(0, &EVENT_TRANSPORT_RESET.to_le_bytes()),
             Err(_) => 0,
         };
         if queue.add_used(&memory, head, written as u32).is_ok() {

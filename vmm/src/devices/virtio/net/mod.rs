@@ -13,6 +13,7 @@ use crate::config::NetConfig;
 use crate::devices::rate_limiter::RateLimiter;
 use crate::memory::GuestRam;
 use event_manager::EventSet;
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use tap::{Tap, TapError, VNET_HDR_LEN};
 
@@ -223,7 +224,7 @@ impl Net {
                 self.stats.rx_dropped += 1;
                 0
             } else {
-                let written = parsed.write_at(&memory, 0, &self.frame[..len]);
+                let written = parsed.writer().write(&self.frame[..len]).unwrap_or(0);
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += (len - VNET_HDR_LEN.min(len)) as u64;
                 written
@@ -286,7 +287,7 @@ impl Net {
             if len as usize <= VNET_HDR_LEN {
                 stats.tx_errors += 1;
             } else {
-                match tap.write_frame(&parsed.readable_iovecs(&memory, 0, len)) {
+                match tap.write_frame(&parsed.readable_iovecs(0, len)) {
                     Ok(_) => {
                         stats.tx_frames += 1;
                         stats.tx_bytes += len - VNET_HDR_LEN as u64;
