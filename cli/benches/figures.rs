@@ -114,7 +114,7 @@ fn loop_config(port_exit: bool) -> VmConfig {
         name: "port_io_loop".into(),
         image: image.into(),
     });
-    config.machine.cmdline = String::new();
+    config.machine.cmdline = Some(String::new());
     config.machine.memory_mib = 64;
     config
 }
@@ -197,7 +197,7 @@ fn linux_boot() {
         return;
     }
     let mut config = VmConfig::new(KernelSource::File(kernel));
-    config.initrd = Some(initrd);
+    config.machine.initrd = Some(initrd);
     config.machine.cpus = 2;
     config.machine.memory_mib = 256;
     let milestones = Milestones {

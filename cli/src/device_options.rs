@@ -1,7 +1,7 @@
 //! Parsing device options of the form `key=value,flag,...` (`--disk`).
 
 use std::path::PathBuf;
-use vmm::config::{BalloonConfig, DiskConfig, NetConfig, RateLimit, VsockConfig};
+use vmm::config::{BalloonConfig, DiskSpec, NicSpec, RateLimit, VsockSpec};
 
 /// Splits `text` into (key, optional value) pairs, refusing empty items.
 fn items(text: &str) -> Result<Vec<(&str, Option<&str>)>, String> {
@@ -45,7 +45,7 @@ fn rate_limit_item(limit: &mut RateLimit, key: &str, value: Option<&str>) -> Res
 }
 
 /// `path=FILE[,readonly][,id=NAME][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]`
-pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+pub fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     let mut path = None;
     let mut read_only = false;
     let mut id = None;
@@ -70,9 +70,9 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     }
     let path = path.ok_or("missing path=FILE")?;
     rate_limit.check()?;
-    Ok(DiskConfig {
+    Ok(DiskSpec {
         path,
-        read_only,
+        readonly: read_only,
         id,
         rate_limit,
     })
@@ -104,7 +104,7 @@ pub fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
 }
 
 /// `cid=N,socket=PATH`
-pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+pub fn parse_vsock(text: &str) -> Result<VsockSpec, String> {
     let mut cid = None;
     let mut socket = None;
     for (key, value) in items(text)? {
@@ -112,11 +112,11 @@ pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
             ("cid", Some(value)) => {
                 cid = Some(
                     value
-                        .parse::<u64>()
+                        .parse::<u32>()
                         .ok()
-                        .filter(|&cid| (3..=u64::from(u32::MAX)).contains(&cid))
+                        .filter(|&cid| (3..u32::MAX).contains(&cid))
                         .ok_or_else(|| {
-                            format!("cid={value} must be a number from 3 to {}", u32::MAX)
+                            format!("cid={value} must be a number from 3 to {}", u32::MAX - 1)
                         })?,
                 )
             }
@@ -128,14 +128,14 @@ pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
             }
         }
     }
-    Ok(VsockConfig {
+    Ok(VsockSpec {
         cid: cid.ok_or("missing cid=N")?,
-        socket: socket.ok_or("missing socket=PATH")?,
+        socket: Some(socket.ok_or("missing socket=PATH")?),
     })
 }
 
 /// `tap=NAME[,mac=MAC][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]`
-pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+pub fn parse_net(text: &str) -> Result<NicSpec, String> {
     let mut tap = None;
     let mut mac = None;
     let mut rate_limit = RateLimit::default();
@@ -145,7 +145,10 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
         }
         match (key, value) {
             ("tap", Some(value)) if !value.is_empty() => tap = Some(value.to_string()),
-            ("mac", Some(value)) => mac = Some(vmm::config::parse_mac(value)?),
+            ("mac", Some(value)) => {
+                vmm::config::parse_mac(value)?;
+                mac = Some(value.to_string());
+            }
             _ => {
                 return Err(format!(
                     "unknown or malformed '{key}' (expected tap=NAME[,mac=MAC][,bps=N][,iops=N])"
@@ -154,7 +157,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, String> {
         }
     }
     rate_limit.check()?;
-    Ok(NetConfig {
+    Ok(NicSpec {
         tap: tap.ok_or("missing tap=NAME")?,
         mac,
         rate_limit,
@@ -197,14 +200,14 @@ mod tests {
     fn parses_disks_and_names_what_is_wrong() {
         assert_eq!(
             parse_disk("path=/tmp/a.ext4,readonly,id=root").unwrap(),
-            DiskConfig {
+            DiskSpec {
                 path: "/tmp/a.ext4".into(),
-                read_only: true,
+                readonly: true,
                 id: Some("root".into()),
                 rate_limit: RateLimit::default(),
             }
         );
-        assert!(!parse_disk("path=x").unwrap().read_only);
+        assert!(!parse_disk("path=x").unwrap().readonly);
         assert_eq!(parse_disk("readonly").unwrap_err(), "missing path=FILE");
         assert!(parse_disk("path=x,,ro").unwrap_err().contains("empty item"));
         assert!(parse_disk("path=x,speed=3")
@@ -219,9 +222,9 @@ mod tests {
     fn parses_nics_and_mac_addresses() {
         assert_eq!(
             parse_net("tap=tap0,mac=02:aa:bb:cc:dd:0e").unwrap(),
-            NetConfig {
+            NicSpec {
                 tap: "tap0".into(),
-                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0x0e]),
+                mac: Some("02:aa:bb:cc:dd:0e".into()),
                 rate_limit: RateLimit::default(),
             }
         );
@@ -290,7 +293,10 @@ mod tests {
     #[test]
     fn parses_vsock_options() {
         let vsock = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
-        assert_eq!((vsock.cid, vsock.socket), (3, PathBuf::from("/tmp/v.sock")));
+        assert_eq!(
+            (vsock.cid, vsock.socket),
+            (3, Some(PathBuf::from("/tmp/v.sock")))
+        );
         assert!(parse_vsock("cid=2,socket=x")
             .unwrap_err()
             .contains("from 3"));

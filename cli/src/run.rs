@@ -36,11 +36,11 @@ pub struct RunArgs {
     /// A virtio-blk disk: path=FILE[,readonly][,id=NAME]. Repeat for more;
     /// the guest sees them as vda, vdb, ... in this order.
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
-    disk: Vec<vmm::config::DiskConfig>,
+    disk: Vec<vmm::config::DiskSpec>,
     /// A virtio-net interface on a host TAP device (created if missing):
     /// tap=NAME[,mac=MAC]. Repeat for more; the guest sees eth0, eth1, ...
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
-    net: Vec<vmm::config::NetConfig>,
+    net: Vec<vmm::config::NicSpec>,
     /// A virtio-balloon device:
     /// [target_mib=N][,deflate_on_oom][,free_page_reporting].
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
@@ -50,7 +50,7 @@ pub struct RunArgs {
     /// PATH and send `CONNECT <port>`; guest connections to host port P go to
     /// a listener at PATH_P.
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_vsock)]
-    vsock: Option<vmm::config::VsockConfig>,
+    vsock: Option<vmm::config::VsockSpec>,
     /// Commit all guest memory on the host at start instead of on first touch.
     #[arg(long)]
     prefault: bool,
@@ -321,9 +321,12 @@ fn run_launched_vm(
 
 fn launched_boot_config(plan: &vmm::launch::LaunchPlan, args: &RunArgs) -> VmConfig {
     let machine = &plan.machine;
-    let kernel = kernel_source(plan.boot.kernel.then(|| machine.kernel.clone().into()));
+    let kernel = kernel_source(
+        plan.boot
+            .kernel
+            .then(|| machine.kernel.clone().unwrap_or_else(|| "kernel".into())),
+    );
     let mut config = VmConfig::of_machine(kernel, machine);
-    config.initrd = plan.boot.initrd.then(|| "initrd".into());
     config.prefault_memory = plan.boot.prefault_memory;
     config.host_cmdline_options = plan.boot.host_cmdline_options;
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
@@ -374,19 +377,15 @@ fn serve_sockets(
     Ok(threads)
 }
 
-/// The VM a `--config` file describes (the API's VM spec), made into a
-/// machine by the daemon's own conversion.
+/// The VM a `--config` file describes: the API's VM spec, the machine
+/// itself (a vsock socket without a path is `vsock.sock` here).
 fn config_file_boot_config(file: &std::path::Path, args: &RunArgs) -> anyhow::Result<VmConfig> {
     let text = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let spec: host::spec::VmSpec = serde_json::from_slice(&text)
         .with_context(|| format!("{}: not a VM spec", file.display()))?;
-    spec.validate_for_its_user()
+    host::spec::Validate::validate_for_its_user(&spec)
         .with_context(|| format!("{}: invalid VM spec", file.display()))?;
-    let mut config = VmConfig::of_machine(
-        kernel_source(spec.kernel.clone()),
-        &host::vmm_process::machine(&spec),
-    );
-    config.initrd = spec.initrd.clone();
+    let mut config = VmConfig::of_machine(kernel_source(spec.kernel.clone()), &spec);
     config.kvm_device = args.kvm_device.clone();
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
     config.prefault_memory = args.prefault;
@@ -408,7 +407,7 @@ fn kernel_source(file: Option<std::path::PathBuf>) -> KernelSource {
 fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let kernel = kernel_source(args.kernel.clone());
     let mut config = VmConfig::new(kernel);
-    config.initrd = args.initrd.clone();
+    config.machine.initrd = args.initrd.clone();
     config.machine.cpus = u8::try_from(args.cpus).map_err(|_| vmm::config::ConfigError::Cpus {
         given: args.cpus,
         max: vmm::arch::x86_64::mptable::MAX_CPUS,
@@ -418,16 +417,16 @@ fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     config.machine.memory_mib = args.memory;
     config.machine.shared_memory = args.shared_memory;
     config.machine.disks = args.disk.clone();
-    config.machine.nets = args.net.clone();
+    config.machine.nics = args.net.clone();
     config.machine.rng = args.rng;
     config.machine.balloon = args.balloon.clone();
     config.machine.vsock = args.vsock.clone();
     config.prefault_memory = args.prefault;
     config.host_cmdline_options = !args.no_host_options;
     match (&args.cmdline, &args.kernel) {
-        (Some(cmdline), _) => config.machine.cmdline = cmdline.clone(),
+        (Some(cmdline), _) => config.machine.cmdline = Some(cmdline.clone()),
         // The embedded guest reads no command line.
-        (None, None) => config.machine.cmdline = String::new(),
+        (None, None) => config.machine.cmdline = Some(String::new()),
         (None, Some(_)) => {}
     }
     Ok(config)
@@ -515,7 +514,8 @@ mod tests {
     }
 
     /// A `--config` file and the flags that say the same build the same
-    /// machine: the flags are a shorthand, not a second description.
+    /// machine: the flags are a shorthand, not a second description (of a
+    /// machine named `run`).
     #[test]
     fn flags_and_a_config_file_build_the_same_machine() {
         let dir = std::env::temp_dir().join(format!("bulkhead-run-config-{}", std::process::id()));
@@ -524,13 +524,13 @@ mod tests {
         std::fs::write(
             &file,
             serde_json::json!({
-                "name": "same", "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0",
+                "name": "run", "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0",
                 "cpus": 2, "memory_mib": 64,
                 "disks": [{"path": "/d", "readonly": true, "id": "data",
                            "rate_limit": {"bytes_per_sec": 1048576}}],
                 "nics": [{"tap": "t0", "mac": "02:00:00:00:00:01",
                           "rate_limit": {"ops_per_sec": 1000}}],
-                "vsock": {"cid": 5}, "rng": true,
+                "vsock": {"cid": 5, "socket": "vsock.sock"}, "rng": true,
                 "balloon": {"target_mib": 8, "deflate_on_oom": true}
             })
             .to_string(),
@@ -551,7 +551,6 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(from_file.machine, from_flags.machine);
-        assert_eq!(from_file.initrd, from_flags.initrd);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,7 +4,7 @@ use crate::OutputFormat;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use host::client::{Client, Endpoint};
-use host::spec::{DiskSpec, NicSpec, VmSpec, VsockSpec};
+use host::spec::{DiskSpec, VmSpec, VsockSpec};
 use hyper::Method;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -105,11 +105,11 @@ struct CreateArgs {
     /// path=FILE[,readonly][,id=NAME][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N].
     /// Repeat for more.
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
-    disk: Vec<vmm::config::DiskConfig>,
+    disk: Vec<vmm::config::DiskSpec>,
     /// A virtio-net interface, as `bulkhead run --net` takes it:
     /// tap=NAME[,mac=MAC][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]. Repeat for more.
     #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
-    net: Vec<vmm::config::NetConfig>,
+    net: Vec<vmm::config::NicSpec>,
     /// Give the VM a vsock device with this guest CID.
     #[arg(long, value_name = "CID")]
     vsock_cid: Option<u32>,
@@ -180,22 +180,12 @@ fn create_spec(create: &CreateArgs) -> anyhow::Result<VmSpec> {
             .map(|disk| {
                 Ok(DiskSpec {
                     path: host_path(&disk.path)?,
-                    readonly: disk.read_only,
-                    id: disk.id.clone(),
-                    rate_limit: disk.rate_limit,
+                    ..disk.clone()
                 })
             })
             .collect::<std::io::Result<_>>()?,
-        nics: create
-            .net
-            .iter()
-            .map(|net| NicSpec {
-                tap: net.tap.clone(),
-                mac: net.mac.map(|mac| vmm::config::format_mac(&mac)),
-                rate_limit: net.rate_limit,
-            })
-            .collect(),
-        vsock: create.vsock_cid.map(|cid| VsockSpec { cid }),
+        nics: create.net.clone(),
+        vsock: create.vsock_cid.map(|cid| VsockSpec { cid, socket: None }),
         rng: create.rng,
         balloon: create.balloon.clone(),
     })

@@ -13,7 +13,7 @@ fn disk() -> &'static DiskConfig {
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
         DiskConfig {
             path,
-            read_only: false,
+            readonly: false,
             id: None,
             rate_limit: Default::default(),
         }

@@ -8,7 +8,7 @@
 use crate::cgroup::Cgroups;
 use crate::events::{Event, EventBus};
 use crate::model::{random_hex, unix_now, VmRecord, VmState};
-use crate::spec::{SpecError, VmSpec};
+use crate::spec::{SpecError, Validate, VmSpec};
 use crate::store::{Store, StoreError};
 use crate::vmm_process::{self, Origin, VmPaths};
 use std::collections::HashMap;

@@ -1,109 +1,13 @@
 //! What a client asks for when it defines a VM, and the checks that keep a
 //! bad or hostile spec from reaching a VMM.
 
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use utoipa::ToSchema;
-use vmm::config::{BalloonConfig, RateLimit};
 
 /// The largest guest the daemon accepts, whatever the host has.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 const MIN_MEMORY_MIB: u64 = 16;
 
-/// A VM definition. Paths are host paths inside the daemon's allowed
-/// storage directories; with no kernel, the VM boots Bulkhead's embedded guest.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    /// Unique within the project: lower-case letters, digits and '-', 1 to 63.
-    #[schema(example = "web-1", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
-    pub name: String,
-    /// An ELF vmlinux or bzImage; the embedded guest when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, example = "/var/lib/bulkhead/images/vmlinux")]
-    pub kernel: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
-    pub initrd: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "console=ttyS0 root=/dev/vda")]
-    pub cmdline: Option<String>,
-    #[serde(default = "default_cpus")]
-    #[schema(minimum = 1, maximum = 128, default = 1)]
-    pub cpus: u8,
-    #[serde(default = "default_memory_mib")]
-    #[schema(minimum = 16, maximum = 1048576, default = 128)]
-    pub memory_mib: u64,
-    /// Guest RAM in a sealed memfd mapped shared (as Cloud Hypervisor's
-    /// `shared=on`): a same-host migration hands it over instead of copying it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub shared_memory: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub disks: Vec<DiskSpec>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nics: Vec<NicSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<VsockSpec>,
-    /// A virtio-rng entropy device (the guest's hwrng, fed from the host's getrandom).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub rng: bool,
-    /// A virtio-balloon device: the host can ask the guest for memory back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<BalloonConfig>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct DiskSpec {
-    /// A raw disk image.
-    #[schema(value_type = String)]
-    pub path: PathBuf,
-    #[serde(default)]
-    pub readonly: bool,
-    /// What the guest reads as the disk's serial (virtio-blk GET_ID): 1 to
-    /// 20 bytes of printable ASCII; the file's name when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "data-1")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_unlimited")]
-    pub rate_limit: RateLimit,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct NicSpec {
-    /// The host TAP device (created if missing), up to 15 characters.
-    #[schema(example = "tap-web1")]
-    pub tap: String,
-    /// A unicast MAC address; random when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "02:00:00:00:00:01")]
-    pub mac: Option<String>,
-    /// Applied to each direction (receive and transmit) separately.
-    #[serde(default, skip_serializing_if = "is_unlimited")]
-    pub rate_limit: RateLimit,
-}
-
-fn is_unlimited(limit: &RateLimit) -> bool {
-    *limit == RateLimit::default()
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct VsockSpec {
-    /// The guest's context id (3 or more). Host programs connect to the
-    /// `vsock.sock` socket in the VM's directory.
-    #[schema(minimum = 3)]
-    pub cid: u32,
-}
-
-fn default_cpus() -> u8 {
-    1
-}
-
-fn default_memory_mib() -> u64 {
-    128
-}
+pub use vmm::config::{DiskSpec, NicSpec, VmSpec, VsockSpec};
 
 /// A spec that cannot run, and which field says so.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,123 +34,138 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-impl VmSpec {
+/// The checks a machine description passes before a VMM is started for it.
+pub trait Validate {
     /// Checks everything that can be checked before a VMM runs: ranges,
     /// names, and that each file exists, is a regular file, and lies inside
-    /// one of `allowed_dirs` (a tenant must not boot the host's own files).
-    pub fn validate(&self, allowed_dirs: &[PathBuf]) -> Result<(), SpecError> {
-        self.check(|field, path| check_file(field, path, allowed_dirs))
-    }
+    /// one of `allowed_dirs` (a tenant must not boot the host's own files);
+    /// host resources the daemon places itself (the vsock socket) are refused.
+    fn validate(&self, allowed_dirs: &[PathBuf]) -> Result<(), SpecError>;
 
     /// The same checks for a VM its user runs with their own rights
-    /// (`bulkhead run --config`): any file they can open will do.
-    pub fn validate_for_its_user(&self) -> Result<(), SpecError> {
-        self.check(|_, _| Ok(()))
+    /// (`bulkhead run --config`): any file they can open will do, and they
+    /// place the vsock socket.
+    fn validate_for_its_user(&self) -> Result<(), SpecError>;
+}
+
+impl Validate for VmSpec {
+    fn validate(&self, allowed_dirs: &[PathBuf]) -> Result<(), SpecError> {
+        if self.vsock.as_ref().is_some_and(|v| v.socket.is_some()) {
+            return Err(invalid(
+                "vsock.socket",
+                "is the daemon's to place (vsock.sock in the VM's directory)",
+            ));
+        }
+        check(self, |field, path| check_file(field, path, allowed_dirs))
     }
 
-    fn check(
-        &self,
-        check_file: impl Fn(&str, &Path) -> Result<(), SpecError>,
-    ) -> Result<(), SpecError> {
-        if !valid_name(&self.name) {
-            return Err(invalid(
-                "name",
-                "must be 1 to 63 lower-case letters, digits or '-', not starting with '-'",
-            ));
-        }
-        if self.cpus == 0 || self.cpus > vmm::arch::x86_64::mptable::MAX_CPUS {
-            return Err(invalid(
-                "cpus",
-                format!(
-                    "must be 1 to {}, not {}",
-                    vmm::arch::x86_64::mptable::MAX_CPUS,
-                    self.cpus
-                ),
-            ));
-        }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(invalid(
-                "memory_mib",
-                format!(
-                    "must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}, not {}",
-                    self.memory_mib
-                ),
-            ));
-        }
-        if let Some(cmdline) = &self.cmdline {
-            if cmdline.len() > 2048 || cmdline.bytes().any(|b| b == 0 || b == b'\n') {
-                return Err(invalid("cmdline", "must be one line of at most 2048 bytes"));
-            }
-        }
-        if let Some(kernel) = &self.kernel {
-            check_file("kernel", kernel)?;
-        }
-        if let Some(initrd) = &self.initrd {
-            if self.kernel.is_none() {
-                return Err(invalid("initrd", "needs a kernel"));
-            }
-            check_file("initrd", initrd)?;
-        }
-        if self.disks.len() > 16 {
-            return Err(invalid("disks", "at most 16 disks"));
-        }
-        for (i, disk) in self.disks.iter().enumerate() {
-            check_file(&format!("disks[{i}].path"), &disk.path)?;
-            if let Some(id) = &disk.id {
-                vmm::config::check_disk_id(id)
-                    .map_err(|message| invalid(format!("disks[{i}].id"), message))?;
-                if self.disks[..i]
-                    .iter()
-                    .any(|other| other.id.as_ref() == Some(id))
-                {
-                    return Err(invalid(format!("disks[{i}].id"), "used twice"));
-                }
-            }
-            disk.rate_limit
-                .check()
-                .map_err(|message| invalid(format!("disks[{i}].rate_limit"), message))?;
-        }
-        if self.nics.len() > 8 {
-            return Err(invalid("nics", "at most 8 interfaces"));
-        }
-        for (i, nic) in self.nics.iter().enumerate() {
-            let tap_ok = (1..=15).contains(&nic.tap.len())
-                && nic
-                    .tap
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !tap_ok {
-                return Err(invalid(
-                    format!("nics[{i}].tap"),
-                    "must be 1 to 15 letters, digits, '-' or '_'",
-                ));
-            }
-            if self.nics[..i].iter().any(|other| other.tap == nic.tap) {
-                return Err(invalid(format!("nics[{i}].tap"), "used twice"));
-            }
-            if let Some(mac) = &nic.mac {
-                vmm::config::parse_mac(mac)
-                    .map_err(|message| invalid(format!("nics[{i}].mac"), message))?;
-            }
-            nic.rate_limit
-                .check()
-                .map_err(|message| invalid(format!("nics[{i}].rate_limit"), message))?;
-        }
-        if let Some(balloon) = &self.balloon {
-            if balloon.target_mib > self.memory_mib {
-                return Err(invalid(
-                    "balloon.target_mib",
-                    format!("at most the VM's memory_mib ({})", self.memory_mib),
-                ));
-            }
-        }
-        if let Some(vsock) = &self.vsock {
-            if vsock.cid < 3 || vsock.cid == u32::MAX {
-                return Err(invalid("vsock.cid", "must be 3 or more (0-2 are reserved)"));
-            }
-        }
-        Ok(())
+    fn validate_for_its_user(&self) -> Result<(), SpecError> {
+        check(self, |_, _| Ok(()))
     }
+}
+
+fn check(
+    spec: &VmSpec,
+    check_file: impl Fn(&str, &Path) -> Result<(), SpecError>,
+) -> Result<(), SpecError> {
+    if !valid_name(&spec.name) {
+        return Err(invalid(
+            "name",
+            "must be 1 to 63 lower-case letters, digits or '-', not starting with '-'",
+        ));
+    }
+    if spec.cpus == 0 || spec.cpus > vmm::arch::x86_64::mptable::MAX_CPUS {
+        return Err(invalid(
+            "cpus",
+            format!(
+                "must be 1 to {}, not {}",
+                vmm::arch::x86_64::mptable::MAX_CPUS,
+                spec.cpus
+            ),
+        ));
+    }
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&spec.memory_mib) {
+        return Err(invalid(
+            "memory_mib",
+            format!(
+                "must be {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}, not {}",
+                spec.memory_mib
+            ),
+        ));
+    }
+    if let Some(cmdline) = &spec.cmdline {
+        if cmdline.len() > 2048 || cmdline.bytes().any(|b| b == 0 || b == b'\n') {
+            return Err(invalid("cmdline", "must be one line of at most 2048 bytes"));
+        }
+    }
+    if let Some(kernel) = &spec.kernel {
+        check_file("kernel", kernel)?;
+    }
+    if let Some(initrd) = &spec.initrd {
+        if spec.kernel.is_none() {
+            return Err(invalid("initrd", "needs a kernel"));
+        }
+        check_file("initrd", initrd)?;
+    }
+    if spec.disks.len() > 16 {
+        return Err(invalid("disks", "at most 16 disks"));
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        check_file(&format!("disks[{i}].path"), &disk.path)?;
+        if let Some(id) = &disk.id {
+            vmm::config::check_disk_id(id)
+                .map_err(|message| invalid(format!("disks[{i}].id"), message))?;
+            if spec.disks[..i]
+                .iter()
+                .any(|other| other.id.as_ref() == Some(id))
+            {
+                return Err(invalid(format!("disks[{i}].id"), "used twice"));
+            }
+        }
+        disk.rate_limit
+            .check()
+            .map_err(|message| invalid(format!("disks[{i}].rate_limit"), message))?;
+    }
+    if spec.nics.len() > 8 {
+        return Err(invalid("nics", "at most 8 interfaces"));
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let tap_ok = (1..=15).contains(&nic.tap.len())
+            && nic
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !tap_ok {
+            return Err(invalid(
+                format!("nics[{i}].tap"),
+                "must be 1 to 15 letters, digits, '-' or '_'",
+            ));
+        }
+        if spec.nics[..i].iter().any(|other| other.tap == nic.tap) {
+            return Err(invalid(format!("nics[{i}].tap"), "used twice"));
+        }
+        if let Some(mac) = &nic.mac {
+            vmm::config::parse_mac(mac)
+                .map_err(|message| invalid(format!("nics[{i}].mac"), message))?;
+        }
+        nic.rate_limit
+            .check()
+            .map_err(|message| invalid(format!("nics[{i}].rate_limit"), message))?;
+    }
+    if let Some(balloon) = &spec.balloon {
+        if balloon.target_mib > spec.memory_mib {
+            return Err(invalid(
+                "balloon.target_mib",
+                format!("at most the VM's memory_mib ({})", spec.memory_mib),
+            ));
+        }
+    }
+    if let Some(vsock) = &spec.vsock {
+        if vsock.cid < 3 || vsock.cid == u32::MAX {
+            return Err(invalid("vsock.cid", "must be 3 or more (0-2 are reserved)"));
+        }
+    }
+    Ok(())
 }
 
 fn check_file(field: &str, path: &Path, allowed_dirs: &[PathBuf]) -> Result<(), SpecError> {
@@ -295,6 +214,7 @@ fn check_file(field: &str, path: &Path, allowed_dirs: &[PathBuf]) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm::config::{BalloonConfig, RateLimit};
 
     fn spec() -> VmSpec {
         serde_json::from_str(r#"{"name":"a"}"#).unwrap()
@@ -386,13 +306,33 @@ mod tests {
             ),
             (
                 "vsock.cid",
-                Box::new(|s| s.vsock = Some(VsockSpec { cid: 3 })),
-                Box::new(|s| s.vsock = Some(VsockSpec { cid: 2 })),
+                Box::new(|s| {
+                    s.vsock = Some(VsockSpec {
+                        cid: 3,
+                        socket: None,
+                    })
+                }),
+                Box::new(|s| {
+                    s.vsock = Some(VsockSpec {
+                        cid: 2,
+                        socket: None,
+                    })
+                }),
             ),
             (
                 "vsock.cid",
-                Box::new(|s| s.vsock = Some(VsockSpec { cid: u32::MAX - 1 })),
-                Box::new(|s| s.vsock = Some(VsockSpec { cid: u32::MAX })),
+                Box::new(|s| {
+                    s.vsock = Some(VsockSpec {
+                        cid: u32::MAX - 1,
+                        socket: None,
+                    })
+                }),
+                Box::new(|s| {
+                    s.vsock = Some(VsockSpec {
+                        cid: u32::MAX,
+                        socket: None,
+                    })
+                }),
             ),
             (
                 "disks[0].path",
@@ -592,9 +532,23 @@ mod tests {
             ),
             (
                 "vsock.cid",
-                Box::new(|s| s.vsock = Some(VsockSpec { cid: 2 })),
+                Box::new(|s| {
+                    s.vsock = Some(VsockSpec {
+                        cid: 2,
+                        socket: None,
+                    })
+                }),
             ),
             ("cmdline", Box::new(|s| s.cmdline = Some("a\nb".into()))),
+            (
+                "vsock.socket",
+                Box::new(|s| {
+                    s.vsock = Some(VsockSpec {
+                        cid: 3,
+                        socket: Some("/etc/passwd".into()),
+                    })
+                }),
+            ),
         ];
         for (field, change) in cases {
             let mut spec = spec();
@@ -607,6 +561,13 @@ mod tests {
         // directory is not a file.
         let mut ok = spec();
         assert_eq!(ok.validate(&allowed), Ok(()));
+        // A VM its user runs places its own vsock socket.
+        ok.vsock = Some(VsockSpec {
+            cid: 3,
+            socket: Some("v.sock".into()),
+        });
+        assert_eq!(ok.validate_for_its_user(), Ok(()));
+        ok.vsock = None;
         ok.kernel = Some(dir.join("sub/../kernel"));
         let error = ok.validate(&allowed).unwrap_err();
         assert!(error.message.contains("without symbolic links"), "{error}");

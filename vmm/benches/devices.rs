@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::{DiskConfig, NetConfig};
+use vmm::config::{DiskSpec, NicSpec};
 use vmm::devices::virtio::testing::{TestQueue, DATA};
 use vmm::devices::virtio::{
     block::Block, net::Net, rng::Rng, Activation, DetachedEvents, Interrupt, VirtioDevice,
@@ -46,7 +46,7 @@ fn guest_config(name: &str, image: Vec<u8>) -> VmConfig {
         name: name.into(),
         image: image.into(),
     });
-    config.machine.cmdline = String::new();
+    config.machine.cmdline = Some(String::new());
     config.machine.memory_mib = 64;
     config
 }
@@ -91,8 +91,8 @@ fn in_own_network_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 's
     .unwrap()
 }
 
-fn tap(name: &str) -> NetConfig {
-    NetConfig {
+fn tap(name: &str) -> NicSpec {
+    NicSpec {
         tap: name.into(),
         mac: None,
         rate_limit: Default::default(),
@@ -102,9 +102,9 @@ fn tap(name: &str) -> NetConfig {
 /// Runs a block workload guest; returns the wall time of the VM.
 fn run_block_guest(disk: &Path, workload: guests::BlockWorkload) -> Duration {
     let mut config = guest_config("virtio_blk", guests::block_workload(workload).unwrap());
-    config.machine.disks.push(DiskConfig {
+    config.machine.disks.push(DiskSpec {
         path: disk.to_path_buf(),
-        read_only: false,
+        readonly: false,
         id: None,
         rate_limit: Default::default(),
     });
@@ -212,7 +212,7 @@ fn block_through_guest(disk: &Path) {
 fn run_net_guest(workload: guests::NetWorkload) -> Duration {
     in_own_network_namespace(move || {
         let mut config = guest_config("virtio_net", guests::net_workload(workload).unwrap());
-        config.machine.nets.push(tap("bench0"));
+        config.machine.nics.push(tap("bench0"));
         let (elapsed, report) = run_guest(&config);
         let whole_batches = workload.frames / u32::from(workload.batch) * u32::from(workload.batch);
         assert_eq!(
@@ -246,7 +246,7 @@ fn loopback_udp(frames: u32, bytes: usize) -> f64 {
 fn run_net_receive_guest(frames: u32, frame_bytes: usize) -> Duration {
     in_own_network_namespace(move || {
         let mut config = guest_config("virtio_net", guests::net_receive_workload(frames).unwrap());
-        config.machine.nets.push(tap("bench1"));
+        config.machine.nics.push(tap("bench1"));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // The TAP exists once the VM is built; until then the sender retries.
         let sender = {
@@ -356,9 +356,9 @@ fn per_chain(
 
 fn per_chain_costs(disk: &Path) {
     println!("  VMM cost per descriptor chain, queues driven from the host side:");
-    let config = DiskConfig {
+    let config = DiskSpec {
         path: disk.to_path_buf(),
-        read_only: false,
+        readonly: false,
         id: None,
         rate_limit: Default::default(),
     };

@@ -52,7 +52,7 @@ fn writer(memory_mib: u64, writer: guests::MemoryWriter) -> (RunningVm, Console)
         name: "memory writer".into(),
         image: guests::memory_writer(writer).unwrap().into(),
     });
-    config.machine.cmdline = String::new();
+    config.machine.cmdline = Some(String::new());
     config.machine.memory_mib = memory_mib;
     let console = Console::default();
     let vm = Vm::new(&config, Box::new(console.clone())).unwrap();

@@ -11,7 +11,7 @@
 //! own host describes, never on paths found in a snapshot or a stream: see
 //! [`check_same_shape`].
 
-use crate::config::MachineConfig;
+use crate::config::VmSpec;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -50,7 +50,7 @@ impl std::fmt::Debug for Tap {
 
 impl DeviceBackings {
     /// Opens (and for TAPs creates, for vsock binds) what `machine` names.
-    pub fn open(machine: &MachineConfig) -> Result<DeviceBackings, BackingError> {
+    pub fn open(machine: &VmSpec) -> Result<DeviceBackings, BackingError> {
         Self::open_with_taps(machine, None)
     }
 
@@ -58,24 +58,24 @@ impl DeviceBackings {
     /// given (handed over by a migration source): each must be the TAP its
     /// NIC names.
     pub fn open_with_taps(
-        machine: &MachineConfig,
+        machine: &VmSpec,
         taps: Option<Vec<File>>,
     ) -> Result<DeviceBackings, BackingError> {
         let taps = match taps {
             None => machine
-                .nets
+                .nics
                 .iter()
                 .map(|net| Tap::open(&net.tap))
                 .collect::<Result<_, _>>()?,
             Some(files) => {
-                if files.len() != machine.nets.len() {
+                if files.len() != machine.nics.len() {
                     return Err(BackingError::Descriptor {
                         what: "the TAPs handed over".into(),
-                        why: format!("{} for {} NICs", files.len(), machine.nets.len()),
+                        why: format!("{} for {} NICs", files.len(), machine.nics.len()),
                     });
                 }
                 machine
-                    .nets
+                    .nics
                     .iter()
                     .zip(files)
                     .map(|(net, file)| Tap::from_descriptor(file, &net.tap))
@@ -96,7 +96,7 @@ impl DeviceBackings {
     /// Takes descriptors passed by the daemon, one per disk, TAP and vsock
     /// socket of `machine` in that order, checking each one's kind.
     pub fn from_descriptors(
-        machine: &MachineConfig,
+        machine: &VmSpec,
         descriptors: &mut impl Iterator<Item = OwnedFd>,
     ) -> Result<DeviceBackings, BackingError> {
         let mut next = |what: String| {
@@ -109,12 +109,12 @@ impl DeviceBackings {
         for (index, disk) in machine.disks.iter().enumerate() {
             let what = format!("disk {index} ({})", disk.path.display());
             let file = File::from(next(what.clone())?);
-            check_disk_file(&file, disk.read_only)
+            check_disk_file(&file, disk.readonly)
                 .map_err(|why| BackingError::Descriptor { what, why })?;
             disks.push(file);
         }
-        let mut taps = Vec::with_capacity(machine.nets.len());
-        for net in &machine.nets {
+        let mut taps = Vec::with_capacity(machine.nics.len());
+        for net in &machine.nics {
             let file = File::from(next(format!("TAP {}", net.tap))?);
             taps.push(Tap::from_descriptor(file, &net.tap)?);
         }
@@ -163,8 +163,8 @@ fn check_disk_file(file: &File, read_only: bool) -> Result<(), String> {
 /// paths, TAP names and rate limits are this host's business and may differ.
 pub fn check_same_shape(
     from: &'static str,
-    saved: &MachineConfig,
-    ours: &MachineConfig,
+    saved: &VmSpec,
+    ours: &VmSpec,
 ) -> Result<(), BackingError> {
     let shape = |why: String| BackingError::Shape { from, why };
     if saved.cpus != ours.cpus {
@@ -187,15 +187,15 @@ pub fn check_same_shape(
         )));
     }
     for (index, (theirs, mine)) in saved.disks.iter().zip(&ours.disks).enumerate() {
-        if theirs.read_only != mine.read_only {
+        if theirs.readonly != mine.readonly {
             return Err(shape(format!("disk {index} differs in being read-only")));
         }
     }
-    if saved.nets.len() != ours.nets.len() {
+    if saved.nics.len() != ours.nics.len() {
         return Err(shape(format!(
             "{} network interfaces there, {} here",
-            saved.nets.len(),
-            ours.nets.len()
+            saved.nics.len(),
+            ours.nics.len()
         )));
     }
     if saved.rng != ours.rng {
@@ -221,12 +221,12 @@ pub fn check_same_shape(
 /// The machine to rebuild: `ours` (devices, host paths), with what only the
 /// guest's past decided taken from `saved` (the command line it booted with,
 /// the MACs it knows its interfaces by).
-pub fn rebuilt_machine(saved: &MachineConfig, ours: &MachineConfig) -> MachineConfig {
+pub fn rebuilt_machine(saved: &VmSpec, ours: &VmSpec) -> VmSpec {
     let mut machine = ours.clone();
     machine.cmdline = saved.cmdline.clone();
     machine.kernel = saved.kernel.clone();
-    for (mine, theirs) in machine.nets.iter_mut().zip(&saved.nets) {
-        mine.mac = theirs.mac;
+    for (mine, theirs) in machine.nics.iter_mut().zip(&saved.nics) {
+        mine.mac = theirs.mac.clone();
     }
     machine
 }
@@ -234,32 +234,29 @@ pub fn rebuilt_machine(saved: &MachineConfig, ours: &MachineConfig) -> MachineCo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DiskConfig, NetConfig, RateLimit, VsockConfig};
+    use crate::config::{DiskSpec, NicSpec, RateLimit, VsockSpec};
 
-    fn machine() -> MachineConfig {
-        MachineConfig {
-            kernel: "vmlinux".into(),
-            cmdline: "console=ttyS0".into(),
+    fn machine() -> VmSpec {
+        VmSpec {
+            kernel: Some("vmlinux".into()),
+            cmdline: Some("console=ttyS0".into()),
             cpus: 2,
             memory_mib: 256,
-            shared_memory: false,
-            disks: vec![DiskConfig {
+            disks: vec![DiskSpec {
                 path: "/srv/a.img".into(),
-                read_only: false,
-                id: None,
-                rate_limit: RateLimit::default(),
+                ..Default::default()
             }],
-            nets: vec![NetConfig {
+            nics: vec![NicSpec {
                 tap: "tap0".into(),
-                mac: Some([2, 0, 0, 0, 0, 1]),
+                mac: Some("02:00:00:00:00:01".into()),
                 rate_limit: RateLimit::default(),
             }],
             rng: true,
-            balloon: None,
-            vsock: Some(VsockConfig {
+            vsock: Some(VsockSpec {
                 cid: 3,
-                socket: "vsock.sock".into(),
+                socket: Some("vsock.sock".into()),
             }),
+            ..VmSpec::named("m")
         }
     }
 
@@ -268,12 +265,12 @@ mod tests {
         let ours = machine();
         let mut saved = machine();
         saved.disks[0].path = "/etc/shadow".into();
-        saved.nets[0].tap = "other".into();
-        saved.vsock.as_mut().unwrap().socket = "/etc/passwd".into();
+        saved.nics[0].tap = "other".into();
+        saved.vsock.as_mut().unwrap().socket = Some("/etc/passwd".into());
         check_same_shape("the snapshot", &saved, &ours).unwrap();
         let rebuilt = rebuilt_machine(&saved, &ours);
         assert_eq!(rebuilt.disks[0].path, ours.disks[0].path);
-        assert_eq!(rebuilt.nets[0].tap, "tap0");
+        assert_eq!(rebuilt.nics[0].tap, "tap0");
         assert_eq!(rebuilt.vsock.unwrap().socket, ours.vsock.unwrap().socket);
     }
 
@@ -288,7 +285,7 @@ mod tests {
     #[test]
     fn a_read_only_disk_may_come_read_only_and_a_writable_one_read_write() {
         let mut m = machine();
-        m.nets.clear();
+        m.nics.clear();
         m.vsock = None;
         let file = tempfile_in_tmp("modes");
         let rw = std::fs::OpenOptions::new()
@@ -297,7 +294,7 @@ mod tests {
             .open(&file)
             .unwrap();
         DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(rw))).unwrap();
-        m.disks[0].read_only = true;
+        m.disks[0].readonly = true;
         let ro = File::open(&file).unwrap();
         DeviceBackings::from_descriptors(&m, &mut std::iter::once(OwnedFd::from(ro))).unwrap();
         let _ = std::fs::remove_file(file);
@@ -307,22 +304,22 @@ mod tests {
     fn the_guest_keeps_its_command_line_and_macs() {
         let ours = machine();
         let mut saved = machine();
-        saved.cmdline = "booted with this".into();
-        saved.nets[0].mac = Some([2, 9, 9, 9, 9, 9]);
+        saved.cmdline = Some("booted with this".into());
+        saved.nics[0].mac = Some("02:09:09:09:09:09".into());
         let rebuilt = rebuilt_machine(&saved, &ours);
-        assert_eq!(rebuilt.cmdline, "booted with this");
-        assert_eq!(rebuilt.nets[0].mac, Some([2, 9, 9, 9, 9, 9]));
+        assert_eq!(rebuilt.cmdline.as_deref(), Some("booted with this"));
+        assert_eq!(rebuilt.nics[0].mac.as_deref(), Some("02:09:09:09:09:09"));
     }
 
     #[test]
     fn each_difference_the_guest_would_notice_is_refused_naming_it() {
-        type Change = fn(&mut MachineConfig);
+        type Change = fn(&mut VmSpec);
         let cases: Vec<(&str, Change)> = vec![
             ("vCPUs", |m| m.cpus = 1),
             ("memory", |m| m.memory_mib = 512),
             ("disks", |m| m.disks.clear()),
-            ("read-only", |m| m.disks[0].read_only = true),
-            ("network", |m| m.nets.clear()),
+            ("read-only", |m| m.disks[0].readonly = true),
+            ("network", |m| m.nics.clear()),
             ("entropy", |m| m.rng = false),
             ("balloon", |m| m.balloon = Some(Default::default())),
             ("CID", |m| m.vsock.as_mut().unwrap().cid = 4),
@@ -339,7 +336,7 @@ mod tests {
     #[test]
     fn a_descriptor_of_the_wrong_kind_is_refused() {
         let mut m = machine();
-        m.nets.clear();
+        m.nics.clear();
         m.vsock = None;
         // A directory is no disk.
         let dir = File::open("/").unwrap();

@@ -16,6 +16,14 @@ pub enum KernelSource {
 }
 
 impl KernelSource {
+    /// The file, for a machine to record (None: an image in memory).
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            KernelSource::File(path) => Some(path.clone()),
+            KernelSource::Bytes { .. } => None,
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             KernelSource::File(path) => path.display().to_string(),
@@ -25,25 +33,69 @@ impl KernelSource {
 }
 
 /// A virtio-blk disk backed by a host file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskConfig {
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// A raw disk image.
+    #[cfg_attr(feature = "schema", schema(value_type = String))]
     pub path: PathBuf,
-    pub read_only: bool,
-    /// What the guest reads as the disk's serial (GET_ID), at most 20 bytes;
-    /// the file name when not given.
+    #[serde(default)]
+    pub readonly: bool,
+    /// What the guest reads as the disk's serial (virtio-blk GET_ID): 1 to
+    /// 20 bytes of printable ASCII; the file's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(example = "data-1"))]
     pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_unlimited")]
     pub rate_limit: RateLimit,
 }
 
 /// A virtio-net interface backed by a host TAP device.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetConfig {
-    /// The TAP device, created if it does not exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The host TAP device (created if missing), up to 15 characters.
+    #[cfg_attr(feature = "schema", schema(example = "tap-web1"))]
     pub tap: String,
-    /// The guest's MAC address; a random locally administered one if None.
-    pub mac: Option<[u8; 6]>,
+    /// A unicast MAC address; random when absent (and then kept: a
+    /// snapshot or migration carries the one the guest was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(example = "02:00:00:00:00:01"))]
+    pub mac: Option<String>,
     /// Applied to each direction (receive and transmit) separately.
+    #[serde(default, skip_serializing_if = "is_unlimited")]
     pub rate_limit: RateLimit,
+}
+
+fn is_unlimited(limit: &RateLimit) -> bool {
+    *limit == RateLimit::default()
+}
+
+/// A virtio-vsock device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VsockSpec {
+    /// The guest's context id (3 or more).
+    #[cfg_attr(feature = "schema", schema(minimum = 3))]
+    pub cid: u32,
+    /// The Unix socket host programs connect to; guest connections to host
+    /// port P go to a listener at `<socket>_P`. Only `bulkhead run` takes
+    /// one: the daemon refuses it and places the socket in the VM's
+    /// directory (`vsock.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub socket: Option<PathBuf>,
+}
+
+impl VsockSpec {
+    /// Where the VMM binds the host side (relative to its directory when
+    /// none was given).
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| "vsock.sock".into())
+    }
 }
 
 /// A virtio-balloon device.
@@ -59,26 +111,15 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
 }
 
-/// A virtio-vsock device and the host side of its sockets.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VsockConfig {
-    /// The guest's context ID (3 or more).
-    pub cid: u64,
-    /// The Unix socket host programs connect to; guest connections to host
-    /// port P go to a listener at `<socket>_P`.
-    pub socket: PathBuf,
-}
-
 /// A VM to boot: the machine, and what this process needs to start it
 /// (the kernel's bytes, where KVM is, diagnostics).
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: KernelSource,
-    pub initrd: Option<PathBuf>,
     /// The machine, the one description snapshots and migrations carry
-    /// too. Its `cmdline` is the user's here: host and device options are
+    /// too. Its `cmdline` is the user's: host and device options are
     /// appended when the VM is built; `kernel` is taken from `kernel`.
-    pub machine: MachineConfig,
+    pub machine: VmSpec,
     /// Append the options this host's KVM needs to the command line.
     pub host_cmdline_options: bool,
     /// The KVM device node.
@@ -89,28 +130,107 @@ pub struct VmConfig {
     pub prefault_memory: bool,
 }
 
-/// The machine a running VM is, as a snapshot or migration carries it: what
-/// a new process needs to rebuild the same VM around its saved state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MachineConfig {
-    /// The kernel it booted (for information: a restored VM does not load it).
-    pub kernel: String,
-    /// The command line the kernel was given, host and device options included.
-    pub cmdline: String,
+/// A VM definition: the one description of a machine that the API, the
+/// daemon's store, `bulkhead run --config FILE` (and its flags, which build
+/// the same value), snapshots and migrations all carry. Paths are host paths
+/// inside the daemon's allowed storage directories, which the daemon opens
+/// for the VMM; with no kernel, the VM boots Bulkhead's embedded guest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Unique within the project: lower-case letters, digits and '-', 1 to 63.
+    #[cfg_attr(
+        feature = "schema",
+        schema(example = "web-1", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")
+    )]
+    pub name: String,
+    /// An ELF vmlinux or bzImage; the embedded guest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schema(value_type = Option<String>, example = "/var/lib/bulkhead/images/vmlinux")
+    )]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub initrd: Option<PathBuf>,
+    /// The kernel's command line (the VMM appends the options its devices
+    /// and this host's KVM need); `console=ttyS0 reboot=k panic=-1` for a
+    /// Linux kernel when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(example = "console=ttyS0 root=/dev/vda"))]
+    pub cmdline: Option<String>,
+    #[serde(default = "default_cpus")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 128, default = 1))]
     pub cpus: u8,
+    #[serde(default = "default_memory_mib")]
+    #[cfg_attr(
+        feature = "schema",
+        schema(minimum = 16, maximum = 1048576, default = 128)
+    )]
     pub memory_mib: u64,
-    /// Guest RAM in a sealed memfd mapped shared, which a same-host
-    /// migration hands over instead of copying (absent: anonymous memory).
+    /// Guest RAM in a sealed memfd mapped shared (as Cloud Hypervisor's
+    /// `shared=on`): a same-host migration hands it over instead of copying it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared_memory: bool,
-    pub disks: Vec<DiskConfig>,
-    pub nets: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
+    /// A virtio-rng entropy device (the guest's hwrng, fed from the host's getrandom).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rng: bool,
+    /// A virtio-balloon device: the host can ask the guest for memory back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
-    pub vsock: Option<VsockConfig>,
 }
 
-impl MachineConfig {
+fn default_cpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    128
+}
+
+impl VmSpec {
+    /// The command line to boot with, before the VMM appends its options.
+    pub fn kernel_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_LINUX_CMDLINE)
+    }
+
+    /// Appends `options` to the command line (the default one if none was given).
+    pub fn add_to_cmdline(&mut self, options: &str) {
+        let mut cmdline = self.kernel_cmdline().to_string();
+        if !cmdline.is_empty() && !options.is_empty() && !options.starts_with(' ') {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(options);
+        self.cmdline = Some(cmdline);
+    }
+
+    /// A machine named `name` with every default: one vCPU, 128 MiB, the
+    /// embedded guest, no devices.
+    pub fn named(name: &str) -> VmSpec {
+        VmSpec {
+            name: name.to_string(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            cpus: default_cpus(),
+            memory_mib: default_memory_mib(),
+            shared_memory: false,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            vsock: None,
+            rng: false,
+            balloon: None,
+        }
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
@@ -121,7 +241,7 @@ impl MachineConfig {
     /// the slots differently and still restore an older snapshot.
     pub fn device_ids(&self) -> Vec<String> {
         let disks = (0..self.disks.len()).map(disk_name);
-        let nets = (0..self.nets.len()).map(net_name);
+        let nets = (0..self.nics.len()).map(net_name);
         let others = [
             self.rng.then_some("rng"),
             self.vsock.is_some().then_some("vsock"),
@@ -171,20 +291,11 @@ pub enum ConfigError {
 impl VmConfig {
     pub fn new(kernel: KernelSource) -> Self {
         VmConfig {
-            machine: MachineConfig {
-                kernel: kernel.name(),
-                cmdline: DEFAULT_LINUX_CMDLINE.to_string(),
-                cpus: 1,
-                memory_mib: 128,
-                shared_memory: false,
-                disks: Vec::new(),
-                nets: Vec::new(),
-                rng: false,
-                balloon: None,
-                vsock: None,
+            machine: VmSpec {
+                kernel: kernel.path(),
+                ..VmSpec::named("run")
             },
             kernel,
-            initrd: None,
             host_cmdline_options: true,
             kvm_device: PathBuf::from("/dev/kvm"),
             sample_rip_every: None,
@@ -223,22 +334,13 @@ impl VmConfig {
 
     /// A VM to boot `kernel` as `machine` (its command line the user's: the
     /// VMM appends host and device options); process options at defaults.
-    pub fn of_machine(kernel: KernelSource, machine: &MachineConfig) -> Self {
+    pub fn of_machine(kernel: KernelSource, machine: &VmSpec) -> Self {
         VmConfig {
-            machine: MachineConfig {
-                kernel: kernel.name(),
+            machine: VmSpec {
+                kernel: kernel.path(),
                 ..machine.clone()
             },
             ..VmConfig::new(kernel)
-        }
-    }
-
-    /// This VM as a snapshot describes it; `cmdline` is the final one.
-    pub fn machine(&self, cmdline: &str) -> MachineConfig {
-        MachineConfig {
-            kernel: self.kernel.name(),
-            cmdline: cmdline.to_string(),
-            ..self.machine.clone()
         }
     }
 }
@@ -309,31 +411,24 @@ mod tests {
 
     #[test]
     fn device_ids_follow_the_slots_and_name_each_device() {
-        let disk = DiskConfig {
+        let disk = DiskSpec {
             path: "d".into(),
-            read_only: false,
-            id: None,
-            rate_limit: RateLimit::default(),
+            ..Default::default()
         };
-        let net = NetConfig {
+        let nic = NicSpec {
             tap: "t".into(),
-            mac: None,
-            rate_limit: RateLimit::default(),
+            ..Default::default()
         };
-        let machine = MachineConfig {
-            kernel: "k".into(),
-            cmdline: String::new(),
-            cpus: 1,
-            memory_mib: 64,
-            shared_memory: false,
+        let machine = VmSpec {
             disks: vec![disk; 28],
-            nets: vec![net.clone(), net],
+            nics: vec![nic.clone(), nic],
             rng: true,
             balloon: Some(BalloonConfig::default()),
-            vsock: Some(VsockConfig {
+            vsock: Some(VsockSpec {
                 cid: 3,
-                socket: "v".into(),
+                socket: None,
             }),
+            ..VmSpec::named("m")
         };
         let ids = machine.device_ids();
         assert_eq!(ids[..2], ["vda", "vdb"]);

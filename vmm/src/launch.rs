@@ -17,7 +17,7 @@
 //! (or fails to start), so the daemon learns how its VMM ended without
 //! reading the VMM's log, where a guest's doings may show up.
 
-use crate::config::MachineConfig;
+use crate::config::VmSpec;
 use crate::sandbox::SandboxConfig;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -57,7 +57,7 @@ pub struct LaunchPlan {
     /// The machine as the daemon records it. For a boot, `cmdline` is the
     /// user's (the VMM appends host and device options); for a restore or a
     /// migration, the devices the guest's state is rebuilt onto.
-    pub machine: MachineConfig,
+    pub machine: VmSpec,
     pub boot: BootPlan,
     pub origin: LaunchOrigin,
     /// Who the VMM becomes before it reads anything hostile.
@@ -113,7 +113,7 @@ impl LaunchPlan {
         2 + usize::from(boot && self.boot.kernel)
             + usize::from(boot && self.boot.initrd)
             + self.machine.disks.len()
-            + self.machine.nets.len()
+            + self.machine.nics.len()
             + usize::from(self.machine.vsock.is_some())
             + usize::from(matches!(self.origin, LaunchOrigin::Incoming(_)))
     }
@@ -301,17 +301,10 @@ mod tests {
     fn plan() -> LaunchPlan {
         LaunchPlan {
             version: VERSION,
-            machine: MachineConfig {
-                kernel: "vmlinux".into(),
-                cmdline: "console=ttyS0".into(),
-                cpus: 1,
-                memory_mib: 128,
-                shared_memory: false,
-                disks: vec![],
-                nets: vec![],
-                rng: false,
-                balloon: None,
-                vsock: None,
+            machine: VmSpec {
+                kernel: Some("vmlinux".into()),
+                cmdline: Some("console=ttyS0".into()),
+                ..VmSpec::named("m")
             },
             boot: BootPlan {
                 kernel: true,
@@ -433,21 +426,21 @@ mod tests {
         });
         assert_eq!(p.descriptor_count(), 3);
         // One per disk, per NIC, and the vsock listener.
-        let disk = crate::config::DiskConfig {
+        let disk = crate::config::DiskSpec {
             path: "d".into(),
-            read_only: false,
+            readonly: false,
             id: None,
             rate_limit: Default::default(),
         };
         p.machine.disks = vec![disk; 3];
-        p.machine.nets = vec![crate::config::NetConfig {
+        p.machine.nics = vec![crate::config::NicSpec {
             tap: "t".into(),
             mac: None,
             rate_limit: Default::default(),
         }];
-        p.machine.vsock = Some(crate::config::VsockConfig {
+        p.machine.vsock = Some(crate::config::VsockSpec {
             cid: 3,
-            socket: "v".into(),
+            socket: Some("v".into()),
         });
         assert_eq!(p.descriptor_count(), 3 + 3 + 1 + 1);
     }

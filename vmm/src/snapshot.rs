@@ -13,7 +13,7 @@
 //! are independent clones.
 
 use crate::arch::x86_64::state::{VcpuState, VmState};
-use crate::config::MachineConfig;
+use crate::config::VmSpec;
 use crate::memory::GuestRam;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -42,7 +42,10 @@ pub const FORMAT: &str = "bulkhead-snapshot";
 /// (the list was in id order).
 /// 5: the board's devices (UART, i8042, CMOS, PM1, PCI) in `devices` by id,
 /// beside the virtio devices; an older state's fields are moved there.
-pub const VERSION: u32 = 5;
+/// 6: the machine is the API's VM spec ([`VmSpec`]: `nics`, `readonly`, MACs
+/// as text, a vsock CID of 32 bits, the user's command line); an older
+/// machine is brought to it by [`machine_as_spec`].
+pub const VERSION: u32 = 6;
 /// The oldest format this Bulkhead restores (1 had another interrupt layout).
 pub const MIN_READABLE_VERSION: u32 = 2;
 pub const MEMORY_FILE: &str = "memory";
@@ -56,13 +59,13 @@ const CHUNK: usize = 1 << 20;
 /// sends after the last memory pages.
 #[derive(Serialize, Deserialize)]
 pub struct SavedVm {
-    pub machine: MachineConfig,
+    pub machine: VmSpec,
     pub vm: VmState,
     /// Each vCPU's registers by vCPU id (0 to `machine.cpus - 1`).
     pub vcpus: std::collections::BTreeMap<u8, VcpuState>,
     /// Every device's state by its id: the board's (`serial`, `i8042`,
     /// `cmos`, `pm1`, `pci`) and each virtio device's
-    /// ([`MachineConfig::device_ids`]); each typed by its device
+    /// ([`VmSpec::device_ids`]); each typed by its device
     /// (`persist.rs`). Before version 5 the board's were fields of their
     /// own, and before 3 the virtio devices a list in slot order: the rules
     /// in [`SavedVm::from_value`] bring such states to this one.
@@ -88,15 +91,96 @@ impl SavedVm {
         if version < 5 {
             key_board_by_id(&mut value)?;
         }
+        if version < 6 {
+            let machine = value.get_mut("machine").ok_or("machine: missing")?;
+            machine_as_spec(machine).map_err(|e| format!("machine: {e}"))?;
+        }
         serde_json::from_value(value).map_err(|e| e.to_string())
     }
+}
+
+/// Versions 2 to 5 described the machine in a shape of its own
+/// (`MachineConfig`): bring it to the VM spec's. Its `kernel` named the file
+/// or "embedded guest", its `cmdline` was the final one (kept: a restored
+/// guest does not boot again), NICs were `nets` with MACs as byte arrays,
+/// disks said `read_only`, and it had no name.
+pub fn machine_as_spec(machine: &mut serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    let Value::Object(fields) = machine else {
+        return Err("not an object".into());
+    };
+    fields
+        .entry("name")
+        .or_insert_with(|| Value::from("restored"));
+    match fields.remove("kernel") {
+        Some(Value::String(kernel)) if kernel != "embedded guest" && !kernel.is_empty() => {
+            fields.insert("kernel".into(), Value::String(kernel));
+        }
+        Some(Value::String(_)) | None => {}
+        Some(_) => return Err("kernel: not a string".into()),
+    }
+    if let Some(Value::String(cmdline)) = fields.get("cmdline") {
+        if cmdline.is_empty() {
+            fields.remove("cmdline");
+        }
+    }
+    if let Some(Value::Array(disks)) = fields.get_mut("disks") {
+        for (index, disk) in disks.iter_mut().enumerate() {
+            let disk = disk
+                .as_object_mut()
+                .ok_or_else(|| format!("disks[{index}]: not an object"))?;
+            if let Some(read_only) = disk.remove("read_only") {
+                disk.insert("readonly".into(), read_only);
+            }
+            if disk.get("id") == Some(&Value::Null) {
+                disk.remove("id");
+            }
+        }
+    }
+    if let Some(nets) = fields.remove("nets") {
+        let Value::Array(mut nics) = nets else {
+            return Err("nets: not a list".into());
+        };
+        for (index, nic) in nics.iter_mut().enumerate() {
+            let nic = nic
+                .as_object_mut()
+                .ok_or_else(|| format!("nets[{index}]: not an object"))?;
+            match nic.remove("mac") {
+                None | Some(Value::Null) => {}
+                Some(mac) => {
+                    let bytes: [u8; 6] = serde_json::from_value(mac)
+                        .map_err(|e| format!("nets[{index}].mac: {e}"))?;
+                    nic.insert(
+                        "mac".into(),
+                        Value::String(crate::config::format_mac(&bytes)),
+                    );
+                }
+            }
+        }
+        fields.insert("nics".into(), Value::Array(nics));
+    }
+    if fields.get("balloon") == Some(&Value::Null) {
+        fields.remove("balloon");
+    }
+    match fields.remove("vsock") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(mut vsock)) => {
+            let cid = vsock.get("cid").and_then(Value::as_u64).unwrap_or(0);
+            let cid = u32::try_from(cid).map_err(|_| format!("vsock.cid: {cid} is not 32 bits"))?;
+            vsock.insert("cid".into(), Value::from(cid));
+            fields.insert("vsock".into(), Value::Object(vsock));
+        }
+        Some(_) => return Err("vsock: not an object".into()),
+    }
+    Ok(())
 }
 
 /// Version 2 listed the virtio devices in slot order: key each by the id its
 /// machine gives that slot.
 fn key_devices_by_id(state: &mut serde_json::Value) -> Result<(), String> {
-    let machine: MachineConfig =
-        serde_json::from_value(state["machine"].clone()).map_err(|e| format!("machine: {e}"))?;
+    let mut machine = state["machine"].clone();
+    machine_as_spec(&mut machine).map_err(|e| format!("machine: {e}"))?;
+    let machine: VmSpec = serde_json::from_value(machine).map_err(|e| format!("machine: {e}"))?;
     let ids = machine.device_ids();
     let Some(serde_json::Value::Array(list)) = state.get_mut("devices").map(std::mem::take) else {
         return Err("devices: not a list (a version 2 state lists them)".into());
@@ -563,6 +647,83 @@ fn map_private(
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    /// A machine as versions 2 to 5 wrote it, every device present.
+    fn machine_config_of_version_5() -> serde_json::Value {
+        serde_json::json!({
+            "kernel": "/images/vmlinux", "cmdline": "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5",
+            "cpus": 2, "memory_mib": 64, "shared_memory": true,
+            "disks": [{"path": "/d.img", "read_only": true, "id": null,
+                       "rate_limit": {"bytes_per_sec": 1000, "bytes_burst": null,
+                                      "ops_per_sec": null, "ops_burst": null}}],
+            "nets": [{"tap": "tap0", "mac": [2, 0, 0, 0, 0, 0x1f],
+                      "rate_limit": {"bytes_per_sec": null, "bytes_burst": null,
+                                     "ops_per_sec": null, "ops_burst": null}},
+                     {"tap": "tap1", "mac": null,
+                      "rate_limit": {"bytes_per_sec": null, "bytes_burst": null,
+                                     "ops_per_sec": null, "ops_burst": null}}],
+            "rng": true, "balloon": null,
+            "vsock": {"cid": 7, "socket": "/run/v.sock"}
+        })
+    }
+
+    #[test]
+    fn an_older_machine_is_read_as_the_vm_spec() {
+        let mut machine = machine_config_of_version_5();
+        machine_as_spec(&mut machine).unwrap();
+        let spec: VmSpec = serde_json::from_value(machine).unwrap();
+        assert_eq!(spec.name, "restored");
+        assert_eq!(spec.kernel, Some(PathBuf::from("/images/vmlinux")));
+        assert_eq!(
+            spec.cmdline.as_deref(),
+            Some("console=ttyS0 virtio_mmio.device=4K@0xd0000000:5")
+        );
+        assert_eq!(
+            (spec.cpus, spec.memory_mib, spec.shared_memory),
+            (2, 64, true)
+        );
+        assert!(spec.disks[0].readonly);
+        assert_eq!(spec.disks[0].rate_limit.bytes_per_sec, Some(1000));
+        assert_eq!(spec.nics[0].mac.as_deref(), Some("02:00:00:00:00:1f"));
+        assert_eq!(spec.nics[1].mac, None);
+        assert_eq!(spec.nics[1].tap, "tap1");
+        let vsock = spec.vsock.unwrap();
+        assert_eq!((vsock.cid, vsock.socket), (7, Some("/run/v.sock".into())));
+        assert!(spec.rng && spec.balloon.is_none());
+        // The embedded guest's machine named no file.
+        let mut embedded = machine_config_of_version_5();
+        embedded["kernel"] = "embedded guest".into();
+        machine_as_spec(&mut embedded).unwrap();
+        assert!(embedded.get("kernel").is_none());
+    }
+
+    #[test]
+    fn an_older_machine_that_cannot_be_one_is_refused_naming_the_field() {
+        type Change = fn(&mut serde_json::Value);
+        let cases: Vec<(&str, Change)> = vec![
+            ("nets[0].mac", |m| {
+                m["nets"][0]["mac"] = serde_json::json!([1, 2])
+            }),
+            ("nets: not a list", |m| m["nets"] = serde_json::json!({})),
+            ("vsock.cid", |m| {
+                m["vsock"]["cid"] = serde_json::json!(1u64 << 33)
+            }),
+            ("kernel", |m| m["kernel"] = serde_json::json!(3)),
+            ("disks[0]", |m| m["disks"][0] = serde_json::json!("x")),
+        ];
+        for (field, change) in cases {
+            let mut machine = machine_config_of_version_5();
+            change(&mut machine);
+            let error = machine_as_spec(&mut machine).unwrap_err();
+            assert!(error.contains(field), "{field}: {error}");
+        }
+        // A machine in this version's shape is not read by the old rule.
+        let mut state = serde_json::json!({"machine": machine_config_of_version_5()});
+        let Err(error) = SavedVm::from_value(state.take(), VERSION) else {
+            panic!("an old machine read as a version {VERSION} one");
+        };
+        assert!(error.contains("unknown field"), "{error}");
+    }
 
     /// The version 2 fixture's state, with its device list replaced.
     fn v2_state_with(machine: serde_json::Value, devices: serde_json::Value) -> serde_json::Value {

@@ -5,7 +5,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{acpi, boot, cpu, mptable, paging};
 use crate::backing::DeviceBackings;
-use crate::config::{ConfigError, KernelSource, MachineConfig, VmConfig};
+use crate::config::{ConfigError, KernelSource, VmConfig, VmSpec};
 use crate::devices::event_loop::{DeviceEventLoop, Subscriber};
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
@@ -180,7 +180,7 @@ impl Hardware {
     /// put in the `saved` state when there is one.
     fn create(
         kvm: &Kvm,
-        machine: &MachineConfig,
+        machine: &VmSpec,
         backings: DeviceBackings,
         memory: GuestRam,
         serial_output: SerialOutput,
@@ -291,14 +291,15 @@ impl Hardware {
         self,
         kvm: Kvm,
         vcpus: Vec<Vcpu>,
-        machine: MachineConfig,
+        machine: VmSpec,
+        cmdline: String,
         entry: &'static str,
         flavour: KvmFlavour,
     ) -> Vm {
         Vm {
             _kvm: kvm,
             vcpus,
-            cmdline: machine.cmdline.clone(),
+            cmdline,
             core: Arc::new(VmCore {
                 shared: self.shared,
                 board: self.board,
@@ -345,7 +346,7 @@ pub(crate) fn set_memory_slots(
     Ok(())
 }
 
-pub(crate) fn check_machine(machine: &MachineConfig) -> Result<(), VmError> {
+pub(crate) fn check_machine(machine: &VmSpec) -> Result<(), VmError> {
     let max = crate::arch::x86_64::mptable::MAX_CPUS;
     if machine.cpus == 0 || machine.cpus > max {
         return Err(ConfigError::Cpus {
@@ -385,14 +386,14 @@ impl Vm {
                 }
                 KernelSource::Bytes { .. } => None,
             },
-            initrd: match &config.initrd {
+            initrd: match &config.machine.initrd {
                 Some(path) => Some(File::open(path).map_err(|source| VmError::InitrdFile {
                     path: path.display().to_string(),
                     source,
                 })?),
                 None => None,
             },
-            devices: DeviceBackings::open(&config.machine(""))?,
+            devices: DeviceBackings::open(&config.machine)?,
         };
         Vm::build(config, backings, serial_output)
     }
@@ -422,7 +423,7 @@ impl Vm {
         if config.prefault_memory {
             prefault(&memory);
         }
-        let mut cmdline = config.machine.cmdline.clone();
+        let mut cmdline = config.machine.kernel_cmdline().to_string();
         if config.host_cmdline_options {
             let extra = flavour.guest_cmdline_options();
             if !extra.is_empty() {
@@ -432,14 +433,8 @@ impl Vm {
                 cmdline.push_str(extra);
             }
         }
-        let hardware = Hardware::create(
-            &kvm,
-            &config.machine(&cmdline),
-            devices,
-            memory,
-            serial_output,
-            None,
-        )?;
+        let hardware =
+            Hardware::create(&kvm, &config.machine, devices, memory, serial_output, None)?;
         for slot in &hardware.virtio {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
@@ -451,6 +446,7 @@ impl Vm {
         let initrd = match initrd_file {
             Some(mut file) => {
                 let name = config
+                    .machine
                     .initrd
                     .as_ref()
                     .map_or("initrd".into(), |path| path.display().to_string());
@@ -508,8 +504,15 @@ impl Vm {
                 config.sample_rip_every,
             ));
         }
-        let machine = config.machine(&cmdline);
-        Ok(hardware.into_vm(kvm, vcpus, machine, kernel.entry.describe(), flavour))
+        let machine = config.machine.clone();
+        Ok(hardware.into_vm(
+            kvm,
+            vcpus,
+            machine,
+            cmdline,
+            kernel.entry.describe(),
+            flavour,
+        ))
     }
 
     /// Rebuilds a VM from a snapshot read by [`crate::snapshot::read`], its
@@ -550,7 +553,7 @@ impl Vm {
     /// it) and its open `devices`: the snapshot gives guest state only.
     pub fn restore_onto(
         snapshot: &crate::snapshot::LoadedSnapshot,
-        machine: &MachineConfig,
+        machine: &VmSpec,
         kvm: Kvm,
         devices: DeviceBackings,
         options: &RestoreOptions,
@@ -577,7 +580,7 @@ impl Vm {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_saved(
         saved: &SavedVm,
-        machine: &MachineConfig,
+        machine: &VmSpec,
         kvm: Kvm,
         devices: DeviceBackings,
         memory: GuestRam,
@@ -620,7 +623,8 @@ impl Vm {
         // KVM's saved irqchip does not hold who drives a line: raise the SCI
         // again if an enabled event was pending.
         lock(&hardware.board.pm1).drive_sci();
-        Ok(hardware.into_vm(kvm, vcpus, machine.clone(), "restored", flavour))
+        let cmdline = machine.kernel_cmdline().to_string();
+        Ok(hardware.into_vm(kvm, vcpus, machine.clone(), cmdline, "restored", flavour))
     }
 
     /// The console UART, for feeding it input.
@@ -670,21 +674,21 @@ impl Vm {
 /// Builds the configured virtio devices, each behind a virtio-mmio window
 /// with an irqfd for its interrupt and ioeventfds for its queues.
 fn create_virtio_devices(
-    config: &MachineConfig,
+    config: &VmSpec,
     backings: DeviceBackings,
     vm_fd: &VmFd,
     memory: &GuestRam,
 ) -> Result<(Vec<VirtioSlot>, Option<BalloonHandle>), VmError> {
     let DeviceBackings { disks, taps, vsock } = backings;
     if disks.len() != config.disks.len()
-        || taps.len() != config.nets.len()
+        || taps.len() != config.nics.len()
         || vsock.is_some() != config.vsock.is_some()
     {
         return Err(VmError::State(
             "the devices' host backings do not match the machine".into(),
         ));
     }
-    // In the order of `MachineConfig::device_ids`, which names each device.
+    // In the order of `VmSpec::device_ids`, which names each device.
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, (disk, file)) in config.disks.iter().zip(disks).enumerate() {
         devices.push(Box::new(virtio::block::Block::new(
@@ -693,7 +697,7 @@ fn create_virtio_devices(
             &crate::config::disk_name(index),
         )?));
     }
-    for (index, (net, tap)) in config.nets.iter().zip(taps).enumerate() {
+    for (index, (net, tap)) in config.nics.iter().zip(taps).enumerate() {
         devices.push(Box::new(virtio::net::Net::new(
             net,
             tap,

@@ -3,7 +3,7 @@
 //! (`lifecycle.rs`), the control socket (`control.rs`) and migration
 //! (`migration/`) work on it. It depends on none of them.
 
-use crate::config::MachineConfig;
+use crate::config::VmSpec;
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::power::Pm1;
@@ -32,7 +32,7 @@ pub struct VmCore {
     /// Its TAP devices (duplicates of the NICs' descriptors, in machine
     /// order): a same-host migration hands them to the destination.
     pub(crate) taps: Vec<std::fs::File>,
-    pub(crate) machine: MachineConfig,
+    pub(crate) machine: VmSpec,
     /// Held by every operation on the running VM, so they never overlap.
     pub(crate) run_state: Mutex<RunState>,
     /// How far an outgoing migration is, while one runs (the status shows it).
@@ -60,7 +60,7 @@ pub enum LiveState {
 /// A virtio-mmio device and where the guest finds it.
 #[derive(Clone)]
 pub(crate) struct VirtioSlot {
-    /// The device's id in the machine (`MachineConfig::device_ids`): what its
+    /// The device's id in the machine (`VmSpec::device_ids`): what its
     /// saved state is keyed by.
     pub id: String,
     pub base: u64,

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{image, run_until};
-use vmm::config::{BalloonConfig, DiskConfig};
+use vmm::config::{BalloonConfig, DiskSpec};
 use vmm::{KernelSource, VmConfig, VmExit};
 
 const REACHED_INIT: &str = "Run /init as init process";
@@ -32,7 +32,7 @@ fn boots_to_init_on_two_cpus(kernel: &str, memory_mib: u64, limit: Duration) {
         return;
     };
     let mut config = linux_config(kernel, 2);
-    config.initrd = Some(initrd);
+    config.machine.initrd = Some(initrd);
     config.machine.memory_mib = memory_mib;
     let (outcome, reached) = run_until(
         &config,
@@ -98,11 +98,10 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
     let mut config = linux_config(kernel, 1);
     config
         .machine
-        .cmdline
-        .push_str(" root=/dev/vda rw rootfstype=ext4 init=/missing rootdelay=5");
-    config.machine.disks.push(DiskConfig {
+        .add_to_cmdline(" root=/dev/vda rw rootfstype=ext4 init=/missing rootdelay=5");
+    config.machine.disks.push(DiskSpec {
         path: disk.clone(),
-        read_only: true,
+        readonly: true,
         id: None,
         rate_limit: Default::default(),
     });
@@ -156,7 +155,7 @@ fn project_bzimage_decompresses_and_starts_the_kernel() {
     };
     let mut config = linux_config(kernel, 1);
     // The decompressor writes to the serial port only with earlyprintk.
-    config.machine.cmdline.push_str(" earlyprintk=serial,ttyS0");
+    config.machine.add_to_cmdline(" earlyprintk=serial,ttyS0");
     let (outcome, reached) = run_until(
         &config,
         BOOT_LIMIT,

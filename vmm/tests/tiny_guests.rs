@@ -268,9 +268,9 @@ fn virtio_blk_serves_a_tiny_guest_driver() {
             disk_sectors: (8 << 20) / 512,
         };
         let mut config = config_for("virtio_blk", guests::block_workload(workload).unwrap());
-        config.machine.disks.push(vmm::config::DiskConfig {
+        config.machine.disks.push(vmm::config::DiskSpec {
             path: disk.clone(),
-            read_only: false,
+            readonly: false,
             id: None,
             rate_limit: Default::default(),
         });
@@ -316,7 +316,7 @@ fn virtio_net_carries_a_tiny_guest_frames_to_the_tap() {
             batch: 16,
         };
         let mut config = config_for("virtio_net", guests::net_workload(workload).unwrap());
-        config.machine.nets.push(vmm::config::NetConfig {
+        config.machine.nics.push(vmm::config::NicSpec {
             tap: "tinynet0".into(),
             mac: None,
             rate_limit: Default::default(),
@@ -374,7 +374,10 @@ fn virtio_vsock_carries_a_tiny_guest_connections_both_ways() {
         (hello, ok, pong)
     });
     let mut config = config_for("virtio_vsock", guests::vsock_workload(CID).unwrap());
-    config.machine.vsock = Some(vmm::config::VsockConfig { cid: CID, socket });
+    config.machine.vsock = Some(vmm::config::VsockSpec {
+        cid: CID as u32,
+        socket: Some(socket),
+    });
     let outcome = run_config(&config, Duration::from_secs(60));
     assert!(
         outcome.output.contains("PASS virtio_vsock"),
@@ -419,9 +422,9 @@ fn a_read_only_disk_refuses_a_tiny_guest_writes_with_the_error_status() {
         disk_sectors: (1 << 20) / 512,
     };
     let mut config = config_for("virtio_blk", guests::block_workload(workload).unwrap());
-    config.machine.disks.push(vmm::config::DiskConfig {
+    config.machine.disks.push(vmm::config::DiskSpec {
         path: disk.clone(),
-        read_only: true,
+        readonly: true,
         id: None,
         rate_limit: Default::default(),
     });
@@ -457,7 +460,7 @@ fn virtio_net_delivers_frames_from_the_tap_to_a_tiny_guest() {
         let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(unshared, 0, "needs root");
         let mut config = config_for("virtio_net", guests::net_receive_workload(200).unwrap());
-        config.machine.nets.push(vmm::config::NetConfig {
+        config.machine.nics.push(vmm::config::NicSpec {
             tap: "tinynet1".into(),
             mac: None,
             rate_limit: Default::default(),

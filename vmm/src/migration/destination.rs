@@ -7,7 +7,7 @@ use super::transport::{Listener, TlsServer};
 use super::MigrationError;
 use crate::arch::x86_64::boot;
 use crate::backing::DeviceBackings;
-use crate::config::MachineConfig;
+use crate::config::VmSpec;
 use crate::devices::legacy::post::monotonic_ns;
 use crate::devices::legacy::serial::SerialOutput;
 use crate::memory::GuestRam;
@@ -49,7 +49,7 @@ enum Target {
 }
 
 struct LocalMachine {
-    machine: MachineConfig,
+    machine: VmSpec,
     kvm: Kvm,
     devices: DeviceBackings,
 }
@@ -103,7 +103,7 @@ impl Incoming {
     /// host's record) and its open `devices`.
     pub fn receive_onto(
         self,
-        machine: MachineConfig,
+        machine: VmSpec,
         kvm: Kvm,
         devices: DeviceBackings,
         options: &RestoreOptions,
@@ -137,7 +137,7 @@ impl Incoming {
             }
             .into());
         }
-        let hello: Hello = match protocol::decode(Tag::Hello, &payload) {
+        let hello: Hello = match protocol::decode_hello(&payload) {
             Ok(hello) => hello,
             Err(e) => {
                 refuse(stream.as_mut(), Tag::Refuse, &e.to_string());
@@ -184,7 +184,7 @@ impl Incoming {
         let take_taps = socket.is_some()
             && matches!(target, Target::AsDescribed)
             && hello.version >= 5
-            && !hello.machine.nets.is_empty();
+            && !hello.machine.nics.is_empty();
         // The machine built here decides how its RAM is kept.
         let shared_memory = match &target {
             Target::AsDescribed => hello.machine.shared_memory,
@@ -216,7 +216,7 @@ impl Incoming {
         stream.flush().map_err(protocol::ProtocolError::from)?;
         let mut handed_taps = None;
         if let (true, Some(socket)) = (take_taps, socket) {
-            match super::hand_over::receive_taps(socket, stream.as_mut(), hello.machine.nets.len())
+            match super::hand_over::receive_taps(socket, stream.as_mut(), hello.machine.nics.len())
             {
                 Ok((_, taps)) => handed_taps = Some(taps),
                 Err(e) => {

@@ -27,9 +27,11 @@ pub const FORMAT: &str = "bulkhead-migration";
 /// 6: ... and its guest RAM, when it is a memfd (HELLO `memory_to_hand_over`,
 /// ACCEPT `memory`, a MEMORY frame); no PAGES frame follows (state as in 4).
 /// 7: the state of snapshot format 5 (the board's devices keyed by id).
+/// 8: the state of snapshot format 6, and HELLO's machine in its shape (the
+/// VM spec); an older source's machine is read by that format's rule.
 ///
 /// [`state_version`] says which snapshot state version each carries.
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 /// The oldest source a destination accepts.
 pub const MIN_ACCEPTED_VERSION: u32 = 2;
 /// No frame is larger (a PAGES frame carries at most 1 MiB of memory).
@@ -169,8 +171,28 @@ pub fn state_version(version: u32) -> u32 {
     match version {
         0..=4 => version,
         5 | 6 => 4,
-        _ => 5,
+        7 => 5,
+        _ => 6,
     }
+}
+
+/// Decodes a HELLO: a source of an older protocol describes its machine in
+/// the older snapshot format's shape, brought to this one by its rule.
+pub fn decode_hello(payload: &[u8]) -> Result<Hello, ProtocolError> {
+    let malformed = |e: String| ProtocolError::Malformed(Tag::Hello, e);
+    let mut value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
+    let version = value.get("version").and_then(serde_json::Value::as_u64);
+    let accepted = u64::from(MIN_ACCEPTED_VERSION)..=u64::from(VERSION);
+    if let Some(version) = version.filter(|v| accepted.contains(v)) {
+        if state_version(version as u32) < 6 {
+            if let Some(machine) = value.get_mut("machine") {
+                crate::snapshot::machine_as_spec(machine)
+                    .map_err(|e| malformed(format!("machine: {e}")))?;
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(|e| malformed(e.to_string()))
 }
 
 /// A text payload (REFUSE, FAILED, ABORT), shown to users: kept printable.
@@ -213,7 +235,7 @@ pub struct Taps {
 pub struct Hello {
     pub format: String,
     pub version: u32,
-    pub machine: crate::config::MachineConfig,
+    pub machine: crate::config::VmSpec,
     /// The source's RAM is a memfd it can hand over on this host. (A
     /// `shared_memory` machine restored from a snapshot runs on a private
     /// mapping of the snapshot's file, which is copied instead.)
@@ -283,8 +305,36 @@ mod tests {
         assert_eq!(state_version(VERSION), crate::snapshot::VERSION);
         assert_eq!(
             (2..=VERSION).map(state_version).collect::<Vec<_>>(),
-            [2, 3, 4, 4, 4, 5]
+            [2, 3, 4, 4, 4, 5, 6]
         );
+    }
+
+    /// A version 7 source describes its machine as snapshot format 5 did:
+    /// read by that format's rule. From version 8 on, only the VM spec.
+    #[test]
+    fn an_older_sources_hello_is_read_by_its_formats_rule() {
+        let hello = |version: u32| {
+            serde_json::to_vec(&serde_json::json!({
+                "format": FORMAT, "version": version,
+                "machine": fixture_state(5)["machine"].clone(),
+            }))
+            .unwrap()
+        };
+        let read = decode_hello(&hello(7)).unwrap();
+        assert_eq!((read.machine.cpus, read.machine.memory_mib), (2, 4));
+        assert!(read.machine.rng);
+        assert!(matches!(
+            decode_hello(&hello(VERSION)),
+            Err(ProtocolError::Malformed(Tag::Hello, _))
+        ));
+        let current = serde_json::to_vec(&Hello {
+            format: FORMAT.into(),
+            version: VERSION,
+            machine: read.machine.clone(),
+            memory_to_hand_over: false,
+        })
+        .unwrap();
+        assert_eq!(decode_hello(&current).unwrap().machine, read.machine);
     }
 
     /// The state of the checked-in snapshot fixture of `version`, as JSON.

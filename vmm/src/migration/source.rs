@@ -364,7 +364,7 @@ impl VmCore {
         if accept.taps {
             let names: Vec<String> = self
                 .machine
-                .nets
+                .nics
                 .iter()
                 .map(|net| net.tap.clone())
                 .collect();

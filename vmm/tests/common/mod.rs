@@ -51,7 +51,7 @@ pub fn config_for(name: &str, image: Vec<u8>) -> VmConfig {
         name: name.into(),
         image: image.into(),
     });
-    config.machine.cmdline = String::new();
+    config.machine.cmdline = Some(String::new());
     config.machine.memory_mib = 64;
     config
 }

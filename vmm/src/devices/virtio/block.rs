@@ -6,7 +6,7 @@ use super::{
     device_type, drain_queue, read_config_bytes, ActivateError, Activation, ActiveQueue, Chain,
     DeviceEvents, Drained, QueueT, VirtioDevice,
 };
-use crate::config::DiskConfig;
+use crate::config::DiskSpec;
 use crate::devices::rate_limiter::RateLimiter;
 use event_manager::EventSet;
 use std::fs::{File, OpenOptions};
@@ -96,10 +96,10 @@ pub struct Block {
 impl Block {
     /// Opens `config`'s file with the rights of this process (`bulkhead run`);
     /// a daemon-started VMM gets the file open instead.
-    pub fn open_file(config: &DiskConfig) -> Result<File, BlockError> {
+    pub fn open_file(config: &DiskSpec) -> Result<File, BlockError> {
         OpenOptions::new()
             .read(true)
-            .write(!config.read_only)
+            .write(!config.readonly)
             .open(&config.path)
             .map_err(|source| BlockError::Open {
                 path: config.path.display().to_string(),
@@ -108,7 +108,7 @@ impl Block {
     }
 
     /// `config`'s disk on `file`, opened for writing unless the disk is read-only.
-    pub fn new(config: &DiskConfig, file: File, name: &str) -> Result<Block, BlockError> {
+    pub fn new(config: &DiskSpec, file: File, name: &str) -> Result<Block, BlockError> {
         let path = config.path.display().to_string();
         let len = file
             .metadata()
@@ -151,7 +151,7 @@ impl Block {
         Ok(Block {
             name: name.to_string(),
             file,
-            read_only: config.read_only,
+            read_only: config.readonly,
             capacity_sectors,
             id,
             config: config_space(capacity_sectors),
@@ -566,9 +566,9 @@ mod tests {
             *b = (i / 512) as u8;
         }
         let file = tempfile_path::TempFile::new(&content);
-        let config = DiskConfig {
+        let config = DiskSpec {
             path: file.0.clone(),
-            read_only,
+            readonly: read_only,
             id: Some("test-disk".into()),
             rate_limit,
         };

@@ -15,7 +15,7 @@ use super::{
     device_type, drain_queue, read_config_bytes, ActivateError, Activation, Chain, DeviceEvents,
     Drained, Interrupt, Queue, QueueOwnedT, QueueT, VirtioDevice,
 };
-use crate::config::VsockConfig;
+use crate::config::VsockSpec;
 use crate::memory::GuestRam;
 use event_manager::EventSet;
 use std::collections::{BTreeMap, VecDeque};
@@ -229,23 +229,24 @@ pub struct Vsock {
 impl Vsock {
     /// Binds the host side of `config`'s socket (`bulkhead run`; the daemon
     /// binds it for the VMMs it starts).
-    pub fn bind(config: &VsockConfig) -> Result<UnixListener, VsockError> {
-        if config.socket.exists() && UnixStream::connect(&config.socket).is_err() {
+    pub fn bind(config: &VsockSpec) -> Result<UnixListener, VsockError> {
+        let socket = config.socket_path();
+        if socket.exists() && UnixStream::connect(&socket).is_err() {
             // Left by a VMM that died.
-            let _ = std::fs::remove_file(&config.socket);
+            let _ = std::fs::remove_file(&socket);
         }
-        UnixListener::bind(&config.socket).map_err(|source| VsockError::Listen {
-            path: config.socket.display().to_string(),
+        UnixListener::bind(&socket).map_err(|source| VsockError::Listen {
+            path: socket.display().to_string(),
             source,
         })
     }
 
     /// `config`'s device, serving host programs that connect to `listener`.
-    pub fn new(config: &VsockConfig, listener: UnixListener) -> Result<Vsock, VsockError> {
-        if config.cid < 3 || config.cid > u64::from(u32::MAX) {
-            return Err(VsockError::Cid(config.cid));
+    pub fn new(config: &VsockSpec, listener: UnixListener) -> Result<Vsock, VsockError> {
+        if config.cid < 3 || config.cid == u32::MAX {
+            return Err(VsockError::Cid(u64::from(config.cid)));
         }
-        let name = config.socket.display().to_string();
+        let name = config.socket_path().display().to_string();
         // Edge-triggered like the streams: every event is drained at once,
         // so the device thread never spins on a pending connection.
         listener
@@ -260,8 +261,8 @@ impl Vsock {
             )
             .map_err(VsockError::Epoll)?;
         Ok(Vsock {
-            cid: config.cid,
-            path: config.socket.clone(),
+            cid: u64::from(config.cid),
+            path: config.socket_path(),
             listener,
             epoll,
             connections: BTreeMap::new(),
@@ -1007,9 +1008,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bulkhead-vsock-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("v.sock");
-        let config = VsockConfig {
-            cid: GUEST_CID,
-            socket: path.clone(),
+        let config = VsockSpec {
+            cid: GUEST_CID as u32,
+            socket: Some(path.clone()),
         };
         let mut vsock = Vsock::new(&config, Vsock::bind(&config).unwrap()).unwrap();
         let rx = TestQueue::new();

@@ -9,7 +9,7 @@ use super::{
     device_type, drain_queue, ActivateError, Activation, Chain, DeviceEvents, Drained, Interrupt,
     Queue, QueueOwnedT, QueueT, VirtioDevice,
 };
-use crate::config::NetConfig;
+use crate::config::NicSpec;
 use crate::devices::rate_limiter::RateLimiter;
 use crate::memory::GuestRam;
 use event_manager::EventSet;
@@ -112,7 +112,7 @@ fn is_throttled(limiter: &Option<RateLimiter>) -> bool {
 impl Net {
     /// `config`'s interface on `tap`, attached already ([`Tap::open`] or
     /// [`Tap::from_descriptor`]).
-    pub fn new(config: &NetConfig, tap: Tap, name: &str) -> Result<Net, TapError> {
+    pub fn new(config: &NicSpec, tap: Tap, name: &str) -> Result<Net, TapError> {
         let limiter = || -> Result<Option<RateLimiter>, TapError> {
             if config.rate_limit.is_unlimited() {
                 return Ok(None);
@@ -124,13 +124,20 @@ impl Net {
                     source,
                 })
         };
+        let mac = match config.mac.as_deref() {
+            Some(text) => crate::config::parse_mac(text).map_err(|message| TapError::Mac {
+                name: config.tap.clone(),
+                message,
+            })?,
+            None => random_mac(),
+        };
         // Offer offloads only if this TAP takes every one of them.
         let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO;
         let offloads = tap.set_offloads(all) && tap.set_offloads(0);
         Ok(Net {
             name: name.to_string(),
             tap,
-            mac: config.mac.unwrap_or_else(random_mac),
+            mac,
             offloads,
             running: None,
             pending: None,

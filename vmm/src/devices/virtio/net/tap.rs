@@ -12,6 +12,8 @@ pub const VNET_HDR_LEN: usize = 12;
 pub enum TapError {
     #[error("TAP name '{0}' is empty or longer than 15 bytes")]
     Name(String),
+    #[error("NIC on TAP {name}: {message}")]
+    Mac { name: String, message: String },
     #[error("cannot open /dev/net/tun: {0}")]
     OpenTun(io::Error),
     #[error("cannot attach TAP {name} (it may exist with other flags, or this needs CAP_NET_ADMIN): {source}")]
