@@ -259,7 +259,7 @@ fn virtio_blk_from_user_space() {
 #[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
 fn virtio_net_from_user_space() {
     support::in_new_network_namespace(|| {
-        use std::io::{Read, Write};
+        use std::io::Write;
         use std::net::{TcpListener, TcpStream};
         const STREAM: usize = 8 << 20;
         const CAP: u64 = 1 << 20;
@@ -289,23 +289,25 @@ fn virtio_net_from_user_space() {
         assert!(ping.contains("3 packets received"), "{ping}");
 
         // Guest → host.
-        let listener = TcpListener::bind("10.77.1.1:5001").unwrap();
-        let receiver = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut received = Vec::new();
-            stream.read_to_end(&mut received).unwrap();
-            received.len()
-        });
+        let receiver = support::receive_stream(TcpListener::bind("10.77.1.1:5001").unwrap());
         vm.sh(&format!(
             "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.77.1.1 5001",
             STREAM / 65536
         ));
-        assert_eq!(receiver.join().unwrap(), STREAM);
+        let (received, _) = receiver.wait(support::COMMAND_LIMIT, "guest → host stream");
+        assert_eq!(received, STREAM as u64);
 
         // Host → guest.
         vm.sh("(nc -l -p 5002 < /dev/null | wc -c > /tmp/partial; mv /tmp/partial /tmp/received) & sleep 1");
-        let mut stream = TcpStream::connect("10.77.1.2:5002").unwrap();
-        stream.write_all(&vec![7u8; STREAM]).unwrap();
+        let guest = "10.77.1.2:5002".parse().unwrap();
+        let mut stream = TcpStream::connect_timeout(&guest, support::COMMAND_LIMIT)
+            .unwrap_or_else(|e| panic!("host → guest connection: {e}"));
+        stream
+            .set_write_timeout(Some(support::COMMAND_LIMIT))
+            .unwrap();
+        stream
+            .write_all(&vec![7u8; STREAM])
+            .unwrap_or_else(|e| panic!("host → guest stream stalled: {e}"));
         drop(stream);
         let mut received = String::new();
         for _ in 0..100 {
@@ -319,14 +321,7 @@ fn virtio_net_from_user_space() {
 
         // Through the capped NIC: at most the rate times the time, plus one
         // burst (a second's worth).
-        let listener = TcpListener::bind("10.77.2.1:5003").unwrap();
-        let receiver = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let started = std::time::Instant::now();
-            let mut received = Vec::new();
-            stream.read_to_end(&mut received).unwrap();
-            (received.len() as u64, started.elapsed())
-        });
+        let receiver = support::receive_stream(TcpListener::bind("10.77.2.1:5003").unwrap());
         let capped = 4 * CAP;
         vm.shell_with_limit(
             &format!(
@@ -335,7 +330,7 @@ fn virtio_net_from_user_space() {
             ),
             Duration::from_secs(120),
         );
-        let (bytes, took) = receiver.join().unwrap();
+        let (bytes, took) = receiver.wait(support::COMMAND_LIMIT, "capped guest → host stream");
         assert_eq!(bytes, capped);
         let allowed = CAP as f64 * took.as_secs_f64() + CAP as f64;
         assert!(

@@ -373,6 +373,12 @@ impl Vm {
     pub fn shell_with_limit(&mut self, command: &str, limit: Duration) -> (i32, String) {
         self.commands += 1;
         let marker = format!("@@{}:", self.commands);
+        // Typed before the prompt is whole, the prompt's tail ("st# ") would
+        // be read as the start of this command's output (seen in CI).
+        let prompt_deadline = Instant::now() + PROMPT_LIMIT;
+        while !at_prompt(&self.console()) && Instant::now() < prompt_deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let start = self.console().len();
         self.type_text(&format!("{command}; echo \"{marker}$?@@\"\n"));
         let deadline = Instant::now() + limit;
@@ -467,6 +473,17 @@ impl Drop for Vm {
     }
 }
 
+/// How long a command waits for the shell's prompt before it is typed
+/// anyway (a command may run where no prompt comes, e.g. in a subshell).
+const PROMPT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether the console ends at the guest shell's prompt (busybox asks the
+/// terminal for the cursor position after its first one).
+fn at_prompt(console: &str) -> bool {
+    let console = console.trim_end_matches("\x1b[6n");
+    console.ends_with("guest# ")
+}
+
 /// What a command printed: the console between typing it and its marker,
 /// without carriage returns, prompts, and (until `stty -echo`) the echoed
 /// command line.
@@ -514,6 +531,14 @@ fn markers_with_digits_are_answers_and_typed_ones_are_not() {
 }
 
 #[test]
+fn a_prompt_is_whole_only_once_it_ends_the_console() {
+    assert!(at_prompt("@@2:0@@\r\nguest# "));
+    assert!(at_prompt("BusyBox\r\nguest# \x1b[6n"));
+    assert!(!at_prompt("@@2:0@@\r\ngue"));
+    assert!(!at_prompt("guest# 1111\r\n"));
+}
+
+#[test]
 fn command_output_drops_prompts_and_the_echoed_line() {
     assert_eq!(command_output("guest# 42\r\n"), "42\n");
     // Seen in CI: the newline that ended the previous marker's line first.
@@ -544,6 +569,40 @@ pub fn in_new_network_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send 
     match thread.join() {
         Ok(value) => value,
         Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// A TCP stream read to its end on a thread of its own: a stalled stream
+/// fails the test naming it, instead of hanging the lane.
+pub struct StreamReceiver {
+    result: std::sync::mpsc::Receiver<std::io::Result<(u64, Duration)>>,
+}
+
+/// Accepts one connection on `listener` and reads it to its end.
+pub fn receive_stream(listener: std::net::TcpListener) -> StreamReceiver {
+    let (sender, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let received = (|| {
+            let (mut stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(COMMAND_LIMIT))?;
+            let started = Instant::now();
+            let bytes = std::io::copy(&mut stream, &mut std::io::sink())?;
+            Ok((bytes, started.elapsed()))
+        })();
+        let _ = sender.send(received);
+    });
+    StreamReceiver { result }
+}
+
+impl StreamReceiver {
+    /// The bytes received and how long reading them took (from the
+    /// connection on), once the stream ended within `limit`.
+    pub fn wait(self, limit: Duration, what: &str) -> (u64, Duration) {
+        match self.result.recv_timeout(limit) {
+            Ok(Ok(received)) => received,
+            Ok(Err(e)) => panic!("{what}: {e}"),
+            Err(_) => panic!("{what}: the stream did not end within {limit:?}"),
+        }
     }
 }
 
