@@ -1089,6 +1089,22 @@ fn the_checked_in_snapshot_of_format_version_5_restores() {
     the_checked_in_snapshot_restores(5);
 }
 
+#[test]
+fn the_checked_in_snapshot_of_format_version_6_restores() {
+    the_checked_in_snapshot_restores(6);
+}
+
+/// A new format version comes with its fixture (and a test above).
+#[test]
+fn every_readable_format_version_has_a_fixture() {
+    for version in vmm::snapshot::MIN_READABLE_VERSION..=vmm::snapshot::VERSION {
+        assert!(
+            fixture(version).join("state.json").exists(),
+            "no fixture of snapshot format {version}: run write_the_snapshot_fixture"
+        );
+    }
+}
+
 /// A TAP the user made single-queue (`ip tuntap add dev NAME mode tap`, as
 /// Firecracker's guide does) cannot be attached again while the source holds
 /// it: over a Unix socket the source hands it over, and the destination runs

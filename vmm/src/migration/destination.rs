@@ -137,28 +137,24 @@ impl Incoming {
             }
             .into());
         }
-        let hello: Hello = match protocol::decode_hello(&payload) {
+        let header = protocol::decode::<protocol::HelloHeader>(Tag::Hello, &payload);
+        if let Some(why) = header
+            .as_ref()
+            .ok()
+            .and_then(protocol::HelloHeader::refusal)
+        {
+            refuse(stream.as_mut(), Tag::Refuse, &why);
+            return Err(MigrationError::Incoming(format!(
+                "refused the source: {why}"
+            )));
+        }
+        let hello: Hello = match header.and_then(|_| protocol::decode_hello(&payload)) {
             Ok(hello) => hello,
             Err(e) => {
                 refuse(stream.as_mut(), Tag::Refuse, &e.to_string());
                 return Err(e.into());
             }
         };
-        let accepted = protocol::MIN_ACCEPTED_VERSION..=protocol::VERSION;
-        if hello.format != protocol::FORMAT || !accepted.contains(&hello.version) {
-            let why = format!(
-                "{} version {} offered, this Bulkhead takes {} versions {} to {}",
-                hello.format,
-                hello.version,
-                protocol::FORMAT,
-                protocol::MIN_ACCEPTED_VERSION,
-                protocol::VERSION
-            );
-            refuse(stream.as_mut(), Tag::Refuse, &why);
-            return Err(MigrationError::Incoming(format!(
-                "refused the source: {why}"
-            )));
-        }
         let fits = match &target {
             Target::Local(local) => {
                 let machine = &local.machine;

@@ -176,21 +176,46 @@ pub fn state_version(version: u32) -> u32 {
     }
 }
 
-/// Decodes a HELLO: a source of an older protocol describes its machine in
-/// the older snapshot format's shape, brought to this one by its rule.
+/// What every version's HELLO starts with: read first, so a source of
+/// another version is refused for its version, whatever its machine says.
+#[derive(Debug, serde::Deserialize)]
+pub struct HelloHeader {
+    pub format: String,
+    pub version: u32,
+}
+
+impl HelloHeader {
+    /// Why this destination does not take the source (None: it does).
+    pub fn refusal(&self) -> Option<String> {
+        let accepted = MIN_ACCEPTED_VERSION..=VERSION;
+        (self.format != FORMAT || !accepted.contains(&self.version)).then(|| {
+            format!(
+                "{} version {} offered, this Bulkhead takes {FORMAT} versions \
+                 {MIN_ACCEPTED_VERSION} to {VERSION}",
+                self.format, self.version
+            )
+        })
+    }
+}
+
+/// Decodes the HELLO of a source whose version was accepted: one of an
+/// older protocol describes its machine in the older snapshot format's
+/// shape, brought to this one by that format's rule.
 pub fn decode_hello(payload: &[u8]) -> Result<Hello, ProtocolError> {
     let malformed = |e: String| ProtocolError::Malformed(Tag::Hello, e);
     let mut value: serde_json::Value =
         serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
-    let version = value.get("version").and_then(serde_json::Value::as_u64);
-    let accepted = u64::from(MIN_ACCEPTED_VERSION)..=u64::from(VERSION);
-    if let Some(version) = version.filter(|v| accepted.contains(v)) {
-        if state_version(version as u32) < 6 {
-            if let Some(machine) = value.get_mut("machine") {
-                crate::snapshot::machine_as_spec(machine)
-                    .map_err(|e| malformed(format!("machine: {e}")))?;
-            }
-        }
+    let header: HelloHeader =
+        serde_json::from_value(value.clone()).map_err(|e| malformed(e.to_string()))?;
+    if let Some(why) = header.refusal() {
+        return Err(malformed(why));
+    }
+    if state_version(header.version) < 6 {
+        let machine = value
+            .get_mut("machine")
+            .ok_or_else(|| malformed("no machine".into()))?;
+        crate::snapshot::machine_as_spec(machine)
+            .map_err(|e| malformed(format!("machine: {e}")))?;
     }
     serde_json::from_value(value).map_err(|e| malformed(e.to_string()))
 }
@@ -307,6 +332,28 @@ mod tests {
             (2..=VERSION).map(state_version).collect::<Vec<_>>(),
             [2, 3, 4, 4, 4, 5, 6]
         );
+    }
+
+    /// Another version's HELLO is refused for its version, whatever
+    /// shape its machine has; so is another format.
+    #[test]
+    fn a_source_of_another_version_is_refused_for_its_version() {
+        let header = |format: &str, version: u32| {
+            let payload = serde_json::to_vec(&serde_json::json!({
+                "format": format, "version": version, "machine": {"from": "the future"},
+            }))
+            .unwrap();
+            decode::<HelloHeader>(Tag::Hello, &payload).unwrap()
+        };
+        let why = header(FORMAT, VERSION + 1).refusal().unwrap();
+        assert!(
+            why.contains(&format!("version {} offered", VERSION + 1)),
+            "{why}"
+        );
+        assert!(header(FORMAT, MIN_ACCEPTED_VERSION - 1).refusal().is_some());
+        assert!(header("qemu", VERSION).refusal().is_some());
+        assert!(header(FORMAT, VERSION).refusal().is_none());
+        assert!(header(FORMAT, MIN_ACCEPTED_VERSION).refusal().is_none());
     }
 
     /// A version 7 source describes its machine as snapshot format 5 did:
