@@ -103,7 +103,7 @@ pub fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
     Ok(config)
 }
 
-/// `cid=N,socket=PATH`
+/// `cid=N[,socket=PATH]`
 pub fn parse_vsock(text: &str) -> Result<VsockSpec, String> {
     let mut cid = None;
     let mut socket = None;
@@ -123,14 +123,14 @@ pub fn parse_vsock(text: &str) -> Result<VsockSpec, String> {
             ("socket", Some(value)) if !value.is_empty() => socket = Some(PathBuf::from(value)),
             _ => {
                 return Err(format!(
-                    "unknown or malformed '{key}' (expected cid=N,socket=PATH)"
+                    "unknown or malformed '{key}' (expected cid=N[,socket=PATH])"
                 ))
             }
         }
     }
     Ok(VsockSpec {
         cid: cid.ok_or("missing cid=N")?,
-        socket: Some(socket.ok_or("missing socket=PATH")?),
+        socket,
     })
 }
 
@@ -300,7 +300,7 @@ mod tests {
         assert!(parse_vsock("cid=2,socket=x")
             .unwrap_err()
             .contains("from 3"));
-        assert_eq!(parse_vsock("cid=3").unwrap_err(), "missing socket=PATH");
+        assert_eq!(parse_vsock("cid=3").unwrap().socket, None);
         assert_eq!(parse_vsock("socket=x").unwrap_err(), "missing cid=N");
     }
 }

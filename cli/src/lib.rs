@@ -6,6 +6,7 @@
 pub mod console;
 pub mod ctl;
 pub mod device_options;
+pub mod machine_flags;
 pub mod run;
 pub mod serve;
 pub mod vm;

@@ -12,54 +12,14 @@ static DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default-
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Kernel image: an ELF vmlinux (its PVH entry is used when present) or a bzImage.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long, requires = "kernel")]
-    initrd: Option<PathBuf>,
-    /// Kernel command line [default for --kernel: "console=ttyS0 reboot=k panic=-1"].
-    #[arg(long)]
-    cmdline: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u64,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    memory: u64,
-    /// Guest RAM in a sealed memfd mapped shared: a same-host migration
-    /// (`ctl migrate unix:PATH`) hands it to the destination instead of
-    /// copying it, for a live update of the VMM with the guest stopped only
-    /// while its device and vCPU state crosses over.
-    #[arg(long)]
-    shared_memory: bool,
-    /// A virtio-blk disk: path=FILE[,readonly][,id=NAME]. Repeat for more;
-    /// the guest sees them as vda, vdb, ... in this order.
-    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
-    disk: Vec<vmm::config::DiskSpec>,
-    /// A virtio-net interface on a host TAP device (created if missing):
-    /// tap=NAME[,mac=MAC]. Repeat for more; the guest sees eth0, eth1, ...
-    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
-    net: Vec<vmm::config::NicSpec>,
-    /// A virtio-balloon device:
-    /// [target_mib=N][,deflate_on_oom][,free_page_reporting].
-    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
-          value_parser = crate::device_options::parse_balloon)]
-    balloon: Option<vmm::config::BalloonConfig>,
-    /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to
-    /// PATH and send `CONNECT <port>`; guest connections to host port P go to
-    /// a listener at PATH_P.
-    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_vsock)]
-    vsock: Option<vmm::config::VsockSpec>,
+    #[command(flatten)]
+    machine: crate::machine_flags::MachineFlags,
     /// Commit all guest memory on the host at start instead of on first touch.
     #[arg(long)]
     prefault: bool,
     /// Serve a control socket for this VM at PATH (`bulkhead ctl PATH ...`).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// A virtio-rng entropy device fed from the host's getrandom.
-    #[arg(long)]
-    rng: bool,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -405,30 +365,17 @@ fn kernel_source(file: Option<std::path::PathBuf>) -> KernelSource {
 }
 
 fn boot_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
-    let kernel = kernel_source(args.kernel.clone());
-    let mut config = VmConfig::new(kernel);
-    config.machine.initrd = args.initrd.clone();
-    config.machine.cpus = u8::try_from(args.cpus).map_err(|_| vmm::config::ConfigError::Cpus {
-        given: args.cpus,
-        max: vmm::arch::x86_64::mptable::MAX_CPUS,
-    })?;
+    let flags = &args.machine;
+    let mut machine = flags.spec("run")?;
+    if flags.cmdline.is_none() && flags.kernel.is_none() {
+        // The embedded guest reads no command line.
+        machine.cmdline = Some(String::new());
+    }
+    let mut config = VmConfig::of_machine(kernel_source(flags.kernel.clone()), &machine);
     config.kvm_device = args.kvm_device.clone();
     config.sample_rip_every = args.sample_rip_ms.map(std::time::Duration::from_millis);
-    config.machine.memory_mib = args.memory;
-    config.machine.shared_memory = args.shared_memory;
-    config.machine.disks = args.disk.clone();
-    config.machine.nics = args.net.clone();
-    config.machine.rng = args.rng;
-    config.machine.balloon = args.balloon.clone();
-    config.machine.vsock = args.vsock.clone();
     config.prefault_memory = args.prefault;
     config.host_cmdline_options = !args.no_host_options;
-    match (&args.cmdline, &args.kernel) {
-        (Some(cmdline), _) => config.machine.cmdline = Some(cmdline.clone()),
-        // The embedded guest reads no command line.
-        (None, None) => config.machine.cmdline = Some(String::new()),
-        (None, Some(_)) => {}
-    }
     Ok(config)
 }
 

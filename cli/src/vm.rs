@@ -4,7 +4,7 @@ use crate::OutputFormat;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use host::client::{Client, Endpoint};
-use host::spec::{DiskSpec, VmSpec, VsockSpec};
+use host::spec::VmSpec;
 use hyper::Method;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -86,40 +86,8 @@ enum VmAction {
 #[derive(Args, Debug)]
 struct CreateArgs {
     name: String,
-    /// Kernel image (the embedded guest when absent).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    #[arg(long)]
-    cmdline: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    cpus: u8,
-    /// Memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    memory: u64,
-    /// Guest RAM in a sealed memfd, which a same-host migration hands over.
-    #[arg(long)]
-    shared_memory: bool,
-    /// A virtio-blk disk, as `bulkhead run --disk` takes it:
-    /// path=FILE[,readonly][,id=NAME][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N].
-    /// Repeat for more.
-    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_disk)]
-    disk: Vec<vmm::config::DiskSpec>,
-    /// A virtio-net interface, as `bulkhead run --net` takes it:
-    /// tap=NAME[,mac=MAC][,bps=N][,iops=N][,bps_burst=N][,iops_burst=N]. Repeat for more.
-    #[arg(long, value_name = "OPTIONS", value_parser = crate::device_options::parse_net)]
-    net: Vec<vmm::config::NicSpec>,
-    /// Give the VM a vsock device with this guest CID.
-    #[arg(long, value_name = "CID")]
-    vsock_cid: Option<u32>,
-    /// A virtio-rng entropy device.
-    #[arg(long)]
-    rng: bool,
-    /// A virtio-balloon device: [target_mib=N][,deflate_on_oom][,free_page_reporting].
-    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "",
-          value_parser = crate::device_options::parse_balloon)]
-    balloon: Option<vmm::config::BalloonConfig>,
+    #[command(flatten)]
+    machine: crate::machine_flags::MachineFlags,
     /// Project to create it in (for the host's administrator; tokens have one).
     #[arg(long)]
     project: Option<String>,
@@ -165,30 +133,19 @@ fn host_path(path: impl AsRef<std::path::Path>) -> std::io::Result<std::path::Pa
 /// The spec `vm create` sends: the same device options as `bulkhead run`,
 /// parsed by the same code, as the API's typed VM spec.
 fn create_spec(create: &CreateArgs) -> anyhow::Result<VmSpec> {
-    let path = |path: &Option<PathBuf>| path.as_ref().map(host_path).transpose();
-    Ok(VmSpec {
-        name: create.name.clone(),
-        kernel: path(&create.kernel)?,
-        initrd: path(&create.initrd)?,
-        cmdline: create.cmdline.clone(),
-        cpus: create.cpus,
-        memory_mib: create.memory,
-        shared_memory: create.shared_memory,
-        disks: create
-            .disk
-            .iter()
-            .map(|disk| {
-                Ok(DiskSpec {
-                    path: host_path(&disk.path)?,
-                    ..disk.clone()
-                })
-            })
-            .collect::<std::io::Result<_>>()?,
-        nics: create.net.clone(),
-        vsock: create.vsock_cid.map(|cid| VsockSpec { cid, socket: None }),
-        rng: create.rng,
-        balloon: create.balloon.clone(),
-    })
+    let mut spec = create.machine.spec(&create.name)?;
+    let absolute = |path: &mut Option<PathBuf>| -> std::io::Result<()> {
+        if let Some(given) = path {
+            *given = host_path(&*given)?;
+        }
+        Ok(())
+    };
+    absolute(&mut spec.kernel)?;
+    absolute(&mut spec.initrd)?;
+    for disk in &mut spec.disks {
+        disk.path = host_path(&disk.path)?;
+    }
+    Ok(spec)
 }
 
 fn client(args: &DaemonArgs) -> anyhow::Result<Client> {
