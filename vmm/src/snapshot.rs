@@ -132,9 +132,6 @@ pub fn machine_as_spec(machine: &mut serde_json::Value) -> Result<(), String> {
             if let Some(read_only) = disk.remove("read_only") {
                 disk.insert("readonly".into(), read_only);
             }
-            if disk.get("id") == Some(&Value::Null) {
-                disk.remove("id");
-            }
         }
     }
     if let Some(nets) = fields.remove("nets") {
@@ -158,9 +155,6 @@ pub fn machine_as_spec(machine: &mut serde_json::Value) -> Result<(), String> {
             }
         }
         fields.insert("nics".into(), Value::Array(nics));
-    }
-    if fields.get("balloon") == Some(&Value::Null) {
-        fields.remove("balloon");
     }
     match fields.remove("vsock") {
         None | Some(Value::Null) => {}

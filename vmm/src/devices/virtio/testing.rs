@@ -272,6 +272,14 @@ mod tests {
         assert!(mock.used_addr().0 < avail_entries_end);
     }
 
+    /// The (address, length, device-writable) of the first chain's buffers.
+    fn first_chain(queue: &mut Queue, memory: &GuestRam) -> Vec<(u64, u32, bool)> {
+        let chain = queue.iter(memory).unwrap().next().unwrap();
+        chain
+            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+            .collect()
+    }
+
     /// Our driver and virtio-queue's agree on what a chain is: the same
     /// descriptors, offered by either, reach a device as the same buffers.
     #[test]
@@ -284,25 +292,12 @@ mod tests {
         ];
         mock.build_desc_chain(&descriptors).unwrap();
         let mut from_mock: Queue = mock.create_queue().unwrap();
-        let mock_chain: Vec<_> = from_mock
-            .iter(&memory)
-            .unwrap()
-            .next()
-            .unwrap()
-            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
-            .collect();
+        let mock_chain = first_chain(&mut from_mock, &memory);
 
         let mut ours = TestQueue::new();
         ours.offer_chain(&[(DATA, 16, false), (DATA + 0x100, 8, true)]);
         let memory = ours.memory.clone();
-        let our_chain: Vec<_> = ours
-            .queue
-            .iter(&memory)
-            .unwrap()
-            .next()
-            .unwrap()
-            .map(|d| (d.addr().0, d.len(), d.is_write_only()))
-            .collect();
+        let our_chain = first_chain(&mut ours.queue, &memory);
         assert_eq!(our_chain, mock_chain);
         assert_eq!(our_chain, vec![(DATA, 16, false), (DATA + 0x100, 8, true)]);
     }
