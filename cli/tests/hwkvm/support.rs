@@ -606,13 +606,25 @@ impl StreamReceiver {
     }
 }
 
-/// The numbers of the `count N` lines of `console`, in order.
+/// The numbers of the `count N` lines of `console`, in order. A kernel
+/// message may land on a count's line before its newline (seen in CI: the
+/// clocksource watchdog's, after a live update): the digits are read up to it.
 pub fn counts(console: &str) -> Vec<u64> {
     console
         .lines()
-        .filter_map(|line| line.trim_end_matches('\r').strip_prefix("count "))
-        .filter_map(|n| n.trim().parse().ok())
+        .filter_map(|line| line.strip_prefix("count "))
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
         .collect()
+}
+
+#[test]
+fn counts_survive_a_kernel_message_on_their_line() {
+    let console = "count 16\r\ncount 17[   10.418501] clocksource: timekeeping watchdog\r\n\
+                   count 18\r\ncount x\r\nthe count 19\r\n";
+    assert_eq!(counts(console), [16, 17, 18]);
 }
 
 /// The host file's allocated bytes (holes excluded).
