@@ -3,15 +3,15 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
-use vmm::config::DiskConfig;
+use vmm::config::DiskSpec;
 use vmm::devices::virtio::{block::Block, testing::fuzz_device};
 
-fn disk() -> &'static DiskConfig {
-    static DISK: OnceLock<DiskConfig> = OnceLock::new();
+fn disk() -> &'static DiskSpec {
+    static DISK: OnceLock<DiskSpec> = OnceLock::new();
     DISK.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("bulkhead-fuzz-disk-{}", std::process::id()));
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        DiskConfig {
+        DiskSpec {
             path,
             readonly: false,
             id: None,

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Mutex, OnceLock};
-use vmm::config::NetConfig;
+use vmm::config::NicSpec;
 use vmm::devices::virtio::{net::Net, testing::fuzz_device};
 
 fn device() -> &'static Mutex<Net> {
@@ -17,7 +17,7 @@ fn device() -> &'static Mutex<Net> {
             0,
             "unshare needs root"
         );
-        let config = NetConfig {
+        let config = NicSpec {
             tap: "fuzz0".into(),
             mac: None,
             rate_limit: Default::default(),

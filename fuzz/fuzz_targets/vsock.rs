@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Mutex, OnceLock};
-use vmm::config::VsockConfig;
+use vmm::config::VsockSpec;
 use vmm::devices::virtio::{testing::fuzz_device, vsock::Vsock};
 
 fn device() -> &'static Mutex<Vsock> {
@@ -12,7 +12,10 @@ fn device() -> &'static Mutex<Vsock> {
     VSOCK.get_or_init(|| {
         let socket =
             std::env::temp_dir().join(format!("bulkhead-fuzz-vsock-{}", std::process::id()));
-        let config = VsockConfig { cid: 3, socket };
+        let config = VsockSpec {
+            cid: 3,
+            socket: Some(socket),
+        };
         Mutex::new(Vsock::new(&config, Vsock::bind(&config).unwrap()).unwrap())
     })
 }

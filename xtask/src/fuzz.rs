@@ -38,6 +38,15 @@ pub fn run(seconds: u32) -> Result<()> {
         process::run(Command::new(&cargo).args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let fuzz_dir = workspace_root().join("fuzz");
+    // Built first, so that a target that does not compile is not reported
+    // as one that found a failure.
+    process::run(
+        Command::new(&cargo)
+            .current_dir(&fuzz_dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "build", "--sanitizer", "none"]),
+    )
+    .context("the fuzz targets do not build")?;
     for target in TARGETS {
         process::run(
             Command::new(&cargo)
