@@ -214,7 +214,9 @@ impl Balloon {
             };
             let mut bytes = Vec::with_capacity(parsed.readable_len() as usize);
             // What cannot be read is not there: the list ends early.
-            let _ = parsed.reader().read_to_end(&mut bytes);
+            if let Ok(mut list) = parsed.reader() {
+                let _ = list.read_to_end(&mut bytes);
+            }
             let pfns = bytes
                 .chunks_exact(4)
                 .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
@@ -308,7 +310,9 @@ impl Balloon {
                 }
             }
             let mut bytes = Vec::with_capacity(parsed.readable_len() as usize);
-            let _ = parsed.reader().read_to_end(&mut bytes);
+            if let Ok(mut stats) = parsed.reader() {
+                let _ = stats.read_to_end(&mut bytes);
+            }
             received = Some(parse_stats(&bytes));
             Chain::Done
         });

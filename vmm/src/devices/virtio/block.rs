@@ -231,7 +231,7 @@ impl Block {
 
     /// Returns the data bytes written to the guest, or the error status.
     fn serve(&mut self, chain: &ParsedChain<'_>, data_in_len: u64) -> Result<u64, u8> {
-        let mut request = chain.reader();
+        let mut request = chain.reader().map_err(|_| status::IOERR)?;
         let mut header = [0u8; 16];
         if request.read_exact(&mut header).is_err() {
             return Err(status::IOERR);
@@ -270,7 +270,7 @@ impl Block {
             }
             request::GET_ID => {
                 let n = (ID_BYTES as u64).min(data_in_len);
-                let mut reply = chain.writer();
+                let mut reply = chain.writer().map_err(|_| status::IOERR)?;
                 Ok(reply.write(&self.id[..n as usize]).unwrap_or(0) as u64)
             }
             request::DISCARD | request::WRITE_ZEROES => {

@@ -10,11 +10,12 @@
 //! from vm-memory's volatile slices, so nothing outside guest memory is read
 //! or written.
 //!
-//! The reader and writer walk the guest's descriptor table again, and a
-//! guest may rewrite it in between from another vCPU. That cannot reach
-//! outside guest memory (both check every buffer), and the size limit is
-//! checked again on what they will actually touch; a guest that races only
-//! gets its own request garbled.
+//! A reader or writer is built only when a device asks for one (the data
+//! paths that use I/O vectors need neither): it walks the guest's descriptor
+//! table again, and a guest may rewrite it in between from another vCPU.
+//! That cannot reach outside guest memory (both check every buffer), and the
+//! size limit is checked again on what it will actually touch; a guest that
+//! races only gets its own request refused or garbled.
 
 use crate::memory::GuestRam;
 use std::io::{Read, Write};
@@ -58,8 +59,8 @@ pub struct ParsedChain<'m> {
     pub readable: Vec<Buffer>,
     pub writable: Vec<Buffer>,
     memory: &'m GuestRam,
-    reader: ChainReader<'m>,
-    writer: ChainWriter<'m>,
+    chain: DescriptorChain<&'m GuestRam>,
+    max_bytes: u64,
 }
 
 impl std::fmt::Debug for ParsedChain<'_> {
@@ -123,30 +124,39 @@ impl<'m> ParsedChain<'m> {
             Some(true) => return Err(ChainError::Unterminated),
             Some(false) => {}
         }
-        let reader = Reader::new(memory, chain.clone()).map_err(|_| ChainError::Changed)?;
-        let writer = Writer::new(memory, chain).map_err(|_| ChainError::Changed)?;
-        let touched = reader.available_bytes() as u64 + writer.available_bytes() as u64;
-        if touched > max_bytes {
-            return Err(ChainError::TooLarge { limit: max_bytes });
-        }
         Ok(ParsedChain {
             head,
             readable,
             writable,
             memory,
-            reader,
-            writer,
+            chain,
+            max_bytes,
         })
     }
 
     /// The device-readable bytes, from the first.
-    pub fn reader(&self) -> ChainReader<'m> {
-        self.reader.clone()
+    pub fn reader(&self) -> Result<ChainReader<'m>, ChainError> {
+        let reader =
+            Reader::new(self.memory, self.chain.clone()).map_err(|_| ChainError::Changed)?;
+        self.within_limit(reader.available_bytes())?;
+        Ok(reader)
     }
 
     /// The device-writable bytes, from the first.
-    pub fn writer(&self) -> ChainWriter<'m> {
-        self.writer.clone()
+    pub fn writer(&self) -> Result<ChainWriter<'m>, ChainError> {
+        let writer =
+            Writer::new(self.memory, self.chain.clone()).map_err(|_| ChainError::Changed)?;
+        self.within_limit(writer.available_bytes())?;
+        Ok(writer)
+    }
+
+    fn within_limit(&self, bytes: usize) -> Result<(), ChainError> {
+        if bytes as u64 > self.max_bytes {
+            return Err(ChainError::TooLarge {
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
     }
 
     pub fn readable_len(&self) -> u64 {
@@ -159,7 +169,9 @@ impl<'m> ParsedChain<'m> {
 
     /// Copies readable bytes from `offset` into `data`; returns how many fit.
     pub fn read_at(&self, offset: u64, data: &mut [u8]) -> usize {
-        let mut reader = self.reader();
+        let Ok(mut reader) = self.reader() else {
+            return 0;
+        };
         let Ok(mut tail) = reader.split_at(clamp(offset)) else {
             return 0;
         };
@@ -168,7 +180,9 @@ impl<'m> ParsedChain<'m> {
 
     /// Copies `data` into the writable buffers from `offset`; returns how many fit.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> usize {
-        let mut writer = self.writer();
+        let Ok(mut writer) = self.writer() else {
+            return 0;
+        };
         let Ok(mut tail) = writer.split_at(clamp(offset)) else {
             return 0;
         };
@@ -419,12 +433,36 @@ pub(crate) mod tests {
         let memory = q.memory.clone();
         let chain = q.parse_next(1 << 20).unwrap();
         let mut header = [0u8; 16];
-        assert_eq!(read_fully(&mut chain.reader(), &mut header), 16);
+        assert_eq!(read_fully(&mut chain.reader().unwrap(), &mut header), 16);
         assert!(!page_dirty(&memory, DATA));
-        assert_eq!(chain.writer().write(&[7; 4]).unwrap(), 4);
+        assert_eq!(chain.writer().unwrap().write(&[7; 4]).unwrap(), 4);
         assert!(page_dirty(&memory, DATA + 0x1000));
         assert!(!page_dirty(&memory, DATA + 0x2000));
         chain.writable_iovecs(8, 8);
         assert!(page_dirty(&memory, DATA + 0x2000));
+    }
+
+    /// A guest that rewrites its descriptor table after the checks (from
+    /// another vCPU) gets a reader or writer refused, never one past the
+    /// limit or outside guest memory.
+    #[test]
+    fn a_table_rewritten_after_the_checks_is_refused_when_read_again() {
+        let mut q = TestQueue::new();
+        q.offer_chain(&[(DATA, 16, false), (DATA + 0x100, 16, true)]);
+        let memory = q.memory.clone();
+        let chain = q.queue.iter(&memory).unwrap().next().unwrap();
+        let parsed = ParsedChain::parse(chain, &memory, 64).unwrap();
+        assert!(parsed.reader().is_ok() && parsed.writer().is_ok());
+        let rewrite = |index, addr, len, flags| q.set_descriptor(index, addr, len, flags, 1);
+        rewrite(0, DATA, 4096, F_NEXT);
+        assert_eq!(
+            parsed.reader().err(),
+            Some(ChainError::TooLarge { limit: 64 })
+        );
+        assert_eq!(parsed.read_at(0, &mut [0; 8]), 0);
+        rewrite(0, DATA, 16, F_NEXT);
+        rewrite(1, MEMORY_SIZE - 4, 16, F_WRITE);
+        assert_eq!(parsed.writer().err(), Some(ChainError::Changed));
+        assert_eq!(parsed.write_at(0, &[1]), 0);
     }
 }

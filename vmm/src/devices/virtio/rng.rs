@@ -49,7 +49,9 @@ impl Rng {
                 random.resize(want, 0);
             }
             let filled = match fill_random(&mut random[..want]) {
-                Ok(()) => parsed.writer().write(&random[..want]).unwrap_or(0),
+                Ok(()) => parsed
+                    .writer()
+                    .map_or(0, |mut buffers| buffers.write(&random[..want]).unwrap_or(0)),
                 Err(e) => {
                     tracing::warn!("getrandom: {e}");
                     0

@@ -226,6 +226,21 @@ pub struct Vsock {
     read_buffer: Vec<u8>,
 }
 
+/// The packet a transmit chain carries: its header and payload (None when
+/// the chain is shorter than a header, or than the payload its header says).
+fn read_packet(parsed: &ParsedChain<'_>) -> Option<(Header, Vec<u8>)> {
+    let mut packet = parsed.reader().ok()?;
+    let mut header = [0u8; HEADER_LEN];
+    packet.read_exact(&mut header).ok()?;
+    let header = Header::from_bytes(&header);
+    if header.len as usize > packet.available_bytes() {
+        return None;
+    }
+    let mut payload = vec![0u8; header.len as usize];
+    packet.read_exact(&mut payload).ok()?;
+    Some((header, payload))
+}
+
 impl Vsock {
     /// Binds the host side of `config`'s socket (`bulkhead run`; the daemon
     /// binds it for the VMMs it starts).
@@ -557,18 +572,7 @@ impl Vsock {
                     return Chain::Broken;
                 }
             };
-            let mut packet = parsed.reader();
-            let mut header = [0u8; HEADER_LEN];
-            if packet.read_exact(&mut header).is_ok() {
-                let header = Header::from_bytes(&header);
-                let mut payload = vec![0u8; header.len as usize];
-                // A payload shorter than its header says is dropped.
-                if header.len as usize <= packet.available_bytes()
-                    && packet.read_exact(&mut payload).is_ok()
-                {
-                    packets.push((header, payload));
-                }
-            }
+            packets.extend(read_packet(&parsed));
             if queue.add_used(&memory, parsed.head, 0).is_err() {
                 return Chain::Broken;
             }

@@ -231,7 +231,9 @@ impl Net {
                 self.stats.rx_dropped += 1;
                 0
             } else {
-                let written = parsed.writer().write(&self.frame[..len]).unwrap_or(0);
+                let written = parsed.writer().map_or(0, |mut buffers| {
+                    buffers.write(&self.frame[..len]).unwrap_or(0)
+                });
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += (len - VNET_HDR_LEN.min(len)) as u64;
                 written
