@@ -198,6 +198,14 @@ pub fn check_same_shape(
             ours.nics.len()
         )));
     }
+    // The guest keeps its MACs (`rebuilt_machine`): what the state says
+    // must be one before a device is built on it.
+    for (index, nic) in saved.nics.iter().enumerate() {
+        if let Some(mac) = &nic.mac {
+            crate::config::parse_mac(mac)
+                .map_err(|why| shape(format!("network interface {index}'s MAC: {why}")))?;
+        }
+    }
     if saved.rng != ours.rng {
         return Err(shape("an entropy device on one side only".into()));
     }
@@ -324,6 +332,10 @@ mod tests {
             ("balloon", |m| m.balloon = Some(Default::default())),
             ("CID", |m| m.vsock.as_mut().unwrap().cid = 4),
             ("vsock device", |m| m.vsock = None),
+            ("MAC: 'x' is not", |m| m.nics[0].mac = Some("x".into())),
+            ("multicast", |m| {
+                m.nics[0].mac = Some("01:00:00:00:00:01".into())
+            }),
         ];
         for (word, change) in cases {
             let mut saved = machine();
