@@ -148,7 +148,8 @@ impl Incoming {
                 "refused the source: {why}"
             )));
         }
-        let hello: Hello = match header.and_then(|_| protocol::decode_hello(&payload)) {
+        let hello: Hello = match header.and_then(|header| protocol::decode_hello(&payload, &header))
+        {
             Ok(hello) => hello,
             Err(e) => {
                 refuse(stream.as_mut(), Tag::Refuse, &e.to_string());
