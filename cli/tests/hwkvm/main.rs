@@ -417,11 +417,15 @@ fn rng_and_balloon_from_user_space() {
     );
 
     let mem_total_kib = |vm: &mut Vm| -> u64 {
-        vm.sh("grep MemTotal /proc/meminfo")
-            .split_whitespace()
+        // A kernel message may come first on the output's line (seen: the
+        // clocksource watchdog's): read the number after the label.
+        let output = vm.sh("grep MemTotal /proc/meminfo");
+        output
+            .split("MemTotal:")
             .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
-            .expect("MemTotal")
+            .unwrap_or_else(|| panic!("MemTotal in {output:?}"))
     };
     let full = mem_total_kib(&mut vm);
     vm.ctl(&["balloon", "64"]);
