@@ -579,6 +579,458 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A directory under the temporary one, removed when dropped.
+    struct Storage(PathBuf);
+
+    impl Storage {
+        fn new(test: &str) -> Storage {
+            let dir =
+                std::env::temp_dir().join(format!("bulkhead-spec-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Storage(dir.canonicalize().unwrap())
+        }
+
+        /// A regular file `name` in it.
+        fn file(&self, name: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, b"x").unwrap();
+            path
+        }
+
+        fn allowed(&self) -> [PathBuf; 1] {
+            [self.0.clone()]
+        }
+    }
+
+    impl Drop for Storage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The error `spec` gets from the daemon's checks, as `field: message`.
+    fn refusal(spec: &VmSpec, allowed: &[PathBuf]) -> String {
+        spec.validate(allowed).unwrap_err().to_string()
+    }
+
+    fn with(change: impl FnOnce(&mut VmSpec)) -> VmSpec {
+        let mut spec = spec();
+        change(&mut spec);
+        spec
+    }
+
+    #[test]
+    fn a_name_is_lower_case_letters_digits_and_dashes_not_leading() {
+        for good in ["a", "0", "web-1", "a-", "0a-9z", &"a".repeat(63)] {
+            assert!(valid_name(good), "{good:?}");
+        }
+        let too_long = "a".repeat(64);
+        for bad in [
+            "", &too_long, "-a", "-", "A", "web_1", "a.b", "a b", "é", "a/b",
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_name_is_refused_with_the_rule() {
+        assert_eq!(
+            refusal(&with(|s| s.name = "-web".into()), &[]),
+            "name: must be 1 to 63 lower-case letters, digits or '-', not starting with '-'"
+        );
+    }
+
+    #[test]
+    fn cpus_are_1_to_max_cpus() {
+        let max = vmm::arch::x86_64::mptable::MAX_CPUS;
+        for cpus in [1, 2, max] {
+            assert_eq!(with(|s| s.cpus = cpus).validate(&[]), Ok(()), "{cpus}");
+        }
+        assert_eq!(
+            refusal(&with(|s| s.cpus = 0), &[]),
+            format!("cpus: must be 1 to {max}, not 0")
+        );
+        assert_eq!(
+            refusal(&with(|s| s.cpus = max + 1), &[]),
+            format!("cpus: must be 1 to {max}, not {}", max + 1)
+        );
+    }
+
+    #[test]
+    fn memory_is_16_mib_to_1_tib_both_included() {
+        assert_eq!(MAX_MEMORY_MIB, 1024 * 1024);
+        for mib in [MIN_MEMORY_MIB, MAX_MEMORY_MIB] {
+            assert_eq!(with(|s| s.memory_mib = mib).validate(&[]), Ok(()), "{mib}");
+        }
+        for mib in [0, MIN_MEMORY_MIB - 1, MAX_MEMORY_MIB + 1] {
+            assert_eq!(
+                refusal(&with(|s| s.memory_mib = mib), &[]),
+                format!("memory_mib: must be 16 to 1048576, not {mib}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_cmdline_is_one_line_of_at_most_2048_bytes() {
+        let refused = "cmdline: must be one line of at most 2048 bytes";
+        for good in [String::new(), "a b\tc".into(), "x".repeat(2048)] {
+            assert_eq!(with(|s| s.cmdline = Some(good)).validate(&[]), Ok(()));
+        }
+        for bad in ["x".repeat(2049), "a\nb".into(), "a\0b".into(), "\n".into()] {
+            assert_eq!(
+                refusal(&with(|s| s.cmdline = Some(bad.clone())), &[]),
+                refused,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_initrd_needs_a_kernel() {
+        let storage = Storage::new("initrd");
+        let (kernel, initrd) = (storage.file("kernel"), storage.file("initrd"));
+        let allowed = storage.allowed();
+        assert_eq!(
+            refusal(&with(|s| s.initrd = Some(initrd.clone())), &allowed),
+            "initrd: needs a kernel"
+        );
+        let both = with(|s| {
+            s.kernel = Some(kernel);
+            s.initrd = Some(initrd);
+        });
+        assert_eq!(both.validate(&allowed), Ok(()));
+        // The initrd is a file like the kernel, checked as one.
+        let outside = with(|s| {
+            s.kernel = both.kernel.clone();
+            s.initrd = Some("/etc/hostname".into());
+        });
+        assert!(
+            refusal(&outside, &allowed).starts_with("initrd: /etc/hostname is outside"),
+            "{}",
+            refusal(&outside, &allowed)
+        );
+    }
+
+    #[test]
+    fn a_relative_path_is_refused_as_relative() {
+        assert_eq!(
+            refusal(&with(|s| s.kernel = Some("kernel".into())), &[]),
+            "kernel: must be an absolute path"
+        );
+    }
+
+    /// A file that exists, inside the storage directory, is still refused
+    /// for a comma or a newline in its path (the VMM's option syntax).
+    #[test]
+    fn a_path_with_a_comma_or_a_newline_is_refused_though_the_file_is_there() {
+        let storage = Storage::new("separators");
+        let allowed = storage.allowed();
+        for name in ["a,b", "a\nb"] {
+            let path = storage.file(name);
+            assert_eq!(
+                refusal(&with(|s| s.kernel = Some(path)), &allowed),
+                "kernel: must not contain ',' or a newline",
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_refused_naming_it() {
+        let storage = Storage::new("missing");
+        let path = storage.0.join("absent");
+        let error = refusal(&with(|s| s.kernel = Some(path.clone())), &storage.allowed());
+        assert!(
+            error.starts_with(&format!("kernel: {}: ", path.display())),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_path_through_a_link_or_dot_dot_is_refused_with_the_file_it_names() {
+        let storage = Storage::new("links");
+        let kernel = storage.file("kernel");
+        std::fs::create_dir(storage.0.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&kernel, storage.0.join("link")).unwrap();
+        for indirect in [storage.0.join("link"), storage.0.join("sub/../kernel")] {
+            assert_eq!(
+                refusal(&with(|s| s.kernel = Some(indirect.clone())), &storage.allowed()),
+                format!(
+                    "kernel: {} must name the file itself, without symbolic links, '.' or '..' (it is {})",
+                    indirect.display(),
+                    kernel.display()
+                )
+            );
+        }
+        assert_eq!(
+            with(|s| s.kernel = Some(kernel)).validate(&storage.allowed()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_file_outside_every_storage_directory_is_refused() {
+        let (storage, other) = (Storage::new("inside"), Storage::new("outside"));
+        let kernel = other.file("kernel");
+        let spec = with(|s| s.kernel = Some(kernel.clone()));
+        assert_eq!(
+            refusal(&spec, &storage.allowed()),
+            format!(
+                "kernel: {} is outside the daemon's storage directories",
+                kernel.display()
+            )
+        );
+        assert_eq!(refusal(&spec, &[]), refusal(&spec, &storage.allowed()));
+        // Any one of the directories will do.
+        assert_eq!(spec.validate(&[storage.0.clone(), other.0.clone()]), Ok(()));
+    }
+
+    #[test]
+    fn a_directory_is_not_a_file() {
+        let storage = Storage::new("directory");
+        let sub = storage.0.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert_eq!(
+            refusal(&with(|s| s.kernel = Some(sub.clone())), &storage.allowed()),
+            format!("kernel: {} is not a regular file", sub.display())
+        );
+    }
+
+    #[test]
+    fn each_disks_path_is_checked_as_a_file() {
+        let storage = Storage::new("disk-paths");
+        let good = storage.file("good");
+        let disks = |second: PathBuf| {
+            with(|s| {
+                s.disks = [good.clone(), second]
+                    .into_iter()
+                    .map(|path| DiskSpec {
+                        path,
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        };
+        assert_eq!(disks(good.clone()).validate(&storage.allowed()), Ok(()));
+        assert_eq!(
+            refusal(&disks("rel".into()), &storage.allowed()),
+            "disks[1].path: must be an absolute path"
+        );
+    }
+
+    #[test]
+    fn at_most_16_disks_and_8_nics() {
+        let storage = Storage::new("counts");
+        let disk = storage.file("disk");
+        let disks = |n: usize| {
+            with(|s| {
+                s.disks = vec![
+                    DiskSpec {
+                        path: disk.clone(),
+                        ..Default::default()
+                    };
+                    n
+                ]
+            })
+        };
+        assert_eq!(disks(16).validate(&storage.allowed()), Ok(()));
+        assert_eq!(
+            refusal(&disks(17), &storage.allowed()),
+            "disks: at most 16 disks"
+        );
+        let nics = |n: usize| {
+            with(|s| {
+                s.nics = (0..n)
+                    .map(|i| NicSpec {
+                        tap: format!("tap{i}"),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        };
+        assert_eq!(nics(8).validate(&[]), Ok(()));
+        assert_eq!(refusal(&nics(9), &[]), "nics: at most 8 interfaces");
+    }
+
+    #[test]
+    fn distinct_disk_ids_pass_and_a_repeated_one_is_named() {
+        let storage = Storage::new("disk-ids");
+        let disk = storage.file("disk");
+        let ids = |ids: &[&str]| {
+            with(|s| {
+                s.disks = ids
+                    .iter()
+                    .map(|id| DiskSpec {
+                        path: disk.clone(),
+                        id: Some(id.to_string()),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+        };
+        assert_eq!(
+            ids(&["a", "b", "data 1"]).validate(&storage.allowed()),
+            Ok(())
+        );
+        assert_eq!(
+            refusal(&ids(&["a", "b", "a"]), &storage.allowed()),
+            "disks[2].id: used twice"
+        );
+        assert_eq!(
+            refusal(&ids(&["a", ""]), &storage.allowed()),
+            "disks[1].id: id '' must be 1 to 20 bytes long"
+        );
+    }
+
+    #[test]
+    fn a_tap_is_1_to_15_letters_digits_dashes_or_underscores() {
+        let tap = |name: &str| {
+            with(|s| {
+                s.nics = vec![NicSpec {
+                    tap: name.into(),
+                    ..Default::default()
+                }]
+            })
+        };
+        for good in ["t", "tap-0", "tap_0", "TAP9", &"a".repeat(15)] {
+            assert_eq!(tap(good).validate(&[]), Ok(()), "{good:?}");
+        }
+        let too_long = "a".repeat(16);
+        for bad in ["", &too_long, "a.b", "a b", "a/b", "é", "a:b"] {
+            assert_eq!(
+                refusal(&tap(bad), &[]),
+                "nics[0].tap: must be 1 to 15 letters, digits, '-' or '_'",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tap_used_twice_is_refused() {
+        let spec = with(|s| {
+            s.nics = ["tap0", "tap1", "tap0"]
+                .into_iter()
+                .map(|tap| NicSpec {
+                    tap: tap.into(),
+                    ..Default::default()
+                })
+                .collect()
+        });
+        assert_eq!(refusal(&spec, &[]), "nics[2].tap: used twice");
+    }
+
+    #[test]
+    fn a_nics_mac_is_unicast() {
+        let mac = |mac: &str| {
+            with(|s| {
+                s.nics = vec![NicSpec {
+                    tap: "t0".into(),
+                    mac: Some(mac.into()),
+                    ..Default::default()
+                }]
+            })
+        };
+        assert_eq!(mac("02:00:00:00:00:01").validate(&[]), Ok(()));
+        assert_eq!(
+            refusal(&mac("03:00:00:00:00:01"), &[]),
+            "nics[0].mac: '03:00:00:00:00:01' is a multicast address"
+        );
+    }
+
+    #[test]
+    fn rate_limits_are_checked_per_device() {
+        let storage = Storage::new("rate-limits");
+        let disk = storage.file("disk");
+        let spec = with(|s| {
+            s.disks = vec![DiskSpec {
+                path: disk,
+                rate_limit: RateLimit {
+                    bytes_per_sec: Some(1),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }];
+            s.nics = vec![
+                NicSpec {
+                    tap: "t0".into(),
+                    ..Default::default()
+                },
+                NicSpec {
+                    tap: "t1".into(),
+                    rate_limit: RateLimit {
+                        ops_per_sec: Some(0),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            ];
+        });
+        assert_eq!(
+            refusal(&spec, &storage.allowed()),
+            "nics[1].rate_limit: ops_per_sec must be at least 1"
+        );
+    }
+
+    #[test]
+    fn the_balloon_asks_for_at_most_the_vms_memory() {
+        let balloon = |target_mib: u64| {
+            with(|s| {
+                s.balloon = Some(BalloonConfig {
+                    target_mib,
+                    ..Default::default()
+                })
+            })
+        };
+        assert_eq!(balloon(128).validate(&[]), Ok(()));
+        assert_eq!(
+            refusal(&balloon(129), &[]),
+            "balloon.target_mib: at most the VM's memory_mib (128)"
+        );
+    }
+
+    #[test]
+    fn a_vsock_cid_is_3_to_one_below_u32_max() {
+        let cid = |cid: u32| {
+            with(|s| {
+                s.vsock = Some(VsockSpec { cid, socket: None });
+            })
+        };
+        for good in [3, 4, u32::MAX - 1] {
+            assert_eq!(cid(good).validate(&[]), Ok(()), "{good}");
+        }
+        for bad in [0, 1, 2, u32::MAX] {
+            assert_eq!(
+                refusal(&cid(bad), &[]),
+                "vsock.cid: must be 3 or more (0-2 are reserved)",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_daemon_places_the_vsock_socket_itself() {
+        let spec = with(|s| {
+            s.vsock = Some(VsockSpec {
+                cid: 3,
+                socket: Some("/tmp/v.sock".into()),
+            })
+        });
+        assert_eq!(
+            refusal(&spec, &[]),
+            "vsock.socket: is the daemon's to place (vsock.sock in the VM's directory)"
+        );
+        assert_eq!(spec.validate_for_its_user(), Ok(()));
+        // Everything else is still checked for a VM its user runs.
+        let spec = with(|s| {
+            s.vsock = Some(VsockSpec {
+                cid: 2,
+                socket: Some("/tmp/v.sock".into()),
+            })
+        });
+        assert_eq!(spec.validate_for_its_user().unwrap_err().field, "vsock.cid");
+    }
+
     #[test]
     fn unknown_fields_are_refused() {
         assert!(serde_json::from_str::<VmSpec>(r#"{"name":"a","cpu":2}"#).is_err());
