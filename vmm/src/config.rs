@@ -375,7 +375,8 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let bytes: Vec<u8> = text
         .split(':')
         .map(|part| {
-            (part.len() == 2)
+            // from_str_radix alone would take a sign ("+1").
+            (part.len() == 2 && part.bytes().all(|b| b.is_ascii_hexdigit()))
                 .then(|| u8::from_str_radix(part, 16).ok())
                 .flatten()
         })
@@ -434,6 +435,254 @@ mod tests {
         assert_eq!(ids[..2], ["vda", "vdb"]);
         assert_eq!(ids[25..28], ["vdz", "vdaa", "vdab"]);
         assert_eq!(ids[28..], ["eth0", "eth1", "rng", "vsock", "balloon"]);
+    }
+
+    #[test]
+    fn a_kernel_source_names_its_file_or_its_image() {
+        let file = KernelSource::File("/images/vmlinux".into());
+        assert_eq!(file.path(), Some(PathBuf::from("/images/vmlinux")));
+        assert_eq!(file.name(), "/images/vmlinux");
+        let bytes = KernelSource::Bytes {
+            name: "embedded guest".into(),
+            image: std::sync::Arc::from(&b"elf"[..]),
+        };
+        assert_eq!(bytes.path(), None);
+        assert_eq!(bytes.name(), "embedded guest");
+    }
+
+    /// An unlimited device's `rate_limit` is left out of the JSON; a
+    /// limited one's is written.
+    #[test]
+    fn only_a_set_rate_limit_is_written() {
+        let mut disk = DiskSpec {
+            path: "/d".into(),
+            ..Default::default()
+        };
+        let mut nic = NicSpec {
+            tap: "t0".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&disk).unwrap(),
+            serde_json::json!({"path": "/d", "readonly": false})
+        );
+        assert_eq!(
+            serde_json::to_value(&nic).unwrap(),
+            serde_json::json!({"tap": "t0"})
+        );
+        let limit = RateLimit {
+            ops_per_sec: Some(5),
+            ..Default::default()
+        };
+        disk.rate_limit = limit;
+        nic.rate_limit = limit;
+        assert_eq!(
+            serde_json::to_value(&disk).unwrap()["rate_limit"],
+            serde_json::json!({"ops_per_sec": 5})
+        );
+        assert_eq!(
+            serde_json::to_value(&nic).unwrap()["rate_limit"],
+            serde_json::json!({"ops_per_sec": 5})
+        );
+    }
+
+    #[test]
+    fn the_vsock_socket_is_the_one_given_or_vsock_sock() {
+        let mut vsock = VsockSpec {
+            cid: 3,
+            socket: None,
+        };
+        assert_eq!(vsock.socket_path(), PathBuf::from("vsock.sock"));
+        vsock.socket = Some("/run/v.sock".into());
+        assert_eq!(vsock.socket_path(), PathBuf::from("/run/v.sock"));
+    }
+
+    #[test]
+    fn a_spec_given_only_a_name_has_every_default() {
+        let spec: VmSpec = serde_json::from_str(r#"{"name":"a"}"#).unwrap();
+        assert_eq!((spec.cpus, spec.memory_mib), (1, 128));
+        assert_eq!(spec, VmSpec::named("a"));
+        assert_eq!(spec.memory_bytes(), 128 << 20);
+        assert!(spec.device_ids().is_empty());
+        assert_eq!(spec.kernel_cmdline(), DEFAULT_LINUX_CMDLINE);
+        assert_eq!(DEFAULT_LINUX_CMDLINE, "console=ttyS0 reboot=k panic=-1");
+    }
+
+    #[test]
+    fn options_are_appended_to_the_cmdline_with_one_space() {
+        let appended = |cmdline: Option<&str>, options: &str| {
+            let mut spec = VmSpec {
+                cmdline: cmdline.map(String::from),
+                ..VmSpec::named("a")
+            };
+            spec.add_to_cmdline(options);
+            spec.cmdline.unwrap()
+        };
+        assert_eq!(
+            appended(None, "pci=off"),
+            "console=ttyS0 reboot=k panic=-1 pci=off"
+        );
+        assert_eq!(appended(Some("quiet"), "pci=off"), "quiet pci=off");
+        assert_eq!(appended(Some("quiet"), " pci=off"), "quiet pci=off");
+        assert_eq!(appended(Some("quiet"), ""), "quiet");
+        assert_eq!(appended(Some(""), "pci=off"), "pci=off");
+        assert_eq!(appended(Some(""), ""), "");
+        let spec = VmSpec {
+            cmdline: Some("root=/dev/vda".into()),
+            ..VmSpec::named("a")
+        };
+        assert_eq!(spec.kernel_cmdline(), "root=/dev/vda");
+    }
+
+    #[test]
+    fn disks_past_the_alphabet_take_more_letters() {
+        assert_eq!(disk_name(0), "vda");
+        assert_eq!(disk_name(25), "vdz");
+        assert_eq!(disk_name(26), "vdaa");
+        assert_eq!(disk_name(51), "vdaz");
+        assert_eq!(disk_name(52), "vdba");
+        assert_eq!(disk_name(701), "vdzz");
+        assert_eq!(disk_name(702), "vdaaa");
+        assert_eq!(net_name(0), "eth0");
+        assert_eq!(net_name(11), "eth11");
+    }
+
+    #[test]
+    fn cpus_are_1_to_max_cpus_inclusive() {
+        let max = crate::arch::x86_64::mptable::MAX_CPUS;
+        let mut config = VmConfig::new(KernelSource::File("k".into()));
+        for cpus in [1, max] {
+            config.machine.cpus = cpus;
+            assert_eq!(config.validate(None), Ok(()), "{cpus}");
+        }
+        for cpus in [0, max + 1, u8::MAX] {
+            config.machine.cpus = cpus;
+            assert_eq!(
+                config.validate(None),
+                Err(ConfigError::Cpus {
+                    given: u64::from(cpus),
+                    max
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn memory_is_at_least_the_minimum_and_at_most_the_hosts() {
+        let mut config = VmConfig::new(KernelSource::File("k".into()));
+        config.machine.memory_mib = MIN_MEMORY_MIB;
+        assert_eq!(config.validate(None), Ok(()));
+        assert_eq!(config.memory_bytes(), MIN_MEMORY_MIB << 20);
+        config.machine.memory_mib = MIN_MEMORY_MIB - 1;
+        assert_eq!(
+            config.validate(None),
+            Err(ConfigError::MemoryTooSmall(MIN_MEMORY_MIB - 1))
+        );
+        // All of the host's memory, counted in whole MiB, and no more.
+        let host = (1 << 30) + 5;
+        config.machine.memory_mib = 1024;
+        assert_eq!(config.validate(Some(host)), Ok(()));
+        config.machine.memory_mib = 1025;
+        assert_eq!(
+            config.validate(Some(host)),
+            Err(ConfigError::MemoryTooLarge {
+                requested: 1025,
+                host: 1024
+            })
+        );
+        // No host figure: no upper bound here.
+        assert_eq!(config.validate(None), Ok(()));
+    }
+
+    #[test]
+    fn a_config_of_a_machine_keeps_the_machine_and_takes_the_kernel_given() {
+        let machine = VmSpec {
+            kernel: Some("/old/vmlinux".into()),
+            cpus: 3,
+            rng: true,
+            ..VmSpec::named("web")
+        };
+        let config = VmConfig::of_machine(KernelSource::File("/new/vmlinux".into()), &machine);
+        assert_eq!(
+            config.machine,
+            VmSpec {
+                kernel: Some("/new/vmlinux".into()),
+                ..machine.clone()
+            }
+        );
+        assert_eq!(config.kernel.path(), Some("/new/vmlinux".into()));
+        assert!(config.host_cmdline_options);
+        assert_eq!(config.kvm_device, PathBuf::from("/dev/kvm"));
+        let embedded = VmConfig::of_machine(
+            KernelSource::Bytes {
+                name: "embedded guest".into(),
+                image: std::sync::Arc::from(&b"elf"[..]),
+            },
+            &machine,
+        );
+        assert_eq!(embedded.machine.kernel, None);
+    }
+
+    #[test]
+    fn a_disk_id_may_hold_spaces_but_no_control_characters() {
+        assert_eq!(check_disk_id("data 1"), Ok(()));
+        assert_eq!(check_disk_id("~!"), Ok(()));
+        assert_eq!(
+            check_disk_id(&"x".repeat(21)),
+            Err(format!(
+                "id '{}' must be 1 to 20 bytes long",
+                "x".repeat(21)
+            ))
+        );
+        assert_eq!(
+            check_disk_id("a\nb"),
+            Err("id 'a\nb' must be printable ASCII".into())
+        );
+        assert_eq!(
+            check_disk_id("\x7f"),
+            Err("id '\x7f' must be printable ASCII".into())
+        );
+    }
+
+    #[test]
+    fn a_mac_address_is_six_two_digit_hex_bytes() {
+        assert_eq!(
+            parse_mac("02:AB:cd:00:00:ff"),
+            Ok([2, 0xab, 0xcd, 0, 0, 0xff])
+        );
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "2:00:00:00:00:001",
+            "02:00:00:00:00:1",
+            "02:00:00:00:00:0g",
+            "02-00-00-00-00-01",
+            "02:00:00:00:00:+1",
+        ] {
+            assert_eq!(
+                parse_mac(bad),
+                Err(format!(
+                    "'{bad}' is not a MAC address like 02:00:00:00:00:01"
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn a_multicast_mac_is_refused() {
+        for multicast in [
+            "01:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "03:00:00:00:00:01",
+        ] {
+            assert_eq!(
+                parse_mac(multicast),
+                Err(format!("'{multicast}' is a multicast address"))
+            );
+        }
+        assert_eq!(parse_mac("00:00:00:00:00:00"), Ok([0; 6]));
+        assert_eq!(parse_mac("fe:00:00:00:00:01"), Ok([0xfe, 0, 0, 0, 0, 1]));
     }
 
     #[test]
