@@ -857,6 +857,420 @@ mod tests {
         assert!(error.contains("the board's id \"pm1\""), "{error}");
     }
 
+    /// An older machine's empty kernel is no file, like the embedded guest's.
+    #[test]
+    fn an_older_machines_empty_kernel_names_no_file() {
+        let mut machine = machine_config_of_version_5();
+        machine["kernel"] = "".into();
+        machine_as_spec(&mut machine).unwrap();
+        assert!(machine.get("kernel").is_none(), "{machine}");
+        let mut machine = machine_config_of_version_5();
+        machine["cmdline"] = "".into();
+        machine_as_spec(&mut machine).unwrap();
+        assert!(machine.get("cmdline").is_none(), "{machine}");
+    }
+
+    /// A current state is read as it is: the older machines' rule, which
+    /// drops an empty command line, is not applied to it.
+    #[test]
+    fn a_current_states_machine_is_taken_as_written() {
+        let mut state = fixture_state(6);
+        state["machine"]["cmdline"] = "".into();
+        let saved = SavedVm::from_value(state, 6).unwrap();
+        assert_eq!(saved.machine.cmdline.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn at_most_255_listed_vcpus_are_keyed() {
+        let listed = |count: usize| serde_json::json!({"vcpus": vec![0; count]});
+        let mut state = listed(255);
+        key_vcpus_by_id(&mut state).unwrap();
+        let keyed = state["vcpus"].as_object().unwrap();
+        assert_eq!(keyed.len(), 255);
+        assert!(keyed.contains_key("0") && keyed.contains_key("254"));
+        assert_eq!(
+            key_vcpus_by_id(&mut listed(256)),
+            Err("vcpus: 256 listed, at most 255 exist".into())
+        );
+    }
+
+    /// The state of the checked-in snapshot fixture of `version`, as JSON.
+    fn fixture_state(version: u32) -> serde_json::Value {
+        let path = format!(
+            "{}/../cli/tests/fixtures/snapshot-v{version}/state.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// A directory under the temporary one, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Scratch {
+            let dir = std::env::temp_dir()
+                .join(format!("bulkhead-snapshot-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const RANGES: [(GuestAddress, usize); 2] =
+        [(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 1 << 20)];
+
+    /// 2 MiB of guest RAM in two regions, a few pages written.
+    fn some_memory() -> GuestRam {
+        let memory = GuestRam::from_ranges(&RANGES).unwrap();
+        memory.write_slice(b"first", GuestAddress(0x1234)).unwrap();
+        memory
+            .write_slice(&[0xee; 3 * PAGE], GuestAddress((5 << 20) - 3 * PAGE as u64))
+            .unwrap();
+        memory
+    }
+
+    /// The image a snapshot holds of `memory`: its regions back to back.
+    fn image(memory: &GuestRam) -> Vec<u8> {
+        let mut image = Vec::new();
+        crate::memory::for_each_chunk(memory, CHUNK, |_, chunk| {
+            image.extend_from_slice(chunk);
+            Ok::<(), vm_memory::GuestMemoryError>(())
+        })
+        .unwrap();
+        image
+    }
+
+    /// The version 6 fixture's saved VM, its machine of `mib` MiB.
+    fn saved_vm(mib: u64) -> SavedVm {
+        let mut saved = SavedVm::from_value(fixture_state(6), 6).unwrap();
+        saved.machine.memory_mib = mib;
+        saved
+    }
+
+    /// A snapshot of 2 MiB written in `scratch`, and its directory.
+    fn written(scratch: &Scratch) -> PathBuf {
+        let dir = scratch.0.join("snap");
+        write(&dir, &saved_vm(2), &some_memory()).unwrap();
+        dir
+    }
+
+    fn edit_manifest(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) {
+        let path = dir.join(MANIFEST_FILE);
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        change(&mut manifest);
+        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    }
+
+    /// The problem `read` finds with the snapshot at `dir`.
+    fn problem(dir: &Path) -> (PathBuf, String) {
+        match read(dir) {
+            Err(SnapshotError::Invalid { path, problem }) => (path.into(), problem),
+            Err(e) => panic!("not an invalid snapshot: {e}"),
+            Ok(_) => panic!("{} read as a snapshot", dir.display()),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_as_written() {
+        let scratch = Scratch::new("round-trip");
+        let dir = scratch.0.join("snap");
+        let (saved, memory) = (saved_vm(2), some_memory());
+        let info = write(&dir, &saved, &memory).unwrap();
+        let state_bytes = std::fs::metadata(dir.join(STATE_FILE)).unwrap().len();
+        assert_eq!(
+            info,
+            SnapshotInfo {
+                path: dir.clone(),
+                memory_bytes: 2 << 20,
+                memory_pages_written: 4,
+                state_bytes,
+            }
+        );
+        // Nothing is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&scratch.0)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["snap"]);
+        let loaded = read(&dir).unwrap();
+        assert_eq!(
+            serde_json::to_value(&loaded.saved).unwrap(),
+            serde_json::to_value(&saved).unwrap()
+        );
+        loaded.verify_memory().unwrap();
+        let restored = loaded.map_memory(&RANGES).unwrap();
+        assert!(image(&restored) == image(&memory));
+        // A second snapshot never replaces the first.
+        assert!(matches!(
+            write(&dir, &saved, &memory),
+            Err(SnapshotError::Exists { path }) if path == dir.display().to_string()
+        ));
+    }
+
+    /// What a writer killed half-way left in the parent is cleared, and the
+    /// snapshot is staged beside where it goes.
+    #[test]
+    fn a_killed_writers_staging_directory_is_replaced() {
+        let scratch = Scratch::new("staging");
+        let staging = scratch
+            .0
+            .join(format!(".snap.partial-{}", std::process::id()));
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("stale"), b"x").unwrap();
+        let dir = written(&scratch);
+        assert!(!staging.exists());
+        assert!(!dir.join("stale").exists());
+        assert!(read(&dir).is_ok());
+    }
+
+    #[test]
+    fn a_directory_without_a_manifest_is_no_snapshot() {
+        let scratch = Scratch::new("no-manifest");
+        assert!(matches!(
+            read(&scratch.0),
+            Err(SnapshotError::NoManifest { path, .. }) if path == scratch.0.display().to_string()
+        ));
+        std::fs::write(scratch.0.join(MANIFEST_FILE), b"{}").unwrap();
+        let (path, why) = problem(&scratch.0);
+        assert_eq!(path, scratch.0.join(MANIFEST_FILE));
+        assert!(why.starts_with("not a snapshot manifest: "), "{why}");
+    }
+
+    #[test]
+    fn a_manifest_of_another_format_is_refused() {
+        let scratch = Scratch::new("format");
+        let dir = written(&scratch);
+        edit_manifest(&dir, |m| m["format"] = "qemu-savevm".into());
+        assert_eq!(
+            problem(&dir).1,
+            "format \"qemu-savevm\", expected \"bulkhead-snapshot\""
+        );
+    }
+
+    #[test]
+    fn only_versions_min_readable_to_this_one_are_read() {
+        let scratch = Scratch::new("versions");
+        let dir = written(&scratch);
+        for version in [0, MIN_READABLE_VERSION - 1, VERSION + 1] {
+            edit_manifest(&dir, |m| m["version"] = version.into());
+            assert_eq!(
+                problem(&dir).1,
+                format!(
+                    "snapshot format version {version}, this Bulkhead reads versions \
+                     {MIN_READABLE_VERSION} to {VERSION}"
+                )
+            );
+        }
+        // The oldest is read, by its rules (which this state does not follow).
+        edit_manifest(&dir, |m| m["version"] = MIN_READABLE_VERSION.into());
+        let (path, why) = problem(&dir);
+        assert_eq!(path, dir.join(STATE_FILE));
+        assert!(why.starts_with("cannot decode: "), "{why}");
+    }
+
+    #[test]
+    fn a_manifest_must_list_the_state_and_the_memory() {
+        let scratch = Scratch::new("entries");
+        let dir = written(&scratch);
+        for name in [STATE_FILE, MEMORY_FILE] {
+            let kept = std::fs::read(dir.join(MANIFEST_FILE)).unwrap();
+            edit_manifest(&dir, |m| {
+                m["files"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|f| f["name"] != name)
+            });
+            assert_eq!(
+                problem(&dir),
+                (dir.join(MANIFEST_FILE), format!("lists no {name}"))
+            );
+            std::fs::write(dir.join(MANIFEST_FILE), kept).unwrap();
+        }
+        assert!(read(&dir).is_ok());
+    }
+
+    /// A manifest may claim a state of at most 64 MiB (it is read whole).
+    #[test]
+    fn a_state_larger_than_any_vms_is_refused_before_it_is_read() {
+        let scratch = Scratch::new("state-size");
+        let dir = written(&scratch);
+        let state_bytes = std::fs::metadata(dir.join(STATE_FILE)).unwrap().len();
+        let set_state_bytes = |bytes: u64| {
+            edit_manifest(&dir, |m| {
+                for file in m["files"].as_array_mut().unwrap() {
+                    if file["name"] == STATE_FILE {
+                        file["bytes"] = bytes.into();
+                    }
+                }
+            })
+        };
+        assert_eq!(MAX_STATE_BYTES, 64 << 20);
+        set_state_bytes(MAX_STATE_BYTES + 1);
+        assert_eq!(
+            problem(&dir),
+            (
+                dir.join(STATE_FILE),
+                "state file larger than any VM's state".into()
+            )
+        );
+        set_state_bytes(MAX_STATE_BYTES);
+        assert_eq!(
+            problem(&dir).1,
+            format!(
+                "{state_bytes} bytes, the manifest says {MAX_STATE_BYTES} (truncated or replaced)"
+            )
+        );
+    }
+
+    /// A state file longer than the largest the manifest may claim is
+    /// read one byte past it, enough to see that it is not what was written.
+    #[test]
+    fn a_state_file_past_the_largest_is_not_read_whole() {
+        let scratch = Scratch::new("state-past-max");
+        let dir = written(&scratch);
+        File::options()
+            .write(true)
+            .open(dir.join(STATE_FILE))
+            .unwrap()
+            .set_len(MAX_STATE_BYTES + 5)
+            .unwrap();
+        edit_manifest(&dir, |m| {
+            for file in m["files"].as_array_mut().unwrap() {
+                if file["name"] == STATE_FILE {
+                    file["bytes"] = MAX_STATE_BYTES.into();
+                }
+            }
+        });
+        assert_eq!(
+            problem(&dir).1,
+            format!(
+                "{} bytes, the manifest says {MAX_STATE_BYTES} (truncated or replaced)",
+                MAX_STATE_BYTES + 1
+            )
+        );
+    }
+
+    #[test]
+    fn a_state_of_another_length_or_checksum_is_refused() {
+        let scratch = Scratch::new("state-crc");
+        let dir = written(&scratch);
+        let path = dir.join(STATE_FILE);
+        let state = std::fs::read(&path).unwrap();
+        let mut longer = state.clone();
+        longer.push(b' ');
+        std::fs::write(&path, &longer).unwrap();
+        assert_eq!(
+            problem(&dir),
+            (
+                path.clone(),
+                format!(
+                    "{} bytes, the manifest says {} (truncated or replaced)",
+                    state.len() + 1,
+                    state.len()
+                )
+            )
+        );
+        // Same length, one byte changed (JSON that still parses).
+        let mut changed = state.clone();
+        let last = changed.len() - 1;
+        changed[last - 1..].copy_from_slice(b"} ");
+        assert_ne!(changed, state);
+        std::fs::write(&path, &changed).unwrap();
+        let (at, why) = problem(&dir);
+        assert_eq!(at, path);
+        assert!(
+            why.starts_with("checksum ") && why.ends_with(" (corrupted)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_memory_file_of_another_size_than_the_manifests_or_the_machines_is_refused() {
+        let scratch = Scratch::new("memory-size");
+        let dir = written(&scratch);
+        let path = dir.join(MEMORY_FILE);
+        let refusal = |size: u64, manifest: u64| {
+            (
+                path.clone(),
+                format!(
+                    "{size} bytes, the manifest says {manifest} and the VM had 2 MiB \
+                     (truncated or replaced)"
+                ),
+            )
+        };
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        assert_eq!(problem(&dir), refusal(1 << 20, 2 << 20));
+        // The manifest changed to match: the machine still says otherwise.
+        edit_manifest(&dir, |m| {
+            for file in m["files"].as_array_mut().unwrap() {
+                if file["name"] == MEMORY_FILE {
+                    file["bytes"] = (1u64 << 20).into();
+                }
+            }
+        });
+        assert_eq!(problem(&dir), refusal(1 << 20, 1 << 20));
+        // The file back to the machine's size, the manifest still not.
+        file.set_len(2 << 20).unwrap();
+        assert_eq!(problem(&dir), refusal(2 << 20, 1 << 20));
+    }
+
+    #[test]
+    fn verifying_the_memory_finds_a_changed_byte() {
+        let scratch = Scratch::new("verify");
+        let dir = written(&scratch);
+        read(&dir).unwrap().verify_memory().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(MEMORY_FILE))
+            .unwrap();
+        file.write_all_at(b"\x01", (2 << 20) - 1).unwrap();
+        let loaded = read(&dir).unwrap();
+        match loaded.verify_memory() {
+            Err(SnapshotError::Invalid { path, problem }) => {
+                assert_eq!(path, dir.join(MEMORY_FILE).display().to_string());
+                assert!(problem.ends_with("(corrupted)"), "{problem}");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
+    /// Runs of written pages at a chunk's start, middle and end, and
+    /// across chunks: each page goes where it was, only those are counted,
+    /// and the checksum is the whole image's.
+    #[test]
+    fn every_written_page_and_only_those_reach_the_memory_file() {
+        let memory = GuestRam::from_ranges(&[(GuestAddress(0), 2 * CHUNK)]).unwrap();
+        let pages_per_chunk = CHUNK / PAGE;
+        let written_pages = [0, 1, 2, 10, pages_per_chunk - 1]
+            .into_iter()
+            .chain(pages_per_chunk..pages_per_chunk + 1)
+            .chain(2 * pages_per_chunk - 6..2 * pages_per_chunk);
+        let mut count = 0;
+        for page in written_pages {
+            let at = (page * PAGE) as u64;
+            memory
+                .write_slice(format!("page {page}").as_bytes(), GuestAddress(at + 9))
+                .unwrap();
+            count += 1;
+        }
+        let scratch = Scratch::new("runs");
+        let path = scratch.0.join(MEMORY_FILE);
+        let file = File::create(&path).unwrap();
+        let (crc, pages) = write_memory(&memory, &file).unwrap();
+        let expected = image(&memory);
+        assert_eq!(pages, count);
+        assert_eq!(crc, crc32fast::hash(&expected));
+        assert!(std::fs::read(&path).unwrap() == expected);
+    }
+
     #[test]
     fn zero_pages_are_recognised_at_any_alignment() {
         let mut bytes = vec![0u8; 3 * PAGE + 5];
@@ -864,6 +1278,23 @@ mod tests {
         bytes[3 * PAGE + 4] = 1;
         assert!(!is_zero(&bytes[1..]));
         assert!(is_zero(&bytes[..3 * PAGE]));
+    }
+
+    /// One set byte is found in the unaligned head, the aligned words or
+    /// the unaligned tail.
+    #[test]
+    fn a_set_byte_is_found_wherever_it_is() {
+        let mut bytes = [0u8; 64];
+        // 3 bytes before a u64 boundary, 40 bytes long: 3 + 4 words + 5.
+        let start = bytes.as_ptr().align_offset(8) + 8 - 3;
+        let window = &mut bytes[start..start + 40];
+        assert!(is_zero(window));
+        for set in 0..40 {
+            window[set] = 0x80;
+            assert!(!is_zero(window), "byte {set}");
+            window[set] = 0;
+        }
+        assert!(is_zero(&[]));
     }
 
     #[test]
