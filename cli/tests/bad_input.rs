@@ -29,9 +29,7 @@ fn assert_names(line: &str, words: &[&str]) {
 
 /// A file in a per-test temporary folder.
 fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-bad-input-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    let path = testkit::process_dir().join(name);
     std::fs::write(&path, contents).unwrap();
     path
 }
@@ -259,8 +257,7 @@ fn restore_with_machine_options() {
 #[test]
 fn a_vmm_program_from_another_build_is_passed_over() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("bulkhead-stale-vmm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = testkit::TempDir::new("stale-vmm");
     let bulkhead = dir.join("bulkhead");
     std::fs::copy(env!("CARGO_BIN_EXE_bulkhead"), &bulkhead).unwrap();
     let marker = dir.join("stale-vmm-ran");
@@ -295,7 +292,6 @@ fn a_vmm_program_from_another_build_is_passed_over() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("another build"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--config FILE` takes the API's VM spec; what is wrong in it is named.

@@ -7,9 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn guest(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-console-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.elf"));
+    let path = testkit::process_dir().join(format!("{name}.elf"));
     std::fs::write(&path, guests::test_guest(name).unwrap().unwrap()).unwrap();
     path
 }

@@ -18,18 +18,14 @@
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 
-// The image lookup and temporary folders the VMM's own integration tests use.
-#[path = "../../vmm/tests/common/mod.rs"]
-mod common;
-
 mod support;
 
-use common::image;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{device, rss_kib, run, wait_status, Guest, Namespace};
+use testkit::image;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 const HOST_IP: &str = "10.77.0.1";
@@ -42,10 +38,8 @@ const GUEST_CID: u64 = 7;
 
 #[test]
 fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
-    let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
-        return;
-    };
-    let temp = common::TempDir::new("linux-devices");
+    let (kernel, rootfs) = (image("vmlinux"), image("rootfs.ext4"));
+    let temp = testkit::TempDir::new("linux-devices");
     let dir = temp.path();
     let root = dir.join("root.ext4");
     std::fs::copy(&rootfs, &root).unwrap();
@@ -116,7 +110,7 @@ fn linux_drivers_use_block_net_vsock_rng_and_balloon() {
     }
     run(Command::new("ip").args([
         "-n",
-        &namespace.0,
+        namespace.name(),
         "addr",
         "add",
         &format!("{HOST_IP}/24"),

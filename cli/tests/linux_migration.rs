@@ -6,17 +6,15 @@
 //! stack answering pings and its disk staying attached and error-free are
 //! the kernel's own proof that it survived.
 
-#[path = "../../vmm/tests/common/mod.rs"]
-mod common;
 mod support;
 
-use common::image;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{device, run, Guest, Namespace};
+use testkit::image;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 const HOST_IP: &str = "10.78.0.1";
@@ -136,10 +134,8 @@ fn assert_root_mounted(guest: &Guest, what: &str) {
 
 #[test]
 fn linux_keeps_answering_through_snapshot_restore_and_migration() {
-    let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
-        return;
-    };
-    let temp = common::TempDir::new("linux-migration");
+    let (kernel, rootfs) = (image("vmlinux"), image("rootfs.ext4"));
+    let temp = testkit::TempDir::new("linux-migration");
     let dir = temp.path();
     let root = dir.join("root.ext4");
     std::fs::copy(&rootfs, &root).unwrap();
@@ -148,7 +144,7 @@ fn linux_keeps_answering_through_snapshot_restore_and_migration() {
     // VMM process, and source and destination can both attach to it.
     run(Command::new("ip").args([
         "-n",
-        &namespace.0,
+        namespace.name(),
         "tuntap",
         "add",
         "dev",
@@ -160,14 +156,14 @@ fn linux_keeps_answering_through_snapshot_restore_and_migration() {
     ]));
     run(Command::new("ip").args([
         "-n",
-        &namespace.0,
+        namespace.name(),
         "addr",
         "add",
         &format!("{HOST_IP}/24"),
         "dev",
         TAP,
     ]));
-    run(Command::new("ip").args(["-n", &namespace.0, "link", "set", TAP, "up"]));
+    run(Command::new("ip").args(["-n", namespace.name(), "link", "set", TAP, "up"]));
 
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 \
@@ -250,6 +246,16 @@ fn linux_keeps_answering_through_snapshot_restore_and_migration() {
     eprintln!(
         "migration: {lost} replies lost ({} ms each); VMM-measured downtime {} ms: {answer}",
         PING_INTERVAL_MS, report["migration"]["downtime_ms"]
+    );
+    // The promise: downtime within the default limit (300 ms). Held with
+    // stated margins (the benchmark keeps the precise figures): 500 ms on
+    // the VMM's own measure; 2 s on what the network saw, which adds the
+    // TAP's hand-over and a kernel-only guest slow under kvm_pvm.
+    let downtime = report["migration"]["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0 && downtime <= 300.0 + 500.0, "{answer}");
+    assert!(
+        lost * PING_INTERVAL_MS <= 300 + 2000,
+        "{lost} replies lost in the migration: {answer}"
     );
     let (status, _) = second.stop_when_exited();
     assert!(status.success());

@@ -5,19 +5,18 @@
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::status_field;
+
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
 const VM_UID: u32 = 61_000;
 
-fn work_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-sandbox-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn work_dir(name: &str) -> testkit::TempDir {
+    testkit::TempDir::new(&format!("sandbox-{name}"))
 }
 
 /// A guest that counts on its console forever.
@@ -64,13 +63,7 @@ fn start(kernel: &Path, jail: PathBuf, uid: u32, extra: &[&str]) -> Sandboxed {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: prctl in the child before exec; no allocation.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    testkit::dies_with_test(&mut command);
     let child = command.spawn().unwrap();
     Sandboxed { child, jail }
 }
@@ -132,20 +125,10 @@ fn ctl(jail: &Path, args: &[&str]) -> String {
     text
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn a_sandboxed_vmm_sees_only_its_directory_and_runs_unprivileged() {
     let dir = work_dir("view");
-    let kernel = counting_guest(&dir);
+    let kernel = counting_guest(dir.path());
     let mut vmm = start(&kernel, dir.join("jail"), VM_UID, &[]);
     wait_for(&vmm.jail.join("console.sock"), &mut vmm.child);
     let mut console = UnixStream::connect(vmm.jail.join("console.sock")).unwrap();
@@ -204,13 +187,12 @@ fn a_sandboxed_vmm_sees_only_its_directory_and_runs_unprivileged() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let status = vmm.child.wait().unwrap();
     assert!(status.success(), "{status}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_forbidden_system_call_kills_that_vmm_and_no_other() {
     let dir = work_dir("seccomp");
-    let kernel = counting_guest(&dir);
+    let kernel = counting_guest(dir.path());
     let mut bystander = start(&kernel, dir.join("bystander"), VM_UID + 1, &[]);
     wait_for(&bystander.jail.join("console.sock"), &mut bystander.child);
     let mut console = UnixStream::connect(bystander.jail.join("console.sock")).unwrap();
@@ -231,5 +213,4 @@ fn a_forbidden_system_call_kills_that_vmm_and_no_other() {
 
     count_above(&mut console, before);
     assert!(bystander.child.try_wait().unwrap().is_none());
-    let _ = std::fs::remove_dir_all(&dir);
 }

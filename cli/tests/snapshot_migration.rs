@@ -14,9 +14,7 @@ use vmm::migration::protocol::VERSION;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn work_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-migration-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    testkit::process_dir().to_path_buf()
 }
 
 fn unique(name: &str) -> PathBuf {
@@ -342,6 +340,7 @@ fn migrate_and_check(
     let answer = source.ctl_ok(&args);
     let migration = &answer["migration"];
     assert!(migration["memory_crc"].is_u64(), "{answer}");
+    assert_downtime_within_limit(&answer, extra);
     let (status, source_output, source_stderr) = source.wait_exit();
     assert!(
         status.success(),
@@ -356,6 +355,29 @@ fn migrate_and_check(
     answer
 }
 
+/// What the downtime may exceed the limit by: the stop-and-copy is sized
+/// from the link's measured rate, but the vCPUs' and devices' state, the
+/// switch-over handshake and a noisy host come on top (measured here: a few
+/// ms to 17 ms against the default 300). The benchmark keeps the precise
+/// figures; this holds the promise.
+const DOWNTIME_MARGIN_MS: f64 = 500.0;
+
+/// The migration's downtime is within its limit (`--downtime-ms` in
+/// `extra`, else the default 300 ms) plus [`DOWNTIME_MARGIN_MS`].
+fn assert_downtime_within_limit(answer: &serde_json::Value, extra: &[&str]) {
+    let limit: f64 = extra
+        .iter()
+        .position(|arg| *arg == "--downtime-ms")
+        .map_or(300.0, |at| extra[at + 1].parse().unwrap());
+    let downtime = answer["migration"]["downtime_ms"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no downtime in {answer}"));
+    assert!(
+        downtime > 0.0 && downtime <= limit + DOWNTIME_MARGIN_MS,
+        "downtime {downtime} ms, limit {limit} ms + {DOWNTIME_MARGIN_MS} ms: {answer}"
+    );
+}
+
 #[test]
 fn live_migration_over_a_unix_socket_and_over_tcp() {
     let guest = writer_guest(guests::MemoryWriter {
@@ -368,7 +390,6 @@ fn live_migration_over_a_unix_socket_and_over_tcp() {
     eprintln!("unix: {answer}");
     // The destination's memory hash matched the source's at switch-over (it
     // refuses to resume otherwise), and it said so.
-    assert!(answer["migration"]["downtime_ms"].as_f64().unwrap() > 0.0);
 
     let target = destination("tcp:127.0.0.1:0", &[]);
     let uri = bound_uri(&target);
@@ -1115,7 +1136,7 @@ fn a_same_host_migration_hands_over_a_single_queue_tap() {
     let tap = "bh-single";
     support::run(Command::new("ip").args([
         "-n",
-        &namespace.0,
+        namespace.name(),
         "tuntap",
         "add",
         "dev",
@@ -1159,7 +1180,7 @@ fn a_same_host_migration_hands_over_a_single_queue_tap() {
         "the destination holds no TAP: {held:?}"
     );
     let link =
-        support::run(Command::new("ip").args(["-n", &namespace.0, "-d", "link", "show", tap]));
+        support::run(Command::new("ip").args(["-n", namespace.name(), "-d", "link", "show", tap]));
     assert!(!link.contains("multi_queue"), "{link}");
     let combined = source_output + &destination.kill();
     assert_consecutive(&counts(&combined, false), "source then destination");

@@ -18,7 +18,7 @@ pub use default_guest::{default_guest, BANNER};
 pub use memory_writer::{memory_writer, MemoryWriter};
 pub use program::Result;
 pub use test_guests::{port_io_loop, test_guest, TEST_GUESTS};
-pub use virtio_blk::{block_workload, BlockWorkload};
+pub use virtio_blk::{block_workload, numbered_sector, BlockWorkload};
 pub use virtio_net::{net_receive_workload, net_workload, NetWorkload};
 pub use virtio_vsock::{
     vsock_workload, GUEST_PORT as VSOCK_GUEST_PORT, HOST_PORT as VSOCK_HOST_PORT,

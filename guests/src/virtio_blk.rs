@@ -34,6 +34,47 @@ pub struct BlockWorkload {
     pub batch: u16,
     /// The disk's size in sectors, a power of two.
     pub disk_sectors: u64,
+    /// Whether the data itself is checked: each sector the guest writes
+    /// holds its own number in its first 8 bytes (the rest zero), and each
+    /// sector it reads must (the test fills the disk so). Off in benchmarks.
+    pub check_data: bool,
+}
+
+/// The LCG the guest walks random request slots with (Knuth's MMIX
+/// multiplier; the increment as the guest's sign-extended 32-bit immediate).
+const LCG_MULTIPLIER: u64 = 6_364_136_223_846_793_005;
+const LCG_INCREMENT: i32 = 1_442_695_040_888_963_407i64 as i32;
+
+impl BlockWorkload {
+    /// The first sector of each request, in the order the guest sends them:
+    /// what a test compares the disk's contents with.
+    pub fn request_sectors(&self) -> Vec<u64> {
+        let sectors_per_request = u64::from(self.request_bytes) / SECTOR;
+        let slots = self.disk_sectors / sectors_per_request;
+        let requests = u64::from(self.requests / u32::from(self.batch) * u32::from(self.batch));
+        let mut state = 0u64;
+        (0..requests)
+            .map(|_| {
+                if self.random {
+                    state = state
+                        .wrapping_mul(LCG_MULTIPLIER)
+                        .wrapping_add(i64::from(LCG_INCREMENT) as u64);
+                    ((state >> 33) & (slots - 1)) * sectors_per_request
+                } else {
+                    let sector = state & (self.disk_sectors - 1);
+                    state += sectors_per_request;
+                    sector
+                }
+            })
+            .collect()
+    }
+}
+
+/// A sector's contents when `check_data` is on: its number, then zeros.
+pub fn numbered_sector(sector: u64) -> [u8; SECTOR as usize] {
+    let mut bytes = [0u8; SECTOR as usize];
+    bytes[..8].copy_from_slice(&sector.to_le_bytes());
+    bytes
 }
 
 /// The descriptor table and request headers the guest copies into place.
@@ -77,7 +118,7 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     p.a.mov(r12d, w.requests / u32::from(w.batch))?;
     p.a.xor(r13, r13)?;
     p.a.xor(r14, r14)?;
-    p.a.mov(r15, 6_364_136_223_846_793_005u64)?;
+    p.a.mov(r15, LCG_MULTIPLIER)?;
     let mut batch = p.a.create_label();
     let mut done = p.a.create_label();
     p.a.test(r12d, r12d)?;
@@ -87,7 +128,7 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
         // The next sector: sequential, or a random whole request slot.
         if w.random {
             p.a.imul_2(r13, r15)?;
-            p.a.add(r13, 1_442_695_040_888_963_407i64 as i32)?;
+            p.a.add(r13, LCG_INCREMENT)?;
             p.a.mov(rax, r13)?;
             p.a.shr(rax, 33)?;
             p.a.and(rax, (slots - 1) as i32)?;
@@ -98,6 +139,14 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
             p.a.add(r13, sectors_per_request as i32)?;
         }
         p.a.mov(qword_ptr(HEADERS + 16 * i + 8), rax)?;
+        if w.check_data && w.write {
+            // Each sector of the buffer: its number, then zeros.
+            for k in 0..sectors_per_request {
+                let at = BUFFERS + i * u64::from(w.request_bytes) + k * SECTOR;
+                p.a.lea(rdx, ptr(rax + k as i32))?;
+                p.a.mov(qword_ptr(at), rdx)?;
+            }
+        }
         // avail.ring[(idx + i) % size] = head 3i
         p.a.lea(ecx, ptr(r14 + i as i32))?;
         p.a.and(ecx, i32::from(QUEUE_SIZE - 1))?;
@@ -107,6 +156,19 @@ pub fn block_workload(w: BlockWorkload) -> Result<Vec<u8>> {
     p.a.mov(word_ptr(AVAIL + 2), r14w)?;
     notify(&mut p, 0)?;
     wait_used_index(&mut p, QUEUE, r14w)?;
+    if w.check_data && !w.write {
+        // Each sector read came from where it was asked: its first and
+        // last sectors hold their numbers.
+        for i in 0..u64::from(w.batch) {
+            for k in [0, sectors_per_request - 1] {
+                let at = BUFFERS + i * u64::from(w.request_bytes) + k * SECTOR;
+                p.a.mov(rax, qword_ptr(at))?;
+                p.a.sub(rax, qword_ptr(HEADERS + 16 * i + 8))?;
+                p.a.sub(rax, k as i32)?;
+                p.expect(rax, 0, "a read sector's number minus the sector asked for")?;
+            }
+        }
+    }
     p.a.dec(r12d)?;
     p.a.jnz(batch)?;
     p.a.set_label(&mut done)?;
@@ -129,6 +191,7 @@ mod tests {
             random: true,
             batch: 2,
             disk_sectors: 1 << 17,
+            check_data: false,
         });
         // Request 1's data descriptor: buffer 1, 4 KiB, NEXT | WRITE, next 5.
         let d = &table[4 * 16..5 * 16];
@@ -146,8 +209,52 @@ mod tests {
             write: false,
             random: true,
             batch: 2,
-            disk_sectors: 1 << 17
+            disk_sectors: 1 << 17,
+            check_data: true,
         })
         .is_ok());
+    }
+
+    #[test]
+    fn sequential_requests_walk_the_disk_and_wrap() {
+        let sectors = BlockWorkload {
+            requests: 5,
+            request_bytes: 4096,
+            write: true,
+            random: false,
+            batch: 1,
+            disk_sectors: 32,
+            check_data: true,
+        }
+        .request_sectors();
+        assert_eq!(sectors, [0, 8, 16, 24, 0]);
+    }
+
+    #[test]
+    fn random_requests_are_whole_slots_inside_the_disk_in_whole_batches() {
+        let workload = BlockWorkload {
+            requests: 35,
+            request_bytes: 4096,
+            write: true,
+            random: true,
+            batch: 8,
+            disk_sectors: 1 << 14,
+            check_data: true,
+        };
+        let sectors = workload.request_sectors();
+        assert_eq!(sectors.len(), 32);
+        assert!(sectors.iter().all(|s| s % 8 == 0 && *s < 1 << 14));
+        // The first: state = increment (sign-extended), slot = state >> 33.
+        let first = ((i64::from(LCG_INCREMENT) as u64) >> 33) & ((1 << 11) - 1);
+        assert_eq!(sectors[0], first * 8);
+        let distinct: std::collections::BTreeSet<_> = sectors.iter().collect();
+        assert!(distinct.len() > 16, "{sectors:?}");
+    }
+
+    #[test]
+    fn a_numbered_sector_holds_its_number_then_zeros() {
+        let bytes = numbered_sector(0x0102_0304_0506_0708);
+        assert_eq!(bytes[..8], [8, 7, 6, 5, 4, 3, 2, 1]);
+        assert!(bytes[8..].iter().all(|&b| b == 0));
     }
 }

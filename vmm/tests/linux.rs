@@ -9,7 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{image, run_until};
+use common::run_until;
+use testkit::image;
 use vmm::config::{BalloonConfig, DiskSpec};
 use vmm::{KernelSource, VmConfig, VmExit};
 
@@ -28,9 +29,7 @@ fn linux_config(kernel: std::path::PathBuf, cpus: u8) -> VmConfig {
 /// that it brings up both, reaches /init and stays up 5 s more (the init
 /// loops forever), with no panic.
 fn boots_to_init_on_two_cpus(kernel: &str, memory_mib: u64, limit: Duration) {
-    let (Some(kernel), Some(initrd)) = (image(kernel), image("initramfs.cpio.gz")) else {
-        return;
-    };
+    let (kernel, initrd) = (image(kernel), image("initramfs.cpio.gz"));
     let mut config = linux_config(kernel, 2);
     config.machine.initrd = Some(initrd);
     config.machine.memory_mib = memory_mib;
@@ -88,10 +87,8 @@ fn stock_cloud_kernel_brings_up_two_cpus_and_runs_init() {
 /// for its root (`rootdelay`), and the host drops them.
 #[test]
 fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic() {
-    let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
-        return;
-    };
-    let dir = common::TempDir::new("ro-root");
+    let (kernel, rootfs) = (image("vmlinux"), image("rootfs.ext4"));
+    let dir = testkit::TempDir::new("ro-root");
     let disk = dir.path().join("root.ext4");
     std::fs::copy(&rootfs, &disk).unwrap();
     let before = std::fs::read(&disk).unwrap();
@@ -150,9 +147,7 @@ fn read_only_root_is_mounted_read_only_and_a_missing_init_panics_through_pvpanic
 /// and hands over to the kernel, which prints its first message.
 #[test]
 fn project_bzimage_decompresses_and_starts_the_kernel() {
-    let Some(kernel) = image("bzImage") else {
-        return;
-    };
+    let kernel = image("bzImage");
     let mut config = linux_config(kernel, 1);
     // The decompressor writes to the serial port only with earlyprintk.
     config.machine.add_to_cmdline(" earlyprintk=serial,ttyS0");

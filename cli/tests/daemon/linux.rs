@@ -3,69 +3,32 @@
 //! graceful stop the guest kernel itself carries out (Ctrl-Alt-Del makes it
 //! reboot; the VM ends on the reset).
 
-use crate::common::image;
 use crate::support::{read_until, Daemon};
 use hyper::Method;
 use serde_json::json;
-use std::process::Command;
+use testkit::image;
+use testkit::Namespace;
 
 const TAP: &str = "bhd0";
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 
-/// A network namespace of the test's own, deleted at the end.
-struct Namespace(String);
-
-impl Namespace {
-    fn new() -> Namespace {
-        let name = format!("bulkhead-daemon-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        assert!(Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success());
-        Command::new("ip")
-            .args(["-n", &name, "link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        Namespace(name)
-    }
-
-    fn ip(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .status()
-            .unwrap()
-            .success()
-    }
-
-    fn ping(&self) -> bool {
-        Command::new("ip")
-            .args([
-                "netns", "exec", &self.0, "ping", "-c", "3", "-i", "0.3", "-W", "5", GUEST_IP,
-            ])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
+/// Whether the guest answers pings from the namespace's side of its TAP.
+fn guest_answers_pings(namespace: &Namespace) -> bool {
+    namespace
+        .exec("ping")
+        .args(["-c", "3", "-i", "0.3", "-W", "5", GUEST_IP])
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 #[test]
 fn linux_runs_under_the_daemon_and_shuts_down_when_asked() {
-    let (Some(kernel), Some(rootfs)) = (image("vmlinux"), image("rootfs.ext4")) else {
-        return;
-    };
+    let (kernel, rootfs) = (image("vmlinux"), image("rootfs.ext4"));
     let namespace = Namespace::new();
-    let daemon = Daemon::start_in(&namespace.0);
+    let daemon = Daemon::start_in(namespace.name());
     let kernel_copy = daemon.images.join("vmlinux");
     let root = daemon.images.join("root.ext4");
     std::fs::copy(&kernel, &kernel_copy).unwrap();
@@ -86,13 +49,16 @@ fn linux_runs_under_the_daemon_and_shuts_down_when_asked() {
     let id = created["id"].as_str().unwrap().to_string();
     daemon.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
     // The VMM made the TAP in the daemon's namespace; the host side gets an address.
-    assert!(namespace.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]));
-    assert!(namespace.ip(&["link", "set", TAP, "up"]));
+    namespace.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+    namespace.ip(&["link", "set", TAP, "up"]);
 
     let client = daemon.client(None);
     let mut console = daemon.block_on(client.console(&id, false)).unwrap();
     read_until(&daemon, &mut console, "Run /sbin/init as init process");
-    assert!(namespace.ping(), "the guest does not answer pings");
+    assert!(
+        guest_answers_pings(&namespace),
+        "the guest does not answer pings"
+    );
 
     let metrics = daemon.call(None, Method::GET, "/metrics", None).text;
     for counter in [

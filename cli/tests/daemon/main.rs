@@ -2,14 +2,12 @@
 //! counting guest, driven through the REST API and the CLI.
 
 mod boundary;
-#[path = "../../../vmm/tests/common/mod.rs"]
-mod common;
 mod linux;
 mod support;
 
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::{count_above, read_until, status_field, Daemon};
 
 #[test]
@@ -589,61 +587,147 @@ fn a_killed_daemon_leaves_vms_running_and_its_successor_adopts_them() {
 
 /// Kills the daemon with -9 at many points during create, start and delete,
 /// restarts it each time, and checks that its records match the processes.
+/// The operations the kill -9 test interrupts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Operation {
+    Create,
+    Start,
+    Delete,
+}
+
+impl Operation {
+    /// Sends the operation from a thread of its own (the daemon may die
+    /// before it answers); the thread returns the answer, or the error of a
+    /// call the kill cut short.
+    fn send(
+        self,
+        daemon: &Daemon,
+        target: &str,
+        kernel: &std::path::Path,
+    ) -> std::thread::JoinHandle<anyhow::Result<host::client::Answer>> {
+        let client = daemon.client(None);
+        let (method, path, body) = match self {
+            Operation::Create => (
+                Method::POST,
+                "/v1/vms".to_string(),
+                Some(json!({"name": target, "kernel": kernel, "memory_mib": 32})),
+            ),
+            Operation::Start => (Method::POST, format!("/v1/vms/{target}/start"), None),
+            Operation::Delete => (Method::DELETE, format!("/v1/vms/{target}?force=true"), None),
+        };
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(client.call(method, &path, body.as_ref()))
+        })
+    }
+}
+
+/// kill -9 of the daemon in the middle of create, start and delete: after
+/// a restart every record matches its process, and an operation the
+/// daemon acknowledged before it died has taken effect. Kills land at
+/// fractions of each operation's own measured duration, and the test
+/// fails unless each operation was cut short (no answer) at least once:
+/// a run whose kills all missed tested nothing.
 #[test]
 fn kill_9_during_create_start_and_delete_leaves_a_consistent_state() {
     let mut daemon = Daemon::start();
     let kernel = daemon.counting_guest();
-    for round in 0..9u64 {
-        let delay = Duration::from_millis(round * 7 % 40);
-        let name = format!("r{round}");
-        let socket = daemon.socket.clone();
-        let kernel = kernel.clone();
-        let operation = round % 3;
-        // Start an operation, and kill the daemon while it runs.
-        let existing = daemon.ok(Method::GET, "/v1/vms", None);
-        let target = existing
-            .as_array()
+    let create = |daemon: &Daemon, name: &str| -> String {
+        let spec = json!({"name": name, "kernel": kernel, "memory_mib": 32});
+        daemon.ok(Method::POST, "/v1/vms", Some(spec))["id"]
+            .as_str()
             .unwrap()
-            .last()
-            .map(|vm| vm["id"].as_str().unwrap().to_string());
-        let worker = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let client = host::client::Client {
-                endpoint: host::client::Endpoint::Unix(socket),
-                token: None,
-            };
-            runtime.block_on(async {
-                match (operation, target) {
-                    (1, Some(id)) => {
-                        client
-                            .call(Method::POST, &format!("/v1/vms/{id}/start"), None)
-                            .await
-                    }
-                    (2, Some(id)) => {
-                        client
-                            .call(Method::DELETE, &format!("/v1/vms/{id}?force=true"), None)
-                            .await
-                    }
-                    _ => {
-                        let spec = json!({"name": name, "kernel": kernel, "memory_mib": 32});
-                        client.call(Method::POST, "/v1/vms", Some(&spec)).await
-                    }
-                }
-            })
-        });
-        std::thread::sleep(delay);
+            .to_string()
+    };
+
+    // Each operation's duration when nothing interrupts it.
+    let timed = |daemon: &Daemon, operation: Operation, target: &str| {
+        let started = Instant::now();
+        let answer = operation
+            .send(daemon, target, &kernel)
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(answer.status.is_success(), "{operation:?}: {}", answer.text);
+        started.elapsed()
+    };
+    let create_time = timed(&daemon, Operation::Create, "timed");
+    let id = daemon.ok(Method::GET, "/v1/vms", None)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start_time = timed(&daemon, Operation::Start, &id);
+    let delete_time = timed(&daemon, Operation::Delete, &id);
+    eprintln!(
+        "uninterrupted: create {create_time:?}, start {start_time:?}, delete {delete_time:?}"
+    );
+
+    let mut cut_short = Vec::new();
+    for round in 0..12usize {
+        let operation = [Operation::Create, Operation::Start, Operation::Delete][round % 3];
+        let fraction = [0.1, 0.4, 0.7, 0.95][round / 3];
+        // The operation's target: a new name, a stopped VM, a running one.
+        let target = match operation {
+            Operation::Create => format!("r{round}"),
+            Operation::Start => create(&daemon, &format!("s{round}")),
+            Operation::Delete => {
+                let id = create(&daemon, &format!("d{round}"));
+                daemon.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
+                id
+            }
+        };
+        let duration = match operation {
+            Operation::Create => create_time,
+            Operation::Start => start_time,
+            Operation::Delete => delete_time,
+        };
+        let worker = operation.send(&daemon, &target, &kernel);
+        std::thread::sleep(duration.mul_f64(fraction));
         daemon.kill9();
-        let _ = worker.join();
+        let answer = worker.join().unwrap();
         daemon.spawn();
         check_consistent(&daemon);
-        // Leave a stopped VM for the next round to start or delete.
-        let vms = daemon.ok(Method::GET, "/v1/vms", None);
-        if vms.as_array().unwrap().is_empty() {
-            daemon.ok(Method::POST, "/v1/vms", Some(json!({"name": format!("seed{round}"), "kernel": daemon.counting_guest(), "memory_mib": 32})));
+
+        let acknowledged = answer.as_ref().is_ok_and(|a| a.status.is_success());
+        if answer.is_err() {
+            cut_short.push(operation);
         }
+        eprintln!(
+            "round {round}: {operation:?} killed at {fraction} of {duration:?}: {}",
+            match &answer {
+                Ok(answer) => format!("answered {}", answer.status),
+                Err(error) => format!("cut short ({error})"),
+            }
+        );
+        // What the daemon acknowledged survived its death.
+        if acknowledged {
+            let vms = daemon.ok(Method::GET, "/v1/vms", None);
+            let found = vms
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|vm| vm["id"] == target.as_str() || vm["spec"]["name"] == target.as_str())
+                .cloned();
+            match operation {
+                Operation::Create => assert!(found.is_some(), "acknowledged create lost: {vms}"),
+                Operation::Start => assert_eq!(
+                    found.as_ref().map(|vm| vm["state"].clone()),
+                    Some(json!("running")),
+                    "acknowledged start lost: {vms}"
+                ),
+                Operation::Delete => assert!(found.is_none(), "acknowledged delete undone: {vms}"),
+            }
+        }
+    }
+    for operation in [Operation::Create, Operation::Start, Operation::Delete] {
+        assert!(
+            cut_short.contains(&operation),
+            "no kill landed in the middle of a {operation:?} (cut short: {cut_short:?}); \
+             the test proved nothing for it"
+        );
     }
 }
 
@@ -762,8 +846,7 @@ fn metrics_events_and_the_openapi_document() {
 
 #[test]
 fn the_api_is_served_over_tls_with_tokens_required() {
-    let dir = std::env::temp_dir().join(format!("bh-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = testkit::TempDir::new("daemon-tls");
     let key = rcgen::KeyPair::generate().unwrap();
     let cert =
         rcgen::CertificateParams::new(vec!["bulkhead-host".to_string(), "127.0.0.1".to_string()])
@@ -851,12 +934,11 @@ fn the_api_is_served_over_tls_with_tokens_required() {
         !ok && text.contains("TLS"),
         "a CA that did not sign the daemon's certificate: {text}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn plain_http_is_refused_off_loopback() {
-    let dir = std::env::temp_dir().join(format!("bh-plain-{}", std::process::id()));
+    let dir = testkit::TempDir::new("daemon-plain");
     let output = std::process::Command::new(support::BIN)
         .args(["serve", "--listen", "0.0.0.0:0", "--socket"])
         .arg(dir.join("s.sock"))
@@ -867,7 +949,6 @@ fn plain_http_is_refused_off_loopback() {
     assert!(!output.status.success());
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("needs --tls-cert and --tls-key"), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -4,7 +4,6 @@
 use host::client::{Answer, Client, Endpoint};
 use hyper::Method;
 use serde_json::Value;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -99,14 +98,9 @@ impl Daemon {
                     .open(self.dir.join("daemon.log"))
                     .unwrap(),
             );
-        // SAFETY: prctl between fork and exec; the daemon dies with the test
-        // (its VMMs do not: the Drop below ends them).
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // The daemon dies with the test (its VMMs do not: the Drop below
+        // ends them).
+        testkit::dies_with_test(&mut command);
         let mut child = command.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -330,15 +324,7 @@ pub fn count_above<R: tokio::io::AsyncRead + Unpin>(
     })
 }
 
-pub fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{field}:")))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
+pub use testkit::status_field;
 
 /// Reads from a console stream until `text` appeared; returns all read.
 /// How long a console may print nothing before a test gives up on it. On

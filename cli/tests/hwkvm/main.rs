@@ -23,7 +23,7 @@ const EXIT_LIMIT: Duration = Duration::from_secs(60);
 #[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
 fn project_kernel_shell_on_the_console_and_reboot() {
     let dir = TempDir::new("hwkvm-shell");
-    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "2".into()], &dir.0);
+    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "2".into()], dir.path());
     assert_eq!(vm.sh("echo $((6 * 7))").trim(), "42");
     let (status, output) = vm.shell("ls /nonexistent");
     assert_ne!(status, 0, "{output}");
@@ -45,7 +45,7 @@ fn project_kernel_shell_on_the_console_and_reboot() {
 #[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
 fn stock_kernel_console_and_poweroff_with_acpi() {
     let dir = TempDir::new("hwkvm-stock-acpi");
-    let mut vm = Vm::boot(Kernel::Stock, &[], &dir.0);
+    let mut vm = Vm::boot(Kernel::Stock, &[], dir.path());
     assert_eq!(vm.sh("echo $((6 * 7))").trim(), "42");
     let serial = vm.sh("cat /proc/tty/driver/serial");
     assert!(serial.contains("irq:4"), "{serial}");
@@ -74,7 +74,7 @@ fn stock_kernel_poweroff_without_acpi() {
     let dir = TempDir::new("hwkvm-stock-noacpi");
     let mut extra = cmdline("acpi=off");
     extra.extend(["--cpus".into(), "2".into()]);
-    let mut vm = Vm::boot(Kernel::Stock, &extra, &dir.0);
+    let mut vm = Vm::boot(Kernel::Stock, &extra, dir.path());
     vm.type_text("poweroff\n");
     let (status, report) = vm.wait_exit(EXIT_LIMIT);
     assert!(status.success(), "{status}\n{}", vm.describe());
@@ -93,7 +93,7 @@ fn smp_user_space_runs_on_every_cpu() {
     let dir = TempDir::new("hwkvm-smp");
     // Two, as many as L1 has: a nested guest with more vCPUs than L1 has
     // CPUs made L1's kvm_amd lock up under QEMU TCG.
-    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "2".into()], &dir.0);
+    let mut vm = Vm::boot(Kernel::Project, &["--cpus".into(), "2".into()], dir.path());
     assert_eq!(vm.sh("nproc").trim(), "2");
     for cpu in 0..2 {
         // Field 39 of /proc/self/stat: the CPU the process last ran on.
@@ -127,7 +127,7 @@ fn stock_kernel_on_an_ext4_root_and_the_acpi_power_button() {
     std::fs::copy(support::image("busybox-root.ext4"), &root).unwrap();
     let mut extra = cmdline("bulkhead.root=/dev/vda");
     extra.extend(["--disk".into(), format!("path={}", root.display())]);
-    let mut vm = Vm::boot(Kernel::Stock, &extra, &dir.0);
+    let mut vm = Vm::boot(Kernel::Stock, &extra, dir.path());
     let mounts = vm.sh("cat /proc/mounts");
     assert!(mounts.contains("/dev/vda / ext4 rw"), "{mounts}");
     vm.sh("echo from-the-stock-kernel > /root/stock && sync");
@@ -160,7 +160,7 @@ fn stock_kernel_on_an_ext4_root_and_the_acpi_power_button() {
 #[ignore = "needs guest user space: hardware KVM (cargo xtask hwkvm)"]
 fn a_guest_panic_ends_the_vm_through_pvpanic() {
     let dir = TempDir::new("hwkvm-panic");
-    let mut vm = Vm::boot(Kernel::Project, &[], &dir.0);
+    let mut vm = Vm::boot(Kernel::Project, &[], dir.path());
     vm.type_text("echo c > /proc/sysrq-trigger\n");
     let (status, report) = vm.wait_exit(EXIT_LIMIT);
     assert_eq!(status.code(), Some(1), "{}", vm.describe());
@@ -194,7 +194,7 @@ fn virtio_blk_from_user_space() {
     ] {
         args.extend(["--disk".into(), disk]);
     }
-    let mut vm = Vm::start(&args, &dir.0);
+    let mut vm = Vm::start(&args, dir.path());
     vm.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
     vm.wait_for_shell();
 
@@ -271,7 +271,7 @@ fn virtio_net_from_user_space() {
             format!("tap=bhslow0,bps={CAP}"),
         ];
         extra.extend(["--memory".into(), "256".into()]);
-        let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+        let mut vm = Vm::boot(Kernel::Project, &extra, dir.path());
         for (tap, subnet) in [("bhfast0", "10.77.1"), ("bhslow0", "10.77.2")] {
             support::run(std::process::Command::new("ip").args([
                 "addr",
@@ -357,7 +357,7 @@ fn vsock_from_user_space() {
         "--vsock".to_string(),
         format!("cid=3,socket={}", socket.display()),
     ];
-    let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+    let mut vm = Vm::boot(Kernel::Project, &extra, dir.path());
 
     let listener = UnixListener::bind(format!("{}_5000", socket.display())).unwrap();
     let host = std::thread::spawn(move || {
@@ -406,7 +406,7 @@ fn rng_and_balloon_from_user_space() {
         "--memory".into(),
         "256".into(),
     ];
-    let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+    let mut vm = Vm::boot(Kernel::Project, &extra, dir.path());
     assert!(vm
         .sh("cat /sys/class/misc/hw_random/rng_current")
         .contains("virtio_rng"));
@@ -689,7 +689,7 @@ fn the_daemon_runs_a_guest_with_user_space() {
     support::collect(
         daemon.0.stderr.take().unwrap(),
         daemon_log.clone(),
-        "daemon| ",
+        Some("daemon| "),
     );
     let cli = |args: &[&str]| {
         let mut command = Command::new(support::bulkhead_bin());
@@ -730,7 +730,11 @@ fn the_daemon_runs_a_guest_with_user_space() {
     support::dies_with_test(&mut console);
     let mut console = KillOnDrop(console.spawn().unwrap());
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    support::collect(console.0.stdout.take().unwrap(), seen.clone(), "console| ");
+    support::collect(
+        console.0.stdout.take().unwrap(),
+        seen.clone(),
+        Some("console| "),
+    );
     let mut input = console.0.stdin.take().unwrap();
     let state_dir = dir.join("state");
     // `running`: the VM must not end first (a VM that ended will not print
@@ -870,7 +874,7 @@ fn figures() {
         let started = Instant::now();
         let mut args = Kernel::Stock.args();
         args.extend(["--memory".into(), "256".into()]);
-        let mut vm = Vm::start(&args, &dir.0);
+        let mut vm = Vm::start(&args, dir.path());
         vm.wait_for("bulkhead-guest: up", support::BOOT_LIMIT);
         started.elapsed().as_secs_f64()
     };
@@ -956,7 +960,7 @@ fn figures() {
                 "--memory".into(),
                 "256".into(),
             ];
-            let mut vm = Vm::boot(Kernel::Project, &extra, &dir.0);
+            let mut vm = Vm::boot(Kernel::Project, &extra, dir.path());
             support::run(Command::new("ip").args([
                 "addr",
                 "add",

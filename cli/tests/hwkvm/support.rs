@@ -3,12 +3,14 @@
 //! into.
 
 use serde_json::Value;
-use std::io::{BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+pub use testkit::{
+    collect, dies_with_test, image, run, run_with_limit, threads_of, TempDir, HOST_COMMAND_LIMIT,
+};
 
 /// How long a guest may take to boot to its shell (a stock kernel under
 /// nested KVM on an emulated L1 takes ~20 s).
@@ -21,140 +23,6 @@ pub fn bulkhead_bin() -> PathBuf {
     std::env::var_os("BULKHEAD_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bulkhead")))
-}
-
-/// A guest image from `cargo xtask images`; these tests cannot run without.
-pub fn image(name: &str) -> PathBuf {
-    let dir = std::env::var_os("BULKHEAD_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"));
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo xtask images`",
-        path.display()
-    );
-    path
-}
-
-/// A folder removed with everything in it when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("bulkhead-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// How long a host command a test runs may take (a snapshot or migration of
-/// a small guest, fsck of a small disk).
-pub const HOST_COMMAND_LIMIT: Duration = Duration::from_secs(120);
-
-/// Runs a command; panics with its output when it fails or takes longer
-/// than [`HOST_COMMAND_LIMIT`] (a hang becomes a failure naming it).
-pub fn run(command: &mut Command) -> String {
-    run_with_limit(command, HOST_COMMAND_LIMIT, String::new)
-}
-
-/// Runs a command; when it fails or outlives `limit`, panics with its
-/// output and what `diagnose` says.
-pub fn run_with_limit(
-    command: &mut Command,
-    limit: Duration,
-    diagnose: impl Fn() -> String,
-) -> String {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    dies_with_test(command);
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    let output = Arc::new(Mutex::new(String::new()));
-    let readers = [
-        quiet_collect(child.stdout.take().unwrap(), output.clone()),
-        quiet_collect(child.stderr.take().unwrap(), output.clone()),
-    ];
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{command:?} did not finish within {limit:?}: {}\n{}",
-                output.lock().unwrap(),
-                diagnose()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    for reader in readers {
-        let _ = reader.join();
-    }
-    let text = output.lock().unwrap().clone();
-    assert!(
-        status.success(),
-        "{command:?} failed: {text}\n{}",
-        diagnose()
-    );
-    text
-}
-
-fn quiet_collect(
-    mut stream: impl Read + Send + 'static,
-    into: Arc<Mutex<String>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stream.read_to_end(&mut text);
-        into.lock()
-            .unwrap()
-            .push_str(&String::from_utf8_lossy(&text));
-    })
-}
-
-/// What each thread of process `pid` is doing (name, state, kernel wait
-/// channel and stack where readable): for a failure message about a hang.
-pub fn threads_of(pid: u32) -> String {
-    let mut text = format!("--- threads of {pid} ---\n");
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return text + "(gone)\n";
-    };
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-        let stat = read("stat");
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("?")
-            .to_string();
-        text.push_str(&format!(
-            "{} {} state {state} wchan {}\n{}",
-            task.file_name().to_string_lossy(),
-            read("comm").trim(),
-            read("wchan").trim(),
-            read("stack")
-        ));
-    }
-    text
 }
 
 /// Which kernel a guest boots, with the busybox user space built for it.
@@ -209,48 +77,6 @@ pub fn kvm_shutdown_exits() -> String {
     }
 }
 
-/// Makes the process `command` starts die with the test that started it.
-pub fn dies_with_test(command: &mut Command) {
-    // SAFETY: prctl in the child before exec; no allocation.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
-/// Appends what `stream` produces to `into`, and echoes it line by line
-/// with `prefix` (libtest keeps that output for a failed test, and shows it
-/// live with `--nocapture`).
-pub fn collect(
-    stream: impl Read + Send + 'static,
-    into: Arc<Mutex<String>>,
-    prefix: &'static str,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut chunk = [0u8; 4096];
-        let mut pending = String::new();
-        loop {
-            let n = match reader.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let text = String::from_utf8_lossy(&chunk[..n]);
-            into.lock().unwrap().push_str(&text);
-            pending.push_str(&text);
-            while let Some(end) = pending.find('\n') {
-                eprintln!("{prefix}{}", pending[..end].trim_end_matches('\r'));
-                pending.drain(..=end);
-            }
-        }
-        if !pending.is_empty() {
-            eprintln!("{prefix}{pending}");
-        }
-    })
-}
-
 /// A `bulkhead run` process whose console (stdin/stdout) the test holds.
 pub struct Vm {
     pub child: Child,
@@ -282,8 +108,12 @@ impl Vm {
         let console = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let readers = vec![
-            collect(child.stdout.take().unwrap(), console.clone(), "console| "),
-            collect(child.stderr.take().unwrap(), stderr.clone(), "vmm| "),
+            collect(
+                child.stdout.take().unwrap(),
+                console.clone(),
+                Some("console| "),
+            ),
+            collect(child.stderr.take().unwrap(), stderr.clone(), Some("vmm| ")),
         ];
         Vm {
             readers,

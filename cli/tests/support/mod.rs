@@ -4,64 +4,11 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-pub fn run(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{command:?} failed: {text}");
-    text
-}
-
-/// A network namespace of this test's own, deleted (with its TAP) on drop.
-pub struct Namespace(pub String);
-
-impl Namespace {
-    pub fn new() -> Namespace {
-        let name = format!("bulkhead-test-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Namespace(name)
-    }
-
-    pub fn exec(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.0, program]);
-        command
-    }
-
-    /// Runs `f` on a thread that has entered this namespace (a thread's
-    /// network namespace is its own), e.g. to open sockets there.
-    pub fn on_thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only, with a namespace fd we own.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
+pub use testkit::{collect, dies_with_test, run, Namespace};
 
 /// The booted guest: the `bulkhead run` process, its console, its control socket.
 pub struct Guest {
@@ -69,6 +16,9 @@ pub struct Guest {
     pub console: Arc<Mutex<String>>,
     pub stderr: Arc<Mutex<String>>,
     pub control: PathBuf,
+    /// The threads reading its stdout and stderr: joined once it exited,
+    /// so that its last lines are read before its report is.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Guest {
@@ -115,33 +65,6 @@ impl Guest {
     }
 }
 
-/// Makes the process `command` starts die with the test thread that started
-/// it, so a failed assertion leaves no VMM running.
-pub fn dies_with_test(command: &mut Command) {
-    // SAFETY: prctl in the child before exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
-pub fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            let text = String::from_utf8_lossy(&line);
-            if echo {
-                eprint!("{text}");
-            }
-            into.lock().unwrap().push_str(&text);
-            line.clear();
-        }
-    });
-}
-
 pub fn device<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["devices"]
         .as_array()
@@ -185,14 +108,17 @@ impl Guest {
         let mut child = command.spawn().expect("start bulkhead");
         let console = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        let echo = std::env::var_os("BULKHEAD_TEST_CONSOLE").is_some();
-        collect(child.stdout.take().unwrap(), console.clone(), echo);
-        collect(child.stderr.take().unwrap(), stderr.clone(), echo);
+        let echo = std::env::var_os("BULKHEAD_TEST_CONSOLE").map(|_| "");
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), console.clone(), echo),
+            collect(child.stderr.take().unwrap(), stderr.clone(), echo),
+        ];
         Guest {
             child,
             console,
             stderr,
             control,
+            readers,
         }
     }
 
@@ -200,8 +126,9 @@ impl Guest {
     /// JSON report (null when it printed none).
     pub fn stop_when_exited(mut self) -> (std::process::ExitStatus, Value) {
         let status = self.child.wait().unwrap();
-        // The reader thread has the last lines once the pipe closed.
-        std::thread::sleep(Duration::from_millis(200));
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
         let stderr = self.stderr.lock().unwrap().clone();
         let report = stderr
             .lines()

@@ -99,31 +99,6 @@ pub fn run_until(
     )
 }
 
-/// The guest images `cargo xtask images` builds, or None (test skipped) when
-/// they are not built and BULKHEAD_REQUIRE_IMAGES is not set.
-pub fn image(name: &str) -> Option<std::path::PathBuf> {
-    let dir = std::env::var_os("BULKHEAD_IMAGES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images")
-        });
-    let path = dir.join(name);
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var_os("BULKHEAD_REQUIRE_IMAGES").is_some() {
-        panic!(
-            "guest image {} is missing: run `cargo xtask images`",
-            path.display()
-        );
-    }
-    eprintln!(
-        "skipped: guest image {} is not built (cargo xtask images)",
-        path.display()
-    );
-    None
-}
-
 pub fn run_guest(name: &str, image: Vec<u8>) -> Outcome {
     run_config(&config_for(name, image), Duration::from_secs(20))
 }
@@ -136,28 +111,4 @@ pub fn value(output: &str, key: &str) -> Option<String> {
             .strip_prefix('=')
             .map(str::to_string)
     })
-}
-
-/// A directory under the system temp dir, removed with its contents on drop.
-pub struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    pub fn new(label: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("bulkhead-{label}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
