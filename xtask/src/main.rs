@@ -4,6 +4,7 @@
 //!   them into a cache keyed by the hash of their inputs, then publishes them
 //!   to `target/images/` with a `manifest.json`.
 //! - `fuzz`: every device fuzz target for a bounded time.
+//! - `mutants`: mutation testing of the files that take hostile input.
 //! - `test`: images, then `cargo fmt --check`, `cargo clippy -D warnings`,
 //!   the whole test suite and the fuzz targets. This is what `.ci/run` calls.
 
@@ -15,6 +16,7 @@ mod fuzz;
 mod hwkvm;
 mod images;
 mod kernel;
+mod mutants;
 mod process;
 mod stock_kernel;
 mod test;
@@ -27,6 +29,7 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   images [--output json]   build the guest images into target/images (cached)
   fuzz [SECONDS]           run every fuzz target for SECONDS each (default 30)
+  mutants [FILE]...        mutation testing of the files that take hostile input (cargo-mutants; slow)
   api-fuzz                 property tests of the host API from its OpenAPI document (schemathesis)
   hwkvm [FILTER]...        the hardware-KVM lane: tests with guest user space (in an L1 VM under QEMU when this host's KVM is not hardware)
   test [--lane all|host|hwkvm]
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::main(&args[1..]),
         Some("api-fuzz") => api_fuzz::main(&args[1..]),
         Some("hwkvm") => hwkvm::main(&args[1..]),
+        Some("mutants") => mutants::main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
