@@ -429,6 +429,208 @@ mod tests {
         ));
     }
 
+    const TAGS: [Tag; 10] = [
+        Tag::Hello,
+        Tag::Accept,
+        Tag::Refuse,
+        Tag::Pages,
+        Tag::State,
+        Tag::Resumed,
+        Tag::Failed,
+        Tag::Abort,
+        Tag::Taps,
+        Tag::Memory,
+    ];
+
+    #[test]
+    fn every_tag_round_trips_with_its_wire_byte() {
+        for (byte, tag) in (1u8..).zip(TAGS) {
+            let mut wire = Vec::new();
+            write_frame(&mut wire, tag, &[b"ab", b"", b"c"]).unwrap();
+            assert_eq!(wire, [byte, 3, 0, 0, 0, b'a', b'b', b'c'], "{tag:?}");
+            let mut payload = vec![9; 10];
+            assert_eq!(read_frame(&mut &wire[..], &mut payload).unwrap(), tag);
+            assert_eq!(payload, b"abc");
+        }
+        for byte in [0, 11, 0xff] {
+            assert!(matches!(
+                read_frame(&mut &[byte, 0, 0, 0, 0][..], &mut Vec::new()),
+                Err(ProtocolError::UnknownTag(b)) if b == byte
+            ));
+        }
+    }
+
+    #[test]
+    fn a_json_frame_holds_the_value() {
+        let mut wire = Vec::new();
+        write_json(
+            &mut wire,
+            Tag::Taps,
+            &Taps {
+                taps: vec!["tap0".into()],
+            },
+        )
+        .unwrap();
+        let mut payload = Vec::new();
+        assert_eq!(read_frame(&mut &wire[..], &mut payload).unwrap(), Tag::Taps);
+        assert_eq!(
+            decode::<Taps>(Tag::Taps, &payload).unwrap(),
+            Taps {
+                taps: vec!["tap0".into()]
+            }
+        );
+        assert!(matches!(
+            decode::<Taps>(Tag::Taps, br#"{"taps": [], "more": 1}"#),
+            Err(ProtocolError::Malformed(Tag::Taps, _))
+        ));
+    }
+
+    /// A frame of exactly `MAX_FRAME` bytes is valid, one byte more is not,
+    /// on either side.
+    #[test]
+    fn a_frame_of_max_frame_bytes_passes_and_one_more_is_refused() {
+        assert_eq!(MAX_FRAME, 64 * 1024 * 1024);
+        let mib = vec![0u8; 1 << 20];
+        let parts = vec![&mib[..]; 64];
+        write_frame(&mut std::io::sink(), Tag::Pages, &parts).unwrap();
+        let mut too_many = parts.clone();
+        too_many.push(b"x");
+        let mut wire = Vec::new();
+        assert!(matches!(
+            write_frame(&mut wire, Tag::Pages, &too_many),
+            Err(ProtocolError::TooLarge(Tag::Pages, u32::MAX))
+        ));
+        assert!(wire.is_empty(), "nothing of a refused frame is sent");
+
+        let header = |len: u32| {
+            let mut header = vec![Tag::Pages as u8];
+            header.extend_from_slice(&len.to_le_bytes());
+            header
+        };
+        // The largest frame is read (here cut short: the peer closed).
+        assert!(matches!(
+            read_frame(&mut &header(MAX_FRAME)[..], &mut Vec::new()),
+            Err(ProtocolError::Closed)
+        ));
+        assert!(matches!(
+            read_frame(&mut &header(MAX_FRAME + 1)[..], &mut Vec::new()),
+            Err(ProtocolError::TooLarge(Tag::Pages, len)) if len == MAX_FRAME + 1
+        ));
+    }
+
+    /// A reader that fails as a broken connection does.
+    struct Reset<'a>(&'a [u8]);
+
+    impl Read for Reset<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::ErrorKind::ConnectionReset.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// The end of the stream is `Closed`, in the header or the payload;
+    /// any other error is the connection's, kept as it is.
+    #[test]
+    fn a_closed_stream_and_a_broken_one_are_told_apart() {
+        let mut payload = Vec::new();
+        for cut in [&[][..], &[4, 0], &[4, 3, 0, 0, 0, 1]] {
+            assert!(
+                matches!(
+                    read_frame(&mut &cut[..], &mut payload),
+                    Err(ProtocolError::Closed)
+                ),
+                "{cut:?}"
+            );
+            assert!(
+                matches!(
+                    read_frame(&mut Reset(cut), &mut payload),
+                    Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset
+                ),
+                "{cut:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_offered_and_the_accepted_versions() {
+        let header = |format: &str, version: u32| HelloHeader {
+            format: format.into(),
+            version,
+        };
+        assert_eq!(
+            header("qemu", 3).refusal().as_deref(),
+            Some(format!(
+                "qemu version 3 offered, this Bulkhead takes {FORMAT} versions \
+                 {MIN_ACCEPTED_VERSION} to {VERSION}"
+            ))
+            .as_deref()
+        );
+        assert!(header("qemu", MIN_ACCEPTED_VERSION).refusal().is_some());
+        for version in MIN_ACCEPTED_VERSION..=VERSION {
+            assert_eq!(header(FORMAT, version).refusal(), None, "{version}");
+        }
+        for version in [0, 1, VERSION + 1, u32::MAX] {
+            assert!(header(FORMAT, version).refusal().is_some(), "{version}");
+        }
+    }
+
+    /// A current HELLO's machine is taken as it is: not read by the older
+    /// formats' rule, which would drop an empty command line.
+    #[test]
+    fn a_current_hellos_machine_is_taken_as_sent() {
+        let machine = crate::config::VmSpec {
+            cmdline: Some(String::new()),
+            ..crate::config::VmSpec::named("web")
+        };
+        let payload = serde_json::to_vec(&Hello {
+            format: FORMAT.into(),
+            version: VERSION,
+            machine: machine.clone(),
+            memory_to_hand_over: true,
+        })
+        .unwrap();
+        let header = HelloHeader {
+            format: FORMAT.into(),
+            version: VERSION,
+        };
+        let hello = decode_hello(&payload, &header).unwrap();
+        assert_eq!(hello.machine, machine);
+        assert!(hello.memory_to_hand_over);
+        assert!(matches!(
+            decode_hello(b"{", &header),
+            Err(ProtocolError::Malformed(Tag::Hello, _))
+        ));
+        // An older one without a machine is malformed, saying so.
+        let older = HelloHeader {
+            format: FORMAT.into(),
+            version: 7,
+        };
+        assert!(matches!(
+            decode_hello(br#"{"format": "bulkhead-migration", "version": 7}"#, &older),
+            Err(ProtocolError::Malformed(Tag::Hello, why)) if why == "no machine"
+        ));
+    }
+
+    #[test]
+    fn a_text_payload_is_cut_at_4096_bytes_and_kept_printable() {
+        let long = [b'a'; 5000];
+        assert_eq!(text(&long), "a".repeat(4096));
+        assert_eq!(text(b"line\nnext\0"), "line next ");
+        assert_eq!(text(b"\xffok"), "\u{fffd}ok");
+    }
+
+    #[test]
+    fn the_boot_id_is_the_hosts() {
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(boot_id(), id.trim());
+        assert_eq!(boot_id().len(), 36);
+    }
+
     #[test]
     fn frames_round_trip_and_bad_ones_are_refused() {
         let mut wire = Vec::new();
