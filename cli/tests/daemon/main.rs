@@ -2,6 +2,7 @@
 //! counting guest, driven through the REST API and the CLI.
 
 mod boundary;
+mod conformance;
 mod linux;
 mod support;
 

@@ -2,12 +2,12 @@
 //! admin manages its own project's tokens; the host's administrator (root
 //! on the Unix socket) any project's.
 
-use super::{blocking, parse_json, require, ApiError, ApiState, AuditProject, ErrorBody};
+use super::{blocking, parse_json, require, ApiError, ApiQuery, ApiState, AuditProject, ErrorBody};
 use crate::audit::AuditEntry;
 use crate::auth::{self, Principal, Role, TokenRecord};
 use crate::spec::valid_name;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -101,7 +101,9 @@ pub async fn list_tokens(
 
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "access",
     params(("id" = String, Path, description = "Token id")),
-    responses((status = 204, description = "Revoked"), (status = 404, body = ErrorBody)),
+    responses((status = 204, description = "Revoked"),
+              (status = 403, description = "Not an admin token", body = ErrorBody),
+              (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete_token(
     State(state): State<Arc<ApiState>>,
@@ -134,7 +136,7 @@ pub async fn delete_token(
 pub async fn audit_log(
     State(state): State<Arc<ApiState>>,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<AuditQuery>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     require(&principal, Role::Admin)?;
     let limit = query.limit.unwrap_or(100).min(10_000);

@@ -2,9 +2,9 @@
 //! After `101 Switching Protocols` the connection carries raw console bytes
 //! both ways. Any number of readers; one writer (`?write=true`) at a time.
 
-use super::{require, ApiError, ApiState, ErrorBody};
+use super::{require, ApiError, ApiQuery, ApiState, ErrorBody};
 use crate::auth::{Principal, Role};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -45,6 +45,7 @@ impl Drop for WriterSlot {
     params(("id" = String, Path, description = "VM id"), ConsoleQuery),
     responses((status = 101, description = "Upgraded: raw console bytes follow"),
               (status = 400, description = "No Upgrade header", body = ErrorBody),
+              (status = 403, description = "The token's role is too low", body = ErrorBody),
               (status = 404, body = ErrorBody),
               (status = 409, description = "Not running, or a writer is attached", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -52,7 +53,7 @@ pub async fn attach(
     State(state): State<Arc<ApiState>>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
-    Query(query): Query<ConsoleQuery>,
+    ApiQuery(query): ApiQuery<ConsoleQuery>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
     require(

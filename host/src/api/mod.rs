@@ -12,7 +12,7 @@ use crate::auth::{self, Principal, Role};
 use crate::events::EventBus;
 use crate::manager::{Manager, ManagerError};
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -150,8 +150,10 @@ impl From<ManagerError> for ApiError {
 
 /// Parses a JSON body, naming the field at fault when it does not fit.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    whole_numbers(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
             "body".to_string()
@@ -159,11 +161,63 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Api
             path
         };
         ApiError::invalid(field, e.inner().to_string())
-    })?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::invalid("body", e.to_string()))?;
-    Ok(value)
+    })
+}
+
+/// Writes `431.0` as `431`: JSON (and the document's JSON Schema) has one
+/// kind of number, and 431.0 is the integer an `integer` field asks for.
+/// Other numbers stay as they are (a float field takes either).
+fn whole_numbers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(number) => {
+            if let Some(float) = number.as_f64().filter(|_| number.is_f64()) {
+                if float.fract() == 0.0 && float.abs() < 9.0e15 {
+                    *value = Value::from(float as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(whole_numbers),
+        _ => {}
+    }
+}
+
+/// A query string parsed into `T`; one that does not fit answers 400 with
+/// the error body every endpoint answers with (axum's own `Query` answers in
+/// plain text, which the document does not promise).
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => {
+                // "Failed to deserialize query string: FIELD: REASON"
+                let text = rejection.body_text();
+                let detail = text.split_once(": ").map_or(text.as_str(), |(_, d)| d);
+                let field = detail
+                    .split_once(": ")
+                    .map(|(field, _)| field)
+                    .filter(|field| {
+                        field
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    })
+                    .unwrap_or("query");
+                Err(ApiError::invalid(field, detail.to_string()))
+            }
+        }
+    }
 }
 
 /// Runs blocking work (store, VMM sockets) off the async threads.

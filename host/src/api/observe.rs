@@ -16,8 +16,17 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 
+/// What `GET /v1/health` answers.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Only described: the handler writes the JSON itself.
+pub struct Health {
+    ok: bool,
+    /// The daemon's version.
+    version: String,
+}
+
 #[utoipa::path(get, path = "/v1/health", tag = "monitoring",
-    responses((status = 200, description = "The daemon answers")))]
+    responses((status = 200, description = "The daemon answers", body = Health)))]
 pub async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ok": true, "version": env!("CARGO_PKG_VERSION") }))
 }

@@ -2,14 +2,15 @@
 //! and delete VMs. A caller only ever sees its own project's VMs; another
 //! project's VM answers 404 exactly as a missing one does.
 
-use super::{blocking, parse_json, require, ApiError, ApiState, AuditProject, ErrorBody};
+use super::{blocking, parse_json, require, ApiError, ApiQuery, ApiState, AuditProject, ErrorBody};
 use crate::auth::{Principal, Role};
+use crate::manager::ManagerError;
 use crate::migration_tls::check_peer;
 use crate::model::VmRecord;
 use crate::spec::{valid_name, VmSpec};
 use crate::vmm_process::Origin;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -69,6 +70,43 @@ pub struct SnapshotRequest {
     /// Name of the snapshot, unique per VM.
     #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
+}
+
+/// What `POST /v1/vms/{id}/migrate` answers: the VMM's report
+/// (`vmm::migration::MigrationReport`), described for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only described: the answer is the VMM's own report.
+pub struct MigrationReport {
+    /// The whole migration, ms.
+    total_ms: f64,
+    /// The guest's pause at switch-over, ms.
+    downtime_ms: f64,
+    /// Whether `downtime_ms` is measured on one clock (same host) rather than
+    /// an upper bound.
+    downtime_measured_on_one_clock: bool,
+    rounds: u32,
+    pages_sent: u64,
+    bytes_sent: u64,
+    last_round_pages: u64,
+    /// The highest share of time vCPUs were held back so the copy converges.
+    max_throttle_percent: u32,
+    /// With `verify_memory`: the checksum both sides agreed on.
+    memory_crc: Option<u32>,
+    /// The destination took the guest's RAM over (same host): no page copied.
+    memory_handed_over: bool,
+}
+
+/// What `POST /v1/vms/{id}/snapshot` answers: the VMM's report
+/// (`vmm::snapshot::SnapshotInfo`), described for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only described: the answer is the VMM's own report.
+pub struct SnapshotReport {
+    /// The snapshot's directory as the VMM sees it.
+    path: String,
+    memory_bytes: u64,
+    /// Pages written (the rest were zero and left as holes).
+    memory_pages_written: u64,
+    state_bytes: u64,
 }
 
 /// Checks an id's shape before it reaches the store.
@@ -132,7 +170,7 @@ pub async fn list(
 pub async fn create(
     State(state): State<Arc<ApiState>>,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ProjectQuery>,
+    ApiQuery(query): ApiQuery<ProjectQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(&principal, Role::Operator)?;
@@ -182,6 +220,31 @@ async fn act(
     })
 }
 
+/// A call to a VM's VMM that failed because the VMM had just ended or was
+/// ending (the guest powered off between the state check and the call: its
+/// control socket is gone first, then its process) conflicts with the VM's
+/// state, as the same call a moment later does (409), rather than being a
+/// failure of the VMM (422).
+fn ended_meanwhile(state: &ApiState, id: &str, error: ManagerError) -> ApiError {
+    if matches!(error, ManagerError::Failed(_)) {
+        let alive = state.manager.paths(id).control.exists()
+            && state
+                .manager
+                .get(id)
+                .ok()
+                .and_then(|record| record.pid)
+                .is_some_and(|pid| crate::vmm_process::is_vm_process(pid, id));
+        if !alive {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("VM {id} stopped meanwhile: its VMM ended"),
+            );
+        }
+    }
+    error.into()
+}
+
 fn record_json(record: VmRecord) -> serde_json::Value {
     serde_json::to_value(VmView { record, live: None }).unwrap_or_default()
 }
@@ -191,6 +254,7 @@ fn record_json(record: VmRecord) -> serde_json::Value {
 pub struct StartRequest {
     /// Resume from this snapshot of the VM instead of booting.
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub restore: Option<String>,
     /// Wait at `tcp:IP:PORT` for a live migration of this VM from another
     /// VMM (`POST /v1/vms/{id}/migrate` on the source). The answer comes once
@@ -206,6 +270,7 @@ pub struct StartRequest {
     /// With `incoming`: seconds to wait for the migration before the VM is
     /// stopped (default 600, at most 86400).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86_400)]
     pub incoming_timeout_secs: Option<u64>,
 }
 
@@ -251,7 +316,8 @@ fn check_tcp_uri(field: &str, uri: &str) -> Result<std::net::SocketAddr, ApiErro
     params(("id" = String, Path, description = "VM id")),
     request_body(content = Option<StartRequest>, description = "Optional: boot when empty"),
     responses((status = 200, description = "Running (starting, for an incoming migration)", body = VmView),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 400, body = ErrorBody), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody),
               (status = 422, description = "The VMM failed to start", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -261,10 +327,11 @@ pub async fn start(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // No body, or `null` (the document's body is `StartRequest` or null).
     let request: StartRequest = if body.is_empty() {
         StartRequest::default()
     } else {
-        parse_json(&body)?
+        parse_json::<Option<StartRequest>>(&body)?.unwrap_or_default()
     };
     if request.incoming.is_none()
         && (request.incoming_from.is_some() || request.incoming_timeout_secs.is_some())
@@ -326,8 +393,10 @@ pub async fn start(
 #[utoipa::path(post, path = "/v1/vms/{id}/migrate", tag = "vms",
     params(("id" = String, Path, description = "VM id")),
     request_body = MigrateRequest,
-    responses((status = 200, description = "Migrated: the VM runs at the destination; here it is stopped"),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, description = "Migrated: the VM runs at the destination; here it is stopped",
+               body = MigrationReport),
+              (status = 400, body = ErrorBody), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody),
               (status = 422, description = "Failed; the VM runs on here", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -362,8 +431,10 @@ pub async fn migrate(
     params(("id" = String, Path, description = "VM id")),
     request_body(content = Option<StopRequest>, description = "Optional; an empty body stops cleanly with a 10 s limit"),
     responses((status = 200, description = "Stopped", body = VmView),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)),
+              (status = 400, body = ErrorBody), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody),
+              (status = 422, description = "The VMM did not answer or end", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn stop(
     State(state): State<Arc<ApiState>>,
@@ -371,10 +442,11 @@ pub async fn stop(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // No body, or `null` (the document's body is `StopRequest` or null).
     let request: StopRequest = if body.is_empty() {
         StopRequest::default()
     } else {
-        parse_json(&body)?
+        parse_json::<Option<StopRequest>>(&body)?.unwrap_or_default()
     };
     let timeout = request.timeout_secs.unwrap_or(10);
     if timeout > 600 {
@@ -392,8 +464,10 @@ pub async fn stop(
 
 #[utoipa::path(post, path = "/v1/vms/{id}/pause", tag = "vms",
     params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, body = VmView), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)),
+    responses((status = 200, body = VmView), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody),
+              (status = 422, description = "The VMM did not answer", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn pause(
     State(state): State<Arc<ApiState>>,
@@ -401,15 +475,21 @@ pub async fn pause(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     act(state, principal, id, |state, id| {
-        Ok(record_json(state.manager.pause(id)?))
+        let record = state
+            .manager
+            .pause(id)
+            .map_err(|e| ended_meanwhile(state, id, e))?;
+        Ok(record_json(record))
     })
     .await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/resume", tag = "vms",
     params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, body = VmView), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)),
+    responses((status = 200, body = VmView), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody),
+              (status = 422, description = "The VMM did not answer", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn resume(
     State(state): State<Arc<ApiState>>,
@@ -417,7 +497,11 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     act(state, principal, id, |state, id| {
-        Ok(record_json(state.manager.resume(id)?))
+        let record = state
+            .manager
+            .resume(id)
+            .map_err(|e| ended_meanwhile(state, id, e))?;
+        Ok(record_json(record))
     })
     .await
 }
@@ -425,9 +509,12 @@ pub async fn resume(
 #[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "vms",
     params(("id" = String, Path, description = "VM id")),
     request_body = SnapshotRequest,
-    responses((status = 200, description = "Written into the VM's snapshots directory"),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody)),
+    responses((status = 200, description = "Written into the VM's snapshots directory",
+               body = SnapshotReport),
+              (status = 400, body = ErrorBody), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody),
+              (status = 422, description = "The VMM failed to write it", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn snapshot(
     State(state): State<Arc<ApiState>>,
@@ -443,21 +530,26 @@ pub async fn snapshot(
         ));
     }
     act(state, principal, id, move |state, id| {
-        Ok(state.manager.snapshot(id, &request.name)?)
+        state
+            .manager
+            .snapshot(id, &request.name)
+            .map_err(|e| ended_meanwhile(state, id, e))
     })
     .await
 }
 
 #[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms",
     params(("id" = String, Path, description = "VM id"), DeleteQuery),
-    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
-              (status = 409, description = "Still running (use force)", body = ErrorBody)),
+    responses((status = 204, description = "Deleted"), (status = 403, description = "The token's role is too low", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "Still running (use force)", body = ErrorBody),
+              (status = 422, description = "The VMM did not end", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<Arc<ApiState>>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
-    Query(query): Query<DeleteQuery>,
+    ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<Response, ApiError> {
     let response = act(state, principal, id, move |state, id| {
         state.manager.delete(id, query.force)?;
