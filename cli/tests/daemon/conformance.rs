@@ -297,6 +297,9 @@ fn migrate_answers_only_what_its_document_lists() {
     ] {
         call(None, &path, body, StatusCode::BAD_REQUEST);
     }
+    // Over the body limit.
+    let big = json!({"uri": "tcp:127.0.0.1:1", "pad": "x".repeat(70_000)}).to_string();
+    call(None, &path, &big, StatusCode::PAYLOAD_TOO_LARGE);
     call(
         Some("bh_nope.nope"),
         &path,

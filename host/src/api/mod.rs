@@ -395,6 +395,27 @@ async fn share_principal(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// A body over the limit is refused by axum in plain text; the API answers
+/// in its error body, as the document lists.
+async fn json_rejections(response: Response) -> Response {
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        return ApiError {
+            field: Some("body".into()),
+            ..ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request",
+                format!("the body is over {MAX_BODY_BYTES} bytes"),
+            )
+        }
+        .into_response();
+    }
+    response
+}
+
 async fn not_found_fallback() -> ApiError {
     ApiError::not_found("such endpoint")
 }
@@ -432,6 +453,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/health", get(observe::health))
         .merge(authenticated)
         .fallback(not_found_fallback)
+        .layer(axum::middleware::map_response(json_rejections))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

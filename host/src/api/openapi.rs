@@ -25,7 +25,8 @@ impl Modify for BearerAuth {
 /// What every operation can answer besides its own responses, so that the
 /// document lists each status the API gives: 401 (no or a bad token) on
 /// every authenticated operation, 503 when the daemon sheds load (any
-/// operation), 400 for a query string that does not parse.
+/// operation), 400 for a query string that does not parse, 413 for a body
+/// over the limit.
 struct CommonResponses;
 
 fn error_response(description: &str) -> ResponseBuilder {
@@ -79,6 +80,11 @@ impl Modify for CommonResponses {
                         .build()
                         .into()
                 });
+            }
+            if operation.request_body.is_some() {
+                responses
+                    .entry("413".into())
+                    .or_insert_with(|| error_response("The body is over 64 KiB").build().into());
             }
             responses.entry("503".into()).or_insert_with(|| {
                 error_response("Overloaded: too many requests in progress; retry shortly")
