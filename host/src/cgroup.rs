@@ -143,8 +143,15 @@ pub fn join_from_child(files: &[OwnedFd]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes a control file. `create` changes nothing on a cgroup file system
+/// (its files exist once their directory does, and it makes no others);
+/// it lets the tests run the same code over a plain directory.
 fn write(path: &Path, value: &str) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     file.write_all(value.as_bytes())
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
@@ -168,6 +175,76 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(Cgroups::detect_in(&base), Cgroups::V2 { .. }));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    /// The v2 path (this host has v1 only, so the daemon's tests run v1):
+    /// the values written, over a plain directory.
+    #[test]
+    fn v2_limits_are_the_vcpus_plus_half_a_cpu_and_the_guest_plus_overhead() {
+        let base = std::env::temp_dir().join(format!("bulkhead-cgroup-v2-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let cgroups = Cgroups::V2 {
+            root: base.join("bulkhead"),
+        };
+        let vm = cgroups.create("vm1", 2, 512).unwrap().unwrap();
+        assert_eq!(vm.dirs(), [base.join("bulkhead/vm1")]);
+        assert_eq!(read(&base.join("bulkhead/vm1/cpu.max")), "250000 100000");
+        assert_eq!(
+            read(&base.join("bulkhead/vm1/memory.max")),
+            ((512 + 256) << 20).to_string()
+        );
+        assert_eq!(read(&base.join("cgroup.subtree_control")), "+cpu +memory");
+        assert_eq!(
+            read(&base.join("bulkhead/cgroup.subtree_control")),
+            "+cpu +memory"
+        );
+        // A second VM's limits are its own.
+        cgroups.create("vm2", 1, 64).unwrap().unwrap();
+        assert_eq!(read(&base.join("bulkhead/vm2/cpu.max")), "150000 100000");
+        assert_eq!(
+            read(&base.join("bulkhead/vm2/memory.max")),
+            ((64 + 256) << 20).to_string()
+        );
+        std::fs::remove_file(base.join("bulkhead/vm1/cpu.max")).unwrap();
+        std::fs::remove_file(base.join("bulkhead/vm1/memory.max")).unwrap();
+        cgroups.remove("vm1");
+        assert!(!base.join("bulkhead/vm1").exists());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn v1_limits_are_written_to_the_cpu_and_memory_hierarchies() {
+        let base = std::env::temp_dir().join(format!("bulkhead-cgroup-v1-{}", std::process::id()));
+        let cgroups = Cgroups::V1 {
+            cpu: base.join("cpu/bulkhead"),
+            memory: base.join("memory/bulkhead"),
+        };
+        let vm = cgroups.create("vm1", 4, 1024).unwrap().unwrap();
+        assert_eq!(
+            vm.dirs(),
+            [
+                base.join("cpu/bulkhead/vm1"),
+                base.join("memory/bulkhead/vm1")
+            ]
+        );
+        assert_eq!(
+            read(&base.join("cpu/bulkhead/vm1/cpu.cfs_period_us")),
+            "100000"
+        );
+        assert_eq!(
+            read(&base.join("cpu/bulkhead/vm1/cpu.cfs_quota_us")),
+            "450000"
+        );
+        assert_eq!(
+            read(&base.join("memory/bulkhead/vm1/memory.limit_in_bytes")),
+            ((1024 + 256) << 20).to_string()
+        );
+        assert!(Cgroups::Unavailable.create("vm1", 1, 1).unwrap().is_none());
         let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -6,6 +6,10 @@ use crate::auth::TokenRecord;
 use crate::model::VmRecord;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long [`Store::open`] waits for the store's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 const VMS: TableDefinition<&str, &str> = TableDefinition::new("vms");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
@@ -60,7 +64,24 @@ fn encode<T: serde::Serialize>(value: &T) -> String {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        Self::open_waiting(path, LOCK_WAIT)
+    }
+
+    /// Opens the store, waiting up to `wait` for its lock. A daemon started
+    /// again right after kill -9 found it held for a moment (seen in the
+    /// kill -9 test; which process held it was not found): waiting turns
+    /// that into a short delay, and a second daemon on the same store still
+    /// fails, after `wait`.
+    pub fn open_waiting(path: &Path, wait: Duration) -> Result<Store, StoreError> {
+        let deadline = Instant::now() + wait;
+        let db = loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                result => break result?,
+            }
+        };
         let tx = db.begin_write()?;
         tx.open_table(VMS)?;
         tx.open_table(TOKENS)?;
@@ -205,6 +226,27 @@ mod tests {
             pid: None,
             last_exit: None,
         }
+    }
+
+    #[test]
+    fn a_held_store_is_waited_for_until_the_holder_lets_go_and_no_longer() {
+        let path =
+            std::env::temp_dir().join(format!("bulkhead-store-lock-{}.redb", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let holder = Store::open(&path).unwrap();
+        let error = Store::open_waiting(&path, Duration::from_millis(200))
+            .err()
+            .expect("a second open while the first holds the lock");
+        assert!(error.to_string().contains("already open"), "{error}");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(holder);
+        });
+        let started = Instant::now();
+        Store::open_waiting(&path, Duration::from_secs(10)).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        release.join().unwrap();
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -521,9 +521,50 @@ fn each_vmm_is_sandboxed_limited_and_a_crash_stays_its_own() {
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_ne!(daemon.vm(&bystander)["uid"], record["uid"]);
-    // Its cgroups (v1 or v2) hold it.
+    // Its cgroups (v1 or v2) hold it, with its limits: its vCPUs plus half
+    // a CPU, its memory plus 256 MiB (this host has v1; v2's values are
+    // unit-tested in host/src/cgroup.rs).
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(cgroups.contains(&format!("bulkhead/{victim}")), "{cgroups}");
+    let spec = &record["spec"];
+    let cpus = spec["cpus"].as_u64().unwrap();
+    let memory = (spec["memory_mib"].as_u64().unwrap() + 256) << 20;
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_string()
+    };
+    match host::cgroup::Cgroups::detect() {
+        host::cgroup::Cgroups::V1 {
+            cpu,
+            memory: memory_root,
+        } => {
+            let quota = read(cpu.join(&victim).join("cpu.cfs_quota_us"));
+            let period = read(cpu.join(&victim).join("cpu.cfs_period_us"));
+            assert_eq!(
+                (quota, period),
+                (format!("{}", cpus * 100_000 + 50_000), "100000".into())
+            );
+            assert_eq!(
+                read(memory_root.join(&victim).join("memory.limit_in_bytes")),
+                memory.to_string()
+            );
+        }
+        host::cgroup::Cgroups::V2 { root } => {
+            assert_eq!(
+                read(root.join(&victim).join("cpu.max")),
+                format!("{} 100000", cpus * 100_000 + 50_000)
+            );
+            assert_eq!(
+                read(root.join(&victim).join("memory.max")),
+                memory.to_string()
+            );
+        }
+        host::cgroup::Cgroups::Unavailable => {
+            panic!("the VMM is in a cgroup the daemon cannot see")
+        }
+    }
 
     // A VMM that dies is reported; the daemon and the other VM go on.
     // SAFETY: signals the VMM this test's daemon started.
