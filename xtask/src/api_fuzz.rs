@@ -4,13 +4,16 @@
 //! A daemon runs inside a network namespace of its own (VMs the fuzzer
 //! defines may ask for TAP devices: they are made there, never on the
 //! host); schemathesis runs in the same namespace against its loopback
-//! listener. Every check schemathesis has runs (`--checks all`): no 5xx,
+//! listener. Every check schemathesis has runs (all enabled in its config
+//! file rather than by `--checks all`, which would override the two
+//! per-operation exceptions in CONFIG): no 5xx,
 //! each status, content type, header and body the one the document lists
 //! for it, invalid data refused and valid data taken, auth enforced, a
 //! deleted VM gone and a created one there. All four phases run: examples,
 //! coverage, fuzzing, and the stateful phase, which follows the document's
 //! OpenAPI links (define a VM, then start, pause, snapshot, stop, delete it;
-//! create a token, then revoke it). The run fails on any failed check, if
+//! create a token, then revoke it; in a pass of its own, so that it never
+//! learns, and revokes, its own token's id). The run fails on any failed check, if
 //! the daemon dies, or if the fuzzer's own token stopped working (the rest
 //! of the run would have tested only 401s).
 
