@@ -152,6 +152,15 @@ impl From<ManagerError> for ApiError {
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let mut value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+    // serde builds a struct from an array of its fields in order too; every
+    // body the API takes is an object (or null where it is optional), and
+    // an array must not pass as one (schemathesis sent `[]` to start).
+    if value.is_array() {
+        return Err(ApiError::invalid(
+            "body",
+            "must be a JSON object, not an array",
+        ));
+    }
     whole_numbers(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -457,4 +466,42 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, PartialEq, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Optional {
+        count: Option<u32>,
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ApiError> {
+        parse_json(&Bytes::from(text.to_string()))
+    }
+
+    #[test]
+    fn an_array_is_refused_where_an_object_is_taken() {
+        let error = parse::<Option<Optional>>("[]").unwrap_err();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert_eq!(error.field.as_deref(), Some("body"));
+        assert!(error.message.contains("not an array"), "{}", error.message);
+        assert!(parse::<Optional>("[7]").is_err());
+    }
+
+    #[test]
+    fn null_and_objects_are_taken_and_whole_floats_fit_integers() {
+        assert_eq!(parse::<Option<Optional>>("null").unwrap(), None);
+        assert_eq!(parse::<Optional>("{}").unwrap(), Optional::default());
+        assert_eq!(
+            parse::<Optional>(r#"{"count": 431.0}"#).unwrap(),
+            Optional { count: Some(431) }
+        );
+        let error = parse::<Optional>(r#"{"count": 1.5}"#).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("count"));
+        let error = parse::<Optional>(r#"{"other": 1}"#).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("other"));
+    }
 }
