@@ -504,22 +504,7 @@ fn events_and_token_revocation_answer_only_what_their_document_lists() {
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
     let id = created.body["id"].as_str().unwrap().to_string();
     daemon.ok(Method::DELETE, &format!("/v1/vms/{id}"), None);
-    let mut body = events.into_body();
-    let text = daemon.block_on(async {
-        use http_body_util::BodyExt;
-        let mut text = String::new();
-        while !text.contains("\"deleted\"") {
-            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-                .await
-                .expect("an event")
-                .unwrap()
-                .unwrap();
-            if let Some(data) = frame.data_ref() {
-                text.push_str(&String::from_utf8_lossy(data));
-            }
-        }
-        text
-    });
+    let text = crate::support::read_events_until(&daemon, events.into_body(), "\"deleted\"");
     let document = document();
     let event_schema = json!({"$ref": "#/components/schemas/Event"});
     let mut seen = 0;

@@ -474,22 +474,7 @@ fn a_token_sees_and_touches_only_its_own_project() {
         Some(json!({"name": "mine"})),
     );
     assert_eq!(mine.status, StatusCode::CREATED);
-    let mut body = events.into_body();
-    let seen = daemon.block_on(async {
-        use http_body_util::BodyExt;
-        let mut text = String::new();
-        while !text.contains("\"mine\"") {
-            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-                .await
-                .expect("an event")
-                .unwrap()
-                .unwrap();
-            if let Some(data) = frame.data_ref() {
-                text.push_str(&String::from_utf8_lossy(data));
-            }
-        }
-        text
-    });
+    let seen = support::read_events_until(&daemon, events.into_body(), "\"mine\"");
     assert!(!seen.contains(&id) && !seen.contains("beta"), "{seen}");
 }
 
@@ -828,22 +813,7 @@ fn metrics_events_and_the_openapi_document() {
     });
     assert_eq!(events.status(), StatusCode::OK);
     let id = daemon.running_vm("watched");
-    let mut body = events.into_body();
-    let seen = daemon.block_on(async {
-        use http_body_util::BodyExt;
-        let mut text = String::new();
-        while !text.contains("\"running\"") {
-            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-                .await
-                .expect("an event")
-                .unwrap()
-                .unwrap();
-            if let Some(data) = frame.data_ref() {
-                text.push_str(&String::from_utf8_lossy(data));
-            }
-        }
-        text
-    });
+    let seen = support::read_events_until(&daemon, events.into_body(), "\"running\"");
     assert!(
         seen.contains("event: state") && seen.contains(&id) && seen.contains("\"starting\""),
         "{seen}"

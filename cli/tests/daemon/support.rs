@@ -453,3 +453,23 @@ impl Drop for Authority {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Reads an event stream's body until `marker` appeared (each frame within
+/// 10 s, or the test fails); returns everything read.
+pub fn read_events_until(daemon: &Daemon, mut body: hyper::body::Incoming, marker: &str) -> String {
+    daemon.block_on(async {
+        use http_body_util::BodyExt;
+        let mut text = String::new();
+        while !text.contains(marker) {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("no {marker} in the events within 10 s: {text}"))
+                .unwrap()
+                .unwrap();
+            if let Some(data) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(data));
+            }
+        }
+        text
+    })
+}
