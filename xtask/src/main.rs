@@ -3,7 +3,7 @@
 //! - `images`: installs the Debian packages the guest images need and builds
 //!   them into a cache keyed by the hash of their inputs, then publishes them
 //!   to `target/images/` with a `manifest.json`.
-//! - `fuzz`: every device fuzz target for a bounded time.
+//! - `fuzz`: every fuzz target (devices, instruction emulator) for a bounded time.
 //! - `mutants`: mutation testing of the files that take hostile input.
 //! - `test`: images, then `cargo fmt --check`, `cargo clippy -D warnings`,
 //!   the whole test suite and the fuzz targets. This is what `.ci/run` calls.

@@ -2,7 +2,7 @@
 //! once worked, and fails if it works again. What a VMM holds is read from
 //! `/proc/PID/fd`, who it is from `/proc/PID/status`.
 
-use crate::support::{count_above, status_field, Authority, Daemon, BIN};
+use crate::support::{count_above, free_port, status_field, Authority, Daemon, BIN};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -59,14 +59,6 @@ fn write_state(snapshot: &Path, state: &serde_json::Value) {
         }
     }
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A VMM the test runs itself, outside the daemon: the "peer" of a migration,
@@ -551,12 +543,7 @@ fn an_incoming_vm_takes_only_its_expected_source_until_its_deadline() {
     // A source on another host needs migration TLS.
     let ca = Authority::new("expects");
     let daemon = Daemon::start_with_migration_tls(&ca);
-    let created = daemon.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(json!({"name": "expects", "kernel": daemon.counting_guest(), "memory_mib": 32})),
-    );
-    let id = created["id"].as_str().unwrap().to_string();
+    let id = daemon.define_vm("expects", &daemon.counting_guest());
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     // No source named: refused, naming the field.
     let unnamed = daemon.call(
@@ -618,12 +605,7 @@ fn without_migration_tls_migrations_stay_on_loopback() {
         "{}",
         refused.text
     );
-    let created = daemon.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(json!({"name": "plain-in", "kernel": daemon.counting_guest(), "memory_mib": 32})),
-    );
-    let id = created["id"].as_str().unwrap();
+    let id = &daemon.define_vm("plain-in", &daemon.counting_guest());
     let refused = daemon.call(
         None,
         Method::POST,
@@ -693,12 +675,7 @@ fn migrations_between_daemons_are_mutual_tls() {
     assert_eq!(daemon.pid(&source), pid);
 
     // Sources a destination of this daemon must refuse.
-    let created = daemon.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(json!({"name": "tls-dest", "kernel": daemon.counting_guest(), "memory_mib": 32})),
-    );
-    let destination = created["id"].as_str().unwrap().to_string();
+    let destination = daemon.define_vm("tls-dest", &daemon.counting_guest());
     let kernel = daemon.counting_guest();
     let (their_cert, their_key) = stranger.issue();
     let ca_file = ca.ca_file();

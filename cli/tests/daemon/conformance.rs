@@ -341,18 +341,8 @@ fn migrate_answers_only_what_its_document_lists() {
     assert_eq!(daemon.vm(&source)["state"], "running");
 
     // And one that completes, into a VM waiting for it.
-    let destination = daemon.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(json!({"name": "conf-destination", "kernel": daemon.counting_guest(), "memory_mib": 32})),
-    );
-    let destination = destination["id"].as_str().unwrap().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let destination = daemon.define_vm("conf-destination", &daemon.counting_guest());
+    let uri = format!("tcp:127.0.0.1:{}", crate::support::free_port());
     daemon.ok(
         Method::POST,
         &format!("/v1/vms/{destination}/start"),

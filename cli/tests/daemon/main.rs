@@ -662,13 +662,6 @@ impl Operation {
 fn kill_9_during_create_start_and_delete_leaves_a_consistent_state() {
     let mut daemon = Daemon::start();
     let kernel = daemon.counting_guest();
-    let create = |daemon: &Daemon, name: &str| -> String {
-        let spec = json!({"name": name, "kernel": kernel, "memory_mib": 32});
-        daemon.ok(Method::POST, "/v1/vms", Some(spec))["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
 
     // Each operation's duration when nothing interrupts it.
     let timed = |daemon: &Daemon, operation: Operation, target: &str| {
@@ -699,9 +692,9 @@ fn kill_9_during_create_start_and_delete_leaves_a_consistent_state() {
         // The operation's target: a new name, a stopped VM, a running one.
         let target = match operation {
             Operation::Create => format!("r{round}"),
-            Operation::Start => create(&daemon, &format!("s{round}")),
+            Operation::Start => daemon.define_vm(&format!("s{round}"), &kernel),
             Operation::Delete => {
-                let id = create(&daemon, &format!("d{round}"));
+                let id = daemon.define_vm(&format!("d{round}"), &kernel);
                 daemon.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
                 id
             }
@@ -1001,18 +994,8 @@ fn a_vm_restores_from_its_snapshot_and_migrates_live_to_another_vm() {
     assert!(after_restore > before);
 
     // A second VM waits for a migration; the first moves into it, running.
-    let destination = daemon.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(json!({"name": "destination", "kernel": daemon.counting_guest(), "memory_mib": 32})),
-    );
-    let destination = destination["id"].as_str().unwrap().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let destination = daemon.define_vm("destination", &daemon.counting_guest());
+    let uri = format!("tcp:127.0.0.1:{}", support::free_port());
     let bad = daemon.call(
         None,
         Method::POST,

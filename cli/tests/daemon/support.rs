@@ -230,11 +230,16 @@ impl Daemon {
         path
     }
 
-    /// Defines and starts a VM running `kernel`; returns its id.
-    pub fn start_vm(&self, name: &str, kernel: &std::path::Path) -> String {
+    /// Defines a 32 MiB VM running `kernel` (left stopped); returns its id.
+    pub fn define_vm(&self, name: &str, kernel: &std::path::Path) -> String {
         let spec = serde_json::json!({"name": name, "kernel": kernel, "memory_mib": 32});
         let created = self.ok(Method::POST, "/v1/vms", Some(spec));
-        let id = created["id"].as_str().unwrap().to_string();
+        created["id"].as_str().unwrap().to_string()
+    }
+
+    /// Defines and starts a VM running `kernel`; returns its id.
+    pub fn start_vm(&self, name: &str, kernel: &std::path::Path) -> String {
+        let id = self.define_vm(name, kernel);
         let started = self.ok(Method::POST, &format!("/v1/vms/{id}/start"), None);
         assert_eq!(started["state"], "running", "{started}");
         id
@@ -472,4 +477,13 @@ pub fn read_events_until(daemon: &Daemon, mut body: hyper::body::Incoming, marke
         }
         text
     })
+}
+
+/// A loopback TCP port nothing listens on (bound, then let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
