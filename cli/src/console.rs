@@ -52,33 +52,73 @@ impl Drop for RawTerminal {
     }
 }
 
+/// What one read of stdin becomes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Keys {
+    /// Bytes for the guest (possibly none: a lone Ctrl-A waits for the next byte).
+    Forward(Vec<u8>),
+    /// Ctrl-A x: stop the VM. Nothing of this read reaches the guest, not
+    /// even the bytes before the escape.
+    Quit,
+}
+
+/// The console's escape rules, apart from any I/O. From a terminal, Ctrl-A
+/// starts an escape anywhere in the input (not only at a line start) and the
+/// byte after it decides: `x` quits, anything else (Ctrl-A too) is sent as
+/// itself and the Ctrl-A is dropped. An escape may be split across reads. A
+/// pipe's bytes are all sent as they are.
+pub struct EscapeFilter {
+    terminal: bool,
+    escaped: bool,
+}
+
+impl EscapeFilter {
+    pub fn new(terminal: bool) -> Self {
+        EscapeFilter {
+            terminal,
+            escaped: false,
+        }
+    }
+
+    /// Filters one read of stdin.
+    pub fn feed(&mut self, input: &[u8]) -> Keys {
+        let mut bytes = Vec::with_capacity(input.len());
+        for &byte in input {
+            if self.terminal && self.escaped {
+                self.escaped = false;
+                if byte == ESCAPE_QUIT {
+                    return Keys::Quit;
+                }
+                bytes.push(byte);
+            } else if self.terminal && byte == ESCAPE {
+                self.escaped = true;
+            } else {
+                bytes.push(byte);
+            }
+        }
+        Keys::Forward(bytes)
+    }
+}
+
 /// Copies stdin into the UART until stdin ends. From a terminal, Ctrl-A x
-/// stops the VM; Ctrl-A Ctrl-A sends one Ctrl-A.
+/// stops the VM; Ctrl-A Ctrl-A sends one Ctrl-A (see [`EscapeFilter`]).
 pub fn spawn_stdin_pump(serial: Arc<Mutex<SerialPort>>, exit: Arc<ExitSignal>, terminal: bool) {
     let pump = move || {
         let mut stdin = std::io::stdin().lock();
         let mut buffer = [0u8; 256];
-        let mut escaped = false;
+        let mut filter = EscapeFilter::new(terminal);
         loop {
             let n = match stdin.read(&mut buffer) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            let mut bytes = Vec::with_capacity(n);
-            for &byte in &buffer[..n] {
-                if terminal && escaped {
-                    escaped = false;
-                    if byte == ESCAPE_QUIT {
-                        exit.request(VmExit::Stopped);
-                        return;
-                    }
-                    bytes.push(byte);
-                } else if terminal && byte == ESCAPE {
-                    escaped = true;
-                } else {
-                    bytes.push(byte);
+            let bytes = match filter.feed(&buffer[..n]) {
+                Keys::Forward(bytes) => bytes,
+                Keys::Quit => {
+                    exit.request(VmExit::Stopped);
+                    return;
                 }
-            }
+            };
             let mut rest = &bytes[..];
             // The UART FIFO is small: wait for the guest to drain it.
             while !rest.is_empty() {
@@ -131,5 +171,87 @@ pub fn spawn_signal_waiter(set: libc::sigset_t, exit: Arc<ExitSignal>) {
         .spawn(waiter)
     {
         tracing::warn!("stop signals will not be handled: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(bytes: &[u8]) -> Keys {
+        Keys::Forward(bytes.to_vec())
+    }
+
+    #[test]
+    fn plain_bytes_pass_through() {
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"ls -l\r"), forward(b"ls -l\r"));
+        assert_eq!(filter.feed(b""), forward(b""));
+        // `x` alone is an ordinary key.
+        assert_eq!(filter.feed(b"x"), forward(b"x"));
+    }
+
+    #[test]
+    fn ctrl_a_x_quits_anywhere_in_a_line() {
+        assert_eq!(EscapeFilter::new(true).feed(b"\x01x"), Keys::Quit);
+        // Not only at a line start.
+        assert_eq!(EscapeFilter::new(true).feed(b"abc\x01xdef"), Keys::Quit);
+        assert_eq!(EscapeFilter::new(true).feed(b"\r\x01x"), Keys::Quit);
+        // Only a lower-case x.
+        assert_eq!(EscapeFilter::new(true).feed(b"\x01X"), forward(b"X"));
+    }
+
+    #[test]
+    fn an_escape_split_across_reads_still_quits() {
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"ab\x01"), forward(b"ab"));
+        assert_eq!(filter.feed(b"x"), Keys::Quit);
+        // Held over an empty read too.
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"\x01"), forward(b""));
+        assert_eq!(filter.feed(b""), forward(b""));
+        assert_eq!(filter.feed(b"x"), Keys::Quit);
+    }
+
+    #[test]
+    fn a_doubled_ctrl_a_sends_one() {
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"\x01\x01"), forward(b"\x01"));
+        // The sent Ctrl-A starts no escape: the x after it is a key.
+        assert_eq!(filter.feed(b"x"), forward(b"x"));
+        // Split across reads.
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"\x01"), forward(b""));
+        assert_eq!(filter.feed(b"\x01x"), forward(b"\x01x"));
+        // Three in a row: one sent, the third starts an escape.
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"\x01\x01\x01"), forward(b"\x01"));
+        assert_eq!(filter.feed(b"x"), Keys::Quit);
+    }
+
+    #[test]
+    fn ctrl_a_before_another_key_drops_the_ctrl_a_and_sends_the_key() {
+        let mut filter = EscapeFilter::new(true);
+        assert_eq!(filter.feed(b"a\x01bc"), forward(b"abc"));
+        assert_eq!(filter.feed(b"\x01\r"), forward(b"\r"));
+        // The escape ended with that key: a later x is a key.
+        assert_eq!(filter.feed(b"x"), forward(b"x"));
+    }
+
+    #[test]
+    fn nothing_of_the_quitting_read_is_sent() {
+        // Neither what came before the escape in the same read nor after it.
+        assert_eq!(
+            EscapeFilter::new(true).feed(b"echo\x01xrm -rf /\r"),
+            Keys::Quit
+        );
+    }
+
+    #[test]
+    fn a_pipe_sends_every_byte_as_it_is() {
+        let mut filter = EscapeFilter::new(false);
+        assert_eq!(filter.feed(b"\x01x"), forward(b"\x01x"));
+        assert_eq!(filter.feed(b"\x01"), forward(b"\x01"));
+        assert_eq!(filter.feed(b"x\x01\x01"), forward(b"x\x01\x01"));
     }
 }
