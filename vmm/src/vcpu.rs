@@ -169,14 +169,14 @@ impl Captures {
             .collect()
     }
 
-    /// Called by a parked vCPU: hands over its state if it is asked for.
-    fn serve(&self, id: usize, fd: &VcpuFd, msr_indices: &[u32]) {
+    /// Called by a parked vCPU: hands over its state, read by `capture`,
+    /// if it is asked for and not handed over yet.
+    fn serve(&self, id: usize, capture: impl FnOnce() -> Result<VcpuState, String>) {
         let mut slots = lock(&self.slots);
         if !slots.wanted || slots.states.get(id).is_none_or(Option::is_some) {
             return;
         }
-        let state = VcpuState::capture(fd, msr_indices).map_err(|e| format!("vCPU {id}: {e}"));
-        slots.states[id] = Some(state);
+        slots.states[id] = Some(capture());
         self.filled.notify_all();
     }
 }
@@ -245,6 +245,55 @@ pub struct Vcpu {
 /// How often a vCPU is knocked out of KVM_RUN to check for a stuck hypercall.
 const HYPERCALL_CHECK_PERIOD: Duration = Duration::from_millis(20);
 
+/// How often the vCPU's timer knocks it out of KVM_RUN: often enough for the
+/// halt watch, the hypercall rescue and the RIP sampler, whichever are on.
+fn watch_period(rescue_hypercalls: bool, sample_rip_every: Option<Duration>) -> Duration {
+    let mut period = HALT_WATCH_PERIOD;
+    if rescue_hypercalls {
+        period = period.min(HYPERCALL_CHECK_PERIOD);
+    }
+    if let Some(sample) = sample_rip_every {
+        period = period.min(sample);
+    }
+    period
+}
+
+/// How long a throttled vCPU stays out of the guest after it `ran`, so the
+/// guest runs `100 - percent` percent of the time; `percent` is capped at 99
+/// (a vCPU is never held out for good).
+fn throttle_pause(ran: Duration, percent: u32) -> Duration {
+    let percent = percent.min(99);
+    ran * percent / (100 - percent)
+}
+
+/// One vCPU's part in noticing that the guest halted for good: its mark in
+/// [`HaltedVcpus`] is set while a periodic check finds it halted for good and
+/// cleared as soon as it runs again.
+#[derive(Default)]
+struct HaltWatch {
+    marked: bool,
+}
+
+impl HaltWatch {
+    /// KVM_RUN returned an exit: the vCPU ran, so it is not halted.
+    fn ran(&mut self, id: usize, all: &HaltedVcpus) {
+        if self.marked {
+            self.marked = false;
+            all.mark(id, false);
+        }
+    }
+
+    /// A periodic check found the vCPU `halted` for good or not; true when
+    /// every vCPU now is (the guest has ended).
+    fn checked(&mut self, id: usize, halted: bool, all: &HaltedVcpus) -> bool {
+        if halted || self.marked {
+            self.marked = halted;
+            return all.mark(id, halted);
+        }
+        false
+    }
+}
+
 /// A POSIX timer that sends the vCPU kick signal to one thread periodically.
 struct ThreadTimer(libc::timer_t);
 
@@ -290,6 +339,7 @@ impl Drop for ThreadTimer {
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Step {
     Continue,
     /// KVM_EXIT_INTERNAL_ERROR: finished by the instruction emulator, or fatal.
@@ -337,19 +387,13 @@ impl Vcpu {
     pub fn run(mut self, shared: &VcpuShared, kick_signal: i32) -> VcpuReport {
         // Lives as long as this loop; the signal it sends only interrupts
         // KVM_RUN (a halted vCPU sleeps inside it: only a signal gets it out).
-        let mut period = HALT_WATCH_PERIOD;
-        if self.rescue_hypercalls {
-            period = period.min(HYPERCALL_CHECK_PERIOD);
-        }
-        if let Some(sample) = self.sample_rip_every {
-            period = period.min(sample);
-        }
+        let period = watch_period(self.rescue_hypercalls, self.sample_rip_every);
         let _watch_timer = ThreadTimer::start(kick_signal, period)
             .inspect_err(|e| tracing::warn!(vcpu = self.id, "no vCPU watch timer: {e}"))
             .ok();
         let mut next_sample = Instant::now();
         let mut next_halt_check = Instant::now() + HALT_WATCH_PERIOD;
-        let mut marked_halted = false;
+        let mut halt_watch = HaltWatch::default();
         let mut last_return = Instant::now();
         let mut throttle_served = Instant::now();
         let mut next_publish = Instant::now();
@@ -367,23 +411,26 @@ impl Vcpu {
             let returned = Instant::now();
             self.report.in_kvm_ns += (returned - entered).as_nanos() as u64;
             last_return = returned;
-            let throttle = shared.throttle_percent.load(Ordering::Relaxed).min(99);
+            let throttle = shared.throttle_percent.load(Ordering::Relaxed);
             if throttle > 0 {
-                // Sleep so that the guest ran `100 - throttle` percent of the time.
-                let ran = returned - throttle_served;
-                std::thread::sleep(ran * throttle / (100 - throttle));
+                std::thread::sleep(throttle_pause(returned - throttle_served, throttle));
                 throttle_served = Instant::now();
                 last_return = throttle_served;
             } else {
                 throttle_served = returned;
             }
-            if marked_halted && result.is_ok() {
+            if result.is_ok() {
                 // It ran (it exited for I/O or another reason): woken.
-                marked_halted = false;
-                shared.halted.mark(self.id, false);
+                halt_watch.ran(self.id, &shared.halted);
             }
             let step = match result {
-                Ok(exit) => handle_exit(self.id, exit, shared, &mut self.report.exits),
+                Ok(exit) => handle_exit(
+                    self.id,
+                    exit,
+                    &shared.pio,
+                    &shared.mmio,
+                    &mut self.report.exits,
+                ),
                 Err(e) if e.errno() == libc::EINTR => {
                     self.report.exits.interrupted += 1;
                     if self.rescue_hypercalls {
@@ -392,11 +439,8 @@ impl Vcpu {
                     if returned >= next_halt_check {
                         next_halt_check = returned + HALT_WATCH_PERIOD;
                         let halted = self.halted_for_good();
-                        if halted || marked_halted {
-                            marked_halted = halted;
-                            if shared.halted.mark(self.id, halted) {
-                                shared.exit.request(VmExit::Halted);
-                            }
+                        if halt_watch.checked(self.id, halted, &shared.halted) {
+                            shared.exit.request(VmExit::Halted);
                         }
                     }
                     if let Some(every) = self.sample_rip_every.filter(|_| returned >= next_sample) {
@@ -511,7 +555,9 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
         let (id, fd) = (self.id, &self.fd);
         shared.pause.park(&shared.exit, || {
-            shared.captures.serve(id, fd, &shared.msr_indices)
+            shared.captures.serve(id, || {
+                VcpuState::capture(fd, &shared.msr_indices).map_err(|e| format!("vCPU {id}: {e}"))
+            })
         });
     }
 
@@ -536,33 +582,36 @@ impl Vcpu {
     }
 }
 
+/// What vCPU `vcpu` does about one KVM exit: port and MMIO accesses go to
+/// the buses, and the exit is counted or ends the VM with its reason.
 fn handle_exit(
     vcpu: usize,
     exit: VcpuExit<'_>,
-    shared: &VcpuShared,
+    pio: &Bus,
+    mmio: &Bus,
     counts: &mut ExitCounts,
 ) -> Step {
     match exit {
         VcpuExit::IoOut(port, data) => {
             counts.io_out += 1;
-            if !shared.pio.write(u64::from(port), data) {
+            if !pio.write(u64::from(port), data) {
                 tracing::trace!(port, ?data, "write to an unclaimed port");
             }
             Step::Continue
         }
         VcpuExit::IoIn(port, data) => {
             counts.io_in += 1;
-            shared.pio.read(u64::from(port), data);
+            pio.read(u64::from(port), data);
             Step::Continue
         }
         VcpuExit::MmioRead(address, data) => {
             counts.mmio_read += 1;
-            shared.mmio.read(address, data);
+            mmio.read(address, data);
             Step::Continue
         }
         VcpuExit::MmioWrite(address, data) => {
             counts.mmio_write += 1;
-            if !shared.mmio.write(address, data) {
+            if !mmio.write(address, data) {
                 tracing::debug!(address = format_args!("{address:#x}"), "write to unclaimed MMIO");
             }
             Step::Continue
@@ -639,5 +688,288 @@ mod tests {
         assert!(halted.mark(0, true));
         // Out of range ids are ignored.
         assert!(!halted.mark(7, false));
+    }
+
+    /// Records writes and answers reads with its offset, on one bus range.
+    struct Recorder(Vec<(u64, Vec<u8>)>);
+    impl crate::devices::BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data.to_vec()));
+        }
+    }
+
+    fn bus_with(start: u64, len: u64) -> (Bus, Arc<Mutex<Recorder>>) {
+        let device = Arc::new(Mutex::new(Recorder(Vec::new())));
+        let mut bus = Bus::default();
+        bus.insert(start, len, device.clone()).unwrap();
+        (bus, device)
+    }
+
+    const UART: u64 = 0x3f8;
+    const MMIO: u64 = 0xd000_0000;
+
+    #[test]
+    fn port_and_mmio_exits_reach_the_buses_and_are_counted() {
+        let (pio, port_device) = bus_with(UART, 8);
+        let (mmio, mmio_device) = bus_with(MMIO, 0x1000);
+        let mut counts = ExitCounts::default();
+        macro_rules! run {
+            ($exit:expr) => {
+                handle_exit(0, $exit, &pio, &mmio, &mut counts)
+            };
+        }
+        assert_eq!(
+            run!(VcpuExit::IoOut(UART as u16 + 1, &[0x41])),
+            Step::Continue
+        );
+        // Unclaimed: ignored, still counted.
+        assert_eq!(run!(VcpuExit::IoOut(0x80, &[0x42])), Step::Continue);
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            run!(VcpuExit::IoIn(UART as u16 + 5, &mut byte)),
+            Step::Continue
+        );
+        assert_eq!(byte, [5]);
+        let mut word = [0u8; 2];
+        assert_eq!(run!(VcpuExit::IoIn(0x71, &mut word)), Step::Continue);
+        assert_eq!(word, [0xff, 0xff], "an unclaimed port reads all ones");
+        let mut dword = [0u8; 4];
+        assert_eq!(
+            run!(VcpuExit::MmioRead(MMIO + 0x10, &mut dword)),
+            Step::Continue
+        );
+        assert_eq!(dword, [0x10; 4]);
+        assert_eq!(
+            run!(VcpuExit::MmioRead(0xfee0_0000, &mut dword)),
+            Step::Continue
+        );
+        assert_eq!(dword, [0xff; 4]);
+        assert_eq!(
+            run!(VcpuExit::MmioWrite(MMIO + 0x20, &[1, 2, 3, 4])),
+            Step::Continue
+        );
+        assert_eq!(run!(VcpuExit::MmioWrite(0x1000, &[9])), Step::Continue);
+        assert_eq!(run!(VcpuExit::MmioWrite(0x1001, &[9])), Step::Continue);
+        assert_eq!(run!(VcpuExit::Hlt), Step::Continue);
+        assert_eq!(run!(VcpuExit::Intr), Step::Continue);
+        assert_eq!(
+            counts,
+            ExitCounts {
+                io_in: 2,
+                io_out: 2,
+                mmio_read: 2,
+                mmio_write: 3,
+                emulation: 0,
+                halt: 1,
+                interrupted: 1,
+                other: 0,
+            }
+        );
+        assert_eq!(lock(&port_device).0, vec![(1, vec![0x41])]);
+        assert_eq!(lock(&mmio_device).0, vec![(0x20, vec![1, 2, 3, 4])]);
+    }
+
+    #[test]
+    fn exits_that_end_the_vm_say_why() {
+        let (pio, mmio) = (Bus::default(), Bus::default());
+        let mut counts = ExitCounts::default();
+        macro_rules! run {
+            ($exit:expr) => {
+                handle_exit(3, $exit, &pio, &mmio, &mut counts)
+            };
+        }
+        let stop = |exit: VmExit| Step::Stop(exit);
+        assert_eq!(
+            run!(VcpuExit::Shutdown),
+            stop(VmExit::TripleFault { vcpu: 3 })
+        );
+        assert_eq!(run!(VcpuExit::SystemEvent(1, &[])), stop(VmExit::PowerOff));
+        assert_eq!(run!(VcpuExit::SystemEvent(2, &[])), stop(VmExit::Reset));
+        assert_eq!(
+            run!(VcpuExit::SystemEvent(3, &[0])),
+            stop(VmExit::GuestPanic)
+        );
+        assert_eq!(
+            run!(VcpuExit::SystemEvent(4, &[])),
+            stop(VmExit::Fatal("vCPU 3: unknown KVM system event 4".into()))
+        );
+        // Finished by the instruction emulator, or fatal: decided later.
+        assert_eq!(run!(VcpuExit::InternalError), Step::InternalError);
+        assert_eq!(
+            run!(VcpuExit::FailEntry(0x8000_0021, 2)),
+            stop(VmExit::Fatal(
+                "vCPU 3: KVM could not enter the guest (hardware reason 0x80000021 on host CPU 2)"
+                    .into()
+            ))
+        );
+        assert_eq!(counts, ExitCounts::default(), "none of these is counted");
+        // An exit nothing expects is counted and fatal.
+        let Step::Stop(VmExit::Fatal(reason)) = run!(VcpuExit::Unknown) else {
+            panic!("an unexpected exit must stop the VM");
+        };
+        assert_eq!(reason, "vCPU 3: unexpected KVM exit Unknown");
+        assert_eq!(
+            run!(VcpuExit::Nmi),
+            Step::Stop(VmExit::Fatal("vCPU 3: unexpected KVM exit Nmi".into()))
+        );
+        assert_eq!(
+            counts,
+            ExitCounts {
+                other: 2,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_throttled_vcpu_runs_its_share_of_the_time() {
+        let ran = Duration::from_millis(10);
+        assert_eq!(throttle_pause(ran, 0), Duration::ZERO);
+        assert_eq!(throttle_pause(ran, 50), ran);
+        assert_eq!(throttle_pause(ran, 20), Duration::from_micros(2500));
+        assert_eq!(throttle_pause(ran, 75), Duration::from_millis(30));
+        assert_eq!(throttle_pause(ran, 99), Duration::from_millis(990));
+        // Never held out for good, and no division by zero.
+        assert_eq!(throttle_pause(ran, 100), Duration::from_millis(990));
+        assert_eq!(throttle_pause(ran, u32::MAX), Duration::from_millis(990));
+        // The guest's share of wall time is 100 - percent.
+        for percent in 1..=99 {
+            let pause = throttle_pause(ran, percent);
+            let share = ran.as_secs_f64() / (ran + pause).as_secs_f64();
+            let wanted = f64::from(100 - percent) / 100.0;
+            assert!((share - wanted).abs() < 1e-6, "{percent}%: {share}");
+        }
+    }
+
+    #[test]
+    fn the_watch_timer_serves_the_most_frequent_watcher() {
+        let ms = Duration::from_millis;
+        assert_eq!(watch_period(false, None), HALT_WATCH_PERIOD);
+        assert_eq!(HALT_WATCH_PERIOD, ms(500));
+        assert_eq!(watch_period(true, None), HYPERCALL_CHECK_PERIOD);
+        assert_eq!(HYPERCALL_CHECK_PERIOD, ms(20));
+        assert_eq!(watch_period(false, Some(ms(5))), ms(5));
+        assert_eq!(watch_period(false, Some(ms(2000))), ms(500));
+        assert_eq!(watch_period(true, Some(ms(100))), ms(20));
+        assert_eq!(watch_period(true, Some(ms(1))), ms(1));
+    }
+
+    #[test]
+    fn a_vcpu_counts_as_halted_only_until_it_runs_again() {
+        let all = HaltedVcpus::new(2);
+        let (mut zero, mut one) = (HaltWatch::default(), HaltWatch::default());
+        assert!(!zero.checked(0, true, &all), "vCPU 1 still runs");
+        // vCPU 0 ran (an exit): its mark goes.
+        zero.ran(0, &all);
+        assert!(!one.checked(1, true, &all), "vCPU 0's mark was cleared");
+        assert!(zero.checked(0, true, &all), "both halted for good");
+        // A check that finds a marked vCPU running clears its mark.
+        assert!(!zero.checked(0, false, &all));
+        assert!(!one.checked(1, true, &all));
+        // A vCPU that was never marked leaves the others' marks alone.
+        assert!(zero.checked(0, true, &all));
+        let mut other = HaltWatch::default();
+        other.ran(0, &all);
+        assert!(!other.checked(0, false, &all));
+        assert!(one.checked(1, true, &all), "vCPU 0's mark is still there");
+    }
+
+    fn state(rip: u64) -> Result<VcpuState, String> {
+        Ok(VcpuState {
+            cpuid: Vec::new(),
+            regs: kvm_bindings::kvm_regs {
+                rip,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            lapic: Default::default(),
+            msrs: Vec::new(),
+            events: Default::default(),
+            mp_state: Default::default(),
+            debug_regs: Default::default(),
+        })
+    }
+
+    fn rips(states: Vec<VcpuState>) -> Vec<u64> {
+        states.iter().map(|s| s.regs.rip).collect()
+    }
+
+    #[test]
+    fn vcpu_states_are_handed_over_once_when_asked_in_vcpu_order() {
+        let never = || -> Result<VcpuState, String> { panic!("read without being asked") };
+        let captures = Captures::new(2);
+        captures.serve(0, never);
+        captures.request();
+        captures.serve(1, || state(0x11));
+        // Once per request; ids beyond the VM's are ignored.
+        captures.serve(1, never);
+        captures.serve(2, never);
+        let short = Duration::from_millis(10);
+        assert_eq!(
+            captures.collect(short).unwrap_err(),
+            "a vCPU did not hand over its state in time"
+        );
+        // A timed-out request is over.
+        captures.serve(0, never);
+        // A new request starts afresh.
+        captures.request();
+        captures.serve(1, || state(0x21));
+        captures.serve(0, || state(0x20));
+        assert_eq!(rips(captures.collect(short).unwrap()), [0x20, 0x21]);
+        captures.serve(0, never);
+        // One vCPU's failure fails the capture.
+        captures.request();
+        captures.serve(0, || state(0x30));
+        captures.serve(1, || Err("vCPU 1: no".into()));
+        assert_eq!(captures.collect(short).unwrap_err(), "vCPU 1: no");
+        // The collector waits for states handed over from other threads.
+        let captures = Arc::new(captures);
+        captures.request();
+        let servers: Vec<_> = (0..2)
+            .map(|id| {
+                let captures = captures.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    captures.serve(id, || state(0x40 + id as u64));
+                })
+            })
+            .collect();
+        assert_eq!(
+            rips(captures.collect(Duration::from_secs(10)).unwrap()),
+            [0x40, 0x41]
+        );
+        servers.into_iter().for_each(|s| s.join().unwrap());
+    }
+
+    #[test]
+    fn exit_counts_are_named_by_their_reason() {
+        let counts = ExitCounts {
+            io_in: 1,
+            io_out: 2,
+            mmio_read: 3,
+            mmio_write: 4,
+            emulation: 5,
+            halt: 6,
+            interrupted: 7,
+            other: 8,
+        };
+        assert_eq!(
+            counts.by_reason(),
+            [
+                ("io_in", 1),
+                ("io_out", 2),
+                ("mmio_read", 3),
+                ("mmio_write", 4),
+                ("emulation", 5),
+                ("halt", 6),
+                ("interrupted", 7),
+                ("other", 8),
+            ]
+        );
     }
 }
