@@ -450,9 +450,15 @@ fn startup_with_a_plan() {
             serde_json::from_value(serde_json::json!({"name": "bench", "memory_mib": 128}))
                 .unwrap();
         let started = monotonic_ns();
-        let launch =
-            host::vmm_process::prepare(&spec, uid, &host::vmm_process::Origin::Boot, &paths, &[])
-                .unwrap();
+        let launch = host::vmm_process::prepare(
+            &spec,
+            uid,
+            &host::vmm_process::Origin::Boot,
+            &paths,
+            &[],
+            std::path::Path::new("/dev/kvm"),
+        )
+        .unwrap();
         let mut child = host::vmm_process::launch(binary, "bench", &paths, launch, None).unwrap();
         assert!(child.wait().unwrap().success());
         planned.push(first_instruction_ms(

@@ -122,8 +122,11 @@ impl VmCgroup {
         self.dirs
             .iter()
             .map(|dir| {
+                // `create` as in [`write`]: a no-op on a cgroup file system.
                 let file = std::fs::OpenOptions::new()
                     .write(true)
+                    .create(true)
+                    .truncate(false)
                     .open(dir.join("cgroup.procs"))?;
                 Ok(OwnedFd::from(file))
             })

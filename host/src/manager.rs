@@ -29,6 +29,10 @@ pub struct ManagerConfig {
     pub allowed_dirs: Vec<PathBuf>,
     /// The `bulkhead` binary that runs each VMM.
     pub vmm_binary: PathBuf,
+    /// The KVM device each VMM gets open (`/dev/kvm`).
+    pub kvm_device: PathBuf,
+    /// Where each VMM's limits are set ([`Cgroups::detect`] for the host's).
+    pub cgroups: Cgroups,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +78,7 @@ impl Manager {
     pub fn open(config: ManagerConfig, events: EventBus) -> anyhow::Result<Arc<Manager>> {
         std::fs::create_dir_all(config.state_dir.join("vms"))?;
         let store = Store::open(&config.state_dir.join("state.redb"))?;
-        let cgroups = Cgroups::detect();
+        let cgroups = config.cgroups.clone();
         tracing::info!(limits = cgroups.describe(), "VM resource limits");
         let manager = Arc::new(Manager {
             config,
@@ -252,6 +256,7 @@ impl Manager {
             origin,
             &paths,
             &self.config.allowed_dirs,
+            &self.config.kvm_device,
         )
         .map_err(|e| match e {
             crate::resources::ResourceError::Io { .. } => ManagerError::Failed(e.to_string()),

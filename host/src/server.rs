@@ -159,6 +159,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             state_dir: config.state_dir.clone(),
             allowed_dirs,
             vmm_binary: config.vmm_binary.clone(),
+            kvm_device: "/dev/kvm".into(),
+            cgroups: crate::cgroup::Cgroups::detect(),
         };
         let events = events.clone();
         tokio::task::spawn_blocking(move || Manager::open(config, events)).await??

@@ -93,6 +93,7 @@ pub fn prepare(
     origin: &Origin,
     paths: &VmPaths,
     allowed_dirs: &[PathBuf],
+    kvm_device: &Path,
 ) -> Result<Launch, ResourceError> {
     use vmm::launch::{BootPlan, LaunchOrigin, LaunchPlan};
     let machine = machine(spec);
@@ -108,9 +109,9 @@ pub fn prepare(
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/kvm")
+        .open(kvm_device)
         .map_err(|source| ResourceError::Io {
-            what: "/dev/kvm".into(),
+            what: kvm_device.display().to_string(),
             source,
         })?;
     descriptors.push(kvm.into());
