@@ -623,6 +623,11 @@ impl Vm {
         // KVM's saved irqchip does not hold who drives a line: raise the SCI
         // again if an enabled event was pending.
         lock(&hardware.board.pm1).drive_sci();
+        // Nor an edge a virtio device raised while it was restored (before
+        // any vCPU existed): raise the pending ones again.
+        for slot in &hardware.virtio {
+            lock(&slot.transport).raise_pending_interrupt();
+        }
         let cmdline = machine.kernel_cmdline().to_string();
         Ok(hardware.into_vm(kvm, vcpus, machine.clone(), cmdline, "restored", flavour))
     }

@@ -10,7 +10,9 @@
 //! serial console: the tests type commands into `bulkhead run`'s stdin and
 //! read the answers from its stdout.
 
+mod balloon_oom;
 mod support;
+mod vsock_reset;
 
 use std::time::Duration;
 use support::{cmdline, Kernel, TempDir, Vm};

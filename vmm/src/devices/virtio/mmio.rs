@@ -344,6 +344,12 @@ impl MmioTransport {
         }
     }
 
+    /// Raises the interrupt line again if the driver has a reason pending
+    /// (see [`Interrupt::raise_if_pending`]).
+    pub fn raise_pending_interrupt(&self) {
+        self.interrupt.raise_if_pending();
+    }
+
     /// Puts a saved state into a freshly built transport of the same device.
     /// Nothing in `state` is trusted: a state this device cannot have is refused.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
@@ -395,6 +401,9 @@ impl MmioTransport {
         self.queue_select = state.queue_select;
         self.device_features_select = state.device_features_select;
         self.driver_features_select = state.driver_features_select;
+        // The saved bits first: activating and restoring the device may raise
+        // more (the vsock's transport-reset event), which must not be lost.
+        self.interrupt.restore_status(state.interrupt_status);
         if let Some(active) = &state.active_queues {
             let queues = rebuild(active)?;
             for (index, queue) in queues.iter().enumerate() {
@@ -413,7 +422,6 @@ impl MmioTransport {
             self.activated = true;
         }
         self.device.restore_state(&state.device)?;
-        self.interrupt.restore_status(state.interrupt_status);
         // Notifications that were pending when the snapshot was taken are not
         // in it: look at every queue once.
         for event in &self.queue_events {

@@ -146,6 +146,17 @@ impl Interrupt {
         }
     }
 
+    /// Raises the line again if any status bit is set. A restore calls it
+    /// once KVM's interrupt controllers and vCPUs hold their saved state:
+    /// an edge raised while a device took back its state (the vsock's
+    /// transport-reset event) found no vCPU and an IOAPIC at power-on, and
+    /// was lost.
+    pub fn raise_if_pending(&self) {
+        if self.status() != 0 {
+            let _ = self.irqfd.write(1);
+        }
+    }
+
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }

@@ -1220,6 +1220,104 @@ mod tests {
         );
     }
 
+    /// Host sockets do not survive a snapshot: the driver must drop its
+    /// connections. A connection is open when the snapshot is taken; the
+    /// VMM goes (the host program sees its stream end); the device restored
+    /// from the saved transport state (as `run --restore` and a migration's
+    /// destination do) puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the event
+    /// buffer the driver left, advances the event queue's used ring and
+    /// interrupts. A device that was merely activated (a boot) sends nothing.
+    #[test]
+    fn a_restored_device_tells_the_driver_its_transport_was_reset() {
+        use super::super::mmio::{MmioTransport, TransportState};
+        use super::super::{features, SavedQueue};
+        const EVENT_BUFFER: u64 = 0xd0000;
+        let mut h = harness();
+        // The driver keeps buffers in the event queue (Linux fills it at probe);
+        // this one is marked so a write shows.
+        let mut event = TestQueue::at(h.rx.memory.clone(), EVENT_BASE);
+        let memory = h.rx.memory.clone();
+        memory
+            .write_slice(&[0xff; 8], GuestAddress(EVENT_BUFFER))
+            .unwrap();
+        event.offer_chain(&[(EVENT_BUFFER, 8, true)]);
+
+        // A host program's connection, accepted by the guest.
+        let mut host = UnixStream::connect(&h.path).unwrap();
+        host.write_all(b"CONNECT 1234\n").unwrap();
+        let request = h.received()[0].0;
+        h.send(h.guest_header(1234, request.src_port, op::RESPONSE, 0), &[]);
+        let answer = format!("OK {}\n", request.src_port);
+        assert_eq!(
+            read_exact_with_timeout(&mut host, answer.len()),
+            answer.as_bytes()
+        );
+        assert_eq!(event.used_index(), 0, "a booted device sent an event");
+
+        // The snapshot: the transport's state as `MmioTransport::save` writes
+        // it (queues as big as a transport makes them), through JSON.
+        let to_transport_size = |mut queue: SavedQueue| {
+            queue.max_size = QUEUE_SIZE;
+            queue
+        };
+        let state = TransportState {
+            device_type: device_type::VSOCK,
+            status: 0xf,
+            driver_features: features::VERSION_1,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            interrupt_status: 0,
+            setup_queues: (0..3)
+                .map(|_| SavedQueue::from(&Queue::new(QUEUE_SIZE).unwrap()))
+                .collect(),
+            active_queues: Some(
+                h.vsock
+                    .queue_states()
+                    .into_iter()
+                    .map(to_transport_size)
+                    .collect(),
+            ),
+            device: h.vsock.save_state(),
+        };
+        let state: TransportState =
+            serde_json::from_value(serde_json::to_value(&state).unwrap()).unwrap();
+        let Harness {
+            vsock, path, _dir, ..
+        } = h;
+        drop(vsock);
+        // The old VMM is gone: the host program's stream ends.
+        host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut rest = Vec::new();
+        assert!(
+            matches!(host.read_to_end(&mut rest), Ok(0)),
+            "the host connection outlived its VMM: {rest:?}"
+        );
+
+        // The restored VMM: a new device on the same socket and guest memory.
+        let config = VsockSpec {
+            cid: GUEST_CID as u32,
+            socket: Some(path.clone()),
+        };
+        let restored = Vsock::new(&config, Vsock::bind(&config).unwrap()).unwrap();
+        let interrupt =
+            Interrupt::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut transport =
+            MmioTransport::new(Box::new(restored), memory.clone(), interrupt.clone()).unwrap();
+        transport.restore(&state).unwrap();
+        assert!(transport.is_activated());
+        assert_eq!(event.used_index(), 1, "no transport-reset event");
+        // virtio 1.2, 5.10.6.5: the event's id is its first le32; RESET is 0.
+        assert_eq!(event.used_element(0), (0, 4));
+        let mut written = [0u8; 8];
+        memory
+            .read_slice(&mut written, GuestAddress(EVENT_BUFFER))
+            .unwrap();
+        assert_eq!(written, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert_ne!(interrupt.status() & super::super::INTERRUPT_USED_BUFFER, 0);
+    }
+
     #[test]
     fn packets_that_lie_about_their_source_length_or_connection_are_refused() {
         let mut h = harness();
