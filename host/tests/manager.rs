@@ -5,9 +5,11 @@
 //! store and the exit reports are all real: the tests run as root, as the
 //! daemon does.
 
+mod support;
+
 use host::cgroup::Cgroups;
-use host::events::{Event, EventBus};
-use host::manager::{Manager, ManagerConfig, ManagerError};
+use host::events::Event;
+use host::manager::{Manager, ManagerError};
 use host::model::{VmRecord, VmState};
 use host::spec::VmSpec;
 use host::store::Store;
@@ -15,9 +17,8 @@ use host::vmm_process::{self, Origin, VmPaths};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{host_cgroups, open, spec, FAKE_VMM};
 use testkit::TempDir;
-
-const FAKE_VMM: &str = env!("CARGO_BIN_EXE_bulkhead-fake-vmm");
 const PROJECT: &str = "p";
 
 /// A daemon's manager over a state directory of its own, whose VMMs are
@@ -31,7 +32,6 @@ struct Host {
 impl Host {
     fn new() -> Host {
         let dir = TempDir::new("manager");
-        std::fs::create_dir_all(dir.join("images")).unwrap();
         let (manager, events) = open(&dir);
         Host {
             dir,
@@ -88,40 +88,6 @@ impl Host {
         }
         states
     }
-}
-
-fn config(dir: &TempDir) -> ManagerConfig {
-    ManagerConfig {
-        state_dir: dir.path().to_path_buf(),
-        allowed_dirs: vec![dir.join("images")],
-        vmm_binary: FAKE_VMM.into(),
-        // Opened and passed on like the real device; the fake never uses it.
-        kvm_device: "/dev/null".into(),
-        cgroups: host_cgroups(),
-    }
-}
-
-fn host_cgroups() -> Cgroups {
-    let cgroups = Cgroups::detect();
-    assert_ne!(
-        cgroups,
-        Cgroups::Unavailable,
-        "these tests run as root on a host with cgroups, as the daemon does"
-    );
-    cgroups
-}
-
-fn open(dir: &TempDir) -> (Arc<Manager>, tokio::sync::broadcast::Receiver<Event>) {
-    let bus = EventBus::default();
-    let events = bus.subscribe();
-    (Manager::open(config(dir), bus).unwrap(), events)
-}
-
-fn spec(name: &str, behaviour: &str) -> VmSpec {
-    serde_json::from_value(serde_json::json!({
-        "name": name, "cpus": 2, "memory_mib": 64, "cmdline": behaviour
-    }))
-    .unwrap()
 }
 
 fn alive(pid: u32) -> bool {
