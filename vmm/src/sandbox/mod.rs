@@ -159,3 +159,201 @@ pub fn confine(config: SandboxConfig) -> Result<(), SandboxError> {
     seccompiler::apply_filter_all_threads(&seccomp::vmm_filter()?)?;
     Ok(())
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// How a forked child ended.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(in crate::sandbox) enum Ended {
+        Exited(i32),
+        Killed(i32),
+    }
+
+    /// Runs `child` in a forked copy of this process, where only the calling
+    /// thread goes on, and returns its pid. The child exits with what `child`
+    /// returns (101 if it panics); an alarm kills it if it hangs.
+    pub(in crate::sandbox) fn fork(child: impl FnOnce() -> i32) -> libc::pid_t {
+        // SAFETY: the child runs `child` and exits; it never returns into the
+        // test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: alarm and _exit take plain values.
+            unsafe { libc::alarm(20) };
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        pid
+    }
+
+    pub(in crate::sandbox) fn wait(pid: libc::pid_t) -> Ended {
+        let mut status = 0;
+        // SAFETY: `status` is valid for waitpid to write.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if libc::WIFSIGNALED(status) {
+            Ended::Killed(libc::WTERMSIG(status))
+        } else {
+            Ended::Exited(libc::WEXITSTATUS(status))
+        }
+    }
+
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors were just opened and are owned here only.
+        let [read, write] = fds.map(|fd| File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        (read, write)
+    }
+
+    fn assert_root() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the sandbox tests need root (as the VMM's launcher has), like the test command"
+        );
+    }
+
+    /// The values of one line of /proc/PID/task/TID/status.
+    fn status_field(status: &str, name: &str) -> Vec<String> {
+        let line = status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn confine_refuses_to_leave_the_vmm_with_uid_or_gid_0_and_changes_nothing() {
+        assert_root();
+        let dir = testkit::TempDir::new("sandbox-root");
+        let pid = fork(|| {
+            // A mount namespace of its own, should confine go ahead by mistake.
+            if isolate_mounts().is_err() || std::env::set_current_dir(dir.path()).is_err() {
+                return 2;
+            }
+            for (uid, gid) in [(0, 1000), (1000, 0), (0, 0)] {
+                if !matches!(confine(SandboxConfig { uid, gid }), Err(SandboxError::Root)) {
+                    return 3;
+                }
+            }
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/proc/self").exists() {
+                return 4;
+            }
+            0
+        });
+        assert_eq!(wait(pid), Ended::Exited(0));
+    }
+
+    #[test]
+    fn a_confined_process_sees_only_its_directory_and_every_thread_is_unprivileged_and_filtered() {
+        assert_root();
+        const UID: u32 = 4242;
+        const GID: u32 = 4343;
+        let jail = testkit::TempDir::new("sandbox-jail");
+        std::fs::write(jail.join("disk.img"), b"inside").unwrap();
+        let outside = testkit::TempDir::new("sandbox-outside");
+        std::fs::write(outside.join("host.txt"), b"opened before").unwrap();
+        let (mut report_r, report_w) = pipe();
+        let (hold_r, hold_w) = pipe();
+        let (report_r_fd, hold_w_fd) = (report_r.as_raw_fd(), hold_w.as_raw_fd());
+        let (jail_path, outside_file) = (jail.path().to_owned(), outside.join("host.txt"));
+        let pid = fork(move || {
+            // SAFETY: the parent's ends, copied into this process by fork.
+            unsafe {
+                libc::close(report_r_fd);
+                libc::close(hold_w_fd);
+            }
+            let mut report = report_w;
+            let mut hold = hold_r;
+            let checks = || -> Result<std::thread::JoinHandle<()>, String> {
+                isolate_mounts().map_err(|e| e.to_string())?;
+                // A thread started before confine: it must end up confined too.
+                let sleeper = std::thread::spawn(move || {
+                    let _ = hold.read(&mut [0u8; 1]);
+                    // Not allowed: the filter kills the process.
+                    // SAFETY: getuid has no preconditions.
+                    unsafe { libc::syscall(libc::SYS_getuid) };
+                });
+                // A supplementary group for confine to drop.
+                // SAFETY: a list of one group id.
+                if unsafe { libc::setgroups(1, [4444].as_ptr()) } != 0 {
+                    return Err("cannot join group 4444".into());
+                }
+                let mut kept = File::open(&outside_file).map_err(|e| e.to_string())?;
+                std::env::set_current_dir(&jail_path).map_err(|e| e.to_string())?;
+                confine(SandboxConfig { uid: UID, gid: GID }).map_err(|e| e.to_string())?;
+                match std::fs::read("/disk.img") {
+                    Ok(bytes) if bytes == b"inside" => {}
+                    other => return Err(format!("/disk.img: {other:?}")),
+                }
+                for host_path in [
+                    std::path::Path::new("/etc"),
+                    outside_file.as_path(),
+                    jail_path.as_path(),
+                ] {
+                    if std::fs::metadata(host_path).is_ok() {
+                        return Err(format!("{} is visible", host_path.display()));
+                    }
+                }
+                // Not root, and no capability (CAP_DAC_OVERRIDE) to write
+                // into root's directory.
+                match std::fs::write("/new", b"x") {
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                    other => return Err(format!("writing into root's directory: {other:?}")),
+                }
+                let mut text = String::new();
+                kept.read_to_string(&mut text).map_err(|e| e.to_string())?;
+                if text != "opened before" {
+                    return Err(format!("the descriptor opened before reads {text:?}"));
+                }
+                Ok(sleeper)
+            };
+            let sleeper = match checks() {
+                Ok(sleeper) => sleeper,
+                Err(e) => {
+                    let _ = report.write_all(e.as_bytes());
+                    return 2;
+                }
+            };
+            let _ = report.write_all(b"confined");
+            drop(report);
+            let _ = sleeper.join();
+            0
+        });
+        let mut message = String::new();
+        report_r.read_to_string(&mut message).unwrap();
+        assert_eq!(message, "confined");
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|task| task.unwrap().path())
+            .collect();
+        assert_eq!(tasks.len(), 2, "the child and its sleeper thread");
+        // The host's mounts are detached, not merely hidden under the VM
+        // directory: its mount namespace holds that one mount.
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        assert_eq!(mounts.lines().count(), 1, "{mounts}");
+        for task in tasks {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            assert_eq!(status_field(&status, "Uid"), vec![UID.to_string(); 4]);
+            assert_eq!(status_field(&status, "Gid"), vec![GID.to_string(); 4]);
+            assert!(status_field(&status, "Groups").is_empty());
+            for set in ["CapPrm", "CapEff", "CapAmb"] {
+                assert_eq!(status_field(&status, set), ["0000000000000000"], "{set}");
+            }
+            assert_eq!(status_field(&status, "NoNewPrivs"), ["1"]);
+            assert_eq!(status_field(&status, "Seccomp"), ["2"], "filter mode");
+        }
+        // The sleeper wakes and makes a call the filter refuses: SIGSYS.
+        drop(hold_w);
+        assert_eq!(wait(pid), Ended::Killed(libc::SIGSYS));
+    }
+}

@@ -142,6 +142,95 @@ pub fn vmm_filter() -> Result<BpfProgram, seccompiler::BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::tests::{fork, wait, Ended};
+
+    /// Makes `call` in a forked child under the VMM's filter, with arguments
+    /// that make it fail harmlessly should the filter let it through.
+    fn call_under_the_filter(call: i64) -> Ended {
+        let filter = vmm_filter().unwrap();
+        wait(fork(move || {
+            if seccompiler::apply_filter(&filter).is_err() {
+                return 2;
+            }
+            // SAFETY: invalid pointers and values: the kernel refuses them.
+            unsafe { libc::syscall(call, -1i64, -1i64, -1i64, -1i64, -1i64, -1i64) };
+            0
+        }))
+    }
+
+    #[test]
+    fn the_filter_kills_the_process_on_a_forbidden_call() {
+        // The examples, and calls the list leaves out: legacy `open`, looking
+        // up one's identity, `chroot`, `setns`, `bpf`, `personality`.
+        let unlisted = [
+            libc::SYS_open,
+            libc::SYS_getuid,
+            libc::SYS_chroot,
+            libc::SYS_setns,
+            libc::SYS_bpf,
+            libc::SYS_personality,
+        ];
+        for &call in FORBIDDEN_EXAMPLES.iter().chain(&unlisted) {
+            assert_eq!(
+                call_under_the_filter(call),
+                Ended::Killed(libc::SIGSYS),
+                "system call {call}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_filter_lets_a_vmm_do_its_work() {
+        let filter = vmm_filter().unwrap();
+        let pid = fork(move || {
+            if seccompiler::apply_filter(&filter).is_err() {
+                return 2;
+            }
+            // Files, memory, a thread, time, sockets: what a VMM does after start-up.
+            let work = || -> std::io::Result<()> {
+                let bytes = std::fs::read("/proc/self/stat")?;
+                let copy = bytes.clone();
+                let thread = std::thread::spawn(move || copy.len());
+                if thread.join().ok() != Some(bytes.len()) {
+                    return Err(std::io::Error::other("thread"));
+                }
+                let _ = std::time::Instant::now();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                let (mut a, mut b) = std::os::unix::net::UnixStream::pair()?;
+                use std::io::{Read, Write};
+                a.write_all(b"ping")?;
+                let mut got = [0u8; 4];
+                b.read_exact(&mut got)?;
+                if &got != b"ping" {
+                    return Err(std::io::Error::other("socket"));
+                }
+                Ok(())
+            };
+            match work() {
+                Ok(()) => 0,
+                Err(_) => 3,
+            }
+        });
+        assert_eq!(wait(pid), Ended::Exited(0));
+    }
+
+    #[test]
+    fn a_forbidden_call_in_any_thread_kills_the_whole_process() {
+        let filter = vmm_filter().unwrap();
+        let pid = fork(move || {
+            if seccompiler::apply_filter(&filter).is_err() {
+                return 2;
+            }
+            let thread = std::thread::spawn(|| {
+                // SAFETY: getuid has no preconditions.
+                unsafe { libc::syscall(libc::SYS_getuid) };
+            });
+            // Were only that thread killed, this one would go on and exit 0.
+            let _ = thread.join();
+            0
+        });
+        assert_eq!(wait(pid), Ended::Killed(libc::SIGSYS));
+    }
 
     #[test]
     fn the_filter_compiles_and_allows_none_of_the_forbidden_calls() {
