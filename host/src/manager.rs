@@ -68,8 +68,8 @@ pub struct Manager {
     events: EventBus,
     /// One operation at a time per VM.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Bumped and signalled whenever a VMM ends.
-    exits: (Mutex<u64>, Condvar),
+    /// Signalled whenever a VMM's end is recorded.
+    exits: (Mutex<()>, Condvar),
 }
 
 impl Manager {
@@ -86,7 +86,7 @@ impl Manager {
             cgroups,
             events,
             locks: Mutex::new(HashMap::new()),
-            exits: (Mutex::new(0), Condvar::new()),
+            exits: (Mutex::new(()), Condvar::new()),
         });
         manager.recover()?;
         Ok(manager)
@@ -440,19 +440,21 @@ impl Manager {
             tracing::info!(vm = id, state = record.state.name(), exit = %how, "VMM ended");
             self.events.publish(Event::state(&record));
         }
-        let (count, condvar) = &self.exits;
-        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        // Taken after the store changed: a waiter checks the store holding
+        // it, so it either sees the change or is waiting when notified.
+        let (lock, condvar) = &self.exits;
+        drop(lock.lock().unwrap_or_else(|e| e.into_inner()));
         condvar.notify_all();
     }
 
     /// Waits until VM `id` has no process, up to `limit`.
     fn wait_until_ended(&self, id: &str, limit: Duration) -> Result<bool> {
         let deadline = Instant::now() + limit;
-        let (count, condvar) = &self.exits;
-        let mut guard = count.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, condvar) = &self.exits;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let record = self.record(id)?;
-            if record.pid.is_none() && !record.state.has_process() {
+            // The pid goes when the end is recorded, with the new state.
+            if self.record(id)?.pid.is_none() {
                 return Ok(true);
             }
             let now = Instant::now();
@@ -494,12 +496,11 @@ impl Manager {
             .filter(|&pid| vmm_process::is_vm_process(pid, &record.id))
         else {
             // No process (it ended while nobody watched): record that.
+            // (A delete holds the VM's lock: this is a stop's doing.)
             self.cgroups.remove(&record.id);
             self.store.update_vm(&record.id, |r| {
                 r.pid = None;
-                if r.state != VmState::Deleting {
-                    r.state = VmState::Stopped;
-                }
+                r.state = VmState::Stopped;
             })?;
             return Ok(());
         };

@@ -227,6 +227,74 @@ fn a_guest_that_ignores_shutdown_is_stopped_by_its_vmm_after_the_timeout() {
 }
 
 #[test]
+fn a_vmm_without_the_shutdown_request_is_sent_ctrl_alt_del() {
+    let host = Host::new();
+    let record = host.started("web", "fake.old-vmm");
+    let stopped = host
+        .manager
+        .stop(&record.id, false, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(stopped.last_exit.as_deref(), Some("guest reset"));
+}
+
+#[test]
+fn one_operation_at_a_time_per_vm() {
+    let host = Host::new();
+    let record = host.started("web", "fake.ignore-shutdown");
+    let manager = host.manager.clone();
+    let id = record.id.clone();
+    let stopping =
+        std::thread::spawn(move || manager.stop(&id, false, Duration::from_millis(1500)));
+    std::thread::sleep(Duration::from_millis(300));
+    // Waits for the stop to end, then finds the VM stopped (not stopping).
+    let message = conflict(host.manager.pause(&record.id));
+    assert!(message.contains("is stopped"), "{message}");
+    assert_eq!(stopping.join().unwrap().unwrap().state, VmState::Stopped);
+}
+
+#[test]
+fn stopping_a_vm_whose_vmm_is_already_gone_records_it_stopped() {
+    let host = Host::new();
+    let record = host.define("web", "");
+    // As if its VMM ended unseen: a pid that is no VMM of this VM's.
+    host.manager
+        .store()
+        .update_vm(&record.id, |r| {
+            r.state = VmState::Running;
+            r.pid = Some(1);
+        })
+        .unwrap();
+    let stopped = host
+        .manager
+        .stop(&record.id, false, Duration::from_secs(1))
+        .unwrap();
+    assert_eq!((stopped.state, stopped.pid), (VmState::Stopped, None));
+}
+
+#[test]
+fn a_vmm_that_never_answers_is_killed_and_the_start_fails() {
+    let host = Host::new();
+    let record = host.define("web", "fake.no-control");
+    let message = failed(host.manager.start(&record.id, Origin::Boot));
+    assert!(message.contains("did not answer within 30s"), "{message}");
+    assert_eq!(vmm_process::find_process(&record.id), None);
+    assert_eq!(
+        host.manager.get(&record.id).unwrap().state,
+        VmState::Stopped
+    );
+}
+
+#[test]
+fn a_vmm_that_exits_with_a_failure_at_start_is_a_failed_start() {
+    let host = Host::new();
+    // Its report says the guest powered off, but it exited 1.
+    let record = host.define("web", "fake.exit-at-start=1");
+    let message = failed(host.manager.start(&record.id, Origin::Boot));
+    assert!(message.contains("exit status: 1"), "{message}");
+    assert!(message.contains("guest powered off"), "{message}");
+}
+
+#[test]
 fn a_vmm_that_ignores_sigterm_is_killed() {
     let host = Host::new();
     let record = host.started("web", "fake.ignore-shutdown fake.ignore-sigterm");
@@ -347,7 +415,16 @@ fn delete_needs_force_for_a_vm_with_a_process_and_leaves_nothing() {
         host.manager.get(id),
         Err(ManagerError::NotFound(_))
     ));
-    assert_eq!(host.states_of(id).last().unwrap(), "deleted");
+    // The killed process is not recorded as a crash on its way out.
+    let states = host.states_of(id);
+    let deleting = states.iter().position(|s| s == "deleting").unwrap();
+    assert!(
+        states[deleting..]
+            .iter()
+            .all(|s| s == "deleting" || s == "deleted"),
+        "{states:?}"
+    );
+    assert_eq!(states.last().unwrap(), "deleted");
     // A stopped VM is deleted without force; its name is free again.
     let stopped = host.define("other", "");
     host.manager.delete(&stopped.id, false).unwrap();
@@ -365,6 +442,9 @@ fn names_are_unique_within_a_project_and_disks_belong_to_one_project() {
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
     let mut with_disk = spec("db", "");
     with_disk.disks = vec![serde_json::from_value(serde_json::json!({"path": disk})).unwrap()];
+    host.manager.create(PROJECT, with_disk.clone()).unwrap();
+    // The same project may name it again (read-only sharing, say).
+    with_disk.name = "db-2".into();
     host.manager.create(PROJECT, with_disk.clone()).unwrap();
     host.manager.create("q", spec("web", "")).unwrap();
     match host.manager.create("q", with_disk) {
@@ -528,7 +608,8 @@ fn orphan(dir: &TempDir, name: &str, behaviour: &str, state: VmState) -> VmRecor
         let _ = child.wait();
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while vmm::control::status(&paths.control).is_err() && !behaviour.contains("no-control") {
+    let answers = !behaviour.contains("no-control") && !behaviour.contains("control-after");
+    while answers && vmm::control::status(&paths.control).is_err() {
         assert!(Instant::now() < deadline, "the orphan never answered");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -540,6 +621,8 @@ fn a_restarted_daemon_adopts_the_vmms_that_answer_with_their_state() {
     let dir = TempDir::new("manager-restart");
     let running = orphan(&dir, "running", "", VmState::Running);
     let paused = orphan(&dir, "paused", "", VmState::Running);
+    // Still starting up: given time to answer.
+    let slow = orphan(&dir, "slow", "fake.control-after-ms=1500", VmState::Running);
     let paths = VmPaths::new(dir.path(), &paused.id);
     vmm::control::call(&paths.control, &vmm::control::Request::Pause).unwrap();
     let (manager, _events) = open(&dir);
@@ -550,6 +633,9 @@ fn a_restarted_daemon_adopts_the_vmms_that_answer_with_their_state() {
     );
     // The VMM's word on its state, not the record's.
     assert_eq!(manager.get(&paused.id).unwrap().state, VmState::Paused);
+    let slow = manager.get(&slow.id).unwrap();
+    assert_eq!((slow.state, slow.pid.is_some()), (VmState::Running, true));
+    manager.stop(&slow.id, true, Duration::ZERO).unwrap();
     // Adopted processes are watched like the daemon's own.
     vmm_process::signal(running.pid.unwrap(), libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -6,9 +6,11 @@
 //!
 //! - `fake.fail-at-start`: reports a fatal error and exits 1 before
 //!   answering on its control socket (a VMM that cannot start its VM);
-//! - `fake.exit-at-start`: reports a power-off and exits 0 at once (a guest
-//!   that ends before anyone looks);
+//! - `fake.exit-at-start[=CODE]`: reports a power-off and exits with CODE
+//!   (0) at once (a guest that ends before anyone looks);
 //! - `fake.no-control`: never answers on its control socket;
+//! - `fake.control-after-ms=N`: answers only after N ms;
+//! - `fake.old-vmm`: refuses `shutdown`, as a VMM from before it did;
 //! - `fake.ignore-shutdown`: answers `shutdown` and `ctrl_alt_del` but its
 //!   "guest" never acts on them (otherwise it powers off or resets);
 //! - `fake.ignore-sigterm`: SIGTERM does nothing (otherwise the VMM stops
@@ -101,6 +103,9 @@ impl Fake {
             Request::Resume => {
                 *self.paused.lock().unwrap() = false;
                 done
+            }
+            Request::Shutdown if self.has("fake.old-vmm") => {
+                refusal("unknown variant `shutdown`".into())
             }
             Request::Shutdown => {
                 self.guest_acts(VmExit::PowerOff);
@@ -251,7 +256,8 @@ fn main() {
         fake.end(VmExit::Fatal("fake: told to fail at start".into()), 1);
     }
     if fake.has("fake.exit-at-start") {
-        fake.end(VmExit::PowerOff, 0);
+        let code = fake.value("fake.exit-at-start").unwrap_or(0);
+        fake.end(VmExit::PowerOff, code as i32);
     }
     if let LaunchOrigin::Restore { snapshot } = &fake.plan.origin {
         let manifest = PathBuf::from("snapshots")
@@ -273,6 +279,9 @@ fn main() {
         after(Duration::from_millis(ms), move || {
             ended.end(VmExit::GuestPanic, 1)
         });
+    }
+    if let Some(ms) = fake.value("fake.control-after-ms") {
+        std::thread::sleep(Duration::from_millis(ms));
     }
     if fake.has("fake.no-control") {
         loop {
