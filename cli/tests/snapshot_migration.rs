@@ -460,6 +460,117 @@ fn migration_progress_is_visible_while_it_runs() {
     assert!(source.ctl_ok(&["status"]).get("migration").is_none());
 }
 
+/// `ctl status` says `busy` while a migration holds the VM (its
+/// `migration` progress alongside), and `running` again once the migration
+/// has failed (README, "Pause, snapshots, migration").
+#[test]
+fn status_says_busy_during_a_migration_and_running_after_it_failed() {
+    let source = busy_source();
+    assert_eq!(source.state(), "running");
+    let socket = unique("busy.sock");
+    let uri = format!("unix:{}", socket.display());
+    let target = destination(&uri, &[]);
+    bound_uri(&target);
+    // 32 MiB the guest keeps dirtying, at 8 MiB/s: seconds of copying.
+    let migrating = slow_migration(&source, &uri);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let during = loop {
+        let status = source.ctl_ok(&["status"]);
+        if status["migration"]["pages_sent"].as_u64().unwrap_or(0) > 0 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never showed: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(during["state"], "busy", "{during}");
+    // Still busy a moment later, while the copy goes on.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(source.state(), "busy");
+    let _ = target.kill();
+    let output = migrating.join().unwrap();
+    assert!(!output.status.success());
+    let after = source.ctl_ok(&["status"]);
+    assert_eq!(after["state"], "running", "{after}");
+    assert!(after.get("migration").is_none(), "{after}");
+    let count = source.wait_for_count(0);
+    source.wait_for_count(count + 5);
+}
+
+/// MiB/s `source` dirties, from the rounds of `pages_per_round` it counts
+/// in a second.
+fn dirty_rate(source: &Vmm, pages_per_round: u32) -> f64 {
+    let before = source.wait_for_count(0);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = source.wait_for_count(0);
+    (after - before) as f64 * f64::from(pages_per_round) / 256.0 / started.elapsed().as_secs_f64()
+}
+
+/// The README's promise: when the guest dirties memory faster than the link
+/// copies it, vCPUs are throttled (up to 95 % of their time) until the copy
+/// converges. Throttling shares out time, so it can only bring a guest down
+/// to 5 % of its flat-out rate F: the link is set to F / 6 (measured here
+/// first), faster than a guest throttled 95 % dirties, 6 times slower than
+/// one running free, and the sweep to what the link copies in about 1.5 s,
+/// against a 50 ms downtime limit. Without throttling every round finds the
+/// whole sweep dirty again and the migration gives up after 60 s; with it,
+/// the copy must converge within that, with a throttle above 0, its downtime
+/// within the limit plus the usual margin, and the count going on at the
+/// destination.
+#[test]
+fn a_guest_dirtying_faster_than_a_capped_link_is_throttled_until_the_migration_converges() {
+    const PAGES_PER_ROUND: u32 = 16;
+    let probe = Vmm::boot(
+        &writer_guest(guests::MemoryWriter {
+            region_pages: PAGES_PER_ROUND,
+            sweep_pages: Some(8 * 256),
+            ..Default::default()
+        }),
+        64,
+    );
+    probe.wait_for_count(100);
+    let flat_out = dirty_rate(&probe, PAGES_PER_ROUND);
+    drop(probe);
+    let link_mib_s = ((flat_out / 6.0) as u64).max(1);
+    let sweep_mib = (link_mib_s * 3 / 2).clamp(8, 96);
+    eprintln!(
+        "the guest dirties {flat_out:.0} MiB/s running free: link {link_mib_s} MiB/s, sweep {sweep_mib} MiB"
+    );
+    let guest = writer_guest(guests::MemoryWriter {
+        region_pages: PAGES_PER_ROUND,
+        sweep_pages: Some(sweep_mib as u32 * 256),
+        ..Default::default()
+    });
+    let source = Vmm::boot(&guest, 128);
+    let socket = unique("throttled.sock");
+    let uri = format!("unix:{}", socket.display());
+    let target = destination(&uri, &[]);
+    bound_uri(&target);
+    let started = Instant::now();
+    let link = link_mib_s.to_string();
+    let answer = migrate_and_check(
+        source,
+        target,
+        &uri,
+        &[
+            "--bandwidth-mib",
+            &link,
+            "--downtime-ms",
+            "50",
+            "--give-up-after",
+            "60",
+        ],
+    );
+    eprintln!("throttled migration in {:?}: {answer}", started.elapsed());
+    let migration = &answer["migration"];
+    let throttle = migration["max_throttle_percent"].as_u64().unwrap();
+    assert!(throttle > 0 && throttle <= 95, "{answer}");
+    assert!(migration["rounds"].as_u64().unwrap() > 2, "{answer}");
+}
+
 #[test]
 fn live_migration_over_tls() {
     let names = vec!["bulkhead-destination".to_string()];

@@ -14,6 +14,8 @@ pub mod hand_over;
 pub mod progress;
 pub mod protocol;
 mod source;
+#[cfg(test)]
+mod testing;
 mod transport;
 
 pub mod destination;
