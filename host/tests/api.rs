@@ -404,7 +404,7 @@ async fn a_caller_sees_only_its_project_and_acts_only_as_its_role_allows() {
             .collect()
     };
     let listed = api.call(&viewer, Method::GET, "/v1/vms", None).await;
-    assert_eq!(ids(&listed), [ours.clone()]);
+    assert_eq!(ids(&listed), std::slice::from_ref(&ours));
     let all = api.call(&Caller::Root, Method::GET, "/v1/vms", None).await;
     assert_eq!(all.body.as_array().unwrap().len(), 2);
     // Another project's VM does not exist for the caller, whatever it tries.

@@ -11,7 +11,6 @@ use host::cgroup::Cgroups;
 use host::events::Event;
 use host::manager::{Manager, ManagerError};
 use host::model::{VmRecord, VmState};
-use host::spec::VmSpec;
 use host::store::Store;
 use host::vmm_process::{self, Origin, VmPaths};
 use std::path::PathBuf;
@@ -553,6 +552,16 @@ fn an_incoming_migration_waits_starting_until_its_stream_arrived() {
     host.manager
         .stop(&running.id, true, Duration::ZERO)
         .unwrap();
+
+    // A destination that ends before its guest arrived: a start that
+    // failed, not a crash.
+    let waiting = host
+        .manager
+        .start(&record.id, incoming(free_port()))
+        .unwrap();
+    vmm_process::signal(waiting.pid.unwrap(), libc::SIGKILL);
+    let ended = host.wait_for(&record.id, |r| r.pid.is_none());
+    assert_eq!(ended.state, VmState::Stopped, "{ended:?}");
 
     // A VMM that cannot take its plan ends at once, and says so.
     // (Whether it ends within the 50 ms the daemon looks depends on the
