@@ -35,8 +35,18 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         "{refused}"
     );
     drop(writer);
-    std::thread::sleep(Duration::from_millis(200));
-    drop(daemon.block_on(client.console(&id, true)).unwrap());
+    // The daemon frees the writer's place once it sees the connection go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match daemon.block_on(client.console(&id, true)) {
+            Ok(writer) => break drop(writer),
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.to_string().contains("already has a writer"), "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the writer's place was never freed: {e}"),
+        }
+    }
 
     // Pause freezes the guest; resume lets it go on.
     assert_eq!(
@@ -812,18 +822,26 @@ fn metrics_events_and_the_openapi_document() {
         "{seen}"
     );
 
-    // Metrics for the running VM.
-    std::thread::sleep(Duration::from_millis(800));
-    let metrics = daemon.call(Some(&token), Method::GET, "/metrics", None);
-    assert_eq!(metrics.status, StatusCode::OK);
-    for family in [
+    // Metrics for the running VM (the vCPUs' figures appear once the VMM
+    // has sampled them: a fraction of a second).
+    let families = [
         "bulkhead_vms{state=\"running\"} 1",
         "bulkhead_vm_process_cpu_seconds_total{vm=\"",
         "bulkhead_vm_vcpu_seconds_total{vm=\"",
         "bulkhead_vm_resident_bytes{vm=\"",
         "bulkhead_vm_exits_total{vm=\"",
         "bulkhead_daemon_resident_bytes ",
-    ] {
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = daemon.call(Some(&token), Method::GET, "/metrics", None);
+        assert_eq!(metrics.status, StatusCode::OK);
+        if families.iter().all(|f| metrics.text.contains(f)) || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for family in families {
         assert!(
             metrics.text.contains(family),
             "no {family} in\n{}",
@@ -1049,6 +1067,8 @@ fn a_daemon_at_its_request_limit_answers_503_and_recovers() {
             .block_on(client.call(Method::POST, &path, Some(&json!({"timeout_secs": 3}))))
             .unwrap()
     });
+    // A fixed wait for the stop to take the slot (it holds it for 3 s): a
+    // probe would itself take the only slot and get the stop refused.
     std::thread::sleep(Duration::from_millis(500));
     let busy = daemon.call(None, Method::GET, "/v1/vms", None);
     assert_eq!(
