@@ -103,6 +103,10 @@ impl Api {
         }
     }
 
+    async fn post(&self, caller: &Caller, path: &str, body: Value) -> Answer {
+        self.call(caller, Method::POST, path, Some(body)).await
+    }
+
     async fn token(&self, name: &str, role: &str, project: &str) -> Caller {
         let made = self
             .call(
@@ -157,12 +161,7 @@ async fn each_failure_has_its_status_code_and_field() {
         Some("cpus"),
     );
     let answer = api
-        .call(
-            &root,
-            Method::POST,
-            "/v1/vms",
-            Some(json!({"name": "x", "cpu": 1})),
-        )
+        .post(&root, "/v1/vms", json!({"name": "x", "cpu": 1}))
         .await;
     expect(
         answer,
@@ -216,11 +215,10 @@ async fn each_failure_has_its_status_code_and_field() {
         assert_eq!(answer.error().1, Some(field), "{body}: {}", answer.body);
     }
     let answer = api
-        .call(
+        .post(
             &root,
-            Method::POST,
             &format!("/v1/vms/{id}/stop"),
-            Some(json!({"timeout_secs": 601})),
+            json!({"timeout_secs": 601}),
         )
         .await;
     expect(
@@ -231,12 +229,7 @@ async fn each_failure_has_its_status_code_and_field() {
     );
     for (uri, field) in [("tcp:example.org:7", "uri"), ("tcp:192.0.2.1:7", "uri")] {
         let answer = api
-            .call(
-                &root,
-                Method::POST,
-                &format!("/v1/vms/{id}/migrate"),
-                Some(json!({"uri": uri})),
-            )
+            .post(&root, &format!("/v1/vms/{id}/migrate"), json!({"uri": uri}))
             .await;
         expect(
             answer,
@@ -274,11 +267,10 @@ async fn each_failure_has_its_status_code_and_field() {
     let answer = api.call(&root, Method::POST, &start, None).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
     let answer = api
-        .call(
+        .post(
             &root,
-            Method::POST,
             &format!("/v1/vms/{id}/migrate"),
-            Some(json!({"uri": "tcp:127.0.0.1:9"})),
+            json!({"uri": "tcp:127.0.0.1:9"}),
         )
         .await;
     assert!(
@@ -323,43 +315,21 @@ async fn the_lifecycle_answers_with_the_record_and_the_vmms_live_view() {
     assert_eq!(described.body["live"]["state"], "running");
     assert_eq!(described.body["live"]["pid"], described.body["pid"]);
     let snapshot = api
-        .call(
-            &root,
-            Method::POST,
-            &path("snapshot"),
-            Some(json!({"name": "one"})),
-        )
+        .post(&root, &path("snapshot"), json!({"name": "one"}))
         .await;
     assert_eq!(snapshot.status, StatusCode::OK, "{}", snapshot.body);
     assert_eq!(snapshot.body["path"], "/snapshots/one");
     let stopped = api
-        .call(
-            &root,
-            Method::POST,
-            &path("stop"),
-            Some(json!({"timeout_secs": 5})),
-        )
+        .post(&root, &path("stop"), json!({"timeout_secs": 5}))
         .await;
     assert_eq!(stopped.body["state"], "stopped");
     assert_eq!(stopped.body["last_exit"], "guest powered off");
     let restored = api
-        .call(
-            &root,
-            Method::POST,
-            &path("start"),
-            Some(json!({"restore": "one"})),
-        )
+        .post(&root, &path("start"), json!({"restore": "one"}))
         .await;
     assert_eq!(restored.body["state"], "running", "{}", restored.body);
     // `null` and an empty body are the defaults; force kills at once.
-    let stopped = api
-        .call(
-            &root,
-            Method::POST,
-            &path("stop"),
-            Some(json!({"force": true})),
-        )
-        .await;
+    let stopped = api.post(&root, &path("stop"), json!({"force": true})).await;
     assert_eq!(
         stopped.body["last_exit"],
         "stopped by the host (VMM killed)"
@@ -450,29 +420,26 @@ async fn a_caller_sees_only_its_project_and_acts_only_as_its_role_allows() {
         .all(|t| t["secret_sha256"] == ""));
     // A token's project is its own: naming another is refused.
     let elsewhere = api
-        .call(
+        .post(
             &operator,
-            Method::POST,
             "/v1/vms?project=b",
-            Some(serde_json::to_value(support::spec("x", "")).unwrap()),
+            serde_json::to_value(support::spec("x", "")).unwrap(),
         )
         .await;
     assert_eq!(elsewhere.status, StatusCode::FORBIDDEN);
     let elsewhere = api
-        .call(
+        .post(
             &admin,
-            Method::POST,
             "/v1/tokens",
-            Some(json!({"name": "n", "role": "admin", "project": "b"})),
+            json!({"name": "n", "role": "admin", "project": "b"}),
         )
         .await;
     assert_eq!(elsewhere.status, StatusCode::FORBIDDEN);
     let made = api
-        .call(
+        .post(
             &operator,
-            Method::POST,
             "/v1/vms",
-            Some(serde_json::to_value(support::spec("mine", "")).unwrap()),
+            serde_json::to_value(support::spec("mine", "")).unwrap(),
         )
         .await;
     assert_eq!(made.body["project"], "a");
