@@ -66,15 +66,7 @@ impl Host {
 
     /// Waits (up to 20 s) until VM `id`'s record satisfies `done`.
     fn wait_for(&self, id: &str, done: impl Fn(&VmRecord) -> bool) -> VmRecord {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let record = self.manager.get(id).unwrap();
-            if done(&record) {
-                return record;
-            }
-            assert!(Instant::now() < deadline, "VM never got there: {record:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(&self.manager, id, done)
     }
 
     /// The states VM `id` went through, as its events said, so far.
@@ -87,6 +79,26 @@ impl Host {
         }
         states
     }
+}
+
+/// Polls `probe` every 20 ms until it gives a value; fails naming `what`
+/// after `limit`.
+fn poll<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 20 s) until VM `id`'s record satisfies `done`.
+fn wait_for(manager: &Manager, id: &str, done: impl Fn(&VmRecord) -> bool) -> VmRecord {
+    poll(&format!("VM {id}"), Duration::from_secs(20), || {
+        Some(manager.get(id).unwrap()).filter(|record| done(record))
+    })
 }
 
 fn alive(pid: u32) -> bool {
@@ -616,11 +628,10 @@ fn orphan(dir: &TempDir, name: &str, behaviour: &str, state: VmState) -> VmRecor
         let mut child = child;
         let _ = child.wait();
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let answers = !behaviour.contains("no-control") && !behaviour.contains("control-after");
-    while answers && vmm::control::status(&paths.control).is_err() {
-        assert!(Instant::now() < deadline, "the orphan never answered");
-        std::thread::sleep(Duration::from_millis(20));
+    if !behaviour.contains("no-control") && !behaviour.contains("control-after") {
+        poll("the orphan's answer", Duration::from_secs(10), || {
+            vmm::control::status(&paths.control).ok()
+        });
     }
     record
 }
@@ -647,11 +658,7 @@ fn a_restarted_daemon_adopts_the_vmms_that_answer_with_their_state() {
     manager.stop(&slow.id, true, Duration::ZERO).unwrap();
     // Adopted processes are watched like the daemon's own.
     vmm_process::signal(running.pid.unwrap(), libc::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while manager.get(&running.id).unwrap().state != VmState::Crashed {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&manager, &running.id, |r| r.state == VmState::Crashed);
     let stopped = manager
         .stop(&paused.id, false, Duration::from_secs(10))
         .unwrap();
@@ -663,17 +670,15 @@ fn a_restarted_daemon_finishes_a_stop_it_was_killed_in() {
     let dir = TempDir::new("manager-restart");
     let stopping = orphan(&dir, "stopping", "fake.ignore-shutdown", VmState::Stopping);
     let (manager, _events) = open(&dir);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let record = manager.get(&stopping.id).unwrap();
-        if record.state == VmState::Stopped {
-            assert_eq!(record.last_exit.as_deref(), Some("stopped by the host"));
-            break;
-        }
-        assert_eq!(record.state, VmState::Stopping, "{record:?}");
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Stopping all along, until stopped.
+    let stopped = wait_for(&manager, &stopping.id, |record| {
+        assert!(
+            matches!(record.state, VmState::Stopped | VmState::Stopping),
+            "{record:?}"
+        );
+        record.state == VmState::Stopped
+    });
+    assert_eq!(stopped.last_exit.as_deref(), Some("stopped by the host"));
 }
 
 #[test]
@@ -702,11 +707,9 @@ fn a_restarted_daemon_records_how_vmms_ended_while_it_was_down() {
         vmm_process::signal(record.pid.unwrap(), libc::SIGKILL);
     }
     for record in [&powered_off, &killed, &starting] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(record.pid.unwrap()) {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll("the VMM's end", Duration::from_secs(10), || {
+            (!alive(record.pid.unwrap())).then_some(())
+        });
     }
     let (manager, _events) = open(&dir);
     let off = manager.get(&powered_off.id).unwrap();
