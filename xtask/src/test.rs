@@ -54,7 +54,10 @@ impl Steps {
             Ok(value) => Some(value),
             Err(error) => {
                 eprintln!("=== xtask test: FAILED: {name}: {error:#}");
-                self.failed.push(name.to_string());
+                // The reason goes into the last line too: CI keeps only the
+                // tail of a run's output, which is the fuzz table by then.
+                self.failed
+                    .push(failure_summary(name, &format!("{error:#}")));
                 None
             }
         }
@@ -180,6 +183,16 @@ pub fn main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// A failed step's name and the start of its reason, on one line.
+fn failure_summary(name: &str, reason: &str) -> String {
+    const MAX_REASON: usize = 1500;
+    let one_line = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(MAX_REASON) {
+        Some((cut, _)) => format!("{name} ({}...)", &one_line[..cut]),
+        None => format!("{name} ({one_line})"),
+    }
+}
+
 /// cargo-nextest, from crates.io when the machine does not have it.
 fn ensure_nextest(cargo: &str) -> Result<()> {
     let installed = Command::new(cargo)
@@ -299,6 +312,17 @@ mod tests {
     <testcase name="parses" classname="bulkhead::bin/bulkhead" timestamp="x" time="0.001"/>
   </testsuite>
 </testsuites>"#;
+
+    #[test]
+    fn a_failure_summary_keeps_the_reason_on_one_bounded_line() {
+        assert_eq!(
+            failure_summary("lane", "hwkvm lane: failed:\n  a::b,\tc"),
+            "lane (hwkvm lane: failed: a::b, c)"
+        );
+        let long = failure_summary("lane", &"x ".repeat(5000));
+        assert!(long.ends_with("...)"), "{long}");
+        assert_eq!(long.len(), "lane (".len() + 1500 + "...)".len());
+    }
 
     #[test]
     fn every_test_case_is_read_with_its_binary_time_and_result() {
