@@ -31,7 +31,8 @@ struct Host {
 impl Host {
     fn new() -> Host {
         let dir = TempDir::new("manager");
-        let (manager, events) = open(&dir);
+        let (manager, bus) = open(&dir);
+        let events = bus.subscribe();
         Host {
             dir,
             manager,

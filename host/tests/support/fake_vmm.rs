@@ -17,7 +17,15 @@
 //!   the VM and reports `stopped`);
 //! - `fake.migrate-ok`: a migration succeeds (otherwise the VMM refuses it
 //!   with a reason naming a secret the daemon must not pass on);
-//! - `fake.panic-after-ms=N`: the "guest" panics after N ms.
+//! - `fake.panic-after-ms=N`: the "guest" panics after N ms;
+//! - `fake.refuse-pause`: refuses `pause`, and goes on running;
+//! - `fake.end-on-pause`: ends (as if its guest powered off) when asked to
+//!   pause, before it answers.
+//!
+//! Its status reports memory, one device and one vCPU with counters, the
+//! device's name full of what a metrics label must escape; it has a thread
+//! named `vcpu0`. Its console socket greets each client with
+//! `fake console\n` and echoes back what a client types.
 //!
 //! An incoming migration is one TCP connection on the listener the daemon
 //! bound, read to its end; only then does the control socket answer. Every
@@ -36,6 +44,8 @@ use vmm::launch::{ExitReport, LaunchOrigin, LaunchPlan};
 /// What the daemon must never pass on to a client (see `fake.migrate-ok`).
 const SECRET_REFUSAL: &str = "fake: the peer at that address answered SECRET-DETAIL";
 const LIFETIME: Duration = Duration::from_secs(120);
+/// A device name as a hostile VMM might report it.
+const HOSTILE_DEVICE_NAME: &str = "net\"0\\\n";
 
 struct Fake {
     plan: LaunchPlan,
@@ -81,10 +91,25 @@ impl Fake {
             pid: std::process::id(),
             cpus: self.plan.machine.cpus,
             memory_mib: self.plan.machine.memory_mib,
-            memory: Default::default(),
+            memory: vmm::memory_usage::MemoryUsage {
+                process_rss_kib: 300,
+                guest_resident_kib: 200,
+                vmm_overhead_kib: 100,
+            },
             balloon: None,
-            devices: Vec::new(),
-            vcpus: Vec::new(),
+            devices: vec![vmm::vm_core::DeviceReport {
+                name: HOSTILE_DEVICE_NAME.into(),
+                state: vmm::vm_core::DeviceState::Active,
+                counters: [("rx_bytes".to_string(), 7)].into(),
+            }],
+            vcpus: vec![vmm::vcpu::VcpuReport {
+                exits: vmm::vcpu::ExitCounts {
+                    io_out: 3,
+                    ..Default::default()
+                },
+                emulated: [("rdmsr".to_string(), 2)].into(),
+                ..Default::default()
+            }],
             migration: None,
         }
     }
@@ -96,6 +121,10 @@ impl Fake {
                 ok: true,
                 status: self.status(),
             },
+            Request::Pause if self.has("fake.refuse-pause") => {
+                refusal("fake: told to refuse pause".into())
+            }
+            Request::Pause if self.has("fake.end-on-pause") => self.end(VmExit::PowerOff, 0),
             Request::Pause => {
                 *self.paused.lock().unwrap() = true;
                 done
@@ -178,6 +207,20 @@ fn after(delay: Duration, then: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
         std::thread::sleep(delay);
         then();
+    });
+}
+
+/// The serial console: a greeting, then an echo of what comes in.
+fn serve_console(listener: UnixListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = stream.write_all(b"fake console\n");
+                let mut echo = stream.try_clone().expect("a second handle");
+                let _ = std::io::copy(&mut stream, &mut echo);
+            });
+        }
     });
 }
 
@@ -288,6 +331,13 @@ fn main() {
             std::thread::park();
         }
     }
+    std::thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(|| loop {
+            std::thread::park();
+        })
+        .expect("a vCPU thread");
+    serve_console(UnixListener::bind(&fake.plan.console).expect("the console socket"));
     let listener = UnixListener::bind(&fake.plan.control).expect("the control socket");
     serve(&fake, listener);
 }

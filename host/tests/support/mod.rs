@@ -4,7 +4,7 @@
 //! as the daemon does).
 
 use host::cgroup::Cgroups;
-use host::events::{Event, EventBus};
+use host::events::EventBus;
 use host::manager::{Manager, ManagerConfig};
 use host::spec::VmSpec;
 use std::sync::Arc;
@@ -34,11 +34,10 @@ pub fn host_cgroups() -> Cgroups {
     cgroups
 }
 
-/// The manager over `dir`, and a subscription to its events.
-pub fn open(dir: &TempDir) -> (Arc<Manager>, tokio::sync::broadcast::Receiver<Event>) {
+/// The manager over `dir`, and the bus it publishes its events on.
+pub fn open(dir: &TempDir) -> (Arc<Manager>, EventBus) {
     let bus = EventBus::default();
-    let events = bus.subscribe();
-    (Manager::open(config(dir), bus).unwrap(), events)
+    (Manager::open(config(dir), bus.clone()).unwrap(), bus)
 }
 
 /// A VM whose fake VMM behaves as `behaviour` (its command line) says.
