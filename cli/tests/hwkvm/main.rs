@@ -378,7 +378,7 @@ fn vsock_from_user_space() {
         "{reply}"
     );
 
-    vm.type_text("bulkhead-guest-tool vsock-serve 6000 &\n");
+    vm.start_detached("bulkhead-guest-tool vsock-serve 6000");
     vm.wait_for("vsock listening on 6000", support::COMMAND_LIMIT);
     let stream = UnixStream::connect(&socket).unwrap();
     (&stream).write_all(b"CONNECT 6000\n").unwrap();

@@ -168,7 +168,7 @@ impl Vm {
     pub fn wait_for(&mut self, text: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if self.console().contains(text) {
+            if without_kernel_messages(&self.console()).contains(text) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -192,6 +192,15 @@ impl Vm {
         let stdin = self.stdin.as_mut().expect("console input is open");
         stdin.write_all(text.as_bytes()).unwrap();
         stdin.flush().unwrap();
+    }
+
+    /// Starts `command` in the guest, detached from the console's shell:
+    /// busybox's ash exits when a job of its own ends while it waits at its
+    /// prompt (seen in the lane: `tool &` ended, init started a new shell,
+    /// and the line typed next was lost to it), so the command runs as
+    /// init's child instead. Its output still goes to the console.
+    pub fn start_detached(&mut self, command: &str) {
+        self.sh(&format!("({command} &)"));
     }
 
     /// Runs `command` in the guest's shell; returns its exit status and what
@@ -318,7 +327,7 @@ fn at_prompt(console: &str) -> bool {
 /// without carriage returns, prompts, and (until `stty -echo`) the echoed
 /// command line.
 fn command_output(text: &str) -> String {
-    let text = text.replace('\r', "");
+    let text = without_kernel_messages(&text.replace('\r', ""));
     let mut output = text.as_str();
     // The previous command's marker is seen before its line ends, so this
     // command's text may start with that newline, then the prompt.
@@ -333,6 +342,42 @@ fn command_output(text: &str) -> String {
         output = output[at..].split_once('\n').map_or("", |(_, rest)| rest);
     }
     output.to_string()
+}
+
+/// `console` without the kernel's messages (`[    8.985049] text` up to
+/// its line's end), wherever they landed: the kernel writes them to the
+/// console between any two bytes of a program's output (seen in CI: the
+/// clocksource watchdog's, in the middle of a command's answer and of a
+/// program's error message).
+pub fn without_kernel_messages(console: &str) -> String {
+    let mut kept = String::with_capacity(console.len());
+    let mut rest = console;
+    while let Some(open) = rest.find('[') {
+        kept.push_str(&rest[..open]);
+        let after = &rest[open..];
+        match kernel_message_len(after) {
+            Some(len) => rest = &after[len..],
+            None => {
+                kept.push('[');
+                rest = &after[1..];
+            }
+        }
+    }
+    kept.push_str(rest);
+    kept
+}
+
+/// The length of the kernel message `text` starts with, its newline
+/// included: `[`, blanks, seconds, `.`, digits, `] `.
+fn kernel_message_len(text: &str) -> Option<usize> {
+    let stamp = text.strip_prefix('[')?.trim_start_matches(' ');
+    let (seconds, rest) = stamp.split_once('.')?;
+    let (fraction, _) = rest.split_once("] ")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(seconds) || !digits(fraction) {
+        return None;
+    }
+    Some(text.find('\n').map_or(text.len(), |end| end + 1))
 }
 
 /// Finds `MARKER<digits>@@` in `text`: the status and where the marker starts.
@@ -378,6 +423,31 @@ fn command_output_drops_prompts_and_the_echoed_line() {
         ""
     );
     assert_eq!(command_output("a\nb\n"), "a\nb\n");
+    // Seen in CI: the clocksource watchdog's lines after the prompt.
+    assert_eq!(
+        command_output(
+            "guest# [    8.985049] clocksource: watchdog on CPU0:\r\n\
+             [    9.027681] clocksource:    'kvm-clock'\r\n64\r\n"
+        ),
+        "64\n"
+    );
+}
+
+#[test]
+fn kernel_messages_are_taken_out_wherever_they_land() {
+    assert_eq!(
+        without_kernel_messages(
+            "tool: [    5.562010] clocksource: skew\n[    5.655536] tsc: unstable\nvsock read\n"
+        ),
+        "tool: vsock read\n"
+    );
+    assert_eq!(without_kernel_messages("6[ 10.1] x\n4\n"), "64\n");
+    assert_eq!(without_kernel_messages("end [  1.5] cut"), "end ");
+    // Brackets that are not a kernel's time stamp stay.
+    for kept in ["[1] Done", "a [x.1] b\n", "[ .5] c", "[3.] d", "[2.5]e"] {
+        assert_eq!(without_kernel_messages(kept), kept);
+    }
+    assert_eq!(without_kernel_messages("[[ 1.0] x\ny"), "[y");
 }
 
 /// Runs `f` on a thread of its own in a new network namespace (with its

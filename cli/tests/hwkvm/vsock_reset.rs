@@ -41,7 +41,7 @@ fn a_vsock_connection_open_at_a_snapshot_is_reset_in_the_restored_guest() {
     ];
     let mut original = Vm::boot(Kernel::Project, &extra, &original_dir);
     // The guest accepts a connection and waits for a line that never comes.
-    original.type_text("bulkhead-guest-tool vsock-serve 6000 &\n");
+    original.start_detached("bulkhead-guest-tool vsock-serve 6000");
     original.wait_for("vsock listening on 6000", support::COMMAND_LIMIT);
     let mut host = connect(&socket, 6000);
 
@@ -76,7 +76,7 @@ fn a_vsock_connection_open_at_a_snapshot_is_reset_in_the_restored_guest() {
     eprintln!("hwkvm| after restore: {error}");
 
     // The restored VMM's socket serves new connections.
-    restored.type_text("bulkhead-guest-tool vsock-serve 6001 &\n");
+    restored.start_detached("bulkhead-guest-tool vsock-serve 6001");
     restored.wait_for("vsock listening on 6001", support::COMMAND_LIMIT);
     let stream = connect(&socket, 6001);
     (&stream).write_all(b"after-restore\n").unwrap();
