@@ -499,6 +499,16 @@ async fn a_caller_sees_only_its_project_and_acts_only_as_its_role_allows() {
         )
         .await;
     assert_eq!(made.body["project"], "a");
+    // Naming its own project is fine.
+    let made = api
+        .post(
+            &operator,
+            "/v1/vms?project=a",
+            serde_json::to_value(support::spec("named", "")).unwrap(),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    assert_eq!(made.body["project"], "a");
     // Without a token: only the host's administrator on the Unix socket.
     for caller in [
         Caller::Anonymous,

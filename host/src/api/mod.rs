@@ -210,23 +210,25 @@ where
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
-            Err(rejection) => {
-                // "Failed to deserialize query string: FIELD: REASON"
-                let text = rejection.body_text();
-                let detail = text.split_once(": ").map_or(text.as_str(), |(_, d)| d);
-                let field = detail
-                    .split_once(": ")
-                    .map(|(field, _)| field)
-                    .filter(|field| {
-                        field
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                    })
-                    .unwrap_or("query");
-                Err(ApiError::invalid(field, detail.to_string()))
-            }
+            Err(rejection) => Err(query_error(&rejection.body_text())),
         }
     }
+}
+
+/// The error for axum's "Failed to deserialize query string: FIELD: REASON"
+/// (or without a field): the field when one is named, else the query.
+fn query_error(text: &str) -> ApiError {
+    let detail = text.split_once(": ").map_or(text, |(_, d)| d);
+    let field = detail
+        .split_once(": ")
+        .map(|(field, _)| field)
+        .filter(|field| {
+            field
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .unwrap_or("query");
+    ApiError::invalid(field, detail.to_string())
 }
 
 /// Runs blocking work (store, VMM sockets) off the async threads.
@@ -489,6 +491,60 @@ mod tests {
         assert_eq!(error.field.as_deref(), Some("body"));
         assert!(error.message.contains("not an array"), "{}", error.message);
         assert!(parse::<Optional>("[7]").is_err());
+    }
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Numbers {
+        list: Vec<u64>,
+        big: Option<u64>,
+    }
+
+    #[test]
+    fn whole_floats_fit_integers_inside_arrays_too_but_not_past_the_exact_range() {
+        assert_eq!(
+            parse::<Numbers>(r#"{"list": [1.0, 2], "big": 8.0e15}"#).unwrap(),
+            Numbers {
+                list: vec![1, 2],
+                big: Some(8_000_000_000_000_000)
+            }
+        );
+        // From 9e15 on, a float may not be the integer it was written as.
+        let error = parse::<Numbers>(r#"{"list": [], "big": 9.0e15}"#).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("big"));
+    }
+
+    #[test]
+    fn a_query_error_names_its_field_when_axum_names_one() {
+        let error = query_error("Failed to deserialize query string: limit: invalid digit");
+        assert_eq!(error.field.as_deref(), Some("limit"));
+        assert_eq!(error.message, "limit: invalid digit");
+        let error = query_error("Failed to deserialize query string: max_items: too big");
+        assert_eq!(error.field.as_deref(), Some("max_items"));
+        for text in [
+            "Failed to deserialize query string: duplicate field `project`",
+            "Failed to deserialize query string: expected `a`: got b",
+            "Failed to deserialize query string: a-b: c",
+        ] {
+            assert_eq!(query_error(text).field.as_deref(), Some("query"), "{text}");
+        }
+        assert_eq!(query_error("no colon").message, "no colon");
+    }
+
+    #[test]
+    fn an_error_message_names_its_field_once() {
+        let message = |error: ApiError| -> String {
+            let response = error.into_response();
+            response.extensions().get::<AuditError>().unwrap().0.clone()
+        };
+        assert_eq!(
+            message(ApiError::invalid("limit", "limit: invalid digit")),
+            "limit: invalid digit"
+        );
+        assert_eq!(
+            message(ApiError::invalid("cpus", "must be 1 to 64")),
+            "cpus: must be 1 to 64"
+        );
+        assert_eq!(message(ApiError::not_found("VM x")), "no VM x");
     }
 
     #[test]

@@ -57,16 +57,22 @@ pub async fn events(
 /// CPU time of a process or thread from its stat file, in seconds.
 fn cpu_seconds(stat_path: &str) -> Option<(String, f64)> {
     let stat = std::fs::read_to_string(stat_path).ok()?;
-    // The command name is in parentheses and may contain spaces.
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let name = stat[open + 1..close].to_string();
-    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((name, (utime + stime) / ticks))
+    parse_stat(&stat, ticks)
+}
+
+/// The command name and CPU time (user and system, in seconds) of a
+/// `/proc/PID/stat` line. The name is in parentheses and is the VMM's to
+/// choose (a thread's name): spaces and parentheses in it are its own.
+fn parse_stat(stat: &str, ticks_per_second: f64) -> Option<(String, f64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((name, (utime + stime) / ticks_per_second))
 }
 
 fn label(value: &str) -> String {
@@ -224,4 +230,50 @@ pub async fn metrics(
     })
     .await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stat line of `name` with utime and stime (fields 14 and 15).
+    fn stat(name: &str, utime: u64, stime: u64) -> String {
+        format!("4242 ({name}) S 1 4242 4242 0 -1 4194560 100 0 0 0 {utime} {stime} 0 0 20 0 3 0")
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_over_the_clock_ticks() {
+        assert_eq!(
+            parse_stat(&stat("vcpu0", 150, 50), 100.0),
+            Some(("vcpu0".to_string(), 2.0))
+        );
+        assert_eq!(parse_stat(&stat("bulkhead", 3, 0), 1.0).unwrap().1, 3.0);
+    }
+
+    #[test]
+    fn a_name_keeps_its_spaces_and_parentheses() {
+        let (name, seconds) = parse_stat(&stat("vcpu 1) (x", 10, 30), 10.0).unwrap();
+        assert_eq!(name, "vcpu 1) (x");
+        assert_eq!(seconds, 4.0);
+    }
+
+    #[test]
+    fn a_short_or_broken_line_is_none_not_a_panic() {
+        for broken in [
+            "",
+            "4242 (x",
+            "4242 (x)",
+            "4242 (x) S 1 2",
+            ")(",
+            "4242 (x) S 1 4242 4242 0 -1 4194560 100 0 0 0 a b",
+        ] {
+            assert_eq!(parse_stat(broken, 100.0), None, "{broken:?}");
+        }
+    }
+
+    #[test]
+    fn labels_escape_what_ends_or_breaks_a_value() {
+        assert_eq!(label("net\"0\\\n"), "net\\\"0\\\\\\n");
+        assert_eq!(label("plain-name_1"), "plain-name_1");
+    }
 }

@@ -566,3 +566,24 @@ pub async fn delete(
     }
     Ok(response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_is_sixteen_hex_digits() {
+        assert!(check_id("0123456789abcdef").is_ok());
+        for bad in [
+            "",
+            "0123456789abcde",
+            "0123456789abcdef0",
+            "0123456789abcdeg",
+            "../../../etc/abc",
+            "../../../../etc/x",
+        ] {
+            let error = check_id(bad).unwrap_err();
+            assert_eq!(error.status, StatusCode::NOT_FOUND, "{bad}");
+        }
+    }
+}

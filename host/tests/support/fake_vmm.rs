@@ -20,7 +20,8 @@
 //! - `fake.panic-after-ms=N`: the "guest" panics after N ms;
 //! - `fake.refuse-pause`: refuses `pause`, and goes on running;
 //! - `fake.end-on-pause`: ends (as if its guest powered off) when asked to
-//!   pause, before it answers.
+//!   pause, as a VMM does: its control socket goes at once, unanswered, its
+//!   process a second later.
 //!
 //! Its status reports memory, one device and one vCPU with counters, the
 //! device's name full of what a metrics label must escape; it has a thread
@@ -124,7 +125,6 @@ impl Fake {
             Request::Pause if self.has("fake.refuse-pause") => {
                 refusal("fake: told to refuse pause".into())
             }
-            Request::Pause if self.has("fake.end-on-pause") => self.end(VmExit::PowerOff, 0),
             Request::Pause => {
                 *self.paused.lock().unwrap() = true;
                 done
@@ -238,6 +238,14 @@ fn answer_one(fake: &Arc<Fake>, stream: UnixStream) {
         return;
     }
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Pause) if fake.has("fake.end-on-pause") => {
+            let _ = std::fs::remove_file(&fake.plan.control);
+            let ended = fake.clone();
+            after(Duration::from_secs(1), move || {
+                ended.end(VmExit::PowerOff, 0)
+            });
+            return;
+        }
         Ok(request) => fake.answer(request),
         Err(e) => refusal(format!("fake: bad request: {e}")),
     };
