@@ -651,6 +651,109 @@ mod tests {
         KVM_MP_STATE_UNINITIALIZED,
     };
 
+    /// A real-time signal no other test uses, blocked by the threads that
+    /// take it (a real-time signal's default action ends the process).
+    fn test_signal(offset: i32) -> (i32, libc::sigset_t) {
+        let signal = libc::SIGRTMIN() + offset;
+        // SAFETY: plain signal-set calls on a zeroed set we own.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, signal);
+            set
+        };
+        (signal, set)
+    }
+
+    /// Blocks the signals of `set` in this thread.
+    fn block(set: &libc::sigset_t) {
+        // SAFETY: changes only this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) };
+    }
+
+    /// Waits up to `limit` for a signal of `set` sent to this thread.
+    fn took_signal(set: &libc::sigset_t, limit: Duration) -> bool {
+        let timeout = libc::timespec {
+            tv_sec: limit.as_secs() as _,
+            tv_nsec: limit.subsec_nanos() as _,
+        };
+        // SAFETY: `set` and `timeout` are valid for the call.
+        unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) >= 0 }
+    }
+
+    #[test]
+    fn a_kick_reaches_every_registered_thread_and_a_thread_that_left_is_forgotten() {
+        let (signal, set) = test_signal(6);
+        let threads = Arc::new(VcpuThreads::default());
+        let (report, reports) = std::sync::mpsc::channel();
+        let (go_on, go) = std::sync::mpsc::channel::<()>();
+        let go = Arc::new(Mutex::new(go));
+        let workers: Vec<_> = [false, true]
+            .into_iter()
+            .map(|stays| {
+                let (threads, report, go) = (threads.clone(), report.clone(), go.clone());
+                std::thread::spawn(move || {
+                    block(&set);
+                    threads.register();
+                    report.send(("ready", stays)).unwrap();
+                    let kicked = took_signal(&set, Duration::from_secs(10));
+                    report
+                        .send((if kicked { "kicked" } else { "missed" }, stays))
+                        .unwrap();
+                    if !stays {
+                        threads.unregister();
+                        return;
+                    }
+                    lock(&go).recv().unwrap();
+                    let kicked = took_signal(&set, Duration::from_secs(10));
+                    report
+                        .send((if kicked { "kicked" } else { "missed" }, stays))
+                        .unwrap();
+                    threads.unregister();
+                })
+            })
+            .collect();
+        let next = || reports.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!([next().0, next().0], ["ready", "ready"]);
+        threads.kick(signal);
+        let mut first = [next(), next()];
+        first.sort();
+        assert_eq!(first, [("kicked", false), ("kicked", true)]);
+        // The thread that left is not signalled again (it is gone).
+        let mut workers = workers.into_iter();
+        workers.next().unwrap().join().unwrap();
+        assert_eq!(lock(&threads.0).len(), 1);
+        threads.kick(signal);
+        go_on.send(()).unwrap();
+        assert_eq!(next(), ("kicked", true));
+        workers.next().unwrap().join().unwrap();
+        assert!(lock(&threads.0).is_empty());
+    }
+
+    #[test]
+    fn a_thread_timer_signals_its_thread_each_period_until_dropped() {
+        let (signal, set) = test_signal(7);
+        std::thread::spawn(move || {
+            block(&set);
+            let timer = ThreadTimer::start(signal, Duration::from_millis(20)).unwrap();
+            for tick in 0..5 {
+                assert!(
+                    took_signal(&set, Duration::from_secs(5)),
+                    "tick {tick} did not come"
+                );
+            }
+            drop(timer);
+            // One may have been sent just before the drop.
+            took_signal(&set, Duration::from_millis(50));
+            assert!(
+                !took_signal(&set, Duration::from_millis(200)),
+                "the timer went on after it was dropped"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
     /// RFLAGS with only the reserved bit 1: interrupts off.
     const IF_OFF: u64 = 0x2;
     const IF_ON: u64 = 0x2 | RFLAGS_IF;

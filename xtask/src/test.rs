@@ -359,6 +359,6 @@ mod tests {
             None
         );
         assert_eq!(steps.run("second", || Ok(2)), Some(2));
-        assert_eq!(steps.failed, ["first"]);
+        assert_eq!(steps.failed, ["first (broken)"]);
     }
 }
